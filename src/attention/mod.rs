@@ -1,0 +1,3 @@
+//! Attention kinds. Each file holds one kind's math.
+
+pub mod softmax;

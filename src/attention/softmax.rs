@@ -1,0 +1,78 @@
+//! Softmax attention (the teacher): o_t = Σ_{i≤t} softmax_i(q_t·k_i/√d) v_i, with GQA and RoPE.
+
+use crate::model::rope::Rope;
+use anyhow::Result;
+use candle_core::{Module, Tensor};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::Linear;
+
+#[derive(Debug, Clone)]
+pub struct SoftmaxAttention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// (b, h_kv, t, d) → (b, h_kv·n_rep, t, d), each kv head repeated for its group of query heads.
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, h, t, d) = x.dims4()?;
+    Ok(x
+        .unsqueeze(2)?
+        .expand((b, h, n_rep, t, d))?
+        .reshape((b, h * n_rep, t, d))?)
+}
+
+/// Additive mask for `t` new queries at positions offset..offset+t over offset+t keys.
+fn causal_mask(t: usize, offset: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let total = t + offset;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..total).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, total), device)?)
+}
+
+impl SoftmaxAttention {
+    /// `x`: (batch, seq, hidden) at positions offset..offset+seq. With a cache, keys and values of
+    /// earlier positions come from it and the new ones are appended.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = rope.apply(&heads(self.q.forward(x)?, h)?, offset)?;
+        let k = rope.apply(&heads(self.k.forward(x)?, hkv)?, offset)?;
+        let v = heads(self.v.forward(x)?, hkv)?;
+        let (k, v) = match cache {
+            Some(c) => {
+                let (k, v) = c.append(&k, &v)?;
+                (k.contiguous()?, v.contiguous()?)
+            }
+            None => (k, v),
+        };
+        let k = repeat_kv(&k, h / hkv)?;
+        let v = repeat_kv(&v, h / hkv)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        if t > 1 {
+            let mask = causal_mask(t, k.dim(2)? - t, x.device())?;
+            att = att.broadcast_add(&mask)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?;
+        Ok(self.o.forward(&y)?)
+    }
+}

@@ -1,0 +1,229 @@
+//! Model configuration: one struct for every source format (HF `config.json`, GGUF metadata).
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Decoder families we can run. They share one forward pass; they differ in details recorded in
+/// [`ModelConfig`] (Qwen2: q/k/v biases; GGUF llama: permuted Wq/Wk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl Arch {
+    pub const SUPPORTED: &'static str = "llama, mistral, qwen2";
+
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "llama" => Some(Self::Llama),
+            "mistral" => Some(Self::Mistral),
+            "qwen2" => Some(Self::Qwen2),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Mistral => "mistral",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+
+    fn hf_class(self) -> &'static str {
+        match self {
+            Self::Llama => "LlamaForCausalLM",
+            Self::Mistral => "MistralForCausalLM",
+            Self::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f64,
+    pub rms_norm_eps: f64,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Biases on q, k and v (Qwen2). The output projection never has one.
+    pub attention_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+/// The subset of HF `config.json` we read. Required fields have no default so that a missing one
+/// is reported by name.
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    model_type: String,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rope_theta: Option<f64>,
+    rms_norm_eps: f64,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    #[serde(default)]
+    rope_scaling: Option<serde_json::Value>,
+    bos_token_id: Option<TokenIds>,
+    eos_token_id: Option<TokenIds>,
+}
+
+/// HF allows `eos_token_id` to be one id or a list of them; the first one is the canonical EOS.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    fn first(self) -> Option<u32> {
+        match self {
+            Self::One(id) => Some(id),
+            Self::Many(ids) => ids.first().copied(),
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn from_hf_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let raw: HfConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a valid model config.json", path.display()))?;
+        let Some(arch) = Arch::parse(&raw.model_type) else {
+            bail!(
+                "{}: unsupported model_type '{}' (supported: {})",
+                path.display(),
+                raw.model_type,
+                Arch::SUPPORTED
+            );
+        };
+        if let Some(scaling) = raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+            bail!(
+                "{}: rope_scaling {scaling} is not supported (only plain RoPE)",
+                path.display()
+            );
+        }
+        let heads = raw.num_attention_heads;
+        if heads == 0 || (raw.hidden_size % heads != 0 && raw.head_dim.is_none()) {
+            bail!(
+                "{}: hidden_size {} is not divisible by num_attention_heads {heads}",
+                path.display(),
+                raw.hidden_size
+            );
+        }
+        let cfg = Self {
+            arch,
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: raw.num_key_value_heads.unwrap_or(heads),
+            head_dim: raw.head_dim.unwrap_or(raw.hidden_size / heads),
+            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rms_norm_eps: raw.rms_norm_eps,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            attention_bias: raw.attention_bias.unwrap_or(arch == Arch::Qwen2),
+            bos_token_id: raw.bos_token_id.and_then(TokenIds::first),
+            eos_token_id: raw.eos_token_id.and_then(TokenIds::first),
+        };
+        cfg.validate()
+            .with_context(|| format!("{}: inconsistent config", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Checks the relations between sizes that the forward pass relies on.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                bail!("{name} must be positive");
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            bail!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads,
+                self.num_key_value_heads
+            );
+        }
+        if self.head_dim % 2 != 0 {
+            bail!("head_dim {} must be even for RoPE", self.head_dim);
+        }
+        Ok(())
+    }
+
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": [self.arch.hf_class()],
+            "model_type": self.arch.name(),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": "float32",
+        })
+    }
+
+    pub fn kv_groups(&self) -> usize {
+        self.num_attention_heads / self.num_key_value_heads
+    }
+
+    /// Number of parameters, counting a tied head once.
+    pub fn param_count(&self) -> usize {
+        let (h, d) = (self.hidden_size, self.head_dim);
+        let q = h * self.num_attention_heads * d;
+        let kv = 2 * h * self.num_key_value_heads * d;
+        let bias = if self.attention_bias {
+            (self.num_attention_heads + 2 * self.num_key_value_heads) * d
+        } else {
+            0
+        };
+        let attn = q + kv + q + bias;
+        let mlp = 3 * h * self.intermediate_size;
+        let layer = attn + mlp + 2 * h;
+        let embed = self.vocab_size * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed + head + self.num_hidden_layers * layer + h
+    }
+}

@@ -1,0 +1,4 @@
+//! Text generation.
+
+pub mod generate;
+pub mod sampler;

@@ -1,0 +1,67 @@
+//! Loading and saving models: GGUF files and HF-layout directories.
+
+pub mod fetch;
+pub mod gguf;
+pub mod hf_dir;
+pub mod tokenizer;
+
+use crate::config::ModelConfig;
+use crate::model::weights::Weights;
+use anyhow::{bail, Context, Result};
+use std::io::Write;
+use std::path::Path;
+use tokenizer::TextTokenizer;
+
+/// A model in memory: config, f32 tensors in HF naming and layout, tokenizer.
+pub struct LoadedModel {
+    pub config: ModelConfig,
+    pub weights: Weights,
+    pub tokenizer: TextTokenizer,
+}
+
+/// Loads a GGUF file or an HF-layout directory.
+pub fn load(path: &Path) -> Result<LoadedModel> {
+    if !path.exists() {
+        bail!(
+            "model path '{}' does not exist (expected a .gguf file or a directory with config.json)",
+            path.display()
+        );
+    }
+    if path.is_dir() {
+        return hf_dir::load(path);
+    }
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let n = std::io::Read::read(&mut f, &mut magic).with_context(|| format!("cannot read {}", path.display()))?;
+    if n < 4 || &magic != b"GGUF" {
+        bail!(
+            "{}: not a GGUF file (expected magic 'GGUF', found {:?}); a MODEL is a .gguf file or an HF directory",
+            path.display(),
+            String::from_utf8_lossy(&magic[..n])
+        );
+    }
+    gguf::load(path)
+}
+
+/// Writes `bytes` to `path` so that readers see either the old file or the whole new one:
+/// temp file in the same directory, fsync, rename.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    atomic_write_with(path, |f| Ok(f.write_all(bytes)?))
+}
+
+/// Like [`atomic_write`], for writers that produce a file at a path (safetensors).
+pub fn atomic_write_with(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Result<()>) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().context("path has no file name")?.to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        write(&mut f)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

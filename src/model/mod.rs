@@ -1,0 +1,7 @@
+//! The llama-family decoder and its parts.
+
+pub mod llama;
+pub mod mlp;
+pub mod norm;
+pub mod rope;
+pub mod weights;

@@ -1,0 +1,160 @@
+//! Tiny random models for tests and examples: a GGUF file exactly like a real llama checkpoint
+//! (byte-level BPE vocabulary, ChatML template, llama.cpp tensor names and Wq/Wk layout) small
+//! enough to build in milliseconds.
+
+use crate::config::{Arch, ModelConfig};
+use crate::io::gguf::{gguf_name, permute_rope_rows};
+use crate::model::weights::expected_tensors;
+use anyhow::Result;
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use std::path::Path;
+
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a tiny test model<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// GPT-2's reversible map from bytes to printable characters, the alphabet of byte-level BPE.
+pub fn byte_level_alphabet() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut out = vec![' '; 256];
+    for (b, c) in bs.iter().zip(cs) {
+        out[*b as usize] = char::from_u32(c).expect("valid char");
+    }
+    out
+}
+
+pub fn tiny_config() -> ModelConfig {
+    let (tokens, _, _) = tiny_vocab();
+    ModelConfig {
+        arch: Arch::Llama,
+        vocab_size: tokens.len(),
+        hidden_size: 64,
+        intermediate_size: 96,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-5,
+        max_position_embeddings: 256,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        bos_token_id: Some(0),
+        eos_token_id: Some(2),
+    }
+}
+
+/// Control tokens, the 256 byte symbols and three merges ("Ġt", "he", "Ġthe").
+fn tiny_vocab() -> (Vec<String>, Vec<i32>, Vec<String>) {
+    let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut types = vec![3; tokens.len()];
+    for c in byte_level_alphabet() {
+        tokens.push(c.to_string());
+        types.push(1);
+    }
+    let merges = vec!["Ġ t".to_string(), "h e".to_string(), "Ġt he".to_string()];
+    for m in &merges {
+        tokens.push(m.replace(' ', ""));
+        types.push(1);
+    }
+    (tokens, types, merges)
+}
+
+/// A GGUF file under construction: tests edit its metadata and tensors to make bad files.
+pub struct TinyGguf {
+    pub metadata: Vec<(String, Value)>,
+    pub tensors: Vec<(String, QTensor)>,
+}
+
+impl TinyGguf {
+    /// Random weights (seeded by `seed`) stored as `dtype` (F32, F16, Q8_0, ...).
+    pub fn new(cfg: &ModelConfig, seed: u64, dtype: GgmlDType) -> Result<Self> {
+        let (tokens, types, merges) = tiny_vocab();
+        let a = cfg.arch.name();
+        let u32v = |x: usize| Value::U32(x as u32);
+        let strs = |v: &[String]| Value::Array(v.iter().map(|s| Value::String(s.clone())).collect());
+        let metadata = vec![
+            ("general.architecture".to_string(), Value::String(a.to_string())),
+            (format!("{a}.context_length"), u32v(cfg.max_position_embeddings)),
+            (format!("{a}.embedding_length"), u32v(cfg.hidden_size)),
+            (format!("{a}.feed_forward_length"), u32v(cfg.intermediate_size)),
+            (format!("{a}.block_count"), u32v(cfg.num_hidden_layers)),
+            (format!("{a}.attention.head_count"), u32v(cfg.num_attention_heads)),
+            (format!("{a}.attention.head_count_kv"), u32v(cfg.num_key_value_heads)),
+            (format!("{a}.rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
+            (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32)),
+            ("tokenizer.ggml.model".to_string(), Value::String("gpt2".to_string())),
+            ("tokenizer.ggml.pre".to_string(), Value::String("smollm".to_string())),
+            ("tokenizer.ggml.tokens".to_string(), strs(&tokens)),
+            ("tokenizer.ggml.token_type".to_string(), Value::Array(types.iter().map(|&t| Value::I32(t)).collect())),
+            ("tokenizer.ggml.merges".to_string(), strs(&merges)),
+            ("tokenizer.ggml.bos_token_id".to_string(), Value::U32(0)),
+            ("tokenizer.ggml.eos_token_id".to_string(), Value::U32(2)),
+            ("tokenizer.ggml.add_bos_token".to_string(), Value::Bool(false)),
+            ("tokenizer.chat_template".to_string(), Value::String(CHATML_TEMPLATE.to_string())),
+        ];
+        let dev = Device::Cpu;
+        let mut rng_state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut next = move || {
+            // xorshift: deterministic across platforms and candle versions.
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            (rng_state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut tensors = Vec::new();
+        for (hf, shape) in expected_tensors(cfg) {
+            let n: usize = shape.iter().product();
+            let is_norm = shape.len() == 1 && hf.contains("norm");
+            let data: Vec<f32> = (0..n)
+                .map(|_| if is_norm { 1.0 + 0.2 * next() } else { 0.4 * next() })
+                .collect();
+            let mut t = Tensor::from_vec(data, shape.as_slice(), &dev)?;
+            if cfg.arch != Arch::Qwen2 {
+                if hf.ends_with("q_proj.weight") {
+                    t = permute_rope_rows(&t, cfg.num_attention_heads)?;
+                } else if hf.ends_with("k_proj.weight") {
+                    t = permute_rope_rows(&t, cfg.num_key_value_heads)?;
+                }
+            }
+            let dt = if shape.len() == 1 { GgmlDType::F32 } else { dtype };
+            tensors.push((gguf_name(&hf), QTensor::quantize(&t, dt)?));
+        }
+        Ok(Self { metadata, tensors })
+    }
+
+    pub fn set_metadata(&mut self, key: &str, value: Value) {
+        self.metadata.retain(|(k, _)| k != key);
+        self.metadata.push((key.to_string(), value));
+    }
+
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let mut f = std::fs::File::create(path)?;
+        let md: Vec<(&str, &Value)> = self.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let ts: Vec<(&str, &QTensor)> = self.tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        candle_core::quantized::gguf_file::write(&mut f, &md, &ts)?;
+        Ok(())
+    }
+}
+
+/// Writes a tiny random llama GGUF (f32 weights) and returns its config.
+pub fn write_tiny_gguf(path: &Path, seed: u64) -> Result<ModelConfig> {
+    let cfg = tiny_config();
+    TinyGguf::new(&cfg, seed, GgmlDType::F32)?.write(path)?;
+    Ok(cfg)
+}
