@@ -129,6 +129,11 @@ enum BenchCommand {
 }
 
 fn main() {
+    // candle attaches a backtrace to its errors whenever RUST_BACKTRACE is set; users get the
+    // message alone unless they ask for library backtraces explicitly.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");

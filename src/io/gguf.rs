@@ -205,12 +205,40 @@ pub fn permute_rope_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
         .reshape(dims)?)
 }
 
+fn header_error(source: &str, e: candle_core::Error) -> anyhow::Error {
+    let msg = e.to_string();
+    if let Some(code) = msg.strip_prefix("unknown dtype for tensor ") {
+        return anyhow!(
+            "{source}: unknown tensor type {code} (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K-Q8_K)"
+        );
+    }
+    if msg.contains("failed to fill whole buffer") || msg.contains("remaining") {
+        return anyhow!("{source}: the file is truncated (its header ends early): {msg}");
+    }
+    anyhow!("{source}: not a valid GGUF file: {msg}")
+}
+
+/// Every tensor's bytes must lie inside the file; a download cut short fails here, by name,
+/// before anything is dequantized.
+fn check_extents(content: &Content, file_len: u64, source: &str) -> Result<()> {
+    for (name, info) in &content.tensor_infos {
+        let blocks = info.shape.elem_count() / info.ggml_dtype.block_size();
+        let end = content.tensor_data_offset + info.offset + (blocks * info.ggml_dtype.type_size()) as u64;
+        if end > file_len {
+            bail!(
+                "{source}: the file is truncated: tensor '{name}' ends at byte {end} but the file has {file_len} bytes"
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn load(path: &Path) -> Result<LoadedModel> {
     let source = path.display().to_string();
     let mut file =
         std::fs::File::open(path).with_context(|| format!("cannot open {source}"))?;
-    let content = Content::read(&mut file)
-        .map_err(|e| anyhow!("{source}: not a valid GGUF file: {e}"))?;
+    let content = Content::read(&mut file).map_err(|e| header_error(&source, e))?;
+    check_extents(&content, file.metadata()?.len(), &source)?;
     let md = &content.metadata;
     let tokenizer = TextTokenizer::from_gguf(md, &source)?;
     let has_output = content.tensor_infos.contains_key("output.weight");
