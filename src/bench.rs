@@ -6,7 +6,8 @@ use crate::io::tokenizer::TextTokenizer;
 use crate::model::llama::Llama;
 use anyhow::{bail, Result};
 
-const FILLER: &str = "The history of the river valley is written in its stones. Farmers came first, \
+const FILLER: &str =
+    "The history of the river valley is written in its stones. Farmers came first, \
 then traders with salt and copper, and later the builders of bridges whose arches still stand. \
 Each spring the water rose and carried silt over the fields, and each autumn the villages counted \
 what the flood had given and what it had taken. ";
@@ -29,7 +30,12 @@ pub fn prose_tokens(tokenizer: &TextTokenizer, n: usize) -> Result<Vec<u32>> {
 }
 
 /// Prefill `context` tokens, then decode `gen` tokens greedily without stopping at EOS.
-pub fn generate(model: &Llama, tokenizer: &TextTokenizer, context: usize, gen: usize) -> Result<GenStats> {
+pub fn generate(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    context: usize,
+    gen: usize,
+) -> Result<GenStats> {
     let prompt = prose_tokens(tokenizer, context)?;
     let mut g = Generation {
         model,

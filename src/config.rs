@@ -124,7 +124,7 @@ impl ModelConfig {
             );
         }
         let heads = raw.num_attention_heads;
-        if heads == 0 || (raw.hidden_size % heads != 0 && raw.head_dim.is_none()) {
+        if heads == 0 || (!raw.hidden_size.is_multiple_of(heads) && raw.head_dim.is_none()) {
             bail!(
                 "{}: hidden_size {} is not divisible by num_attention_heads {heads}",
                 path.display(),
@@ -169,14 +169,17 @@ impl ModelConfig {
                 bail!("{name} must be positive");
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             bail!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
                 self.num_key_value_heads
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!("head_dim {} must be even for RoPE", self.head_dim);
         }
         Ok(())

@@ -157,14 +157,28 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {}", a.out.display());
             Ok(())
         }
-        Command::Bench(BenchCommand::Generate { model, context, gen }) => {
+        Command::Bench(BenchCommand::Generate {
+            model,
+            context,
+            gen,
+        }) => {
             let (loaded, llama) = model.load()?;
             let s = supra::bench::generate(&llama, &loaded.tokenizer, context, gen)?;
-            let rss = supra::bench::peak_rss_bytes().map_or("n/a".to_string(), |b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64));
+            let rss = supra::bench::peak_rss_bytes().map_or("n/a".to_string(), |b| {
+                format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
+            });
             println!("context tokens      {}", s.prompt_tokens);
-            println!("prefill             {:.1} tokens/s ({:.2} s)", s.prefill_tps(), s.prefill_time.as_secs_f64());
+            println!(
+                "prefill             {:.1} tokens/s ({:.2} s)",
+                s.prefill_tps(),
+                s.prefill_time.as_secs_f64()
+            );
             println!("generated tokens    {}", s.generated_tokens);
-            println!("decode              {:.1} tokens/s ({:.2} s)", s.decode_tps(), s.decode_time.as_secs_f64());
+            println!(
+                "decode              {:.1} tokens/s ({:.2} s)",
+                s.decode_tps(),
+                s.decode_time.as_secs_f64()
+            );
             println!("peak RSS            {rss}");
             Ok(())
         }
@@ -176,20 +190,35 @@ fn info(m: &ModelArg) -> Result<()> {
     let c = &loaded.config;
     let t = &loaded.tokenizer;
     let tok_name = |id: Option<u32>| {
-        id.and_then(|i| t.inner.id_to_token(i)).map_or("-".to_string(), |s| format!("{s} ({})", id.unwrap()))
+        id.and_then(|i| t.inner.id_to_token(i))
+            .map_or("-".to_string(), |s| format!("{s} ({})", id.unwrap()))
     };
     println!("architecture        {}", c.arch.name());
     println!("parameters          {:.1} M", c.param_count() as f64 / 1e6);
-    println!("layers              {} (all softmax attention)", c.num_hidden_layers);
+    println!(
+        "layers              {} (all softmax attention)",
+        c.num_hidden_layers
+    );
     println!("hidden size         {}", c.hidden_size);
     println!("intermediate size   {}", c.intermediate_size);
-    println!("attention heads     {} query, {} key/value, head dim {}", c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    println!(
+        "attention heads     {} query, {} key/value, head dim {}",
+        c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    );
     println!("context length      {}", c.max_position_embeddings);
     println!("rope theta          {}", c.rope_theta);
     println!("rms norm eps        {:e}", c.rms_norm_eps);
     println!("tied embeddings     {}", c.tie_word_embeddings);
-    println!("vocabulary          {} (tokenizer: {})", c.vocab_size, t.vocab_size());
-    println!("bos / eos           {} / {}", tok_name(t.bos_id), tok_name(t.eos_id));
+    println!(
+        "vocabulary          {} (tokenizer: {})",
+        c.vocab_size,
+        t.vocab_size()
+    );
+    println!(
+        "bos / eos           {} / {}",
+        tok_name(t.bos_id),
+        tok_name(t.eos_id)
+    );
     let chat = match t.chat_format() {
         Ok(supra::io::tokenizer::ChatFormat::ChatMl { .. }) => "ChatML".to_string(),
         Ok(supra::io::tokenizer::ChatFormat::Llama3) => "Llama 3".to_string(),
@@ -200,11 +229,19 @@ fn info(m: &ModelArg) -> Result<()> {
 }
 
 fn generate(a: &GenerateArgs) -> Result<()> {
-    let params = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+    };
     params.validate()?;
     let (loaded, model) = a.model.load()?;
     let tok = &loaded.tokenizer;
-    let chat = if a.chat { Some(tok.chat_format()?) } else { None };
+    let chat = if a.chat {
+        Some(tok.chat_format()?)
+    } else {
+        None
+    };
     let text = match &chat {
         Some(f) => f.render_user_turn(&a.prompt, a.system.as_deref()),
         None => a.prompt.clone(),
@@ -233,7 +270,11 @@ fn generate(a: &GenerateArgs) -> Result<()> {
             stats.prefill_tps(),
             stats.generated_tokens,
             stats.decode_tps(),
-            if stats.stopped_at_eos { " (stopped at end of turn)" } else { "" }
+            if stats.stopped_at_eos {
+                " (stopped at end of turn)"
+            } else {
+                ""
+            }
         );
     }
     Ok(())
@@ -241,7 +282,13 @@ fn generate(a: &GenerateArgs) -> Result<()> {
 
 fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{}: not UTF-8 text (invalid byte at offset {})", path.display(), e.utf8_error().valid_up_to()))
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
 }
 
 fn score(a: &ScoreArgs) -> Result<()> {
@@ -253,7 +300,10 @@ fn score(a: &ScoreArgs) -> Result<()> {
     let (loaded, model) = a.model.load()?;
     let ids = loaded.tokenizer.encode(&text)?;
     if ids.len() < 2 {
-        bail!("the text has {} token(s); scoring needs at least 2", ids.len());
+        bail!(
+            "the text has {} token(s); scoring needs at least 2",
+            ids.len()
+        );
     }
     let logprobs = model.score_batch(std::slice::from_ref(&ids))?.remove(0);
     let nll = -logprobs.iter().map(|&x| x as f64).sum::<f64>() / logprobs.len() as f64;

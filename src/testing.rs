@@ -87,29 +87,68 @@ impl TinyGguf {
         let (tokens, types, merges) = tiny_vocab();
         let a = cfg.arch.name();
         let u32v = |x: usize| Value::U32(x as u32);
-        let strs = |v: &[String]| Value::Array(v.iter().map(|s| Value::String(s.clone())).collect());
+        let strs =
+            |v: &[String]| Value::Array(v.iter().map(|s| Value::String(s.clone())).collect());
         let metadata = vec![
-            ("general.architecture".to_string(), Value::String(a.to_string())),
-            (format!("{a}.context_length"), u32v(cfg.max_position_embeddings)),
+            (
+                "general.architecture".to_string(),
+                Value::String(a.to_string()),
+            ),
+            (
+                format!("{a}.context_length"),
+                u32v(cfg.max_position_embeddings),
+            ),
             (format!("{a}.embedding_length"), u32v(cfg.hidden_size)),
-            (format!("{a}.feed_forward_length"), u32v(cfg.intermediate_size)),
+            (
+                format!("{a}.feed_forward_length"),
+                u32v(cfg.intermediate_size),
+            ),
             (format!("{a}.block_count"), u32v(cfg.num_hidden_layers)),
-            (format!("{a}.attention.head_count"), u32v(cfg.num_attention_heads)),
-            (format!("{a}.attention.head_count_kv"), u32v(cfg.num_key_value_heads)),
-            (format!("{a}.rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
-            (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32)),
-            ("tokenizer.ggml.model".to_string(), Value::String("gpt2".to_string())),
-            ("tokenizer.ggml.pre".to_string(), Value::String("smollm".to_string())),
+            (
+                format!("{a}.attention.head_count"),
+                u32v(cfg.num_attention_heads),
+            ),
+            (
+                format!("{a}.attention.head_count_kv"),
+                u32v(cfg.num_key_value_heads),
+            ),
+            (
+                format!("{a}.rope.freq_base"),
+                Value::F32(cfg.rope_theta as f32),
+            ),
+            (
+                format!("{a}.attention.layer_norm_rms_epsilon"),
+                Value::F32(cfg.rms_norm_eps as f32),
+            ),
+            (
+                "tokenizer.ggml.model".to_string(),
+                Value::String("gpt2".to_string()),
+            ),
+            (
+                "tokenizer.ggml.pre".to_string(),
+                Value::String("smollm".to_string()),
+            ),
             ("tokenizer.ggml.tokens".to_string(), strs(&tokens)),
-            ("tokenizer.ggml.token_type".to_string(), Value::Array(types.iter().map(|&t| Value::I32(t)).collect())),
+            (
+                "tokenizer.ggml.token_type".to_string(),
+                Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
+            ),
             ("tokenizer.ggml.merges".to_string(), strs(&merges)),
             ("tokenizer.ggml.bos_token_id".to_string(), Value::U32(0)),
             ("tokenizer.ggml.eos_token_id".to_string(), Value::U32(2)),
-            ("tokenizer.ggml.add_bos_token".to_string(), Value::Bool(false)),
-            ("tokenizer.chat_template".to_string(), Value::String(CHATML_TEMPLATE.to_string())),
+            (
+                "tokenizer.ggml.add_bos_token".to_string(),
+                Value::Bool(false),
+            ),
+            (
+                "tokenizer.chat_template".to_string(),
+                Value::String(CHATML_TEMPLATE.to_string()),
+            ),
         ];
         let dev = Device::Cpu;
-        let mut rng_state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut rng_state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let mut next = move || {
             // xorshift: deterministic across platforms and candle versions.
             rng_state ^= rng_state << 13;
@@ -122,7 +161,13 @@ impl TinyGguf {
             let n: usize = shape.iter().product();
             let is_norm = shape.len() == 1 && hf.contains("norm");
             let data: Vec<f32> = (0..n)
-                .map(|_| if is_norm { 1.0 + 0.2 * next() } else { 0.4 * next() })
+                .map(|_| {
+                    if is_norm {
+                        1.0 + 0.2 * next()
+                    } else {
+                        0.4 * next()
+                    }
+                })
                 .collect();
             let mut t = Tensor::from_vec(data, shape.as_slice(), &dev)?;
             if cfg.arch != Arch::Qwen2 {
@@ -132,7 +177,11 @@ impl TinyGguf {
                     t = permute_rope_rows(&t, cfg.num_key_value_heads)?;
                 }
             }
-            let dt = if shape.len() == 1 { GgmlDType::F32 } else { dtype };
+            let dt = if shape.len() == 1 {
+                GgmlDType::F32
+            } else {
+                dtype
+            };
             tensors.push((gguf_name(&hf), QTensor::quantize(&t, dt)?));
         }
         Ok(Self { metadata, tensors })

@@ -33,7 +33,11 @@ fn valid_tiny_model_loads() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(dir.path(), "ok.gguf", &tiny());
     let out = supra_path("info", &p, &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ChatML"));
 }
 
@@ -107,7 +111,10 @@ fn tensor_shape_mismatch() {
     }
     let dir = tempfile::tempdir().unwrap();
     let p = write(dir.path(), "shape.gguf", &g);
-    info_fails(&p, &["'blk.0.ffn_up.weight'", "[64, 32]", "expected [96, 64]"]);
+    info_fails(
+        &p,
+        &["'blk.0.ffn_up.weight'", "[64, 32]", "expected [96, 64]"],
+    );
 }
 
 #[test]
@@ -132,14 +139,24 @@ fn missing_metadata_key() {
 fn hf_dir(dir: &Path) -> PathBuf {
     let g = write(dir, "t.gguf", &tiny());
     let out_dir = dir.join("hf");
-    let out = common::supra(&["export", g.to_str().unwrap(), "--out", out_dir.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = common::supra(&[
+        "export",
+        g.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out_dir
 }
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
     let p = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     f(v.as_object_mut().unwrap());
     std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
 }
@@ -175,13 +192,21 @@ fn hf_dir_missing_files() {
     std::fs::remove_file(d.join("model.safetensors")).unwrap();
     assert_clean_error(&supra_path("info", &d, &[]), &["no model.safetensors"]);
     std::fs::write(d.join("model.safetensors"), b"garbage").unwrap();
-    assert_clean_error(&supra_path("info", &d, &[]), &["model.safetensors", "not a valid safetensors file"]);
+    assert_clean_error(
+        &supra_path("info", &d, &[]),
+        &["model.safetensors", "not a valid safetensors file"],
+    );
 }
 
 #[test]
 fn missing_path() {
     let out = common::supra(&["info", "/nonexistent/model.gguf"]);
     assert_clean_error(&out, &["/nonexistent/model.gguf", "does not exist"]);
-    let out = common::supra(&["score", "/nonexistent/model.gguf", "--text", "/nonexistent/text.txt"]);
+    let out = common::supra(&[
+        "score",
+        "/nonexistent/model.gguf",
+        "--text",
+        "/nonexistent/text.txt",
+    ]);
     assert_clean_error(&out, &["/nonexistent/text.txt"]);
 }

@@ -23,7 +23,11 @@ struct Prompt {
 }
 
 fn fixture() -> Fixture {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/smollm2_logits.json")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/smollm2_logits.json"
+    ))
+    .unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -36,20 +40,41 @@ fn logits_match_transformers() {
     let mut worst = 0f32;
     for p in fixture().prompts {
         let ids = loaded.tokenizer.encode(&p.text).unwrap();
-        assert_eq!(ids, p.token_ids, "{}: token ids differ from the reference tokenizer", p.name);
-        let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let logits = model.logits(&model.forward_hidden(&x, None).unwrap()).unwrap();
+        assert_eq!(
+            ids, p.token_ids,
+            "{}: token ids differ from the reference tokenizer",
+            p.name
+        );
+        let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model
+            .logits(&model.forward_hidden(&x, None).unwrap())
+            .unwrap();
         let logits: Vec<Vec<f32>> = logits.squeeze(0).unwrap().to_vec2().unwrap();
         let mut max_diff = 0f32;
         for (pos, row) in logits.iter().enumerate() {
             let top1 = supra::infer::sampler::argmax(row);
-            assert_eq!(top1, p.top5_ids[pos][0], "{}: top-1 differs at position {pos}", p.name);
+            assert_eq!(
+                top1, p.top5_ids[pos][0],
+                "{}: top-1 differs at position {pos}",
+                p.name
+            );
             for (id, want) in p.top5_ids[pos].iter().zip(&p.top5_logits[pos]) {
                 max_diff = max_diff.max((row[*id as usize] - want).abs());
             }
         }
-        println!("{}: {} tokens, max |logit diff| {max_diff:.2e}", p.name, ids.len());
-        assert!(max_diff <= TOL, "{}: max |logit diff| {max_diff} > {TOL}", p.name);
+        println!(
+            "{}: {} tokens, max |logit diff| {max_diff:.2e}",
+            p.name,
+            ids.len()
+        );
+        assert!(
+            max_diff <= TOL,
+            "{}: max |logit diff| {max_diff} > {TOL}",
+            p.name
+        );
         worst = worst.max(max_diff);
     }
     println!("max |logit diff| over all prompts: {worst:.2e}");
@@ -62,7 +87,11 @@ fn score_json_matches_transformers() {
     let mut worst = 0f32;
     for p in fixture().prompts {
         let out = common::supra_path("score", &model, &["--prompt", &p.text, "--json"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let ids: Vec<u32> = serde_json::from_value(v["token_ids"].clone()).unwrap();
         let lps: Vec<f32> = serde_json::from_value(v["logprobs"].clone()).unwrap();
@@ -76,7 +105,10 @@ fn score_json_matches_transformers() {
         worst = worst.max(diff);
         let nll = v["nll"].as_f64().unwrap();
         let mean = -lps.iter().map(|&x| x as f64).sum::<f64>() / lps.len() as f64;
-        assert!((nll - mean).abs() < 1e-6 && (v["ppl"].as_f64().unwrap() - nll.exp()).abs() < 1e-6 * nll.exp());
+        assert!(
+            (nll - mean).abs() < 1e-6
+                && (v["ppl"].as_f64().unwrap() - nll.exp()).abs() < 1e-6 * nll.exp()
+        );
     }
     println!("max |logprob diff| over all prompts: {worst:.2e}");
     assert!(worst <= TOL, "max |logprob diff| {worst} > {TOL}");
@@ -87,12 +119,24 @@ fn score_json_matches_transformers() {
 fn batched_scoring_equals_single() {
     let loaded = supra::io::load(&common::real_model()).unwrap();
     let model = Llama::new(&loaded.config, &loaded.weights).unwrap();
-    let seqs: Vec<Vec<u32>> = fixture().prompts.into_iter().take(3).map(|p| p.token_ids).collect();
+    let seqs: Vec<Vec<u32>> = fixture()
+        .prompts
+        .into_iter()
+        .take(3)
+        .map(|p| p.token_ids)
+        .collect();
     let batch = model.score_batch(&seqs).unwrap();
     for (s, b) in seqs.iter().zip(&batch) {
-        let single = model.score_batch(std::slice::from_ref(s)).unwrap().remove(0);
+        let single = model
+            .score_batch(std::slice::from_ref(s))
+            .unwrap()
+            .remove(0);
         assert_eq!(single.len(), s.len() - 1);
-        let d = single.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let d = single
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(d < 1e-4, "batched vs single differ by {d}");
     }
 }
@@ -108,11 +152,23 @@ fn gguf_to_hf_dir_round_trip_is_exact() {
     let text = &fixture().prompts[1].text;
     let ids = loaded.tokenizer.encode(text).unwrap();
     assert_eq!(reloaded.tokenizer.encode(text).unwrap(), ids);
-    assert_eq!(reloaded.tokenizer.chat_template, loaded.tokenizer.chat_template);
+    assert_eq!(
+        reloaded.tokenizer.chat_template,
+        loaded.tokenizer.chat_template
+    );
     let run = |m: &supra::io::LoadedModel| -> Vec<f32> {
         let model = Llama::new(&m.config, &m.weights).unwrap();
-        let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        model.logits(&model.forward_hidden(&x, None).unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        model
+            .logits(&model.forward_hidden(&x, None).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     };
     assert_eq!(run(&loaded), run(&reloaded));
 }

@@ -14,13 +14,25 @@ fn load(path: &std::path::Path) -> (supra::io::LoadedModel, Llama) {
 }
 
 fn full_logits(model: &Llama, ids: &[u32]) -> Vec<Vec<f32>> {
-    let x = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let h = model.forward_hidden(&x, None).unwrap();
-    model.logits(&h).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+    model
+        .logits(&h)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -33,13 +45,25 @@ fn kv_cache_decoding_equals_full_forward() {
     let full = full_logits(&model, &ids);
     // Prefill 25 tokens, then one token at a time.
     let mut cache = model.new_cache();
-    let x = Tensor::new(&ids[..25], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(&ids[..25], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let last = model.forward_last(&x, &mut cache).unwrap();
     let last: Vec<f32> = last.squeeze(0).unwrap().to_vec1().unwrap();
     assert!(max_diff(&last, &full[24]) < 1e-4);
     for (t, &id) in ids.iter().enumerate().skip(25) {
-        let x = Tensor::new(&[id], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let step: Vec<f32> = model.forward_last(&x, &mut cache).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let x = Tensor::new(&[id], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let step: Vec<f32> = model
+            .forward_last(&x, &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let d = max_diff(&step, &full[t]);
         assert!(d < 1e-4, "position {t}: cached decoding differs by {d}");
     }
@@ -56,8 +80,16 @@ fn hf_round_trip_is_exact() {
     supra::io::hf_dir::save(&m, &out).unwrap();
     let (m2, model2) = load(&out);
     assert_eq!(m.config, m2.config);
-    let ids = m.tokenizer.encode("<|im_start|>user\nthe 42 cats<|im_end|>").unwrap();
-    assert_eq!(m2.tokenizer.encode("<|im_start|>user\nthe 42 cats<|im_end|>").unwrap(), ids);
+    let ids = m
+        .tokenizer
+        .encode("<|im_start|>user\nthe 42 cats<|im_end|>")
+        .unwrap();
+    assert_eq!(
+        m2.tokenizer
+            .encode("<|im_start|>user\nthe 42 cats<|im_end|>")
+            .unwrap(),
+        ids
+    );
     assert_eq!(full_logits(&model, &ids), full_logits(&model2, &ids));
 }
 
@@ -68,7 +100,10 @@ fn quantized_gguf_tensors_load() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config();
     let f32_path = dir.path().join("f32.gguf");
-    TinyGguf::new(&cfg, 5, GgmlDType::F32).unwrap().write(&f32_path).unwrap();
+    TinyGguf::new(&cfg, 5, GgmlDType::F32)
+        .unwrap()
+        .write(&f32_path)
+        .unwrap();
     let (reference, ref_model) = load(&f32_path);
     let cases = [
         (GgmlDType::F16, 1e-3),
@@ -85,14 +120,37 @@ fn quantized_gguf_tensors_load() {
         let (m, model) = load(&p);
         for (name, want) in &reference.weights {
             let got = &m.weights[name];
-            let err = (got - want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-            let norm = want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-            assert!(err / norm < tol, "{dtype:?} {name}: relative error {}", err / norm);
+            let err = (got - want)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            let norm = want
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            assert!(
+                err / norm < tol,
+                "{dtype:?} {name}: relative error {}",
+                err / norm
+            );
         }
         if dtype == GgmlDType::Q8_0 {
             let ids: Vec<u32> = (3..60).collect();
             let (a, b) = (full_logits(&model, &ids), full_logits(&ref_model, &ids));
-            let d = a.iter().zip(&b).map(|(x, y)| max_diff(x, y)).fold(0.0, f32::max);
+            let d = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| max_diff(x, y))
+                .fold(0.0, f32::max);
             assert!(d > 0.0 && d < 0.1, "Q8_0 logits differ by {d}");
         }
     }
@@ -105,16 +163,40 @@ fn k_quant_gguf_tensors_load() {
     let mut cfg = tiny_config();
     (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim) = (256, 256, 64);
     let f32_path = dir.path().join("f32.gguf");
-    TinyGguf::new(&cfg, 6, GgmlDType::F32).unwrap().write(&f32_path).unwrap();
+    TinyGguf::new(&cfg, 6, GgmlDType::F32)
+        .unwrap()
+        .write(&f32_path)
+        .unwrap();
     let reference = supra::io::load(&f32_path).unwrap();
-    for (dtype, tol) in [(GgmlDType::Q6K, 0.03), (GgmlDType::Q5K, 0.06), (GgmlDType::Q4K, 0.12), (GgmlDType::Q3K, 0.25), (GgmlDType::Q2K, 0.5)] {
+    for (dtype, tol) in [
+        (GgmlDType::Q6K, 0.03),
+        (GgmlDType::Q5K, 0.06),
+        (GgmlDType::Q4K, 0.12),
+        (GgmlDType::Q3K, 0.25),
+        (GgmlDType::Q2K, 0.5),
+    ] {
         let p = dir.path().join(format!("{dtype:?}.gguf"));
         TinyGguf::new(&cfg, 6, dtype).unwrap().write(&p).unwrap();
         let m = supra::io::load(&p).unwrap();
         let name = "model.layers.1.self_attn.q_proj.weight";
         let (got, want) = (&m.weights[name], &reference.weights[name]);
-        let err = (got - want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-        let norm = want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        let err = (got - want)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
+        let norm = want
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
         assert!(err / norm < tol, "{dtype:?}: relative error {}", err / norm);
     }
 }
@@ -132,10 +214,25 @@ fn gguf_tokenizer_pipeline() {
     let ids = tok.encode("the the 2024<|im_end|>").unwrap();
     assert_eq!(
         ids,
-        vec![id("t"), id("he"), id("Ġthe"), id("Ġ"), id("2"), id("0"), id("2"), id("4"), 2]
+        vec![
+            id("t"),
+            id("he"),
+            id("Ġthe"),
+            id("Ġ"),
+            id("2"),
+            id("0"),
+            id("2"),
+            id("4"),
+            2
+        ]
     );
     assert_eq!(tok.decode(&ids).unwrap(), "the the 2024<|im_end|>");
-    assert_eq!(tok.encode("héllo ✓").map(|i| tok.decode(&i).unwrap()).unwrap(), "héllo ✓");
+    assert_eq!(
+        tok.encode("héllo ✓")
+            .map(|i| tok.decode(&i).unwrap())
+            .unwrap(),
+        "héllo ✓"
+    );
 }
 
 #[test]
@@ -147,7 +244,11 @@ fn generate_cli_is_deterministic_and_chats() {
         let mut args = vec!["--prompt", "the cat", "--max-tokens", "12"];
         args.extend_from_slice(extra);
         let out = common::supra_path("generate", &p, &args);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         out.stdout
     };
     let greedy = run(&["--temperature", "0"]);
@@ -166,9 +267,70 @@ fn score_cli_plain_output() {
     let text = dir.path().join("in.txt");
     std::fs::write(&text, "the cat sat on the mat").unwrap();
     let out = common::supra_path("score", &p, &["--text", text.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("perplexity"));
     std::fs::write(&text, b"\xff\xfe binary").unwrap();
     let out = common::supra_path("score", &p, &["--text", text.to_str().unwrap()]);
     common::assert_clean_error(&out, &["in.txt", "not UTF-8"]);
+}
+
+#[test]
+fn qwen2_with_biases_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config();
+    cfg.arch = supra::config::Arch::Qwen2;
+    cfg.attention_bias = true;
+    let p = dir.path().join("q.gguf");
+    TinyGguf::new(&cfg, 8, GgmlDType::F32)
+        .unwrap()
+        .write(&p)
+        .unwrap();
+    let (m, model) = load(&p);
+    assert_eq!(m.config.arch, supra::config::Arch::Qwen2);
+    assert!(m
+        .weights
+        .contains_key("model.layers.1.self_attn.k_proj.bias"));
+    let out = dir.path().join("hf");
+    supra::io::hf_dir::save(&m, &out).unwrap();
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg_json["model_type"], "qwen2");
+    let (m2, model2) = load(&out);
+    assert!(m2.config.attention_bias);
+    let ids: Vec<u32> = (3..30).collect();
+    assert_eq!(full_logits(&model, &ids), full_logits(&model2, &ids));
+}
+
+#[test]
+fn sharded_safetensors_directory_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.gguf");
+    write_tiny_gguf(&p, 9).unwrap();
+    let (m, model) = load(&p);
+    let out = dir.path().join("hf");
+    supra::io::hf_dir::save(&m, &out).unwrap();
+    std::fs::remove_file(out.join("model.safetensors")).unwrap();
+    let mut names: Vec<&String> = m.weights.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (i, chunk) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let shard: std::collections::HashMap<String, Tensor> = chunk
+            .iter()
+            .map(|n| ((*n).clone(), m.weights[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&shard, out.join(&file)).unwrap();
+        for n in chunk {
+            weight_map.insert((*n).clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(out.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let (_, model2) = load(&out);
+    let ids: Vec<u32> = (3..30).collect();
+    assert_eq!(full_logits(&model, &ids), full_logits(&model2, &ids));
 }

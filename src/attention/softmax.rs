@@ -23,8 +23,7 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, h, t, d) = x.dims4()?;
-    Ok(x
-        .unsqueeze(2)?
+    Ok(x.unsqueeze(2)?
         .expand((b, h, n_rep, t, d))?
         .reshape((b, h * n_rep, t, d))?)
 }
@@ -33,7 +32,15 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 fn causal_mask(t: usize, offset: usize, device: &candle_core::Device) -> Result<Tensor> {
     let total = t + offset;
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..total).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > i + offset {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(mask, (t, total), device)?)
 }

@@ -37,17 +37,27 @@ pub struct Generation<'a> {
 impl Generation<'_> {
     /// Generates after `prompt`, calling `on_token` with each new token id as soon as it exists.
     /// Stops at a stop id (not emitted), after `max_tokens`, or at the context length.
-    pub fn run(&mut self, prompt: &[u32], mut on_token: impl FnMut(u32) -> Result<()>) -> Result<GenStats> {
+    pub fn run(
+        &mut self,
+        prompt: &[u32],
+        mut on_token: impl FnMut(u32) -> Result<()>,
+    ) -> Result<GenStats> {
         if prompt.is_empty() {
             bail!("the prompt is empty after tokenization");
         }
         let ctx = self.model.config.max_position_embeddings;
         if prompt.len() >= ctx {
-            bail!("the prompt has {} tokens; the model's context is {ctx}", prompt.len());
+            bail!(
+                "the prompt has {} tokens; the model's context is {ctx}",
+                prompt.len()
+            );
         }
         let device = self.model.device().clone();
         let mut cache: Cache = self.model.new_cache();
-        let mut stats = GenStats { prompt_tokens: prompt.len(), ..Default::default() };
+        let mut stats = GenStats {
+            prompt_tokens: prompt.len(),
+            ..Default::default()
+        };
 
         let t0 = Instant::now();
         let input = Tensor::new(prompt, &device)?.unsqueeze(0)?;
@@ -85,7 +95,11 @@ pub struct TextStream<'a> {
 
 impl<'a> TextStream<'a> {
     pub fn new(tokenizer: &'a TextTokenizer) -> Self {
-        Self { tokenizer, ids: Vec::new(), emitted: 0 }
+        Self {
+            tokenizer,
+            ids: Vec::new(),
+            emitted: 0,
+        }
     }
 
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {

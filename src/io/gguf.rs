@@ -35,7 +35,9 @@ fn md_usize(md: &Metadata, key: &str, source: &str) -> Result<usize> {
         Value::I16(x) if *x >= 0 => *x as u64,
         Value::I32(x) if *x >= 0 => *x as u64,
         Value::I64(x) if *x >= 0 => *x as u64,
-        other => bail!("{source}: metadata '{key}' should be a non-negative integer, found {other:?}"),
+        other => {
+            bail!("{source}: metadata '{key}' should be a non-negative integer, found {other:?}")
+        }
     };
     Ok(n as usize)
 }
@@ -49,7 +51,12 @@ fn md_f64(md: &Metadata, key: &str, source: &str) -> Result<Option<f64>> {
     })
 }
 
-fn config_from_metadata(md: &Metadata, n_tokens: usize, has_output: bool, source: &str) -> Result<ModelConfig> {
+fn config_from_metadata(
+    md: &Metadata,
+    n_tokens: usize,
+    has_output: bool,
+    source: &str,
+) -> Result<ModelConfig> {
     let arch_name = md_str(md, "general.architecture", source)?;
     let Some(arch) = Arch::parse(arch_name) else {
         bail!(
@@ -99,15 +106,22 @@ fn config_from_metadata(md: &Metadata, n_tokens: usize, has_output: bool, source
         num_key_value_heads: kv_heads,
         head_dim,
         rope_theta: md_f64(md, &key("rope.freq_base"), source)?.unwrap_or(10_000.0),
-        rms_norm_eps: md_f64(md, &key("attention.layer_norm_rms_epsilon"), source)?
-            .ok_or_else(|| anyhow!("{source}: missing metadata key '{}'", key("attention.layer_norm_rms_epsilon")))?,
+        rms_norm_eps: md_f64(md, &key("attention.layer_norm_rms_epsilon"), source)?.ok_or_else(
+            || {
+                anyhow!(
+                    "{source}: missing metadata key '{}'",
+                    key("attention.layer_norm_rms_epsilon")
+                )
+            },
+        )?,
         max_position_embeddings: md_usize(md, &key("context_length"), source)?,
         tie_word_embeddings: !has_output,
         attention_bias: arch == Arch::Qwen2,
         bos_token_id: tok_id("tokenizer.ggml.bos_token_id"),
         eos_token_id: tok_id("tokenizer.ggml.eos_token_id"),
     };
-    cfg.validate().with_context(|| format!("{source}: inconsistent metadata"))?;
+    cfg.validate()
+        .with_context(|| format!("{source}: inconsistent metadata"))?;
     Ok(cfg)
 }
 
@@ -185,8 +199,7 @@ pub fn unpermute_rope_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let rows = dims[0];
     let rest: usize = dims[1..].iter().product();
     let half = rows / n_head / 2;
-    Ok(w
-        .reshape((n_head, half, 2, rest))?
+    Ok(w.reshape((n_head, half, 2, rest))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape(dims)?)
@@ -198,8 +211,7 @@ pub fn permute_rope_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let rows = dims[0];
     let rest: usize = dims[1..].iter().product();
     let half = rows / n_head / 2;
-    Ok(w
-        .reshape((n_head, 2, half, rest))?
+    Ok(w.reshape((n_head, 2, half, rest))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape(dims)?)
@@ -223,7 +235,9 @@ fn header_error(source: &str, e: candle_core::Error) -> anyhow::Error {
 fn check_extents(content: &Content, file_len: u64, source: &str) -> Result<()> {
     for (name, info) in &content.tensor_infos {
         let blocks = info.shape.elem_count() / info.ggml_dtype.block_size();
-        let end = content.tensor_data_offset + info.offset + (blocks * info.ggml_dtype.type_size()) as u64;
+        let end = content.tensor_data_offset
+            + info.offset
+            + (blocks * info.ggml_dtype.type_size()) as u64;
         if end > file_len {
             bail!(
                 "{source}: the file is truncated: tensor '{name}' ends at byte {end} but the file has {file_len} bytes"
@@ -235,8 +249,7 @@ fn check_extents(content: &Content, file_len: u64, source: &str) -> Result<()> {
 
 pub fn load(path: &Path) -> Result<LoadedModel> {
     let source = path.display().to_string();
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {source}"))?;
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {source}"))?;
     let content = Content::read(&mut file).map_err(|e| header_error(&source, e))?;
     check_extents(&content, file.metadata()?.len(), &source)?;
     let md = &content.metadata;
@@ -253,7 +266,10 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
             None if name == "rope_freqs.weight" => {
                 bail!("{source}: tensor 'rope_freqs.weight' means scaled RoPE, which is not supported")
             }
-            None => bail!("{source}: unexpected tensor '{name}' (not part of a {} model)", cfg.arch.name()),
+            None => bail!(
+                "{source}: unexpected tensor '{name}' (not part of a {} model)",
+                cfg.arch.name()
+            ),
         };
         let qt = content
             .tensor(&mut file, name, &Device::Cpu)
@@ -272,7 +288,10 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
             };
             if let Some(n) = heads {
                 if t.dims()[0] % (2 * n) != 0 {
-                    bail!("{source}: tensor '{name}' has shape {:?}, not a whole number of heads", t.dims());
+                    bail!(
+                        "{source}: tensor '{name}' has shape {:?}, not a whole number of heads",
+                        t.dims()
+                    );
                 }
                 t = unpermute_rope_rows(&t, n)?;
             }
@@ -299,16 +318,34 @@ mod tests {
             .unwrap();
         let p = permute_rope_rows(&w, 2).unwrap();
         // Head 0 has rows 0..4 = halves [0,1] and [2,3]; interleaved: 0,2,1,3.
-        let rows: Vec<f32> = p.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let rows: Vec<f32> = p
+            .narrow(1, 0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(rows, vec![0., 6., 3., 9., 12., 18., 15., 21.]);
         let back = unpermute_rope_rows(&p, 2).unwrap();
-        let diff = (back - &w).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (back - &w)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0);
     }
 
     #[test]
     fn names_map_both_ways() {
-        for g in ["token_embd.weight", "blk.3.attn_q.weight", "blk.12.ffn_down.weight", "output.weight"] {
+        for g in [
+            "token_embd.weight",
+            "blk.3.attn_q.weight",
+            "blk.12.ffn_down.weight",
+            "output.weight",
+        ] {
             assert_eq!(gguf_name(&hf_name(g).unwrap()), g);
         }
     }

@@ -59,7 +59,12 @@ pub fn load(dir: &Path) -> Result<LoadedModel> {
     if config.tie_word_embeddings {
         weights.remove("lm_head.weight");
     }
-    check_weights(&config, &weights, &dir.display().to_string(), str::to_string)?;
+    check_weights(
+        &config,
+        &weights,
+        &dir.display().to_string(),
+        str::to_string,
+    )?;
     let tokenizer = TextTokenizer::from_hf_dir(dir, config.bos_token_id, config.eos_token_id)?;
     Ok(LoadedModel {
         config,

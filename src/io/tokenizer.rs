@@ -106,7 +106,9 @@ impl TextTokenizer {
         use crate::io::gguf::{md_get, md_str};
         let model = md_str(md, "tokenizer.ggml.model", source)?;
         if model != "gpt2" {
-            bail!("{source}: tokenizer model '{model}' is not supported (only 'gpt2' byte-level BPE)");
+            bail!(
+                "{source}: tokenizer model '{model}' is not supported (only 'gpt2' byte-level BPE)"
+            );
         }
         let tokens = md_get(md, "tokenizer.ggml.tokens", source)?
             .to_vec()
@@ -162,7 +164,9 @@ impl TextTokenizer {
             .get("tokenizer.ggml.pre")
             .and_then(|v| v.to_string().ok().cloned())
             .unwrap_or_else(|| "default".to_string());
-        tok.with_pre_tokenizer(Some(pre_tokenizer(&pre).with_context(|| source.to_string())?));
+        tok.with_pre_tokenizer(Some(
+            pre_tokenizer(&pre).with_context(|| source.to_string())?,
+        ));
         tok.with_decoder(Some(ByteLevel::default()));
         let specials: Vec<AddedToken> = tokens
             .iter()
@@ -180,9 +184,9 @@ impl TextTokenizer {
             .and_then(|v| v.to_bool().ok())
             .unwrap_or(false);
         if add_bos {
-            let bos = bos_id
-                .and_then(|i| tokens.get(i as usize))
-                .ok_or_else(|| anyhow!("{source}: add_bos_token is set but bos_token_id is not a valid token"))?;
+            let bos = bos_id.and_then(|i| tokens.get(i as usize)).ok_or_else(|| {
+                anyhow!("{source}: add_bos_token is set but bos_token_id is not a valid token")
+            })?;
             let post = TemplateProcessing::builder()
                 .try_single(format!("{bos} $A"))
                 .map_err(|e| anyhow!("{e}"))?
@@ -207,7 +211,10 @@ impl TextTokenizer {
     pub fn from_hf_dir(dir: &Path, bos_id: Option<u32>, eos_id: Option<u32>) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            bail!("{}: missing (an HF model directory needs tokenizer.json)", path.display());
+            bail!(
+                "{}: missing (an HF model directory needs tokenizer.json)",
+                path.display()
+            );
         }
         let inner = Tokenizer::from_file(&path)
             .map_err(|e| anyhow!("{}: not a valid tokenizer.json: {e}", path.display()))?;
@@ -272,10 +279,9 @@ impl TextTokenizer {
     }
 
     pub fn chat_format(&self) -> Result<ChatFormat> {
-        let template = self
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| anyhow!("this model has no chat template; use a plain --prompt without --chat"))?;
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            anyhow!("this model has no chat template; use a plain --prompt without --chat")
+        })?;
         ChatFormat::detect(template)
             .ok_or_else(|| anyhow!("unsupported chat template (known: ChatML, Llama 3)"))
     }
@@ -299,9 +305,13 @@ fn pre_tokenizer(name: &str) -> Result<PreTokenizerWrapper> {
     const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     let byte_level = |use_regex| ByteLevel::new(false, true, use_regex).into();
     let split = |re: &str| -> Result<PreTokenizerWrapper> {
-        Ok(Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| anyhow!("{e}"))?
-            .into())
+        Ok(Split::new(
+            SplitPattern::Regex(re.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| anyhow!("{e}"))?
+        .into())
     };
     Ok(match name {
         "smollm" | "starcoder" | "refact" => {
@@ -339,7 +349,9 @@ mod tests {
         let t = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'}}";
         assert_eq!(
             ChatFormat::detect(t),
-            Some(ChatFormat::ChatMl { default_system: None })
+            Some(ChatFormat::ChatMl {
+                default_system: None
+            })
         );
     }
 }

@@ -40,8 +40,12 @@ pub struct Cache {
 impl Cache {
     /// Bytes held by cached keys and values (what grows with the context).
     pub fn bytes(&self) -> usize {
-        let len = |t: candle_core::Result<Option<Tensor>>| t.ok().flatten().map_or(0, |t| t.elem_count());
-        self.layers.iter().map(|c| 4 * (len(c.k()) + len(c.v()))).sum()
+        let len =
+            |t: candle_core::Result<Option<Tensor>>| t.ok().flatten().map_or(0, |t| t.elem_count());
+        self.layers
+            .iter()
+            .map(|c| 4 * (len(c.k()) + len(c.v())))
+            .sum()
     }
 }
 
@@ -54,7 +58,11 @@ impl Llama {
                 .ok_or_else(|| anyhow!("missing tensor '{name}'"))
         };
         let linear = |name: &str, bias: bool| -> Result<Linear> {
-            let b = if bias { Some(get(&format!("{name}.bias"))?) } else { None };
+            let b = if bias {
+                Some(get(&format!("{name}.bias"))?)
+            } else {
+                None
+            };
             Ok(Linear::new(get(&format!("{name}.weight"))?, b))
         };
         let eps = config.rms_norm_eps;
@@ -127,10 +135,15 @@ impl Llama {
                 self.rope.max_len()
             );
         }
-        let mut x = self.embed.embedding(&tokens.flatten_all()?)?.reshape((tokens.dim(0)?, t, ()))?;
+        let mut x =
+            self.embed
+                .embedding(&tokens.flatten_all()?)?
+                .reshape((tokens.dim(0)?, t, ()))?;
         for (i, block) in self.blocks.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = block.attn.forward(&block.attn_norm.forward(&x)?, &self.rope, offset, kv)?;
+            let h = block
+                .attn
+                .forward(&block.attn_norm.forward(&x)?, &self.rope, offset, kv)?;
             x = (x + h)?;
             let h = block.mlp.forward(&block.mlp_norm.forward(&x)?)?;
             x = (x + h)?;
@@ -156,7 +169,9 @@ impl Llama {
     pub fn forward_last(&self, tokens: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         let h = self.forward_hidden(tokens, Some(cache))?;
         let t = h.dim(1)?;
-        self.logits(&h.i((.., t - 1..t, ..))?)?.squeeze(1).map_err(Into::into)
+        self.logits(&h.i((.., t - 1..t, ..))?)?
+            .squeeze(1)
+            .map_err(Into::into)
     }
 
     /// Log-probability of each next token: for each sequence of n tokens, n−1 values
@@ -170,7 +185,11 @@ impl Llama {
         let pad = self.config.eos_token_id.unwrap_or(0);
         let flat: Vec<u32> = seqs
             .iter()
-            .flat_map(|s| s.iter().copied().chain(std::iter::repeat_n(pad, max_len - s.len())))
+            .flat_map(|s| {
+                s.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad, max_len - s.len()))
+            })
             .collect();
         let tokens = Tensor::from_vec(flat, (seqs.len(), max_len), self.device())?;
         let hidden = self.forward_hidden(&tokens, None)?;

@@ -43,7 +43,11 @@ impl Rope {
         let t = x.dim(2)?;
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
-        let x = if x.dtype() == DType::F32 { x.contiguous()? } else { x.to_dtype(DType::F32)? };
+        let x = if x.dtype() == DType::F32 {
+            x.contiguous()?
+        } else {
+            x.to_dtype(DType::F32)?
+        };
         Ok(candle_nn::rotary_emb::rope(&x, &cos, &sin)?)
     }
 }

@@ -12,7 +12,10 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (h, d) = (cfg.hidden_size, cfg.head_dim);
     let q_dim = cfg.num_attention_heads * d;
     let kv_dim = cfg.num_key_value_heads * d;
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, h],
+    )];
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         out.push((format!("{p}.input_layernorm.weight"), vec![h]));
@@ -26,9 +29,18 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         }
         out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q_dim]));
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        out.push((format!("{p}.mlp.gate_proj.weight"), vec![cfg.intermediate_size, h]));
-        out.push((format!("{p}.mlp.up_proj.weight"), vec![cfg.intermediate_size, h]));
-        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, cfg.intermediate_size]));
+        out.push((
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![cfg.intermediate_size, h],
+        ));
+        out.push((
+            format!("{p}.mlp.up_proj.weight"),
+            vec![cfg.intermediate_size, h],
+        ));
+        out.push((
+            format!("{p}.mlp.down_proj.weight"),
+            vec![h, cfg.intermediate_size],
+        ));
     }
     out.push(("model.norm.weight".to_string(), vec![h]));
     if !cfg.tie_word_embeddings {
@@ -68,7 +80,10 @@ pub fn check_weights(
             .map(|k| display(k))
             .collect();
         extra.sort();
-        bail!("{source}: unexpected tensors {extra:?} (not part of a {} model with this config)", cfg.arch.name());
+        bail!(
+            "{source}: unexpected tensors {extra:?} (not part of a {} model with this config)",
+            cfg.arch.name()
+        );
     }
     Ok(())
 }

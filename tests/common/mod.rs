@@ -35,9 +35,19 @@ pub fn supra_path(cmd: &str, path: &Path, rest: &[&str]) -> Output {
 /// containing every one of `needles`.
 pub fn assert_clean_error(out: &Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
-    assert_eq!(out.status.code(), Some(1), "expected exit code 1; stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "the command panicked: {stderr}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected exit code 1; stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "the command panicked: {stderr}"
+    );
     for n in needles {
         assert!(stderr.contains(n), "error message lacks {n:?}: {stderr}");
     }
