@@ -1,10 +1,10 @@
 //! Softmax attention (the teacher): o_t = Σ_{i≤t} softmax_i(q_t·k_i/√d) v_i, with GQA and RoPE.
 
+use crate::model::linear::Linear;
 use crate::model::rope::Rope;
 use anyhow::Result;
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::kv_cache::KvCache;
-use candle_nn::Linear;
 
 #[derive(Debug, Clone)]
 pub struct SoftmaxAttention {
@@ -80,6 +80,6 @@ impl SoftmaxAttention {
         }
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?;
-        Ok(self.o.forward(&y)?)
+        self.o.forward(&y)
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::attention::softmax::SoftmaxAttention;
 use crate::config::ModelConfig;
+use crate::model::linear::Linear;
 use crate::model::mlp::Mlp;
 use crate::model::norm::RmsNorm;
 use crate::model::rope::Rope;
@@ -10,7 +11,6 @@ use crate::model::weights::Weights;
 use anyhow::{anyhow, bail, Result};
 use candle_core::{Device, IndexOp, Tensor, D};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::Linear;
 
 #[derive(Debug, Clone)]
 struct Block {

@@ -1,8 +1,8 @@
 //! SwiGLU feed-forward: down(silu(gate(x)) ⊙ up(x)).
 
+use crate::model::linear::Linear;
 use anyhow::Result;
-use candle_core::{Module, Tensor};
-use candle_nn::Linear;
+use candle_core::Tensor;
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
@@ -14,6 +14,6 @@ pub struct Mlp {
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        Ok(self.down.forward(&(g * self.up.forward(x)?)?)?)
+        self.down.forward(&(g * self.up.forward(x)?)?)
     }
 }

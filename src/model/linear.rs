@@ -1,0 +1,176 @@
+//! y = x Wᵀ + b, with a matrix-vector kernel for the few-rows case (decoding).
+//!
+//! candle's gemm packs the whole weight matrix on every call; with one input row that packing
+//! costs more than the product itself. Rows of W are contiguous, so a decode step is a set of
+//! independent dot products over memory read once: split them across cores.
+
+use anyhow::Result;
+use candle_core::{Module, Storage, Tensor};
+use rayon::prelude::*;
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+/// At most this many input rows take the matrix-vector path.
+const GEMV_MAX_ROWS: usize = 4;
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            inner: candle_nn::Linear::new(weight, bias),
+        }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+        if rows <= GEMV_MAX_ROWS {
+            if let Some(y) = self.gemv(x, rows)? {
+                return Ok(y);
+            }
+        }
+        Ok(self.inner.forward(x)?)
+    }
+
+    /// `None` when the weight is not a contiguous f32 CPU tensor.
+    fn gemv(&self, x: &Tensor, rows: usize) -> Result<Option<Tensor>> {
+        let w = self.inner.weight();
+        let (n_out, n_in) = w.dims2()?;
+        let (storage, layout) = w.storage_and_layout();
+        let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        let Ok(w) = cpu.as_slice::<f32>() else {
+            return Ok(None);
+        };
+        let w = &w[start..end];
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        // Parallel over blocks of output features; each block reads its weight rows once for
+        // all input rows. Results land feature-major, then transpose to (rows, n_out).
+        const BLOCK: usize = 64;
+        let mut by_feature = vec![0f32; n_out * rows];
+        by_feature
+            .par_chunks_mut(BLOCK * rows)
+            .enumerate()
+            .for_each(|(blk, chunk)| {
+                for (j, acc) in chunk.chunks_mut(rows).enumerate() {
+                    let o = blk * BLOCK + j;
+                    let w_row = &w[o * n_in..(o + 1) * n_in];
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        *a = dot(w_row, &xs[r * n_in..(r + 1) * n_in]);
+                    }
+                }
+            });
+        let out: Vec<f32> = (0..rows * n_out)
+            .map(|i| by_feature[(i % n_out) * rows + i / n_out])
+            .collect();
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().unwrap() = n_out;
+        let mut y = Tensor::from_vec(out, shape, x.device())?;
+        if let Some(b) = self.inner.bias() {
+            y = y.broadcast_add(b)?;
+        }
+        Ok(Some(y))
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_portable(a, b)
+}
+
+/// Eight independent partial sums so the compiler keeps them in one vector register.
+#[inline(always)]
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len() / 8 * 8;
+    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i + 16 <= n {
+        s0 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(a.as_ptr().add(i)),
+            _mm256_loadu_ps(b.as_ptr().add(i)),
+            s0,
+        );
+        s1 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(a.as_ptr().add(i + 8)),
+            _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+            s1,
+        );
+        i += 16;
+    }
+    if i < n {
+        s0 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(a.as_ptr().add(i)),
+            _mm256_loadu_ps(b.as_ptr().add(i)),
+            s0,
+        );
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(s0, s1));
+    let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn gemv_path_matches_matmul() {
+        let dev = Device::Cpu;
+        // Odd sizes exercise the vector tails and a partial last block.
+        let w = Tensor::randn(0f32, 1.0, (131, 77), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 131, &dev).unwrap();
+        let lin = Linear::new(w.clone(), Some(b.clone()));
+        for rows in [1, 3, 4, 5] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, 77), &dev).unwrap();
+            let want = x
+                .broadcast_matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            let got = lin.forward(&x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let d = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-4, "{rows} rows: differ by {d}");
+        }
+    }
+}
