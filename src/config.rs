@@ -142,7 +142,7 @@ impl ModelConfig {
             head_dim: raw.head_dim.unwrap_or(raw.hidden_size / heads),
             rope_theta: raw.rope_theta.unwrap_or(10_000.0),
             rms_norm_eps: raw.rms_norm_eps,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             attention_bias: raw.attention_bias.unwrap_or(arch == Arch::Qwen2),
             bos_token_id: raw.bos_token_id.and_then(TokenIds::first),

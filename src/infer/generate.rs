@@ -15,6 +15,8 @@ pub struct GenStats {
     pub prefill_time: Duration,
     pub decode_time: Duration,
     pub stopped_at_eos: bool,
+    /// Bytes of generation state (KV cache) at the end: what grows with the context.
+    pub state_bytes: usize,
 }
 
 impl GenStats {
@@ -81,6 +83,7 @@ impl Generation<'_> {
             logits = self.model.forward_last(&input, &mut cache)?;
         }
         stats.decode_time = t1.elapsed();
+        stats.state_bytes = cache.bytes();
         Ok(stats)
     }
 }

