@@ -30,7 +30,12 @@ pub fn prose_tokens(tokenizer: &TextTokenizer, n: usize) -> Result<Vec<u32>> {
 }
 
 /// Prefill `context` tokens, then decode `gen` tokens greedily without stopping at EOS.
-pub fn generate(model: &Llama, tokenizer: &TextTokenizer, context: usize, gen: usize) -> Result<GenStats> {
+pub fn generate(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    context: usize,
+    gen: usize,
+) -> Result<GenStats> {
     let prompt = prose_tokens(tokenizer, context)?;
     let mut g = Generation {
         model,
@@ -39,8 +44,10 @@ pub fn generate(model: &Llama, tokenizer: &TextTokenizer, context: usize, gen: u
         max_tokens: gen,
     };
     let bar = indicatif::ProgressBar::new(gen as u64).with_style(
-        indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} tokens [{elapsed}<{eta}]")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{msg} {bar:30} {pos}/{len} tokens [{elapsed}<{eta}]",
+        )
+        .expect("valid template"),
     );
     bar.set_message(format!("prefill {context} + decode"));
     let stats = g.run(&prompt, |_| {

@@ -179,7 +179,10 @@ fn run(cli: Cli) -> Result<()> {
                 s.decode_tps(),
                 s.decode_time.as_secs_f64()
             );
-            println!("KV cache at the end {:.1} MiB", s.state_bytes as f64 / (1 << 20) as f64);
+            println!(
+                "KV cache at the end {:.1} MiB",
+                s.state_bytes as f64 / (1 << 20) as f64
+            );
             println!("peak RSS            {rss}");
             Ok(())
         }
@@ -306,7 +309,8 @@ fn score(a: &ScoreArgs) -> Result<()> {
             ids.len()
         );
     }
-    let spinner = indicatif::ProgressBar::new_spinner().with_message(format!("scoring {} tokens", ids.len()));
+    let spinner =
+        indicatif::ProgressBar::new_spinner().with_message(format!("scoring {} tokens", ids.len()));
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
     let logprobs = model.score_batch(std::slice::from_ref(&ids))?.remove(0);
     spinner.finish_and_clear();

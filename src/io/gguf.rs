@@ -253,9 +253,13 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
     let content = Content::read(&mut file).map_err(|e| header_error(&source, e))?;
     check_extents(&content, file.metadata()?.len(), &source)?;
     let md = &content.metadata;
-    let tokenizer = TextTokenizer::from_gguf(md, &source)?;
     let has_output = content.tensor_infos.contains_key("output.weight");
-    let cfg = config_from_metadata(md, tokenizer.vocab_size(), has_output, &source)?;
+    let n_tokens = md
+        .get("tokenizer.ggml.tokens")
+        .and_then(|v| v.to_vec().ok())
+        .map_or(0, Vec::len);
+    let cfg = config_from_metadata(md, n_tokens, has_output, &source)?;
+    let tokenizer = TextTokenizer::from_gguf(md, &source)?;
 
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
