@@ -1,5 +1,6 @@
 //! Model configuration: one struct for every source format (HF `config.json`, GGUF metadata).
 
+pub use crate::attention::supra::Decay;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -43,6 +44,55 @@ impl Arch {
     }
 }
 
+/// The attention of one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionKind {
+    /// Softmax attention with a KV cache (the teacher's).
+    Softmax,
+    /// SUPRA linear attention with a constant-size recurrent state.
+    Supra,
+}
+
+impl AttentionKind {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "softmax" => Ok(Self::Softmax),
+            "supra" => Ok(Self::Supra),
+            other => bail!("unknown attention kind '{other}' (known: softmax, supra)"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Softmax => "softmax",
+            Self::Supra => "supra",
+        }
+    }
+}
+
+/// How φ's parameters start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PhiInit {
+    /// PyTorch's default `nn.Linear` init, U(−1/√fan_in, 1/√fan_in) for W and b (the paper's).
+    Random,
+    /// W = I, b = 0: φ(x) = ReLU(x). Needs feature dim = head dim.
+    Identity,
+}
+
+/// Hyper-parameters of the SUPRA layers of a model (shared by all of them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SupraConfig {
+    /// d', the feature dimension per head.
+    pub feature_dim: usize,
+    pub decay: Decay,
+    /// How φ was initialized at conversion (recorded for provenance).
+    pub phi_init: PhiInit,
+    /// Chunk length C of the chunked form.
+    pub chunk_size: usize,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub arch: Arch,
@@ -61,6 +111,10 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// The attention kind of each layer (all softmax for a pretrained model).
+    pub layer_kinds: Vec<AttentionKind>,
+    /// Present when some layer is [`AttentionKind::Supra`].
+    pub supra: Option<SupraConfig>,
 }
 
 /// The subset of HF `config.json` we read. Required fields have no default so that a missing one
@@ -84,6 +138,27 @@ struct HfConfig {
     rope_scaling: Option<serde_json::Value>,
     bos_token_id: Option<TokenIds>,
     eos_token_id: Option<TokenIds>,
+    /// Written by `supra convert`; absent in pretrained checkpoints.
+    #[serde(default)]
+    supra: Option<HfSupra>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HfSupra {
+    attention_kinds: Vec<String>,
+    feature_dim: usize,
+    decay: HfDecay,
+    phi_init: PhiInit,
+    chunk_size: usize,
+}
+
+/// `"lightning" | "retnet" | "none"` or an explicit list of per-head decays.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum HfDecay {
+    Named(String),
+    Explicit(Vec<f64>),
 }
 
 /// HF allows `eos_token_id` to be one id or a list of them; the first one is the canonical EOS.
@@ -131,7 +206,37 @@ impl ModelConfig {
                 raw.hidden_size
             );
         }
+        let n_layers = raw.num_hidden_layers;
+        let (layer_kinds, supra) = match raw.supra {
+            None => (vec![AttentionKind::Softmax; n_layers], None),
+            Some(sp) => {
+                let kinds = sp
+                    .attention_kinds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| {
+                        AttentionKind::parse(k).with_context(|| {
+                            format!("{}: supra.attention_kinds[{i}]", path.display())
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let decay = match sp.decay {
+                    HfDecay::Named(n) => Decay::parse(&n)
+                        .with_context(|| format!("{}: supra.decay", path.display()))?,
+                    HfDecay::Explicit(g) => Decay::Explicit(g),
+                };
+                let sc = SupraConfig {
+                    feature_dim: sp.feature_dim,
+                    decay,
+                    phi_init: sp.phi_init,
+                    chunk_size: sp.chunk_size,
+                };
+                (kinds, Some(sc))
+            }
+        };
         let cfg = Self {
+            layer_kinds,
+            supra,
             arch,
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
@@ -179,6 +284,30 @@ impl ModelConfig {
                 self.num_key_value_heads
             );
         }
+        if self.layer_kinds.len() != self.num_hidden_layers {
+            bail!(
+                "{} attention kinds for {} layers",
+                self.layer_kinds.len(),
+                self.num_hidden_layers
+            );
+        }
+        let has_supra = self.layer_kinds.contains(&AttentionKind::Supra);
+        match (&self.supra, has_supra) {
+            (None, true) => bail!("SUPRA layers without SUPRA hyper-parameters"),
+            (Some(s), _) => {
+                if s.feature_dim == 0 || !s.feature_dim.is_multiple_of(2) {
+                    bail!(
+                        "supra feature_dim {} must be positive and even (RoPE rotates pairs)",
+                        s.feature_dim
+                    );
+                }
+                if s.chunk_size == 0 {
+                    bail!("supra chunk_size must be positive");
+                }
+                s.decay.gammas(self.num_attention_heads)?;
+            }
+            (None, false) => {}
+        }
         if !self.head_dim.is_multiple_of(2) {
             bail!("head_dim {} must be even for RoPE", self.head_dim);
         }
@@ -186,7 +315,7 @@ impl ModelConfig {
     }
 
     pub fn to_hf_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "architectures": [self.arch.hf_class()],
             "model_type": self.arch.name(),
             "vocab_size": self.vocab_size,
@@ -205,7 +334,26 @@ impl ModelConfig {
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "torch_dtype": "float32",
-        })
+        });
+        if let Some(sc) = &self.supra {
+            let decay = match &sc.decay {
+                Decay::Explicit(g) => HfDecay::Explicit(g.clone()),
+                named => HfDecay::Named(named.name().to_string()),
+            };
+            let sp = HfSupra {
+                attention_kinds: self
+                    .layer_kinds
+                    .iter()
+                    .map(|k| k.name().to_string())
+                    .collect(),
+                feature_dim: sc.feature_dim,
+                decay,
+                phi_init: sc.phi_init,
+                chunk_size: sc.chunk_size,
+            };
+            v["supra"] = serde_json::to_value(sp).expect("serializable");
+        }
+        v
     }
 
     pub fn kv_groups(&self) -> usize {
@@ -214,6 +362,11 @@ impl ModelConfig {
 
     /// Number of parameters, counting a tied head once.
     pub fn param_count(&self) -> usize {
+        self.teacher_param_count() + self.new_param_count()
+    }
+
+    /// Parameters a pretrained checkpoint of this shape has (kept by conversion).
+    pub fn teacher_param_count(&self) -> usize {
         let (h, d) = (self.hidden_size, self.head_dim);
         let q = h * self.num_attention_heads * d;
         let kv = 2 * h * self.num_key_value_heads * d;
@@ -228,5 +381,29 @@ impl ModelConfig {
         let embed = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         embed + head + self.num_hidden_layers * layer + h
+    }
+
+    /// Parameters added by conversion: the φ layers of the SUPRA layers.
+    pub fn new_param_count(&self) -> usize {
+        let Some(sc) = &self.supra else { return 0 };
+        let (d, f) = (self.head_dim, sc.feature_dim);
+        let (hq, hk) = (self.num_attention_heads, self.num_key_value_heads);
+        let phi_q = hq * d * hq * f + hq * f;
+        let phi_k = if hk != hq {
+            hk * d * hk * f + hk * f
+        } else {
+            0
+        };
+        let n = self
+            .layer_kinds
+            .iter()
+            .filter(|k| **k == AttentionKind::Supra)
+            .count();
+        n * (phi_q + phi_k)
+    }
+
+    /// A SUPRA layer has its own φ for keys only under GQA; otherwise q and k share φ.
+    pub fn separate_key_phi(&self) -> bool {
+        self.num_key_value_heads != self.num_attention_heads
     }
 }

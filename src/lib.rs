@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod bench;
 pub mod config;
+pub mod convert;
 pub mod infer;
 pub mod io;
 pub mod model;

@@ -2,6 +2,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use supra::attention::supra::Mode;
+use supra::config::{AttentionKind, PhiInit};
+use supra::convert::ConvertOptions;
 use supra::infer::generate::{Generation, TextStream};
 use supra::infer::sampler::{Sampler, SamplingParams};
 use supra::io::{self, fetch, LoadedModel};
@@ -29,6 +32,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Per-token log-probabilities of a text under the model.
     Score(ScoreArgs),
+    /// Turn a pretrained model into a SUPRA linear-attention model (untrained φ): an HF-layout
+    /// directory with the teacher's weights plus the new feature maps.
+    Convert(ConvertArgs),
     /// Write a model as an HF-layout directory of f32 weights (config.json, model.safetensors,
     /// tokenizer.json) that every command loads.
     Export(ExportArgs),
@@ -102,6 +108,36 @@ struct ScoreArgs {
     /// Print one JSON object {token_ids, logprobs, nll, ppl}; logprobs[i] = log p(token_ids[i+1] | token_ids[..=i]).
     #[arg(long)]
     json: bool,
+    /// Form of the SUPRA layers' attention (no effect on softmax layers); all three agree.
+    #[arg(long, value_enum, default_value_t = Mode::Chunked)]
+    mode: Mode,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Feature dimension d' of φ per head [default: the head dim].
+    #[arg(long)]
+    feature_dim: Option<usize>,
+    /// Per-head decay: lightning (ALiBi slopes, the paper's), retnet, none, or comma-separated values.
+    #[arg(long, default_value = "lightning")]
+    decay: supra::config::Decay,
+    /// Initial φ: random (PyTorch's Linear init, the paper's) or identity (W = I, b = 0).
+    #[arg(long, value_enum, default_value_t = PhiInit::Random)]
+    phi_init: PhiInit,
+    /// Layers that keep softmax attention, e.g. 0,15 (a hybrid).
+    #[arg(long, value_delimiter = ',')]
+    softmax_layers: Vec<usize>,
+    /// Chunk length of the chunked form (training and prefill).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    chunk_size: u64,
+    /// Seed for φ's random init.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -151,6 +187,34 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info(m) => info(&m),
         Command::Generate(a) => generate(&a),
         Command::Score(a) => score(&a),
+        Command::Convert(a) => {
+            let (teacher, _) = a.model.load()?;
+            let opts = ConvertOptions {
+                feature_dim: a.feature_dim,
+                decay: a.decay.clone(),
+                phi_init: a.phi_init,
+                chunk_size: a.chunk_size as usize,
+                softmax_layers: a.softmax_layers.clone(),
+                seed: a.seed,
+            };
+            let converted = supra::convert::convert(&teacher, &opts)?;
+            io::hf_dir::save(&converted, &a.out)?;
+            let c = &converted.config;
+            eprintln!(
+                "wrote {}: {} SUPRA and {} softmax layers, {:.2} M new parameters",
+                a.out.display(),
+                c.layer_kinds
+                    .iter()
+                    .filter(|k| **k == AttentionKind::Supra)
+                    .count(),
+                c.layer_kinds
+                    .iter()
+                    .filter(|k| **k == AttentionKind::Softmax)
+                    .count(),
+                c.new_param_count() as f64 / 1e6
+            );
+            Ok(())
+        }
         Command::Export(a) => {
             let (loaded, _) = a.model.load()?;
             io::hf_dir::save(&loaded, &a.out)?;
@@ -198,11 +262,29 @@ fn info(m: &ModelArg) -> Result<()> {
             .map_or("-".to_string(), |s| format!("{s} ({})", id.unwrap()))
     };
     println!("architecture        {}", c.arch.name());
-    println!("parameters          {:.1} M", c.param_count() as f64 / 1e6);
     println!(
-        "layers              {} (all softmax attention)",
-        c.num_hidden_layers
+        "parameters          {:.2} M ({:.2} M kept from the teacher, {:.2} M new)",
+        c.param_count() as f64 / 1e6,
+        c.teacher_param_count() as f64 / 1e6,
+        c.new_param_count() as f64 / 1e6
     );
+    println!("layers              {}", c.num_hidden_layers);
+    println!(
+        "attention per layer {}",
+        layer_kinds_summary(&c.layer_kinds)
+    );
+    if let Some(sc) = &c.supra {
+        let gammas = sc.decay.gammas(c.num_attention_heads)?;
+        println!(
+            "supra               feature dim {}, decay {} (γ {:.4}..{:.4}), φ init {:?}, chunk {}",
+            sc.feature_dim,
+            sc.decay.name(),
+            gammas.iter().copied().fold(f64::INFINITY, f64::min),
+            gammas.iter().copied().fold(0.0, f64::max),
+            sc.phi_init,
+            sc.chunk_size
+        );
+    }
     println!("hidden size         {}", c.hidden_size);
     println!("intermediate size   {}", c.intermediate_size);
     println!(
@@ -230,6 +312,28 @@ fn info(m: &ModelArg) -> Result<()> {
     };
     println!("chat template       {chat}");
     Ok(())
+}
+
+/// "supra ×28, softmax at 0, 15" or "softmax (all 30)".
+fn layer_kinds_summary(kinds: &[AttentionKind]) -> String {
+    let at = |k: AttentionKind| -> Vec<String> {
+        kinds
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| **x == k)
+            .map(|(i, _)| i.to_string())
+            .collect()
+    };
+    let (soft, lin) = (at(AttentionKind::Softmax), at(AttentionKind::Supra));
+    match (soft.is_empty(), lin.is_empty()) {
+        (_, true) => format!("softmax (all {})", kinds.len()),
+        (true, false) => format!("supra (all {})", kinds.len()),
+        (false, false) => format!(
+            "supra ×{}, softmax at layers {}",
+            lin.len(),
+            soft.join(", ")
+        ),
+    }
 }
 
 fn generate(a: &GenerateArgs) -> Result<()> {
@@ -301,7 +405,8 @@ fn score(a: &ScoreArgs) -> Result<()> {
         (None, Some(t)) => t.clone(),
         (None, None) => bail!("give --text FILE or --prompt TEXT"),
     };
-    let (loaded, model) = a.model.load()?;
+    let (loaded, mut model) = a.model.load()?;
+    model.mode = a.mode;
     let ids = loaded.tokenizer.encode(&text)?;
     if ids.len() < 2 {
         bail!(

@@ -2,7 +2,7 @@
 //! (byte-level BPE vocabulary, ChatML template, llama.cpp tensor names and Wq/Wk layout) small
 //! enough to build in milliseconds.
 
-use crate::config::{Arch, ModelConfig};
+use crate::config::{Arch, AttentionKind, ModelConfig};
 use crate::io::gguf::{gguf_name, permute_rope_rows};
 use crate::model::weights::expected_tensors;
 use anyhow::Result;
@@ -53,6 +53,8 @@ pub fn tiny_config() -> ModelConfig {
         attention_bias: false,
         bos_token_id: Some(0),
         eos_token_id: Some(2),
+        layer_kinds: vec![AttentionKind::Softmax; 2],
+        supra: None,
     }
 }
 

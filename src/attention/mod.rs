@@ -1,3 +1,4 @@
 //! Attention kinds. Each file holds one kind's math.
 
 pub mod softmax;
+pub mod supra;

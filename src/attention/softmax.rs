@@ -78,7 +78,12 @@ impl SoftmaxAttention {
             let mask = causal_mask(t, k.dim(2)? - t, x.device())?;
             att = att.broadcast_add(&mask)?;
         }
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        // The fused softmax has no backward.
+        let att = if att.track_op() {
+            candle_nn::ops::softmax(&att, candle_core::D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&att)?
+        };
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?;
         self.o.forward(&y)
     }

@@ -1,6 +1,6 @@
 //! GGUF (v2/v3) → config, f32 tensors in HF naming and layout, tokenizer.
 
-use crate::config::{Arch, ModelConfig};
+use crate::config::{Arch, AttentionKind, ModelConfig};
 use crate::io::tokenizer::TextTokenizer;
 use crate::io::LoadedModel;
 use crate::model::weights::{check_weights, Weights};
@@ -119,6 +119,8 @@ fn config_from_metadata(
         attention_bias: arch == Arch::Qwen2,
         bos_token_id: tok_id("tokenizer.ggml.bos_token_id"),
         eos_token_id: tok_id("tokenizer.ggml.eos_token_id"),
+        layer_kinds: vec![AttentionKind::Softmax; md_usize(md, &key("block_count"), source)?],
+        supra: None,
     };
     cfg.validate()
         .with_context(|| format!("{source}: inconsistent metadata"))?;

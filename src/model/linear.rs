@@ -29,7 +29,8 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
-        if rows <= GEMV_MAX_ROWS {
+        // The kernel works on raw slices: no gradient flows through it.
+        if rows <= GEMV_MAX_ROWS && !x.track_op() && !self.weight().track_op() {
             if let Some(y) = self.gemv(x, rows)? {
                 return Ok(y);
             }

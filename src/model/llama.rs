@@ -2,7 +2,8 @@
 //! SwiGLU → residual] → RMSNorm → LM head. Covers llama, mistral and qwen2 checkpoints.
 
 use crate::attention::softmax::SoftmaxAttention;
-use crate::config::ModelConfig;
+use crate::attention::supra::{Mode, SupraAttention};
+use crate::config::{AttentionKind, ModelConfig};
 use crate::model::linear::Linear;
 use crate::model::mlp::Mlp;
 use crate::model::norm::RmsNorm;
@@ -13,9 +14,15 @@ use candle_core::{Device, IndexOp, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 
 #[derive(Debug, Clone)]
+enum Attention {
+    Softmax(SoftmaxAttention),
+    Supra(SupraAttention),
+}
+
+#[derive(Debug, Clone)]
 struct Block {
     attn_norm: RmsNorm,
-    attn: SoftmaxAttention,
+    attn: Attention,
     mlp_norm: RmsNorm,
     mlp: Mlp,
 }
@@ -28,23 +35,40 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Tensor,
     rope: Rope,
+    /// RoPE over φ's features (d' may differ from the head dim).
+    rope_features: Rope,
+    /// The form SUPRA layers use when scoring without a cache.
+    pub mode: Mode,
+}
+
+/// What one layer keeps between generation steps.
+#[derive(Debug, Clone)]
+enum LayerState {
+    /// Softmax: keys and values of every position so far.
+    Kv(KvCache),
+    /// SUPRA: the (B, H, d', d_v) state, of constant size.
+    Rnn(Option<Tensor>),
 }
 
 /// Per-sequence generation state: the KV cache of every layer and the next position.
 #[derive(Debug, Clone)]
 pub struct Cache {
-    layers: Vec<KvCache>,
+    layers: Vec<LayerState>,
     pub pos: usize,
 }
 
 impl Cache {
-    /// Bytes held by cached keys and values (what grows with the context).
+    /// Bytes of generation state: KV caches grow with the context, SUPRA states do not.
     pub fn bytes(&self) -> usize {
-        let len =
-            |t: candle_core::Result<Option<Tensor>>| t.ok().flatten().map_or(0, |t| t.elem_count());
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let cached =
+            |t: candle_core::Result<Option<Tensor>>| t.ok().flatten().map_or(0, |t| bytes(&t));
         self.layers
             .iter()
-            .map(|c| 4 * (len(c.k()) + len(c.v())))
+            .map(|l| match l {
+                LayerState::Kv(c) => cached(c.k()) + cached(c.v()),
+                LayerState::Rnn(s) => s.as_ref().map_or(0, bytes),
+            })
             .sum()
     }
 }
@@ -70,17 +94,52 @@ impl Llama {
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let bias = config.attention_bias;
+            let (q, k, v, o) = (
+                linear(&format!("{p}.self_attn.q_proj"), bias)?,
+                linear(&format!("{p}.self_attn.k_proj"), bias)?,
+                linear(&format!("{p}.self_attn.v_proj"), bias)?,
+                linear(&format!("{p}.self_attn.o_proj"), false)?,
+            );
+            let (n_heads, n_kv_heads, head_dim) = (
+                config.num_attention_heads,
+                config.num_key_value_heads,
+                config.head_dim,
+            );
+            let attn = match (config.layer_kinds[i], &config.supra) {
+                (AttentionKind::Softmax, _) => Attention::Softmax(SoftmaxAttention {
+                    q,
+                    k,
+                    v,
+                    o,
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                }),
+                (AttentionKind::Supra, Some(sc)) => Attention::Supra(SupraAttention {
+                    q,
+                    k,
+                    v,
+                    o,
+                    phi_q: linear(&format!("{p}.self_attn.phi_q"), true)?,
+                    phi_k: if config.separate_key_phi() {
+                        Some(linear(&format!("{p}.self_attn.phi_k"), true)?)
+                    } else {
+                        None
+                    },
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                    feature_dim: sc.feature_dim,
+                    gammas: sc.decay.gammas(n_heads)?,
+                    chunk_size: sc.chunk_size,
+                }),
+                (AttentionKind::Supra, None) => {
+                    bail!("layer {i} is SUPRA but the config has no SUPRA parameters")
+                }
+            };
             blocks.push(Block {
                 attn_norm: RmsNorm::new(get(&format!("{p}.input_layernorm.weight"))?, eps),
-                attn: SoftmaxAttention {
-                    q: linear(&format!("{p}.self_attn.q_proj"), bias)?,
-                    k: linear(&format!("{p}.self_attn.k_proj"), bias)?,
-                    v: linear(&format!("{p}.self_attn.v_proj"), bias)?,
-                    o: linear(&format!("{p}.self_attn.o_proj"), false)?,
-                    n_heads: config.num_attention_heads,
-                    n_kv_heads: config.num_key_value_heads,
-                    head_dim: config.head_dim,
-                },
+                attn,
                 mlp_norm: RmsNorm::new(get(&format!("{p}.post_attention_layernorm.weight"))?, eps),
                 mlp: Mlp {
                     gate: linear(&format!("{p}.mlp.gate_proj"), false)?,
@@ -101,6 +160,15 @@ impl Llama {
             config.max_position_embeddings,
             &Device::Cpu,
         )?;
+        let rope_features = match &config.supra {
+            Some(sc) if sc.feature_dim != config.head_dim => Rope::new(
+                sc.feature_dim,
+                config.rope_theta,
+                config.max_position_embeddings,
+                &Device::Cpu,
+            )?,
+            _ => rope.clone(),
+        };
         Ok(Self {
             config: config.clone(),
             embed,
@@ -108,6 +176,8 @@ impl Llama {
             norm: RmsNorm::new(get("model.norm.weight")?, eps),
             lm_head,
             rope,
+            rope_features,
+            mode: Mode::Chunked,
         })
     }
 
@@ -115,35 +185,59 @@ impl Llama {
         self.embed.device()
     }
 
+    /// The longest sequence the model runs: the teacher's context while any layer is softmax
+    /// attention, unbounded for a fully linear model.
+    pub fn context_limit(&self) -> Option<usize> {
+        self.blocks
+            .iter()
+            .any(|b| matches!(b.attn, Attention::Softmax(_)))
+            .then_some(self.config.max_position_embeddings)
+    }
+
     pub fn new_cache(&self) -> Cache {
         let n = self.config.max_position_embeddings.min(1024);
-        Cache {
-            layers: (0..self.blocks.len()).map(|_| KvCache::new(2, n)).collect(),
-            pos: 0,
-        }
+        let layers = self
+            .blocks
+            .iter()
+            .map(|b| match b.attn {
+                Attention::Softmax(_) => LayerState::Kv(KvCache::new(2, n)),
+                Attention::Supra(_) => LayerState::Rnn(None),
+            })
+            .collect();
+        Cache { layers, pos: 0 }
     }
 
     /// Final hidden states (after the last RMSNorm) for `tokens` of shape (batch, seq), whose first
     /// position is `cache.pos` (0 without a cache). Advances the cache.
     pub fn forward_hidden(&self, tokens: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
-        let (_b, t) = tokens.dims2()?;
+        let (b, t) = tokens.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.pos);
-        if offset + t > self.rope.max_len() {
+        if let Some(limit) = self.context_limit().filter(|&l| offset + t > l) {
             bail!(
-                "sequence of {} tokens exceeds the model's context length {}",
-                offset + t,
-                self.rope.max_len()
+                "sequence of {} tokens exceeds the model's context length {limit}",
+                offset + t
             );
         }
-        let mut x =
-            self.embed
-                .embedding(&tokens.flatten_all()?)?
-                .reshape((tokens.dim(0)?, t, ()))?;
+        let mut x = self
+            .embed
+            .embedding(&tokens.flatten_all()?)?
+            .reshape((b, t, ()))?;
         for (i, block) in self.blocks.iter().enumerate() {
-            let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = block
-                .attn
-                .forward(&block.attn_norm.forward(&x)?, &self.rope, offset, kv)?;
+            let state = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let xn = block.attn_norm.forward(&x)?;
+            let h = match (&block.attn, state) {
+                (Attention::Softmax(a), Some(LayerState::Kv(kv))) => {
+                    a.forward(&xn, &self.rope, offset, Some(kv))?
+                }
+                (Attention::Softmax(a), None) => a.forward(&xn, &self.rope, offset, None)?,
+                (Attention::Supra(a), Some(LayerState::Rnn(s))) => {
+                    a.forward(&xn, &self.rope_features, offset, self.mode, Some(s))?
+                }
+                (Attention::Supra(a), None) => {
+                    a.forward(&xn, &self.rope_features, offset, self.mode, None)?
+                }
+                _ => bail!("layer {i}: the cache does not belong to this model"),
+            };
             x = (x + h)?;
             let h = block.mlp.forward(&block.mlp_norm.forward(&x)?)?;
             x = (x + h)?;

@@ -2,52 +2,117 @@
 //! (x, y) of d/2 rotating pairs.
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 
 #[derive(Debug, Clone)]
 pub struct Rope {
+    dim: usize,
+    theta: f64,
     cos: Tensor,
     sin: Tensor,
 }
 
-impl Rope {
-    /// Tables for positions `0..max_len`. Angles are computed in f64 then rounded, so long
-    /// contexts keep the precision of the reference implementation's f32 tables.
-    pub fn new(head_dim: usize, theta: f64, max_len: usize, device: &Device) -> Result<Self> {
-        let half = head_dim / 2;
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
-            .collect();
-        let mut cos = Vec::with_capacity(max_len * half);
-        let mut sin = Vec::with_capacity(max_len * half);
-        for p in 0..max_len {
-            for f in &inv_freq {
-                // transformers multiplies f32 positions by f32 inverse frequencies.
-                let a = (p as f32 * *f as f32) as f64;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
+/// cos and sin tables (len, dim/2) for positions start..start+len.
+fn tables(
+    dim: usize,
+    theta: f64,
+    start: usize,
+    len: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / dim as f64)) as f32)
+        .collect();
+    let mut cos = Vec::with_capacity(len * half);
+    let mut sin = Vec::with_capacity(len * half);
+    for p in start..start + len {
+        for f in &inv_freq {
+            // transformers multiplies f32 positions by f32 inverse frequencies.
+            let a = (p as f32 * f) as f64;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
         }
+    }
+    Ok((
+        Tensor::from_vec(cos, (len, half), device)?,
+        Tensor::from_vec(sin, (len, half), device)?,
+    ))
+}
+
+impl Rope {
+    /// Precomputed tables for positions `0..max_len`; later positions are computed on demand
+    /// (linear-attention models run past the teacher's context).
+    pub fn new(dim: usize, theta: f64, max_len: usize, device: &Device) -> Result<Self> {
+        let (cos, sin) = tables(dim, theta, 0, max_len, device)?;
         Ok(Self {
-            cos: Tensor::from_vec(cos, (max_len, half), device)?,
-            sin: Tensor::from_vec(sin, (max_len, half), device)?,
+            dim,
+            theta,
+            cos,
+            sin,
         })
     }
 
-    pub fn max_len(&self) -> usize {
-        self.cos.dim(0).unwrap_or(0)
-    }
-
-    /// Rotates `x` of shape (batch, heads, seq, head_dim) whose first position is `offset`.
+    /// Rotates `x` of shape (batch, heads, seq, dim) whose first position is `offset`.
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, offset, t)?;
-        let sin = self.sin.narrow(0, offset, t)?;
-        let x = if x.dtype() == DType::F32 {
-            x.contiguous()?
+        let (cos, sin) = if offset + t <= self.cos.dim(0)? {
+            (
+                self.cos.narrow(0, offset, t)?,
+                self.sin.narrow(0, offset, t)?,
+            )
         } else {
-            x.to_dtype(DType::F32)?
+            tables(self.dim, self.theta, offset, t, x.device())?
         };
-        Ok(candle_nn::rotary_emb::rope(&x, &cos, &sin)?)
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        if x.track_op() || x.dtype() != DType::F32 {
+            // candle's fused rope has no backward (and is f32-only here).
+            let half = self.dim / 2;
+            let x1 = x.narrow(D::Minus1, 0, half)?;
+            let x2 = x.narrow(D::Minus1, half, half)?;
+            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+            let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?;
+            let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
+            return Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?);
+        }
+        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn composed_rope_equals_fused_and_extends_past_the_table() {
+        let dev = Device::Cpu;
+        let rope = Rope::new(8, 10_000.0, 16, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev).unwrap();
+        let fused = rope.apply(&x, 3).unwrap();
+        let var = candle_core::Var::from_tensor(&x).unwrap();
+        let composed = rope.apply(var.as_tensor(), 3).unwrap();
+        let d = (fused - composed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6);
+        // Positions 14..19 cross the end of the 16-entry table.
+        let long = Rope::new(8, 10_000.0, 64, &dev)
+            .unwrap()
+            .apply(&x, 14)
+            .unwrap();
+        let d = (long - rope.apply(&x, 14).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6);
     }
 }

@@ -1,6 +1,6 @@
 //! The named tensors of a model in HF naming, and the list every loader checks against.
 
-use crate::config::ModelConfig;
+use crate::config::{AttentionKind, ModelConfig};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use std::collections::HashMap;
@@ -28,6 +28,16 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv_dim]));
         }
         out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q_dim]));
+        if let (AttentionKind::Supra, Some(sc)) = (cfg.layer_kinds[i], &cfg.supra) {
+            let fq = cfg.num_attention_heads * sc.feature_dim;
+            out.push((format!("{p}.self_attn.phi_q.weight"), vec![fq, q_dim]));
+            out.push((format!("{p}.self_attn.phi_q.bias"), vec![fq]));
+            if cfg.separate_key_phi() {
+                let fk = cfg.num_key_value_heads * sc.feature_dim;
+                out.push((format!("{p}.self_attn.phi_k.weight"), vec![fk, kv_dim]));
+                out.push((format!("{p}.self_attn.phi_k.bias"), vec![fk]));
+            }
+        }
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
         out.push((
             format!("{p}.mlp.gate_proj.weight"),
