@@ -540,7 +540,7 @@ mod tests {
         let eps = 1e-6;
         let mut max_err: f64 = 0.0;
         for i in 0..base.len() {
-            let mut at = |delta: f64| {
+            let at = |delta: f64| {
                 let mut x = base.clone();
                 x[i] += delta;
                 var.set(&Tensor::from_vec(x, shape.clone(), &Device::Cpu).unwrap())

@@ -17,12 +17,45 @@ impl RmsNorm {
         }
     }
 
-    /// Inference path: candle's fused kernel (it has no backward; training must not use it).
+    /// candle's fused kernel has no backward: when gradients are tracked, compose it from
+    /// differentiable ops instead.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() || self.weight.track_op() {
+            let ms = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+            let inv = (ms + self.eps as f64)?.sqrt()?.recip()?;
+            return Ok(x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)?);
+        }
         Ok(candle_nn::ops::rms_norm(
             &x.contiguous()?,
             &self.weight,
             self.eps,
         )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn composed_path_equals_fused_kernel() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2.0, (2, 5, 16), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.1, 16, &dev).unwrap();
+        let norm = RmsNorm::new(w, 1e-5);
+        let fused = norm.forward(&x).unwrap();
+        let tracked = Var::from_tensor(&x).unwrap();
+        let composed = norm.forward(tracked.as_tensor()).unwrap();
+        assert!(composed.track_op());
+        let d = (fused - composed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "{d}");
     }
 }

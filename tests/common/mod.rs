@@ -52,3 +52,16 @@ pub fn assert_clean_error(out: &Output, needles: &[&str]) {
         assert!(stderr.contains(n), "error message lacks {n:?}: {stderr}");
     }
 }
+
+/// The shared data directory: `$SUPRA_DATA_DIR`, else `../shared/data` beside the checkout.
+pub fn data_dir() -> PathBuf {
+    let d = std::env::var_os("SUPRA_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    assert!(
+        d.join("README.md").exists(),
+        "this test needs the shared data directory at {} (set SUPRA_DATA_DIR to where it is)",
+        d.display()
+    );
+    d
+}

@@ -1,0 +1,276 @@
+//! SUPRA layers inside whole models: gradients, conversion, modes, constant-size state.
+
+mod common;
+
+use candle_core::{Device, Tensor, Var};
+use supra::attention::supra::Mode;
+use supra::config::{AttentionKind, PhiInit};
+use supra::convert::{convert, ConvertOptions};
+use supra::io::LoadedModel;
+use supra::model::llama::Llama;
+use supra::testing::write_tiny_gguf;
+
+fn tiny_teacher(dir: &std::path::Path, seed: u64) -> LoadedModel {
+    let p = dir.join("teacher.gguf");
+    write_tiny_gguf(&p, seed).unwrap();
+    supra::io::load(&p).unwrap()
+}
+
+fn logits(model: &Llama, ids: &[u32]) -> Vec<f32> {
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let h = model.forward_hidden(&x, None).unwrap();
+    model
+        .logits(&h)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// A cross-entropy loss reaches every parameter of a hybrid (softmax layer 0, SUPRA layer 1):
+/// catches candle's fused ops that silently drop gradients.
+#[test]
+fn every_parameter_of_a_hybrid_gets_a_gradient() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = tiny_teacher(dir.path(), 11);
+    let opts = ConvertOptions {
+        softmax_layers: vec![0],
+        ..Default::default()
+    };
+    let model = convert(&teacher, &opts).unwrap();
+    assert_eq!(
+        model.config.layer_kinds,
+        vec![AttentionKind::Softmax, AttentionKind::Supra]
+    );
+    let vars: Vec<(String, Var)> = model
+        .weights
+        .iter()
+        .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
+        .collect();
+    let weights = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let llama = Llama::new(&model.config, &weights).unwrap();
+    let ids: Vec<u32> = (0..40).map(|i| (i * 29 % 250 + 3) as u32).collect();
+    let x = Tensor::new(&ids[..39], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let y = Tensor::new(&ids[1..], &Device::Cpu).unwrap();
+    let logits = llama
+        .logits(&llama.forward_hidden(&x, None).unwrap())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
+    let grads = loss.backward().unwrap();
+    assert!(
+        vars.iter().any(|(n, _)| n.contains("phi_k")),
+        "GQA layer has its own key φ"
+    );
+    let mut bad: Vec<String> = vars
+        .iter()
+        .filter_map(|(name, var)| {
+            let norm = grads.get(var).map(|g| {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            });
+            match norm {
+                Some(n) if n > 0.0 && n.is_finite() => None,
+                other => Some(format!("{name} ({other:?})")),
+            }
+        })
+        .collect();
+    bad.sort();
+    assert!(
+        bad.is_empty(),
+        "parameters without a usable gradient: {bad:?}"
+    );
+}
+
+#[test]
+fn converted_model_saves_reloads_and_runs_in_every_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = tiny_teacher(dir.path(), 12);
+    let out = dir.path().join("linear");
+    let teacher_path = dir.path().join("teacher.gguf");
+    let run = common::supra(&[
+        "convert",
+        teacher_path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--softmax-layers",
+        "1",
+        "--seed",
+        "3",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let info = common::supra_path("info", &out, &[]);
+    let info = String::from_utf8_lossy(&info.stdout).to_string();
+    assert!(info.contains("supra ×1, softmax at layers 1"), "{info}");
+    assert!(info.contains("new"), "{info}");
+
+    let loaded = supra::io::load(&out).unwrap();
+    assert_eq!(
+        loaded.config.layer_kinds,
+        vec![AttentionKind::Supra, AttentionKind::Softmax]
+    );
+    let sc = loaded.config.supra.as_ref().unwrap();
+    assert_eq!(
+        (sc.feature_dim, sc.chunk_size, sc.phi_init),
+        (16, 64, PhiInit::Random)
+    );
+    // The teacher's weights are kept as they were.
+    for (name, t) in &teacher.weights {
+        let d = (t - &loaded.weights[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{name} changed");
+    }
+    // Same seed, same φ: the library path gives the CLI's model.
+    let opts = ConvertOptions {
+        softmax_layers: vec![1],
+        seed: 3,
+        ..Default::default()
+    };
+    let again = convert(&teacher, &opts).unwrap();
+    let ids: Vec<u32> = (3..120).collect();
+    let mut model = Llama::new(&loaded.config, &loaded.weights).unwrap();
+    let reference = logits(&Llama::new(&again.config, &again.weights).unwrap(), &ids);
+    assert_eq!(logits(&model, &ids), reference);
+    for mode in [Mode::Parallel, Mode::Recurrent] {
+        model.mode = mode;
+        let d = max_diff(&logits(&model, &ids), &reference);
+        assert!(d < 1e-4, "{mode:?} differs from chunked by {d}");
+    }
+    // The CLI modes agree too.
+    let text = "the cat and the dog, the end";
+    let lp = |mode: &str| -> Vec<f32> {
+        let o = common::supra_path("score", &out, &["--prompt", text, "--json", "--mode", mode]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        serde_json::from_value(v["logprobs"].clone()).unwrap()
+    };
+    let p = lp("parallel");
+    assert!(max_diff(&p, &lp("chunked")) < 1e-4 && max_diff(&p, &lp("recurrent")) < 1e-4);
+}
+
+#[test]
+fn unknown_attention_kind_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = tiny_teacher(dir.path(), 13);
+    let out = dir.path().join("linear");
+    supra::io::hf_dir::save(
+        &convert(&teacher, &ConvertOptions::default()).unwrap(),
+        &out,
+    )
+    .unwrap();
+    let p = out.join("config.json");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replacen("\"supra\",", "\"mamba\",", 1);
+    std::fs::write(&p, text).unwrap();
+    let o = common::supra_path("info", &out, &[]);
+    common::assert_clean_error(
+        &o,
+        &[
+            "config.json",
+            "attention_kinds[0]",
+            "unknown attention kind 'mamba'",
+            "softmax, supra",
+        ],
+    );
+}
+
+/// 4,096 tokens from a fully linear model: the state never grows, and generation goes on past
+/// the teacher's context (256 here) because nothing depends on it any more.
+#[test]
+fn recurrent_state_is_constant_over_4096_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = tiny_teacher(dir.path(), 14);
+    let m = convert(&teacher, &ConvertOptions::default()).unwrap();
+    let model = Llama::new(&m.config, &m.weights).unwrap();
+    assert_eq!(model.context_limit(), None);
+    let mut cache = model.new_cache();
+    let prompt = Tensor::new(&[3u32, 4, 5, 6, 7], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut logits = model.forward_last(&prompt, &mut cache).unwrap();
+    let size = cache.bytes();
+    let c = &m.config;
+    assert_eq!(
+        size,
+        c.num_hidden_layers * c.num_attention_heads * 16 * c.head_dim * 4
+    );
+    for step in 0..4096 {
+        let next =
+            supra::infer::sampler::argmax(&logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
+        let x = Tensor::new(&[next], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        logits = model.forward_last(&x, &mut cache).unwrap();
+        assert_eq!(cache.bytes(), size, "state grew at step {step}");
+    }
+    assert_eq!(cache.pos, 5 + 4096);
+    // A softmax teacher's cache, by contrast, grows with every token.
+    let teacher_model = Llama::new(&teacher.config, &teacher.weights).unwrap();
+    let mut kv = teacher_model.new_cache();
+    teacher_model.forward_last(&prompt, &mut kv).unwrap();
+    let before = kv.bytes();
+    teacher_model.forward_last(&prompt, &mut kv).unwrap();
+    assert!(kv.bytes() > before);
+}
+
+/// The converted SmolLM2 (untrained φ): the three forms give the same log-probs on a
+/// 1,000-token text.
+#[test]
+fn converted_smollm2_modes_agree_on_1000_tokens() {
+    let teacher = supra::io::load(&common::real_model()).unwrap();
+    let m = convert(&teacher, &ConvertOptions::default()).unwrap();
+    let text = std::fs::read_to_string(common::data_dir().join("text/test/pg1342.txt")).unwrap();
+    let mut ids = m.tokenizer.encode(&text[..20_000]).unwrap();
+    ids.truncate(1000);
+    let mut model = Llama::new(&m.config, &m.weights).unwrap();
+    let mut run = |mode| {
+        model.mode = mode;
+        model
+            .score_batch(std::slice::from_ref(&ids))
+            .unwrap()
+            .remove(0)
+    };
+    let p = run(Mode::Parallel);
+    let c = run(Mode::Chunked);
+    let r = run(Mode::Recurrent);
+    let (dc, dr) = (max_diff(&p, &c), max_diff(&p, &r));
+    println!(
+        "1000 tokens: max |logprob diff| parallel-chunked {dc:.2e}, parallel-recurrent {dr:.2e}"
+    );
+    assert!(dc <= 1e-3 && dr <= 1e-3, "chunked {dc}, recurrent {dr}");
+}
