@@ -20,6 +20,16 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Restarts the peak-RSS count (Linux: writing 5 to clear_refs resets VmHWM), so that
+/// successive measurements in one process each get their own peak.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
 /// A prompt of exactly `n` tokens of English prose.
 pub fn prose_tokens(tokenizer: &TextTokenizer, n: usize) -> Result<Vec<u32>> {
     let unit = tokenizer.encode(FILLER)?;
@@ -56,4 +66,79 @@ pub fn generate(
     })?;
     bar.finish_and_clear();
     Ok(stats)
+}
+
+/// One row of `supra bench attention`.
+pub struct AttentionBench {
+    pub forward: std::time::Duration,
+    pub backward: std::time::Duration,
+    pub peak_rss: Option<u64>,
+}
+
+/// Forward and backward of one SUPRA layer with SmolLM2-135M's shapes (hidden 576, 9 query and 3
+/// key/value heads of 64) on `seq` tokens; median of `repeats` runs.
+pub fn attention(
+    seq: usize,
+    mode: crate::attention::supra::Mode,
+    repeats: usize,
+) -> Result<AttentionBench> {
+    use crate::attention::supra::{Decay, SupraAttention};
+    use crate::model::linear::Linear;
+    use candle_core::{Device, Tensor, Var};
+    let dev = Device::Cpu;
+    let (hidden, h, hkv, d) = (576, 9, 3, 64);
+    let var = |r: usize, c: usize| -> Result<Var> {
+        Ok(Var::from_tensor(&Tensor::randn(
+            0f32,
+            (1.0 / c as f64).sqrt() as f32,
+            (r, c),
+            &dev,
+        )?)?)
+    };
+    let vars = [
+        var(h * d, hidden)?,
+        var(hkv * d, hidden)?,
+        var(hkv * d, hidden)?,
+        var(hidden, h * d)?,
+        var(h * d, h * d)?,
+        var(hkv * d, hkv * d)?,
+    ];
+    let lin = |v: &Var| Linear::new(v.as_tensor().clone(), None);
+    let layer = SupraAttention {
+        q: lin(&vars[0]),
+        k: lin(&vars[1]),
+        v: lin(&vars[2]),
+        o: lin(&vars[3]),
+        phi_q: lin(&vars[4]),
+        phi_k: Some(lin(&vars[5])),
+        n_heads: h,
+        n_kv_heads: hkv,
+        head_dim: d,
+        feature_dim: d,
+        gammas: Decay::Lightning.gammas(h)?,
+        chunk_size: 64,
+    };
+    let rope = crate::model::rope::Rope::new(d, 100_000.0, seq, &dev)?;
+    let x = Tensor::randn(0f32, 1.0, (1, seq, hidden), &dev)?;
+    let r = Tensor::randn(0f32, 1.0, (1, seq, hidden), &dev)?;
+    reset_peak_rss();
+    let mut fwd = Vec::new();
+    let mut bwd = Vec::new();
+    for _ in 0..repeats {
+        let t0 = std::time::Instant::now();
+        let loss = (layer.forward(&x, &rope, 0, mode, None)? * &r)?.sum_all()?;
+        let _ = loss.to_scalar::<f32>()?;
+        fwd.push(t0.elapsed());
+        let t1 = std::time::Instant::now();
+        let grads = loss.backward()?;
+        bwd.push(t1.elapsed());
+        drop(grads);
+    }
+    fwd.sort();
+    bwd.sort();
+    Ok(AttentionBench {
+        forward: fwd[repeats / 2],
+        backward: bwd[repeats / 2],
+        peak_rss: peak_rss_bytes(),
+    })
 }

@@ -151,13 +151,23 @@ struct ExportArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// One SUPRA layer (SmolLM2-135M shapes) forward + backward: parallel vs chunked form,
+    /// time and peak memory.
+    Attention {
+        /// Sequence length.
+        #[arg(long, default_value_t = 2048)]
+        seq: usize,
+        /// Runs per form; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
     /// Prompt processing and generation speed, and peak memory, of `supra generate`.
     Generate {
         #[command(flatten)]
         model: ModelArg,
-        /// Tokens of context to prefill before generating.
-        #[arg(long, default_value_t = 512)]
-        context: usize,
+        /// Tokens of context to prefill before generating (a comma-separated list runs each).
+        #[arg(long, value_delimiter = ',', default_value = "512")]
+        context: Vec<usize>,
         /// Tokens to generate after the context.
         #[arg(long, default_value_t = 128)]
         gen: usize,
@@ -227,27 +237,45 @@ fn run(cli: Cli) -> Result<()> {
             gen,
         }) => {
             let (loaded, llama) = model.load()?;
-            let s = supra::bench::generate(&llama, &loaded.tokenizer, context, gen)?;
-            let rss = supra::bench::peak_rss_bytes().map_or("n/a".to_string(), |b| {
-                format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
-            });
-            println!("context tokens      {}", s.prompt_tokens);
-            println!(
-                "prefill             {:.1} tokens/s ({:.2} s)",
-                s.prefill_tps(),
-                s.prefill_time.as_secs_f64()
-            );
-            println!("generated tokens    {}", s.generated_tokens);
-            println!(
-                "decode              {:.1} tokens/s ({:.2} s)",
-                s.decode_tps(),
-                s.decode_time.as_secs_f64()
-            );
-            println!(
-                "KV cache at the end {:.1} MiB",
-                s.state_bytes as f64 / (1 << 20) as f64
-            );
-            println!("peak RSS            {rss}");
+            println!("| context | prefill tokens/s | decode tokens/s | state at end (MiB) | peak RSS (MiB) |");
+            println!("|---:|---:|---:|---:|---:|");
+            for &ctx in &context {
+                if let Some(limit) = llama.context_limit().filter(|&l| ctx + gen > l) {
+                    println!("| {ctx} | beyond the model's context ({limit}) | | | |");
+                    continue;
+                }
+                supra::bench::reset_peak_rss();
+                let s = supra::bench::generate(&llama, &loaded.tokenizer, ctx, gen)?;
+                let rss = supra::bench::peak_rss_bytes().map_or("n/a".to_string(), |b| {
+                    format!("{:.0}", supra::bench::mib(b))
+                });
+                println!(
+                    "| {ctx} | {:.1} | {:.1} | {:.1} | {rss} |",
+                    s.prefill_tps(),
+                    s.decode_tps(),
+                    supra::bench::mib(s.state_bytes as u64)
+                );
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Attention { seq, repeats }) => {
+            println!("| form | T | forward (s) | backward (s) | peak RSS (MiB) |");
+            println!("|---|---:|---:|---:|---:|");
+            if repeats == 0 {
+                bail!("--repeats must be at least 1");
+            }
+            // Chunked first: memory the parallel form frees may stay resident.
+            for mode in [Mode::Chunked, Mode::Parallel] {
+                let b = supra::bench::attention(seq, mode, repeats)?;
+                let rss = b.peak_rss.map_or("n/a".to_string(), |x| {
+                    format!("{:.0}", supra::bench::mib(x))
+                });
+                println!(
+                    "| {mode:?} | {seq} | {:.3} | {:.3} | {rss} |",
+                    b.forward.as_secs_f64(),
+                    b.backward.as_secs_f64()
+                );
+            }
             Ok(())
         }
     }

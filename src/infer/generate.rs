@@ -15,7 +15,7 @@ pub struct GenStats {
     pub prefill_time: Duration,
     pub decode_time: Duration,
     pub stopped_at_eos: bool,
-    /// Bytes of generation state (KV cache) at the end: what grows with the context.
+    /// Bytes of generation state at the end: KV caches grow with the context, SUPRA states not.
     pub state_bytes: usize,
 }
 
@@ -47,7 +47,7 @@ impl Generation<'_> {
         if prompt.is_empty() {
             bail!("the prompt is empty after tokenization");
         }
-        let ctx = self.model.config.max_position_embeddings;
+        let ctx = self.model.context_limit().unwrap_or(usize::MAX);
         if prompt.len() >= ctx {
             bail!(
                 "the prompt has {} tokens; the model's context is {ctx}",
