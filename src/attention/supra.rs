@@ -652,59 +652,67 @@ mod tests {
     }
 
     /// The layer (φ, GQA, RoPE, GroupNorm) in all three modes, with GQA as in SmolLM2 and
-    /// without, and a chunked prefill continued recurrently at the right RoPE positions.
+    /// without, for every length and chunk size; and a chunked prefill continued recurrently at
+    /// the right RoPE positions.
     #[test]
     fn layer_modes_agree_with_and_without_gqa() {
         let dev = Device::Cpu;
+        let rope = Rope::new(8, 10_000.0, 512, &dev).unwrap();
         for (h, hkv) in [(9, 3), (4, 4)] {
-            let layer = random_layer(h, hkv, 8, 8, 32);
-            let rope = Rope::new(8, 10_000.0, 512, &dev).unwrap();
-            let x = Tensor::randn(0f32, 1.0, (2, 150, 32), &dev).unwrap();
-            let run = |mode| layer.forward(&x, &rope, 0, mode, None).unwrap();
-            let want: Vec<f64> = run(Mode::Parallel)
-                .to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            assert!(
-                rel_err(&run(Mode::Chunked), &want) <= 1e-5,
-                "H={h} H_kv={hkv} chunked"
-            );
-            assert!(
-                rel_err(&run(Mode::Recurrent), &want) <= 1e-5,
-                "H={h} H_kv={hkv} recurrent"
-            );
-            let mut state = None;
-            let mut outs = vec![layer
-                .forward(
-                    &x.narrow(1, 0, 100).unwrap(),
-                    &rope,
-                    0,
-                    Mode::Chunked,
-                    Some(&mut state),
-                )
-                .unwrap()];
-            for t in 100..150 {
-                outs.push(
-                    layer
-                        .forward(
-                            &x.narrow(1, t, 1).unwrap(),
-                            &rope,
-                            t,
-                            Mode::Chunked,
-                            Some(&mut state),
-                        )
-                        .unwrap(),
+            let mut layer = random_layer(h, hkv, 8, 8, 32);
+            for t in [1, 7, 64, 65, 300] {
+                let x = Tensor::randn(0f32, 1.0, (2, t, 32), &dev).unwrap();
+                let want: Vec<f64> = layer
+                    .forward(&x, &rope, 0, Mode::Parallel, None)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let rec = layer.forward(&x, &rope, 0, Mode::Recurrent, None).unwrap();
+                assert!(
+                    rel_err(&rec, &want) <= 1e-5,
+                    "H={h} H_kv={hkv} T={t} recurrent"
                 );
+                for c in [16, 64] {
+                    layer.chunk_size = c;
+                    let ch = layer.forward(&x, &rope, 0, Mode::Chunked, None).unwrap();
+                    assert!(
+                        rel_err(&ch, &want) <= 1e-5,
+                        "H={h} H_kv={hkv} T={t} C={c} chunked"
+                    );
+                }
+                if t < 8 {
+                    continue;
+                }
+                let split = t * 2 / 3;
+                let mut state = None;
+                let mut outs = vec![layer
+                    .forward(
+                        &x.narrow(1, 0, split).unwrap(),
+                        &rope,
+                        0,
+                        Mode::Chunked,
+                        Some(&mut state),
+                    )
+                    .unwrap()];
+                for i in split..t {
+                    let xi = x.narrow(1, i, 1).unwrap();
+                    outs.push(
+                        layer
+                            .forward(&xi, &rope, i, Mode::Chunked, Some(&mut state))
+                            .unwrap(),
+                    );
+                }
+                let cont = Tensor::cat(&outs, 1).unwrap();
+                assert!(
+                    rel_err(&cont, &want) <= 1e-5,
+                    "H={h} H_kv={hkv} T={t} prefill + recurrent"
+                );
+                assert_eq!(state.unwrap().dims(), &[2, h, 8, 8]);
             }
-            let cont = Tensor::cat(&outs, 1).unwrap();
-            assert!(
-                rel_err(&cont, &want) <= 1e-5,
-                "H={h} H_kv={hkv} prefill + recurrent"
-            );
-            assert_eq!(state.unwrap().dims(), &[2, h, 8, 8]);
         }
     }
 }
