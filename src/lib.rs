@@ -8,3 +8,4 @@ pub mod infer;
 pub mod io;
 pub mod model;
 pub mod testing;
+pub mod train;

@@ -9,6 +9,8 @@ use supra::infer::generate::{Generation, TextStream};
 use supra::infer::sampler::{Sampler, SamplingParams};
 use supra::io::{self, fetch, LoadedModel};
 use supra::model::llama::Llama;
+use supra::train::recipe::{Group, Recipe};
+use supra::train::run::{TrainConfig, TrainInputs};
 
 /// supra: turn pretrained transformer LLMs into linear-attention RNNs.
 ///
@@ -35,6 +37,9 @@ enum Command {
     /// Turn a pretrained model into a SUPRA linear-attention model (untrained φ): an HF-layout
     /// directory with the teacher's weights plus the new feature maps.
     Convert(ConvertArgs),
+    /// Uptrain a converted model: attention transfer (φ only) or the SUPRA recipe (cross-entropy).
+    /// Checkpoints land in OUT/checkpoints, metrics in OUT/metrics.jsonl, the result in OUT/final.
+    Train(TrainArgs),
     /// Write a model as an HF-layout directory of f32 weights (config.json, model.safetensors,
     /// tokenizer.json) that every command loads.
     Export(ExportArgs),
@@ -141,6 +146,85 @@ struct ConvertArgs {
 }
 
 #[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Training text: .txt, .txt.gz or .jsonl files, or directories of them.
+    #[arg(long, required = true, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Run directory (checkpoints, metrics, final model).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value_t = Recipe::Transfer)]
+    recipe: Recipe,
+    /// Validation text [default: DATA_DIR/text/valid when it exists].
+    #[arg(long, num_args = 1..)]
+    valid: Vec<PathBuf>,
+    /// Do not validate.
+    #[arg(long, conflicts_with = "valid")]
+    no_valid: bool,
+    /// Shared data directory [default: $SUPRA_DATA_DIR or ../shared/data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Tokens per training window.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Tokens per optimizer update (whole windows; gradients accumulate).
+    #[arg(long, default_value_t = 4096)]
+    batch_tokens: usize,
+    /// Windows per forward/backward pass.
+    #[arg(long, default_value_t = 1)]
+    micro_batch: usize,
+    /// Training tokens in all (sets the number of updates).
+    #[arg(long, default_value_t = 262_144, conflicts_with = "steps")]
+    tokens: u64,
+    /// Number of updates (instead of --tokens).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Peak learning rate [default: 1e-3 for transfer, 3e-4 for supra].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Final learning rate of the cosine schedule [default: lr / 10].
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// Linear warmup updates [default: 5% of the updates].
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    /// Global gradient-norm clipping threshold.
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// Validate every N updates (and at the end).
+    #[arg(long, default_value_t = 25)]
+    eval_every: u64,
+    /// Validation windows.
+    #[arg(long, default_value_t = 8)]
+    eval_windows: usize,
+    /// Checkpoint every N updates (and at the end).
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: u64,
+    /// Checkpoints kept.
+    #[arg(long, default_value_t = 2)]
+    keep: usize,
+    /// Seed of the data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Parameter groups held fixed (supra recipe).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    freeze: Vec<Group>,
+    /// Non-finite updates in a row before the run stops.
+    #[arg(long, default_value_t = 5)]
+    max_bad_steps: usize,
+    /// Continue the run in --out from its latest checkpoint (same settings).
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many updates in this invocation (resume later with --resume).
+    #[arg(long)]
+    stop_after: Option<u64>,
+}
+
+#[derive(Args)]
 struct ExportArgs {
     #[command(flatten)]
     model: ModelArg,
@@ -225,6 +309,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Train(a) => train(&a),
         Command::Export(a) => {
             let (loaded, _) = a.model.load()?;
             io::hf_dir::save(&loaded, &a.out)?;
@@ -412,6 +497,86 @@ fn generate(a: &GenerateArgs) -> Result<()> {
                 ""
             }
         );
+    }
+    Ok(())
+}
+
+fn data_dir(flag: &Option<PathBuf>) -> PathBuf {
+    flag.clone()
+        .or_else(|| std::env::var_os("SUPRA_DATA_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("../shared/data"))
+}
+
+fn train(a: &TrainArgs) -> Result<()> {
+    let (loaded, _) = a.model.load()?;
+    let seq_len = a.seq_len.max(1);
+    let per_step = (a.batch_tokens / seq_len).max(1) as u64 * seq_len as u64;
+    let steps = a
+        .steps
+        .unwrap_or_else(|| a.tokens.div_ceil(per_step).max(1));
+    let lr = a.lr.unwrap_or(match a.recipe {
+        Recipe::Transfer => 1e-3,
+        Recipe::Supra => 3e-4,
+    });
+    let cfg = TrainConfig {
+        recipe: a.recipe,
+        seq_len: a.seq_len,
+        batch_tokens: a.batch_tokens,
+        micro_batch: a.micro_batch,
+        steps,
+        lr,
+        min_lr: a.min_lr.unwrap_or(lr / 10.0),
+        warmup_steps: a.warmup_steps.unwrap_or(steps / 20),
+        weight_decay: a.weight_decay,
+        clip: a.clip,
+        eval_every: a.eval_every.max(1),
+        eval_windows: a.eval_windows.max(1),
+        checkpoint_every: a.checkpoint_every.max(1),
+        keep: a.keep.max(1),
+        seed: a.seed,
+        freeze: a.freeze.clone(),
+        max_bad_steps: a.max_bad_steps.max(1),
+    };
+    let default_valid = data_dir(&a.data_dir).join("text/valid");
+    let valid: Option<Vec<PathBuf>> = if a.no_valid {
+        None
+    } else if !a.valid.is_empty() {
+        Some(a.valid.clone())
+    } else if default_valid.exists() {
+        Some(vec![default_valid])
+    } else {
+        eprintln!(
+            "no validation data ({} does not exist; use --valid or --data-dir)",
+            default_valid.display()
+        );
+        None
+    };
+    let token_cache = fetch::cache_dir().join("tokens");
+    let inputs = TrainInputs {
+        data: &a.data,
+        valid: valid.as_deref(),
+        out: &a.out,
+        resume: a.resume,
+        stop_after: a.stop_after,
+        token_cache: &token_cache,
+    };
+    let summary = supra::train::run::train(loaded, &cfg, &inputs)?;
+    if let Some(m) = &summary.last {
+        eprintln!(
+            "step {}/{}: loss {:.4}{}",
+            summary.steps_done,
+            cfg.steps,
+            m.loss,
+            m.val_loss
+                .map_or(String::new(), |v| format!(", validation loss {v:.4}"))
+        );
+    }
+    match &summary.final_dir {
+        Some(d) => eprintln!("final model: {}", d.display()),
+        None => eprintln!(
+            "stopped at step {}; continue with --resume",
+            summary.steps_done
+        ),
     }
     Ok(())
 }

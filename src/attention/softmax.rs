@@ -56,6 +56,22 @@ impl SoftmaxAttention {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        let y = self.heads_output(x, rope, offset, cache)?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, t, self.n_heads * self.head_dim))?;
+        self.o.forward(&y)
+    }
+
+    /// Per-head attention output (batch, heads, seq, head_dim), before Wo.
+    pub fn heads_output(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
         let (h, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
@@ -84,7 +100,6 @@ impl SoftmaxAttention {
         } else {
             candle_nn::ops::softmax_last_dim(&att)?
         };
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?;
-        self.o.forward(&y)
+        Ok(att.matmul(&v)?)
     }
 }

@@ -18,7 +18,7 @@
 //! (B, H, T, d_v), and the per-head decays. The recurrent state has shape (B, H, d', d_v) and
 //! already includes the 1/√d' scale.
 
-use crate::attention::softmax::repeat_kv;
+use crate::attention::softmax::{repeat_kv, SoftmaxAttention};
 use crate::model::linear::Linear;
 use crate::model::rope::Rope;
 use anyhow::{bail, ensure, Result};
@@ -326,6 +326,23 @@ impl SupraAttention {
         state: Option<&mut Option<Tensor>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        let o = self.heads_output(x, rope, offset, mode, state)?;
+        let o = o
+            .transpose(1, 2)?
+            .reshape((b, t, self.n_heads * self.head_dim))?;
+        self.o.forward(&o)
+    }
+
+    /// Per-head output after GroupNorm (batch, heads, seq, head_dim), before Wo.
+    pub fn heads_output(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        mode: Mode,
+        state: Option<&mut Option<Tensor>>,
+    ) -> Result<Tensor> {
+        let t = x.dim(1)?;
         let (q, k, v) = self.features(x, rope, offset)?;
         let g = &self.gammas;
         let o = match state {
@@ -344,11 +361,20 @@ impl SupraAttention {
                 Mode::Recurrent => recurrent(&q, &k, &v, g, None)?.0,
             },
         };
-        let o = group_norm_heads(&o, GROUP_NORM_EPS)?;
-        let o = o
-            .transpose(1, 2)?
-            .reshape((b, t, self.n_heads * self.head_dim))?;
-        self.o.forward(&o)
+        group_norm_heads(&o, GROUP_NORM_EPS)
+    }
+
+    /// The teacher's softmax attention on the same q, k, v and o projections.
+    pub fn teacher(&self) -> SoftmaxAttention {
+        SoftmaxAttention {
+            q: self.q.clone(),
+            k: self.k.clone(),
+            v: self.v.clone(),
+            o: self.o.clone(),
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+        }
     }
 }
 

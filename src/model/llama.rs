@@ -248,6 +248,48 @@ impl Llama {
         self.norm.forward(&x)
     }
 
+    /// Attention transfer (LoLCATs stage 1). For each SUPRA layer, the mean squared error
+    /// between its per-head output (after GroupNorm, before Wo) and the teacher's softmax output
+    /// on the same input, GroupNorm'd the same way: the student can only produce per-head
+    /// normalized outputs, so the target is the teacher's output in that form. Hidden states
+    /// follow the teacher, so each layer's loss reaches only that layer's φ. Returns the mean
+    /// over SUPRA layers.
+    pub fn transfer_loss(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let mut x = self
+            .embed
+            .embedding(&tokens.flatten_all()?)?
+            .reshape((b, t, ()))?;
+        let mut losses = Vec::new();
+        for block in &self.blocks {
+            let xn = block.attn_norm.forward(&x)?;
+            let h = match &block.attn {
+                Attention::Softmax(a) => a.forward(&xn, &self.rope, 0, None)?,
+                Attention::Supra(a) => {
+                    let teacher = a.teacher();
+                    let y = teacher.heads_output(&xn, &self.rope, 0, None)?.detach();
+                    let target = crate::attention::supra::group_norm_heads(
+                        &y,
+                        crate::attention::supra::GROUP_NORM_EPS,
+                    )?;
+                    let student =
+                        a.heads_output(&xn, &self.rope_features, 0, Mode::Chunked, None)?;
+                    losses.push((student - target)?.sqr()?.mean_all()?);
+                    let y = y.transpose(1, 2)?.reshape((b, t, a.n_heads * a.head_dim))?;
+                    a.o.forward(&y)?
+                }
+            };
+            x = (x + h)?.detach();
+            let h = block.mlp.forward(&block.mlp_norm.forward(&x)?)?;
+            x = (x + h)?.detach();
+        }
+        if losses.is_empty() {
+            bail!("attention transfer needs SUPRA layers; this model has none (run `supra convert` first)");
+        }
+        let n = losses.len() as f64;
+        Ok((Tensor::stack(&losses, 0)?.sum_all()? / n)?)
+    }
+
     /// Logits (…, vocab) from final hidden states (…, hidden).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         // A plain 2-D matmul: candle's broadcast_matmul takes a path ~40× slower here.

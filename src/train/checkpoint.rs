@@ -1,0 +1,131 @@
+//! Checkpoints: model (an HF directory every command loads), optimizer state, counters and the
+//! run config, written to a temporary directory and renamed into place, last K kept.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::io::LoadedModel;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    /// Optimizer updates done.
+    pub step: u64,
+    /// Windows consumed (the data cursor).
+    pub cursor: u64,
+    /// Training tokens seen.
+    pub tokens: u64,
+    /// AdamW's update count (bias correction).
+    pub adam_t: u64,
+    /// Seed of the data order (the only randomness in a run).
+    pub seed: u64,
+}
+
+pub fn checkpoints_dir(run: &Path) -> PathBuf {
+    run.join("checkpoints")
+}
+
+fn step_dir(run: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run).join(format!("step-{step:08}"))
+}
+
+/// Completed checkpoints, oldest first.
+pub fn list(run: &Path) -> Result<Vec<PathBuf>> {
+    let dir = checkpoints_dir(run);
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"))
+        })
+        .filter(|p| p.join("progress.json").exists())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+pub fn save(
+    run: &Path,
+    model: &LoadedModel,
+    optimizer: &HashMap<String, Tensor>,
+    progress: &Progress,
+    run_config: &serde_json::Value,
+    keep: usize,
+) -> Result<PathBuf> {
+    let final_dir = step_dir(run, progress.step);
+    let tmp = checkpoints_dir(run).join(format!(".tmp-step-{:08}", progress.step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    crate::io::hf_dir::save(model, &tmp.join("model"))?;
+    crate::io::atomic_write_with(&tmp.join("optimizer.safetensors"), |f| {
+        let bytes = safetensors::serialize(optimizer.iter().map(|(k, v)| (k.as_str(), v)), None)?;
+        std::io::Write::write_all(f, &bytes)?;
+        Ok(())
+    })?;
+    crate::io::atomic_write(
+        &tmp.join("run.json"),
+        serde_json::to_string_pretty(run_config)?.as_bytes(),
+    )?;
+    // Written last: a directory with progress.json is complete.
+    crate::io::atomic_write(
+        &tmp.join("progress.json"),
+        serde_json::to_string_pretty(progress)?.as_bytes(),
+    )?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir)?;
+    }
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("cannot move checkpoint to {}", final_dir.display()))?;
+    std::fs::File::open(checkpoints_dir(run))?.sync_all()?;
+    let all = list(run)?;
+    for old in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        std::fs::remove_dir_all(old)
+            .with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+    }
+    Ok(final_dir)
+}
+
+pub struct Loaded {
+    pub model: LoadedModel,
+    pub optimizer: HashMap<String, Tensor>,
+    pub progress: Progress,
+    pub run_config: serde_json::Value,
+    pub dir: PathBuf,
+}
+
+pub fn load_latest(run: &Path) -> Result<Loaded> {
+    let Some(dir) = list(run)?.pop() else {
+        bail!(
+            "--resume: no checkpoint in {}",
+            checkpoints_dir(run).display()
+        );
+    };
+    let read_json = |name: &str| -> Result<serde_json::Value> {
+        let p = dir.join(name);
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", p.display()))
+    };
+    let progress: Progress = serde_json::from_value(read_json("progress.json")?)
+        .with_context(|| format!("{}: bad progress.json", dir.display()))?;
+    let run_config = read_json("run.json")?;
+    let model = crate::io::load(&dir.join("model"))?;
+    let opt_path = dir.join("optimizer.safetensors");
+    let optimizer = candle_core::safetensors::load(&opt_path, &Device::Cpu)
+        .with_context(|| format!("cannot read {}", opt_path.display()))?;
+    Ok(Loaded {
+        model,
+        optimizer,
+        progress,
+        run_config,
+        dir,
+    })
+}

@@ -1,0 +1,263 @@
+//! Training data: text files → one cached, memory-mapped token stream → shuffled windows.
+//!
+//! Inputs are files or directories (searched recursively) of `.txt`, `.txt.gz` and `.jsonl`
+//! (one JSON object per line with a `text` field). Each text file and each JSONL line is a
+//! document; documents are joined with EOS. The token stream is cached under a key made of the
+//! tokenizer and every file's path and content hash, so a second run starts at once.
+
+use crate::io::tokenizer::TextTokenizer;
+use anyhow::{anyhow, bail, Context, Result};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Text,
+    GzText,
+    Jsonl,
+}
+
+fn format_of(path: &Path) -> Option<Format> {
+    let name = path.file_name()?.to_str()?;
+    if name.ends_with(".txt.gz") {
+        Some(Format::GzText)
+    } else if name.ends_with(".txt") {
+        Some(Format::Text)
+    } else if name.ends_with(".jsonl") {
+        Some(Format::Jsonl)
+    } else {
+        None
+    }
+}
+
+/// Every input file under `paths`, sorted, with its format. Explicitly named files must have a
+/// known extension; files of other kinds inside directories are skipped and counted.
+pub fn list_files(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, usize)> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>, skipped: &mut usize) -> Result<()> {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read directory {}", dir.display()))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()?;
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                walk(&p, out, skipped)?;
+            } else if format_of(&p).is_some() {
+                out.push(p);
+            } else {
+                *skipped += 1;
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    let mut skipped = 0;
+    for p in paths {
+        if !p.exists() {
+            bail!("data path {} does not exist", p.display());
+        }
+        if p.is_dir() {
+            walk(p, &mut files, &mut skipped)?;
+        } else if format_of(p).is_some() {
+            files.push(p.clone());
+        } else {
+            bail!(
+                "{}: unsupported data file (expected .txt, .txt.gz or .jsonl)",
+                p.display()
+            );
+        }
+    }
+    if files.is_empty() {
+        let list: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        bail!("no .txt, .txt.gz or .jsonl files in {}", list.join(", "));
+    }
+    Ok((files, skipped))
+}
+
+/// The documents of one file.
+fn read_documents(path: &Path) -> Result<Vec<String>> {
+    let raw = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = match format_of(path) {
+        Some(Format::GzText) => {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(raw.as_slice())
+                .read_to_end(&mut out)
+                .map_err(|e| anyhow!("{}: not a valid gzip file: {e}", path.display()))?;
+            out
+        }
+        _ => raw,
+    };
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow!(
+            "{}: not UTF-8 text (binary file?): invalid byte at offset {}",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    if text.contains('\0') {
+        bail!("{}: contains NUL bytes (binary file?)", path.display());
+    }
+    match format_of(path) {
+        Some(Format::Jsonl) => text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, line)| {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .map_err(|e| anyhow!("{}:{}: invalid JSON: {e}", path.display(), i + 1))?;
+                v.get("text")
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        anyhow!("{}:{}: no string field \"text\"", path.display(), i + 1)
+                    })
+            })
+            .collect(),
+        _ => Ok(vec![text]),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A token stream on disk (u32 little-endian), memory-mapped.
+pub struct TokenStream {
+    map: memmap2::Mmap,
+    pub path: PathBuf,
+}
+
+impl TokenStream {
+    pub fn len(&self) -> usize {
+        self.map.len() / 4
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn get(&self, start: usize, len: usize) -> Vec<u32> {
+        self.map[start * 4..(start + len) * 4]
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    }
+
+    /// Tokenizes `paths` (or reuses the cached stream for the same files and tokenizer).
+    pub fn build(paths: &[PathBuf], tokenizer: &TextTokenizer, cache_dir: &Path) -> Result<Self> {
+        let (files, skipped) = list_files(paths)?;
+        if skipped > 0 {
+            eprintln!("data: skipped {skipped} files that are not .txt, .txt.gz or .jsonl");
+        }
+        let eos = tokenizer
+            .eos_id
+            .ok_or_else(|| anyhow!("the tokenizer has no EOS token to separate documents"))?;
+        let mut key = Sha256::new();
+        key.update(
+            tokenizer
+                .inner
+                .to_string(false)
+                .map_err(|e| anyhow!("{e}"))?
+                .as_bytes(),
+        );
+        for f in &files {
+            key.update(f.to_string_lossy().as_bytes());
+            key.update(crate::io::fetch::sha256_file(f)?.as_bytes());
+        }
+        let path = cache_dir.join(format!("{}.u32", &hex(&key.finalize())[..32]));
+        if !path.exists() {
+            std::fs::create_dir_all(cache_dir)
+                .with_context(|| format!("cannot create {}", cache_dir.display()))?;
+            let bar = indicatif::ProgressBar::new(files.len() as u64).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "tokenizing {bar:30} {pos}/{len} files [{elapsed}<{eta}]",
+                )
+                .expect("valid template"),
+            );
+            // (token ids with an EOS after each document, number of text tokens)
+            let per_file: Vec<(Vec<u32>, usize)> = files
+                .par_iter()
+                .map(|f| {
+                    let mut ids = Vec::new();
+                    let mut text_tokens = 0;
+                    for doc in read_documents(f)? {
+                        let doc_ids = tokenizer
+                            .encode(&doc)
+                            .with_context(|| f.display().to_string())?;
+                        text_tokens += doc_ids.len();
+                        ids.extend(doc_ids);
+                        ids.push(eos);
+                    }
+                    bar.inc(1);
+                    Ok((ids, text_tokens))
+                })
+                .collect::<Result<_>>()?;
+            bar.finish_and_clear();
+            if per_file.iter().all(|(_, n)| *n == 0) {
+                bail!(
+                    "the corpus is empty: {} files and no text in them",
+                    files.len()
+                );
+            }
+            let bytes: Vec<u8> = per_file
+                .iter()
+                .flat_map(|(ids, _)| ids)
+                .flat_map(|t| t.to_le_bytes())
+                .collect();
+            crate::io::atomic_write(&path, &bytes)?;
+        }
+        let file = std::fs::File::open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: the cache file is written once, atomically, and never modified afterwards.
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        Ok(Self { map, path })
+    }
+}
+
+/// Non-overlapping windows of `seq_len + 1` tokens (inputs and shifted targets), visited in a
+/// seeded random order that is reshuffled every epoch.
+pub struct Windows {
+    pub seq_len: usize,
+    pub count: usize,
+    seed: u64,
+    /// The epoch whose order is in `order`.
+    epoch: Option<u64>,
+    order: Vec<usize>,
+}
+
+impl Windows {
+    pub fn new(stream: &TokenStream, seq_len: usize, seed: u64) -> Result<Self> {
+        let count = stream.len().saturating_sub(1) / seq_len;
+        if count == 0 {
+            bail!(
+                "the corpus has {} tokens, fewer than one window of --seq-len {seq_len} + 1",
+                stream.len()
+            );
+        }
+        Ok(Self {
+            seq_len,
+            count,
+            seed,
+            epoch: None,
+            order: Vec::new(),
+        })
+    }
+
+    /// The first token of the `cursor`-th window drawn (the cursor counts across epochs, so
+    /// a run resumed at the same cursor sees the same windows).
+    pub fn start(&mut self, cursor: u64) -> usize {
+        let epoch = cursor / self.count as u64;
+        if self.epoch != Some(epoch) {
+            self.order = (0..self.count).collect();
+            let seed = self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            self.order.shuffle(&mut StdRng::seed_from_u64(seed));
+            self.epoch = Some(epoch);
+        }
+        self.order[(cursor % self.count as u64) as usize] * self.seq_len
+    }
+}

@@ -1,0 +1,8 @@
+//! Uptraining: data, optimizer, schedule, recipes and the training loop.
+
+pub mod checkpoint;
+pub mod data;
+pub mod optim;
+pub mod recipe;
+pub mod run;
+pub mod schedule;

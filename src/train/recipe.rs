@@ -1,0 +1,103 @@
+//! What is trained, on which loss.
+
+use anyhow::{bail, Result};
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::io::LoadedModel;
+use crate::model::llama::Llama;
+use crate::model::weights::Weights;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Recipe {
+    /// The paper's: next-token cross-entropy through the whole model.
+    Supra,
+    /// Attention transfer: only φ, each SUPRA layer matching the teacher's attention output.
+    Transfer,
+}
+
+/// Parameter groups that `--freeze` can hold fixed (the `supra` recipe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Group {
+    /// Token embedding and LM head.
+    Embeddings,
+    /// Feed-forward blocks.
+    Mlp,
+    /// The pretrained attention projections q, k, v, o.
+    Attention,
+    /// The feature maps φ.
+    Phi,
+    /// RMSNorm weights.
+    Norms,
+}
+
+impl Group {
+    pub fn of(name: &str) -> Self {
+        if name.contains("embed_tokens") || name.starts_with("lm_head") {
+            Self::Embeddings
+        } else if name.contains(".mlp.") {
+            Self::Mlp
+        } else if name.contains(".phi_") {
+            Self::Phi
+        } else if name.contains("norm") {
+            Self::Norms
+        } else {
+            Self::Attention
+        }
+    }
+}
+
+/// The names of the parameters `recipe` trains, sorted.
+pub fn trainable(model: &LoadedModel, recipe: Recipe, frozen: &[Group]) -> Result<Vec<String>> {
+    let mut names: Vec<String> = model
+        .weights
+        .keys()
+        .filter(|n| match recipe {
+            Recipe::Transfer => Group::of(n) == Group::Phi,
+            Recipe::Supra => !frozen.contains(&Group::of(n)),
+        })
+        .cloned()
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        match recipe {
+            Recipe::Transfer => bail!("the transfer recipe trains φ, and this model has none: convert it first (`supra convert`)"),
+            Recipe::Supra => bail!("--freeze leaves nothing to train"),
+        }
+    }
+    Ok(names)
+}
+
+/// The model with `names` as variables (gradients tracked) and everything else constant.
+/// The returned weights share storage with the variables, so they always hold current values.
+pub fn with_variables(
+    model: &LoadedModel,
+    names: &[String],
+) -> Result<(Weights, Vec<(String, Var)>)> {
+    let mut weights = model.weights.clone();
+    let mut vars = Vec::with_capacity(names.len());
+    for n in names {
+        let var = Var::from_tensor(&model.weights[n])?;
+        weights.insert(n.clone(), var.as_tensor().clone());
+        vars.push((n.clone(), var));
+    }
+    Ok((weights, vars))
+}
+
+/// The recipe's loss on a batch of windows (batch, seq_len + 1).
+pub fn loss(model: &Llama, recipe: Recipe, windows: &Tensor) -> Result<Tensor> {
+    let t = windows.dim(1)? - 1;
+    let inputs = windows.narrow(1, 0, t)?;
+    match recipe {
+        Recipe::Transfer => model.transfer_loss(&inputs),
+        Recipe::Supra => {
+            let targets = windows.narrow(1, 1, t)?.flatten_all()?;
+            let hidden = model.forward_hidden(&inputs, None)?;
+            let logits = model.logits(&hidden)?;
+            let logits = logits.reshape((targets.dim(0)?, ()))?;
+            Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+        }
+    }
+}
