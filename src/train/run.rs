@@ -89,7 +89,7 @@ pub fn memory_estimate(model: &LoadedModel, n_trained: usize, cfg: &TrainConfig)
     let c = &model.config;
     let weights = c.param_count() as u64 * 4;
     let trained = n_trained as u64 * 4 * 4; // grad accumulator, candle's grad, m, v
-    let tokens = (cfg.micro_batch * cfg.seq_len) as u64;
+    let tokens = (cfg.micro_batch.min(cfg.windows_per_step()) * cfg.seq_len) as u64;
     let per_layer = (12 * c.hidden_size
         + 4 * c.intermediate_size
         + 6 * c.num_attention_heads * c.head_dim) as u64

@@ -1,0 +1,382 @@
+//! `supra train` on a tiny model: exact resume, learning, and bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use supra::convert::{convert, ConvertOptions};
+use supra::io::LoadedModel;
+use supra::testing::write_tiny_gguf;
+use supra::train::recipe::Recipe;
+use supra::train::run::{train, TrainConfig, TrainInputs};
+
+const PROSE: &str = "the cat sat on the mat and the dog ran to the door. \
+a bird sang in the tree while the sun rose over the hill. \
+then the farmer walked the long road to town with his cart of apples. ";
+
+fn tiny_linear(dir: &Path) -> LoadedModel {
+    let p = dir.join("teacher.gguf");
+    write_tiny_gguf(&p, 21).unwrap();
+    let teacher = supra::io::load(&p).unwrap();
+    convert(
+        &teacher,
+        &ConvertOptions {
+            softmax_layers: vec![0],
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn corpus(dir: &Path) -> Vec<PathBuf> {
+    let d = dir.join("corpus");
+    std::fs::create_dir_all(&d).unwrap();
+    for i in 0..3 {
+        std::fs::write(d.join(format!("doc{i}.txt")), PROSE.repeat(8 + i)).unwrap();
+    }
+    let jsonl: String = (0..5)
+        .map(|i| format!("{{\"text\": \"{} number {i}\"}}\n", PROSE.trim()))
+        .collect();
+    std::fs::write(d.join("more.jsonl"), jsonl).unwrap();
+    std::fs::write(d.join("notes.md"), "not training data").unwrap();
+    vec![d]
+}
+
+fn config(recipe: Recipe) -> TrainConfig {
+    TrainConfig {
+        recipe,
+        seq_len: 32,
+        batch_tokens: 64,
+        micro_batch: 1,
+        steps: 20,
+        lr: 3e-3,
+        min_lr: 3e-4,
+        warmup_steps: 2,
+        weight_decay: 0.1,
+        clip: 1.0,
+        eval_every: 5,
+        eval_windows: 2,
+        checkpoint_every: 4,
+        keep: 2,
+        seed: 7,
+        freeze: vec![],
+        max_bad_steps: 3,
+    }
+}
+
+fn run(
+    model: LoadedModel,
+    cfg: &TrainConfig,
+    data: &[PathBuf],
+    out: &Path,
+    cache: &Path,
+    resume: bool,
+    stop_after: Option<u64>,
+) -> supra::train::run::Summary {
+    let inputs = TrainInputs {
+        data,
+        valid: Some(data),
+        out,
+        resume,
+        stop_after,
+        token_cache: cache,
+    };
+    train(model, cfg, &inputs).unwrap()
+}
+
+fn losses(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// 20 updates straight equal 10 updates, a stop, and 10 more after --resume.
+#[test]
+fn resume_is_exact_for_both_recipes() {
+    for recipe in [Recipe::Supra, Recipe::Transfer] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = corpus(dir.path());
+        let cache = dir.path().join("cache");
+        let cfg = config(recipe);
+        let straight = dir.path().join("straight");
+        run(
+            tiny_linear(dir.path()),
+            &cfg,
+            &data,
+            &straight,
+            &cache,
+            false,
+            None,
+        );
+        let split = dir.path().join("split");
+        let first = run(
+            tiny_linear(dir.path()),
+            &cfg,
+            &data,
+            &split,
+            &cache,
+            false,
+            Some(10),
+        );
+        assert_eq!(first.steps_done, 10);
+        assert!(first.final_dir.is_none());
+        // The model argument is ignored on resume: the checkpoint holds the model.
+        let second = run(
+            tiny_linear(dir.path()),
+            &cfg,
+            &data,
+            &split,
+            &cache,
+            true,
+            None,
+        );
+        assert_eq!(second.steps_done, 20);
+        let (a, b) = (losses(&straight), losses(&split));
+        assert_eq!(a.len(), 20);
+        assert_eq!(
+            a.iter().map(|x| x.0).collect::<Vec<_>>(),
+            b.iter().map(|x| x.0).collect::<Vec<_>>()
+        );
+        for ((s, x), (_, y)) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-6, "{recipe:?} step {s}: {x} vs {y}");
+        }
+        // Only the last `keep` checkpoints remain; the final model loads and matches.
+        assert_eq!(supra::train::checkpoint::list(&split).unwrap().len(), 2);
+        let f1 = supra::io::load(&straight.join("final")).unwrap();
+        let f2 = supra::io::load(&split.join("final")).unwrap();
+        for (name, t) in &f1.weights {
+            let d = (t - &f2.weights[name])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d <= 1e-6, "{recipe:?} {name} differs by {d}");
+        }
+    }
+}
+
+#[test]
+fn transfer_learns_and_touches_only_phi() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let model = tiny_linear(dir.path());
+    let before = model.weights.clone();
+    let mut cfg = config(Recipe::Transfer);
+    cfg.steps = 30;
+    cfg.lr = 1e-2;
+    let out = dir.path().join("run");
+    let s = run(
+        model,
+        &cfg,
+        &data,
+        &out,
+        &dir.path().join("cache"),
+        false,
+        None,
+    );
+    let first = s
+        .history
+        .first()
+        .unwrap()
+        .val_loss
+        .unwrap_or(s.history[0].loss);
+    let evals: Vec<f64> = s.history.iter().filter_map(|m| m.val_loss).collect();
+    assert!(
+        evals.last().unwrap() < &(0.9 * evals[0]),
+        "validation loss did not fall: {evals:?} (first {first})"
+    );
+    let after = supra::io::load(&out.join("final")).unwrap();
+    for (name, t) in &before {
+        let d = (t - &after.weights[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d > 0.0, name.contains(".phi_"), "{name} changed by {d}");
+    }
+}
+
+fn train_cli(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "train",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--no-valid",
+        "--seq-len",
+        "32",
+        "--batch-tokens",
+        "64",
+        "--steps",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    common::supra(&args)
+}
+
+#[test]
+fn bad_training_input_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let linear = dir.path().join("linear");
+    supra::io::hf_dir::save(&tiny_linear(dir.path()), &linear).unwrap();
+    let cache = dir.path().join("cache");
+    let with_cache = |out: &Path, data: &Path, extra: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_supra"));
+        c.env("SUPRA_CACHE_DIR", &cache);
+        let mut args = vec![
+            "train",
+            linear.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--no-valid",
+            "--steps",
+            "2",
+        ];
+        for (flag, default) in [("--seq-len", "32"), ("--batch-tokens", "64")] {
+            if !extra.contains(&flag) {
+                args.extend([flag, default]);
+            }
+        }
+        args.extend_from_slice(extra);
+        c.args(&args).output().unwrap()
+    };
+    // Empty corpus.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(empty.join("a.txt"), "").unwrap();
+    common::assert_clean_error(
+        &with_cache(&dir.path().join("o1"), &empty, &[]),
+        &["corpus is empty"],
+    );
+    // No usable files at all.
+    let none = dir.path().join("none");
+    std::fs::create_dir_all(&none).unwrap();
+    std::fs::write(none.join("a.csv"), "x").unwrap();
+    common::assert_clean_error(
+        &with_cache(&dir.path().join("o2"), &none, &[]),
+        &["no .txt, .txt.gz or .jsonl files"],
+    );
+    // A binary file, named.
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(bin.join("good.txt"), PROSE.repeat(10)).unwrap();
+    std::fs::write(
+        bin.join("image.txt"),
+        [0x89u8, 0x50, 0x4e, 0x47, 0xff, 0x00, 0x01],
+    )
+    .unwrap();
+    common::assert_clean_error(
+        &with_cache(&dir.path().join("o3"), &bin, &[]),
+        &["image.txt", "not UTF-8"],
+    );
+    // A JSONL line without "text", with its line number.
+    let js = dir.path().join("js");
+    std::fs::create_dir_all(&js).unwrap();
+    std::fs::write(
+        js.join("d.jsonl"),
+        "{\"text\": \"ok\"}\n{\"body\": \"no\"}\n",
+    )
+    .unwrap();
+    common::assert_clean_error(
+        &with_cache(&dir.path().join("o4"), &js, &[]),
+        &["d.jsonl:2", "\"text\""],
+    );
+    // Windows longer than the model's context.
+    let good = corpus(dir.path());
+    common::assert_clean_error(
+        &with_cache(
+            &dir.path().join("o5"),
+            &good[0],
+            &["--seq-len", "100000", "--batch-tokens", "100000"],
+        ),
+        &["--seq-len 100000", "context length 256"],
+    );
+    // Settings whose memory estimate exceeds this machine.
+    common::assert_clean_error(
+        &with_cache(
+            &dir.path().join("o6"),
+            &good[0],
+            &[
+                "--seq-len",
+                "256",
+                "--batch-tokens",
+                "2560000000",
+                "--micro-batch",
+                "10000000",
+            ],
+        ),
+        &["GiB of memory", "available"],
+    );
+    // A run directory with checkpoints is not overwritten without --resume.
+    let out = dir.path().join("o7");
+    let ok = with_cache(&out, &good[0], &[]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    common::assert_clean_error(
+        &with_cache(&out, &good[0], &[]),
+        &["already holds checkpoints", "--resume"],
+    );
+    // The transfer recipe needs SUPRA layers.
+    let teacher = dir.path().join("teacher.gguf");
+    common::assert_clean_error(
+        &train_cli(&teacher, &good[0], &dir.path().join("o8"), &[]),
+        &["convert it first"],
+    );
+}
+
+/// Non-finite losses skip the update; after `max_bad_steps` in a row the run stops with a
+/// clear error that names the last good checkpoint.
+#[test]
+fn non_finite_updates_are_skipped_then_stop_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let mut model = tiny_linear(dir.path());
+    // (φ's ReLU maps NaN to 0, so poison the values instead.)
+    let name = "model.layers.1.self_attn.v_proj.weight";
+    let poisoned = (&model.weights[name] + f64::NAN).unwrap();
+    model.weights.insert(name.to_string(), poisoned);
+    let out = dir.path().join("run");
+    let inputs = TrainInputs {
+        data: &data,
+        valid: None,
+        out: &out,
+        resume: false,
+        stop_after: None,
+        token_cache: &dir.path().join("cache"),
+    };
+    let err = train(model, &config(Recipe::Transfer), &inputs)
+        .err()
+        .expect("the run must fail");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("3 updates in a row had a non-finite loss")
+            && msg.contains("Last good checkpoint: none"),
+        "{msg}"
+    );
+    let skipped = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        skipped
+            .lines()
+            .filter(|l| l.contains("\"skipped\":true"))
+            .count(),
+        2,
+        "{skipped}"
+    );
+}
