@@ -37,6 +37,9 @@ enum Command {
     /// Turn a pretrained model into a SUPRA linear-attention model (untrained φ): an HF-layout
     /// directory with the teacher's weights plus the new feature maps.
     Convert(ConvertArgs),
+    /// The whole job: convert MODEL to SUPRA linear attention, train φ by attention transfer,
+    /// compare held-out perplexity of teacher and linear model, and sample from the linear model.
+    Linearize(LinearizeArgs),
     /// Uptrain a converted model: attention transfer (φ only) or the SUPRA recipe (cross-entropy).
     /// Checkpoints land in OUT/checkpoints, metrics in OUT/metrics.jsonl, the result in OUT/final.
     Train(TrainArgs),
@@ -143,6 +146,37 @@ struct ConvertArgs {
     /// Seed for φ's random init.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+#[derive(Args)]
+struct LinearizeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Output directory: converted/, run/ (checkpoints, metrics), run/final (the linear model),
+    /// report.json. Running again continues an unfinished run.
+    #[arg(long)]
+    out: PathBuf,
+    /// Attention-transfer tokens (about 15 minutes on 2 cores at the default).
+    #[arg(long, default_value_t = 65_536)]
+    tokens: u64,
+    /// Training text [default: DATA_DIR/text/train].
+    #[arg(long, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Shared data directory [default: $SUPRA_DATA_DIR or ../shared/data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Tokens per window (training and perplexity).
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Tokens per optimizer update.
+    #[arg(long, default_value_t = 4096)]
+    batch_tokens: usize,
+    /// Held-out tokens for perplexity (from DATA_DIR/text/test).
+    #[arg(long, default_value_t = 8192)]
+    eval_tokens: usize,
+    /// Prompt for the sample.
+    #[arg(long, default_value = "The old house at the end of the lane")]
+    prompt: String,
 }
 
 #[derive(Args)]
@@ -310,6 +344,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Train(a) => train(&a),
+        Command::Linearize(a) => linearize(&a),
         Command::Export(a) => {
             let (loaded, _) = a.model.load()?;
             io::hf_dir::save(&loaded, &a.out)?;
@@ -505,6 +540,73 @@ fn data_dir(flag: &Option<PathBuf>) -> PathBuf {
     flag.clone()
         .or_else(|| std::env::var_os("SUPRA_DATA_DIR").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("../shared/data"))
+}
+
+fn linearize(a: &LinearizeArgs) -> Result<()> {
+    let dir = data_dir(&a.data_dir);
+    let data = if a.data.is_empty() {
+        vec![dir.join("text/train")]
+    } else {
+        a.data.clone()
+    };
+    let valid = dir.join("text/valid");
+    let test = dir.join("text/test");
+    for p in data.iter().chain([&test]) {
+        if !p.exists() {
+            bail!("{} does not exist (give --data-dir, or set SUPRA_DATA_DIR, to the shared data directory)", p.display());
+        }
+    }
+    let seq_len = a.seq_len.max(1);
+    let per_step = (a.batch_tokens / seq_len).max(1) as u64 * seq_len as u64;
+    let steps = a.tokens.div_ceil(per_step).max(1);
+    let cfg = TrainConfig {
+        recipe: Recipe::Transfer,
+        seq_len: a.seq_len,
+        batch_tokens: a.batch_tokens,
+        micro_batch: 1,
+        steps,
+        lr: 1e-3,
+        min_lr: 1e-4,
+        warmup_steps: steps / 20,
+        weight_decay: 0.1,
+        clip: 1.0,
+        eval_every: (steps / 4).max(1),
+        eval_windows: 4,
+        checkpoint_every: (steps / 4).max(1),
+        keep: 2,
+        seed: 0,
+        freeze: vec![],
+        max_bad_steps: 5,
+    };
+    eprintln!("loading the teacher");
+    let (teacher, _) = a.model.load()?;
+    let opts = supra::linearize::LinearizeOptions {
+        out: a.out.clone(),
+        train: cfg,
+        data,
+        valid: valid.exists().then(|| vec![valid]),
+        test,
+        eval_tokens: a.eval_tokens,
+        prompt: a.prompt.clone(),
+        token_cache: fetch::cache_dir().join("tokens"),
+    };
+    let r = supra::linearize::linearize(teacher, &opts)?;
+    println!("| model | held-out perplexity | tokens scored |");
+    println!("|---|---:|---:|");
+    println!(
+        "| teacher (softmax attention) | {:.2} | {} |",
+        r.teacher.ppl, r.teacher.tokens
+    );
+    println!(
+        "| converted, untrained φ | {:.2} | {} |",
+        r.converted.ppl, r.converted.tokens
+    );
+    println!(
+        "| linear, after transfer on {} tokens | {:.2} | {} |",
+        r.train_tokens, r.linear.ppl, r.linear.tokens
+    );
+    println!("\nlinear model: {}", a.out.join("run/final").display());
+    Ok(())
 }
 
 fn train(a: &TrainArgs) -> Result<()> {

@@ -13,6 +13,7 @@ use std::path::Path;
 use tokenizer::TextTokenizer;
 
 /// A model in memory: config, f32 tensors in HF naming and layout, tokenizer.
+#[derive(Clone)]
 pub struct LoadedModel {
     pub config: ModelConfig,
     pub weights: Weights,

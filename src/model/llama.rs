@@ -290,6 +290,42 @@ impl Llama {
         Ok((Tensor::stack(&losses, 0)?.sum_all()? / n)?)
     }
 
+    /// For each SUPRA layer, the root-mean-square of the teacher's per-head attention output
+    /// (before Wo), averaged over the tokens of `tokens`: (sum of RMS, token count) per head.
+    /// GroupNorm removes this scale; the transfer recipe puts it back into Wo.
+    pub fn teacher_head_rms(&self, tokens: &Tensor) -> Result<Vec<Option<Vec<f64>>>> {
+        let (b, t) = tokens.dims2()?;
+        let mut x = self
+            .embed
+            .embedding(&tokens.flatten_all()?)?
+            .reshape((b, t, ()))?;
+        let mut out = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let xn = block.attn_norm.forward(&x)?;
+            let h = match &block.attn {
+                Attention::Softmax(a) => {
+                    out.push(None);
+                    a.forward(&xn, &self.rope, 0, None)?
+                }
+                Attention::Supra(a) => {
+                    let teacher = a.teacher();
+                    let y = teacher.heads_output(&xn, &self.rope, 0, None)?;
+                    // (b, h, t, d) → per-token RMS (b, h, t) → mean over batch and tokens (h).
+                    let rms = y.sqr()?.mean(3)?.sqrt()?.mean(2)?.mean(0)?;
+                    out.push(Some(
+                        rms.to_vec1::<f32>()?.into_iter().map(f64::from).collect(),
+                    ));
+                    let y = y.transpose(1, 2)?.reshape((b, t, a.n_heads * a.head_dim))?;
+                    a.o.forward(&y)?
+                }
+            };
+            x = (x + h)?;
+            let h = block.mlp.forward(&block.mlp_norm.forward(&x)?)?;
+            x = (x + h)?;
+        }
+        Ok(out)
+    }
+
     /// Logits (…, vocab) from final hidden states (…, hidden).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         // A plain 2-D matmul: candle's broadcast_matmul takes a path ~40× slower here.

@@ -77,6 +77,9 @@ pub struct Summary {
     pub history: Vec<Metrics>,
 }
 
+/// Windows of training data used to calibrate Wo in the transfer recipe.
+const CALIBRATION_WINDOWS: usize = 8;
+
 fn mem_available_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
@@ -203,6 +206,18 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
         }
     }
 
+    let mut model = model;
+    if cfg.recipe == Recipe::Transfer && !inputs.resume {
+        // Deterministic: the first windows of the data order, before any update.
+        let n = CALIBRATION_WINDOWS.min(windows.count);
+        let batches = (0..n as u64)
+            .map(|i| {
+                Ok(batch(&stream, &[windows.start(i)], cfg.seq_len)?.narrow(1, 0, cfg.seq_len)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mean = recipe::calibrate_output_scale(&mut model, &batches)?;
+        eprintln!("calibrated Wo to the teacher's per-head output scale on {n} windows (mean scale {mean:.3})");
+    }
     let (weights, vars) = recipe::with_variables(&model, &names)?;
     let llama = Llama::new(&model.config, &weights)?;
     let mut opt = AdamW::new(

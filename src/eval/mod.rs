@@ -1,0 +1,3 @@
+//! Evaluation.
+
+pub mod perplexity;
