@@ -108,7 +108,7 @@ pub fn linearize(teacher: LoadedModel, opts: &LinearizeOptions) -> Result<Report
     heading(
         2,
         &format!(
-            "attention transfer on {} tokens (only φ trains)",
+            "attention transfer on {} tokens (φ trains; Wo is calibrated once)",
             opts.train.steps * (opts.train.windows_per_step() * opts.train.seq_len) as u64
         ),
     );

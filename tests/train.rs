@@ -144,6 +144,8 @@ fn resume_is_exact_for_both_recipes() {
         for ((s, x), (_, y)) in a.iter().zip(&b) {
             assert!((x - y).abs() <= 1e-6, "{recipe:?} step {s}: {x} vs {y}");
         }
+        let png = std::fs::read(split.join("loss.png")).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
         // Only the last `keep` checkpoints remain; the final model loads and matches.
         assert_eq!(supra::train::checkpoint::list(&split).unwrap().len(), 2);
         let f1 = supra::io::load(&straight.join("final")).unwrap();

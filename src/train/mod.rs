@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod optim;
+pub mod plot;
 pub mod recipe;
 pub mod run;
 pub mod schedule;

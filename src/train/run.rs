@@ -56,17 +56,33 @@ pub struct TrainInputs<'a> {
     pub token_cache: &'a Path,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// Redraws OUT/loss.png from the whole metrics file (earlier invocations of a resumed run too).
+fn plot_all(out: &Path, metrics_path: &Path, cfg: &TrainConfig) -> Result<()> {
+    let text = std::fs::read_to_string(metrics_path)?;
+    let all: Vec<Metrics> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let title = format!(
+        "{:?} recipe, seq {}, {} tokens/update",
+        cfg.recipe,
+        cfg.seq_len,
+        cfg.windows_per_step() * cfg.seq_len
+    );
+    crate::train::plot::loss_plot(&all, &title, &out.join("loss.png"))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Metrics {
     pub step: u64,
     pub tokens: u64,
     pub loss: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens_per_s: f64,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
 }
 
@@ -356,7 +372,14 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
             "loss {loss:.4}{} lr {lr:.1e} {tokens_per_s:.0} tok/s",
             val_loss.map_or(String::new(), |v| format!(" val {v:.4}"))
         ));
+        let evaluated = m.val_loss.is_some();
         history.push(m);
+        if evaluated {
+            // A plot is a convenience: never stop a run for it.
+            if let Err(e) = plot_all(inputs.out, &metrics_path, cfg) {
+                bar.println(format!("warning: loss plot not updated: {e:#}"));
+            }
+        }
         if progress.step % cfg.checkpoint_every == 0 || progress.step == end {
             checkpoint::save(
                 inputs.out,
