@@ -142,3 +142,80 @@ pub fn attention(
         peak_rss: peak_rss_bytes(),
     })
 }
+
+/// f32 matmul throughput of this machine (GFLOP/s), 1024² × 1024 products: the peak that
+/// training throughput is compared with.
+pub fn matmul_peak_gflops() -> Result<f64> {
+    use candle_core::{Device, Tensor};
+    let n = 1024;
+    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let _ = a.matmul(&b)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let _ = a.matmul(&b)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n * n * n) as f64 / best / 1e9)
+}
+
+pub struct TrainBench {
+    pub tokens_per_s: f64,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
+    pub trained_params: usize,
+}
+
+/// Median-time training steps of `recipe` on one window of `seq_len` prose tokens per step.
+pub fn train_step(
+    model: &crate::io::LoadedModel,
+    recipe: crate::train::recipe::Recipe,
+    seq_len: usize,
+    steps: usize,
+) -> Result<TrainBench> {
+    use crate::train::optim::{AdamW, AdamWConfig};
+    use crate::train::recipe;
+    use candle_core::{Device, Tensor};
+    let names = recipe::trainable(model, recipe, &[])?;
+    let (weights, vars) = recipe::with_variables(model, &names)?;
+    let trained_params = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let llama = Llama::new(&model.config, &weights)?;
+    let mut opt = AdamW::new(vars, AdamWConfig::default());
+    let ids = prose_tokens(&model.tokenizer, seq_len + 1)?;
+    let window = Tensor::from_vec(ids, (1, seq_len + 1), &Device::Cpu)?;
+    let (mut f, mut b, mut o) = (Vec::new(), Vec::new(), Vec::new());
+    let bar = indicatif::ProgressBar::new(steps as u64 + 1);
+    for i in 0..=steps {
+        let t0 = std::time::Instant::now();
+        let loss = recipe::loss(&llama, recipe, &window)?;
+        let _ = loss.to_scalar::<f32>()?;
+        let t1 = std::time::Instant::now();
+        let grads = loss.backward()?;
+        let t2 = std::time::Instant::now();
+        opt.accumulate(&grads, 1.0)?;
+        opt.step(1e-5, 1.0)?;
+        let t3 = std::time::Instant::now();
+        bar.inc(1);
+        if i > 0 {
+            // The first step warms caches and allocators.
+            f.push((t1 - t0).as_secs_f64());
+            b.push((t2 - t1).as_secs_f64());
+            o.push((t3 - t2).as_secs_f64());
+        }
+    }
+    bar.finish_and_clear();
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (forward_s, backward_s, optimizer_s) = (median(&mut f), median(&mut b), median(&mut o));
+    Ok(TrainBench {
+        tokens_per_s: seq_len as f64 / (forward_s + backward_s + optimizer_s),
+        forward_s,
+        backward_s,
+        optimizer_s,
+        trained_params,
+    })
+}

@@ -279,6 +279,17 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         repeats: usize,
     },
+    /// Training throughput of each recipe on a converted model: tokens/s, the split between
+    /// forward, backward and optimizer, and achieved GFLOP/s against this machine's matmul peak.
+    Train {
+        /// A converted model (SUPRA layers) [default: the default model, converted in memory].
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// Timed steps per recipe (after one warm-up step); the median is reported.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+    },
     /// Prompt processing and generation speed, and peak memory, of `supra generate`.
     Generate {
         #[command(flatten)]
@@ -374,6 +385,45 @@ fn run(cli: Cli) -> Result<()> {
                     s.prefill_tps(),
                     s.decode_tps(),
                     supra::bench::mib(s.state_bytes as u64)
+                );
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Train {
+            model,
+            seq_len,
+            steps,
+        }) => {
+            let loaded = match model {
+                Some(p) => io::load(&p)?,
+                None => supra::convert::convert(
+                    &io::load(&fetch::ensure_default_model()?)?,
+                    &ConvertOptions::default(),
+                )?,
+            };
+            let peak = supra::bench::matmul_peak_gflops()?;
+            let n = loaded.config.param_count() as f64;
+            println!("matmul peak (f32, 1024³): {peak:.1} GFLOP/s; model: {:.2} M parameters; seq {seq_len}", n / 1e6);
+            println!("| recipe | trained params | tokens/s | forward (s) | backward (s) | optimizer (s) | GFLOP/s (6·N per token) | % of peak |");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+            for recipe in [Recipe::Supra, Recipe::Transfer] {
+                let b = supra::bench::train_step(&loaded, recipe, seq_len, steps.max(1))?;
+                // 6·N FLOPs per token is the full forward + backward of cross-entropy training;
+                // transfer runs a forward and backpropagates only into φ, so it has no such figure.
+                let flops = match recipe {
+                    Recipe::Supra => {
+                        let g = 6.0 * n * b.tokens_per_s / 1e9;
+                        format!("{g:.1} | {:.0} %", 100.0 * g / peak)
+                    }
+                    Recipe::Transfer => "— | —".to_string(),
+                };
+                println!(
+                    "| {recipe:?} | {:.2} M | {:.1} | {:.2} | {:.2} | {:.2} | {flops} |",
+                    b.trained_params as f64 / 1e6,
+                    b.tokens_per_s,
+                    b.forward_s,
+                    b.backward_s,
+                    b.optimizer_s,
                 );
             }
             Ok(())
