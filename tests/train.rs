@@ -384,3 +384,64 @@ fn non_finite_updates_are_skipped_then_stop_the_run() {
         "{skipped}"
     );
 }
+
+/// Wo calibration changes the student, never the teacher the transfer recipe follows: with the
+/// scales declared, the teacher's per-head outputs in every layer are as before calibration.
+#[test]
+fn calibration_leaves_the_teacher_trajectory_alone() {
+    use candle_core::{Device, Tensor};
+    use supra::model::llama::Llama;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = supra::testing::tiny_config();
+    cfg.num_hidden_layers = 3;
+    cfg.layer_kinds = vec![supra::config::AttentionKind::Softmax; 3];
+    let p = dir.path().join("t3.gguf");
+    supra::testing::TinyGguf::new(&cfg, 5, candle_core::quantized::GgmlDType::F32)
+        .unwrap()
+        .write(&p)
+        .unwrap();
+    let mut model = convert(&supra::io::load(&p).unwrap(), &ConvertOptions::default()).unwrap();
+    let tokens = Tensor::new(&[[3u32, 9, 27, 81, 243, 5, 15, 45, 135, 100]], &Device::Cpu).unwrap();
+    let before = Llama::new(&model.config, &model.weights)
+        .unwrap()
+        .teacher_head_rms(&tokens)
+        .unwrap();
+    let scales =
+        supra::train::recipe::calibrate_output_scale(&mut model, std::slice::from_ref(&tokens))
+            .unwrap();
+    assert!(scales.iter().all(Option::is_some));
+    let mut calibrated = Llama::new(&model.config, &model.weights).unwrap();
+    let naive = calibrated.teacher_head_rms(&tokens).unwrap();
+    calibrated.set_teacher_output_scales(&scales).unwrap();
+    let after = calibrated.teacher_head_rms(&tokens).unwrap();
+    let diff = |a: &[Option<Vec<f64>>], b: &[Option<Vec<f64>>]| -> f64 {
+        a.iter()
+            .zip(b)
+            .flat_map(|(x, y)| {
+                x.as_ref()
+                    .unwrap()
+                    .iter()
+                    .zip(y.as_ref().unwrap())
+                    .map(|(p, q)| (p - q).abs())
+            })
+            .fold(0.0, f64::max)
+    };
+    assert!(
+        diff(&before, &after) < 1e-5,
+        "teacher moved by {}",
+        diff(&before, &after)
+    );
+    assert!(
+        diff(&before, &naive) > 1e-3,
+        "without the declared scales the later layers must differ"
+    );
+    // The calibrated Wo makes each head's scale the teacher's mean RMS in the first layer.
+    for (s, r) in scales[0]
+        .as_ref()
+        .unwrap()
+        .iter()
+        .zip(before[0].as_ref().unwrap())
+    {
+        assert!((*s as f64 - r).abs() < 1e-6);
+    }
+}

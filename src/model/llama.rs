@@ -2,7 +2,7 @@
 //! SwiGLU → residual] → RMSNorm → LM head. Covers llama, mistral and qwen2 checkpoints.
 
 use crate::attention::softmax::SoftmaxAttention;
-use crate::attention::supra::{Mode, SupraAttention};
+use crate::attention::supra::{group_norm_heads, Mode, SupraAttention, GROUP_NORM_EPS};
 use crate::config::{AttentionKind, ModelConfig};
 use crate::model::linear::Linear;
 use crate::model::mlp::Mlp;
@@ -39,6 +39,9 @@ pub struct Llama {
     rope_features: Rope,
     /// The form SUPRA layers use when scoring without a cache.
     pub mode: Mode,
+    /// Per layer, the teacher's Wo where it differs from the model's (attention transfer after
+    /// Wo calibration).
+    teacher_o: Vec<Option<Linear>>,
 }
 
 /// What one layer keeps between generation steps.
@@ -178,6 +181,7 @@ impl Llama {
             rope,
             rope_features,
             mode: Mode::Chunked,
+            teacher_o: vec![None; config.num_hidden_layers],
         })
     }
 
@@ -248,41 +252,71 @@ impl Llama {
         self.norm.forward(&x)
     }
 
-    /// Attention transfer (LoLCATs stage 1). For each SUPRA layer, the mean squared error
-    /// between its per-head output (after GroupNorm, before Wo) and the teacher's softmax output
-    /// on the same input, GroupNorm'd the same way: the student can only produce per-head
-    /// normalized outputs, so the target is the teacher's output in that form. Hidden states
-    /// follow the teacher, so each layer's loss reaches only that layer's φ. Returns the mean
-    /// over SUPRA layers.
-    pub fn transfer_loss(&self, tokens: &Tensor) -> Result<Tensor> {
+    /// Declares that each listed layer's Wo was multiplied per head by `scales`, so that the
+    /// teacher (used by [`Self::transfer_loss`]) divides them out again.
+    pub fn set_teacher_output_scales(&mut self, scales: &[Option<Vec<f32>>]) -> Result<()> {
+        for (i, s) in scales.iter().enumerate() {
+            let (
+                Some(s),
+                Some(Block {
+                    attn: Attention::Supra(a),
+                    ..
+                }),
+            ) = (s, self.blocks.get(i))
+            else {
+                continue;
+            };
+            let cols = crate::train::recipe::head_columns(s, a.head_dim)?;
+            let w = a.o.weight().broadcast_div(&cols)?;
+            self.teacher_o[i] = Some(Linear::new(w, None));
+        }
+        Ok(())
+    }
+
+    /// Runs the teacher — each SUPRA layer replaced by softmax attention on its own q, k, v, o —
+    /// and shows every SUPRA layer (by index) its input and the teacher's per-head output there.
+    /// Hidden states are detached between layers: nothing learned here crosses a layer.
+    fn teacher_walk(
+        &self,
+        tokens: &Tensor,
+        mut visit: impl FnMut(usize, &SupraAttention, &Tensor, &Tensor) -> Result<()>,
+    ) -> Result<()> {
         let (b, t) = tokens.dims2()?;
         let mut x = self
             .embed
             .embedding(&tokens.flatten_all()?)?
             .reshape((b, t, ()))?;
-        let mut losses = Vec::new();
-        for block in &self.blocks {
+        for (i, block) in self.blocks.iter().enumerate() {
             let xn = block.attn_norm.forward(&x)?;
             let h = match &block.attn {
                 Attention::Softmax(a) => a.forward(&xn, &self.rope, 0, None)?,
                 Attention::Supra(a) => {
-                    let teacher = a.teacher();
-                    let y = teacher.heads_output(&xn, &self.rope, 0, None)?.detach();
-                    let target = crate::attention::supra::group_norm_heads(
-                        &y,
-                        crate::attention::supra::GROUP_NORM_EPS,
-                    )?;
-                    let student =
-                        a.heads_output(&xn, &self.rope_features, 0, Mode::Chunked, None)?;
-                    losses.push((student - target)?.sqr()?.mean_all()?);
-                    let y = y.transpose(1, 2)?.reshape((b, t, a.n_heads * a.head_dim))?;
-                    a.o.forward(&y)?
+                    let y = a.teacher().heads_output(&xn, &self.rope, 0, None)?.detach();
+                    visit(i, a, &xn, &y)?;
+                    let o = self.teacher_o[i].as_ref().unwrap_or(&a.o);
+                    o.forward(&y.transpose(1, 2)?.reshape((b, t, ()))?)?
                 }
             };
             x = (x + h)?.detach();
             let h = block.mlp.forward(&block.mlp_norm.forward(&x)?)?;
             x = (x + h)?.detach();
         }
+        Ok(())
+    }
+
+    /// Attention transfer (LoLCATs stage 1). For each SUPRA layer, the mean squared error
+    /// between its per-head output (after GroupNorm, before Wo) and the teacher's softmax output
+    /// on the same input, GroupNorm'd the same way: the student can only produce per-head
+    /// normalized outputs, so the target is the teacher's output in that form. Each layer's loss
+    /// reaches only that layer's φ. Returns the mean over SUPRA layers.
+    pub fn transfer_loss(&self, tokens: &Tensor) -> Result<Tensor> {
+        let mut losses = Vec::new();
+        self.teacher_walk(tokens, |_, a, xn, y| {
+            let target = group_norm_heads(y, GROUP_NORM_EPS)?;
+            let student = a.heads_output(xn, &self.rope_features, 0, Mode::Chunked, None)?;
+            losses.push((student - target)?.sqr()?.mean_all()?);
+            Ok(())
+        })?;
         if losses.is_empty() {
             bail!("attention transfer needs SUPRA layers; this model has none (run `supra convert` first)");
         }
@@ -290,39 +324,17 @@ impl Llama {
         Ok((Tensor::stack(&losses, 0)?.sum_all()? / n)?)
     }
 
-    /// For each SUPRA layer, the root-mean-square of the teacher's per-head attention output
-    /// (before Wo), averaged over the tokens of `tokens`: (sum of RMS, token count) per head.
-    /// GroupNorm removes this scale; the transfer recipe puts it back into Wo.
+    /// For each SUPRA layer, the teacher's per-head attention output RMS (before Wo) averaged
+    /// over batch and tokens; `None` for softmax layers. GroupNorm removes this scale; the
+    /// transfer recipe puts it back into Wo.
     pub fn teacher_head_rms(&self, tokens: &Tensor) -> Result<Vec<Option<Vec<f64>>>> {
-        let (b, t) = tokens.dims2()?;
-        let mut x = self
-            .embed
-            .embedding(&tokens.flatten_all()?)?
-            .reshape((b, t, ()))?;
-        let mut out = Vec::with_capacity(self.blocks.len());
-        for block in &self.blocks {
-            let xn = block.attn_norm.forward(&x)?;
-            let h = match &block.attn {
-                Attention::Softmax(a) => {
-                    out.push(None);
-                    a.forward(&xn, &self.rope, 0, None)?
-                }
-                Attention::Supra(a) => {
-                    let teacher = a.teacher();
-                    let y = teacher.heads_output(&xn, &self.rope, 0, None)?;
-                    // (b, h, t, d) → per-token RMS (b, h, t) → mean over batch and tokens (h).
-                    let rms = y.sqr()?.mean(3)?.sqrt()?.mean(2)?.mean(0)?;
-                    out.push(Some(
-                        rms.to_vec1::<f32>()?.into_iter().map(f64::from).collect(),
-                    ));
-                    let y = y.transpose(1, 2)?.reshape((b, t, a.n_heads * a.head_dim))?;
-                    a.o.forward(&y)?
-                }
-            };
-            x = (x + h)?;
-            let h = block.mlp.forward(&block.mlp_norm.forward(&x)?)?;
-            x = (x + h)?;
-        }
+        let mut out = vec![None; self.blocks.len()];
+        self.teacher_walk(tokens, |i, _, _, y| {
+            // (b, h, t, d) → per-token RMS (b, h, t) → mean over batch and tokens (h).
+            let rms = y.sqr()?.mean(3)?.sqrt()?.mean(2)?.mean(0)?;
+            out[i] = Some(rms.to_vec1::<f32>()?.into_iter().map(f64::from).collect());
+            Ok(())
+        })?;
         Ok(out)
     }
 

@@ -21,6 +21,10 @@ pub struct Progress {
     pub adam_t: u64,
     /// Seed of the data order (the only randomness in a run).
     pub seed: u64,
+    /// Per layer, the per-head factors the transfer recipe folded into Wo (`None` for layers
+    /// it did not touch); the teacher's own Wo is this model's divided by them.
+    #[serde(default)]
+    pub wo_scales: Vec<Option<Vec<f32>>>,
 }
 
 pub fn checkpoints_dir(run: &Path) -> PathBuf {

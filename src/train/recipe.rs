@@ -106,36 +106,48 @@ pub fn loss(model: &Llama, recipe: Recipe, windows: &Tensor) -> Result<Tensor> {
 /// `batches`. A SUPRA layer GroupNorms each head to unit RMS before Wo; the teacher's heads are
 /// far smaller, so without this even a perfect φ would feed the residual stream outputs of the
 /// wrong size (SmolLM2, 1k held-out tokens: teacher perplexity 20.5; teacher with GroupNorm'd
-/// heads 1.1e7; GroupNorm'd and rescaled 44.8). Returns the mean scale.
-pub fn calibrate_output_scale(model: &mut LoadedModel, batches: &[Tensor]) -> Result<f64> {
+/// heads 1.1e7; GroupNorm'd and rescaled 44.8). Returns the factors, per layer and head.
+pub fn calibrate_output_scale(
+    model: &mut LoadedModel,
+    batches: &[Tensor],
+) -> Result<Vec<Option<Vec<f32>>>> {
     let llama = Llama::new(&model.config, &model.weights)?;
-    let mut sums: Vec<Option<Vec<f64>>> = Vec::new();
+    let mut sums: Vec<Option<Vec<f64>>> = vec![None; model.config.num_hidden_layers];
     for tokens in batches {
-        let rms = llama.teacher_head_rms(tokens)?;
-        if sums.is_empty() {
-            sums = rms;
-        } else {
-            for (acc, r) in sums.iter_mut().zip(rms) {
-                if let (Some(acc), Some(r)) = (acc.as_mut(), r) {
-                    acc.iter_mut().zip(r).for_each(|(a, x)| *a += x);
-                }
+        for (acc, r) in sums.iter_mut().zip(llama.teacher_head_rms(tokens)?) {
+            match (acc.as_mut(), r) {
+                (Some(acc), Some(r)) => acc.iter_mut().zip(r).for_each(|(a, x)| *a += x),
+                (None, r) => *acc = r,
+                (Some(_), None) => {}
             }
         }
     }
-    let c = &model.config;
-    let (h, d) = (c.num_attention_heads, c.head_dim);
-    let mut all = Vec::new();
-    for (layer, sum) in sums.iter().enumerate() {
-        let Some(sum) = sum else { continue };
-        let scales: Vec<f32> = sum
-            .iter()
-            .flat_map(|s| std::iter::repeat_n((s / batches.len() as f64) as f32, d))
-            .collect();
-        all.extend(sum.iter().map(|s| s / batches.len() as f64));
-        let name = format!("model.layers.{layer}.self_attn.o_proj.weight");
-        let cols = Tensor::from_vec(scales, (1, h * d), &candle_core::Device::Cpu)?;
-        let w = model.weights[&name].broadcast_mul(&cols)?;
-        model.weights.insert(name, w);
+    let scales: Vec<Option<Vec<f32>>> = sums
+        .into_iter()
+        .map(|s| {
+            s.map(|s| {
+                s.iter()
+                    .map(|x| (x / batches.len() as f64) as f32)
+                    .collect()
+            })
+        })
+        .collect();
+    for (layer, s) in scales.iter().enumerate() {
+        if let Some(s) = s {
+            let name = format!("model.layers.{layer}.self_attn.o_proj.weight");
+            let w = model.weights[&name].broadcast_mul(&head_columns(s, model.config.head_dim)?)?;
+            model.weights.insert(name, w);
+        }
     }
-    Ok(all.iter().sum::<f64>() / all.len().max(1) as f64)
+    Ok(scales)
+}
+
+/// Per-head factors spread over Wo's input columns: shape (1, heads · head_dim).
+pub fn head_columns(scales: &[f32], head_dim: usize) -> Result<Tensor> {
+    let cols: Vec<f32> = scales
+        .iter()
+        .flat_map(|&s| std::iter::repeat_n(s, head_dim))
+        .collect();
+    let n = cols.len();
+    Ok(Tensor::from_vec(cols, (1, n), &candle_core::Device::Cpu)?)
 }

@@ -190,6 +190,7 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
             tokens: 0,
             adam_t: 0,
             seed: cfg.seed,
+            wo_scales: Vec::new(),
         };
         (model, None, p)
     };
@@ -231,11 +232,23 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
                 Ok(batch(&stream, &[windows.start(i)], cfg.seq_len)?.narrow(1, 0, cfg.seq_len)?)
             })
             .collect::<Result<Vec<_>>>()?;
-        let mean = recipe::calibrate_output_scale(&mut model, &batches)?;
-        eprintln!("calibrated Wo to the teacher's per-head output scale on {n} windows (mean scale {mean:.3})");
+        progress.wo_scales = recipe::calibrate_output_scale(&mut model, &batches)?;
+        let all: Vec<f32> = progress
+            .wo_scales
+            .iter()
+            .flatten()
+            .flatten()
+            .copied()
+            .collect();
+        let mean = all.iter().sum::<f32>() / all.len().max(1) as f32;
+        eprintln!("calibrated Wo to the teacher's per-head output scale on {n} windows (mean factor {mean:.3})");
     }
     let (weights, vars) = recipe::with_variables(&model, &names)?;
-    let llama = Llama::new(&model.config, &weights)?;
+    let mut llama = Llama::new(&model.config, &weights)?;
+    if cfg.recipe == Recipe::Transfer {
+        // The teacher's hidden states must not see the calibration.
+        llama.set_teacher_output_scales(&progress.wo_scales)?;
+    }
     let mut opt = AdamW::new(
         vars,
         AdamWConfig {
