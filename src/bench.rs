@@ -189,7 +189,7 @@ pub fn train_step(
     let bar = indicatif::ProgressBar::new(steps as u64 + 1);
     for i in 0..=steps {
         let t0 = std::time::Instant::now();
-        let loss = recipe::loss(&llama, recipe, &window)?;
+        let loss = recipe::loss(&llama, recipe.objective(0, u64::MAX), &window)?;
         let _ = loss.to_scalar::<f32>()?;
         let t1 = std::time::Instant::now();
         let grads = loss.backward()?;

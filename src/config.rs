@@ -115,6 +115,25 @@ pub struct ModelConfig {
     pub layer_kinds: Vec<AttentionKind>,
     /// Present when some layer is [`AttentionKind::Supra`].
     pub supra: Option<SupraConfig>,
+    /// Unmerged LoRA adapters on q, k, v and o of every layer (training checkpoints).
+    pub lora: Option<LoraConfig>,
+}
+
+/// Low-rank adapters: W + (alpha / rank) · B A on the attention projections.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+}
+
+impl LoraConfig {
+    /// The projections that carry adapters.
+    pub const TARGETS: [&'static str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
+
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
 }
 
 /// The subset of HF `config.json` we read. Required fields have no default so that a missing one
@@ -138,6 +157,9 @@ struct HfConfig {
     rope_scaling: Option<serde_json::Value>,
     bos_token_id: Option<TokenIds>,
     eos_token_id: Option<TokenIds>,
+    /// Written by `supra train` checkpoints that carry unmerged LoRA adapters.
+    #[serde(default)]
+    lora: Option<LoraConfig>,
     /// Written by `supra convert`; absent in pretrained checkpoints.
     #[serde(default)]
     supra: Option<HfSupra>,
@@ -237,6 +259,7 @@ impl ModelConfig {
         let cfg = Self {
             layer_kinds,
             supra,
+            lora: raw.lora,
             arch,
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
@@ -308,6 +331,9 @@ impl ModelConfig {
             }
             (None, false) => {}
         }
+        if self.lora.is_some_and(|l| l.rank == 0) {
+            bail!("lora rank must be positive");
+        }
         if !self.head_dim.is_multiple_of(2) {
             bail!("head_dim {} must be even for RoPE", self.head_dim);
         }
@@ -352,6 +378,9 @@ impl ModelConfig {
                 chunk_size: sc.chunk_size,
             };
             v["supra"] = serde_json::to_value(sp).expect("serializable");
+        }
+        if let Some(l) = &self.lora {
+            v["lora"] = serde_json::to_value(l).expect("serializable");
         }
         v
     }

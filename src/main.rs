@@ -40,9 +40,10 @@ enum Command {
     /// The whole job: convert MODEL to SUPRA linear attention, train φ by attention transfer,
     /// compare held-out perplexity of teacher and linear model, and sample from the linear model.
     Linearize(LinearizeArgs),
-    /// Uptrain a converted model: attention transfer (φ only) or the SUPRA recipe (cross-entropy).
-    /// Checkpoints land in OUT/checkpoints, metrics in OUT/metrics.jsonl, the result in OUT/final.
-    Train(TrainArgs),
+    /// Uptrain a converted model: attention transfer (φ only), the SUPRA recipe (cross-entropy),
+    /// or transfer then LoRA/full fine-tuning. Checkpoints land in OUT/checkpoints, metrics in
+    /// OUT/metrics.jsonl and OUT/loss.png, the result in OUT/final.
+    Train(Box<TrainArgs>),
     /// Write a model as an HF-layout directory of f32 weights (config.json, model.safetensors,
     /// tokenizer.json) that every command loads.
     Export(ExportArgs),
@@ -209,9 +210,23 @@ struct TrainArgs {
     /// Windows per forward/backward pass.
     #[arg(long, default_value_t = 1)]
     micro_batch: usize,
-    /// Training tokens in all (sets the number of updates).
+    /// Training tokens in all, both phases of transfer+finetune included (sets the number of
+    /// updates).
     #[arg(long, default_value_t = 262_144, conflicts_with = "steps")]
     tokens: u64,
+    /// transfer+finetune: tokens of the transfer phase [default: half of the run].
+    #[arg(long)]
+    transfer_tokens: Option<u64>,
+    /// transfer+finetune: peak learning rate of the transfer phase.
+    #[arg(long, default_value_t = 1e-3)]
+    transfer_lr: f64,
+    /// transfer+finetune: LoRA rank on q, k, v, o for the fine-tuning phase; 0 fine-tunes all
+    /// parameters instead. Adapters merge into the weights of the final model.
+    #[arg(long, default_value_t = 16)]
+    lora_rank: usize,
+    /// LoRA alpha (the adapter is scaled by alpha / rank) [default: the rank].
+    #[arg(long)]
+    lora_alpha: Option<f64>,
     /// Number of updates (instead of --tokens).
     #[arg(long)]
     steps: Option<u64>,
@@ -415,7 +430,7 @@ fn run(cli: Cli) -> Result<()> {
                         let g = 6.0 * n * b.tokens_per_s / 1e9;
                         format!("{g:.1} | {:.0} %", 100.0 * g / peak)
                     }
-                    Recipe::Transfer => "— | —".to_string(),
+                    Recipe::Transfer | Recipe::TransferFinetune => "— | —".to_string(),
                 };
                 println!(
                     "| {recipe:?} | {:.2} M | {:.1} | {:.2} | {:.2} | {:.2} | {flops} |",
@@ -627,6 +642,10 @@ fn linearize(a: &LinearizeArgs) -> Result<()> {
         seed: 0,
         freeze: vec![],
         max_bad_steps: 5,
+        transfer_steps: 0,
+        transfer_lr: 0.0,
+        lora_rank: 0,
+        lora_alpha: 0.0,
     };
     eprintln!("loading the teacher");
     let (teacher, _) = a.model.load()?;
@@ -668,8 +687,28 @@ fn train(a: &TrainArgs) -> Result<()> {
         .unwrap_or_else(|| a.tokens.div_ceil(per_step).max(1));
     let lr = a.lr.unwrap_or(match a.recipe {
         Recipe::Transfer => 1e-3,
-        Recipe::Supra => 3e-4,
+        Recipe::Supra | Recipe::TransferFinetune => 3e-4,
     });
+    let transfer_steps = match a.recipe {
+        Recipe::TransferFinetune => {
+            let t = a
+                .transfer_tokens
+                .map_or(steps / 2, |t| t.div_ceil(per_step));
+            if t >= steps {
+                bail!("--transfer-tokens leaves no updates for fine-tuning (the run has {steps} updates of {per_step} tokens)");
+            }
+            t
+        }
+        _ => {
+            if a.transfer_tokens.is_some() {
+                bail!("--transfer-tokens applies to --recipe transfer+finetune");
+            }
+            0
+        }
+    };
+    if a.recipe == Recipe::TransferFinetune && a.lora_rank > 0 && !a.freeze.is_empty() {
+        bail!("--freeze applies to full fine-tuning; with LoRA only the adapters and φ train (use --lora-rank 0)");
+    }
     let cfg = TrainConfig {
         recipe: a.recipe,
         seq_len: a.seq_len,
@@ -688,6 +727,10 @@ fn train(a: &TrainArgs) -> Result<()> {
         seed: a.seed,
         freeze: a.freeze.clone(),
         max_bad_steps: a.max_bad_steps.max(1),
+        transfer_steps,
+        transfer_lr: a.transfer_lr,
+        lora_rank: a.lora_rank,
+        lora_alpha: a.lora_alpha.unwrap_or(a.lora_rank as f64),
     };
     let default_valid = data_dir(&a.data_dir).join("text/valid");
     let valid: Option<Vec<PathBuf>> = if a.no_valid {

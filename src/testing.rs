@@ -55,6 +55,7 @@ pub fn tiny_config() -> ModelConfig {
         eos_token_id: Some(2),
         layer_kinds: vec![AttentionKind::Softmax; 2],
         supra: None,
+        lora: None,
     }
 }
 

@@ -60,6 +60,14 @@ fn config(recipe: Recipe) -> TrainConfig {
         seed: 7,
         freeze: vec![],
         max_bad_steps: 3,
+        transfer_steps: if recipe == Recipe::TransferFinetune {
+            12
+        } else {
+            0
+        },
+        transfer_lr: 1e-2,
+        lora_rank: 4,
+        lora_alpha: 8.0,
     }
 }
 
@@ -96,8 +104,9 @@ fn losses(out: &Path) -> Vec<(u64, f64)> {
 
 /// 20 updates straight equal 10 updates, a stop, and 10 more after --resume.
 #[test]
-fn resume_is_exact_for_both_recipes() {
-    for recipe in [Recipe::Supra, Recipe::Transfer] {
+fn resume_is_exact_for_every_recipe() {
+    // transfer+finetune stops at 10 and crosses into fine-tuning (at 12) after the resume.
+    for recipe in [Recipe::Supra, Recipe::Transfer, Recipe::TransferFinetune] {
         let dir = tempfile::tempdir().unwrap();
         let data = corpus(dir.path());
         let cache = dir.path().join("cache");
@@ -443,5 +452,102 @@ fn calibration_leaves_the_teacher_trajectory_alone() {
         .zip(before[0].as_ref().unwrap())
     {
         assert!((*s as f64 - r).abs() < 1e-6);
+    }
+}
+
+/// LoRA adapters: a model with adapters equals its merged form, and survives save and load.
+#[test]
+fn lora_adapters_merge_exactly() {
+    use candle_core::{Device, Tensor};
+    use supra::model::llama::Llama;
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = tiny_linear(dir.path());
+    supra::train::lora::add(&mut model, 4, 8.0, 1).unwrap();
+    // B starts at zero; give it values so the adapters matter.
+    for (name, t) in model.weights.iter_mut() {
+        if name.ends_with("lora_B") {
+            *t = Tensor::randn(0f32, 0.1, t.dims(), &Device::Cpu).unwrap();
+        }
+    }
+    let ids = Tensor::new(&[[3u32, 14, 15, 92, 65, 35, 89, 79]], &Device::Cpu).unwrap();
+    let logits = |m: &LoadedModel| -> Vec<f32> {
+        let l = Llama::new(&m.config, &m.weights).unwrap();
+        l.logits(&l.forward_hidden(&ids, None).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let with_adapters = logits(&model);
+    let merged = supra::train::lora::merge(&model).unwrap();
+    assert!(merged.config.lora.is_none() && !merged.weights.keys().any(|k| k.contains("lora")));
+    let d = with_adapters
+        .iter()
+        .zip(logits(&merged))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(d < 1e-4, "merged model differs by {d}");
+    let saved = dir.path().join("with-lora");
+    supra::io::hf_dir::save(&model, &saved).unwrap();
+    let reloaded = supra::io::load(&saved).unwrap();
+    assert_eq!(reloaded.config.lora, model.config.lora);
+    assert_eq!(logits(&reloaded), with_adapters);
+}
+
+#[test]
+fn transfer_then_lora_finetune_changes_what_it_should() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let model = tiny_linear(dir.path());
+    let before = model.weights.clone();
+    let mut cfg = config(Recipe::TransferFinetune);
+    cfg.steps = 16;
+    cfg.transfer_steps = 8;
+    let out = dir.path().join("run");
+    let s = run(
+        model,
+        &cfg,
+        &data,
+        &out,
+        &dir.path().join("cache"),
+        false,
+        None,
+    );
+    let objectives: Vec<String> = s
+        .history
+        .iter()
+        .map(|m| format!("{:?}", m.objective))
+        .collect();
+    assert_eq!(
+        objectives.iter().filter(|o| *o == "Transfer").count(),
+        8,
+        "{objectives:?}"
+    );
+    assert_eq!(
+        objectives.iter().filter(|o| *o == "Ce").count(),
+        8,
+        "{objectives:?}"
+    );
+    let after = supra::io::load(&out.join("final")).unwrap();
+    assert!(
+        after.config.lora.is_none(),
+        "the final model has its adapters merged"
+    );
+    assert_eq!(after.weights.len(), before.len());
+    for (name, t) in &before {
+        let d = (t - &after.weights[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
+            .iter()
+            .any(|p| name.contains(p));
+        let expected = name.contains(".phi_") || attn;
+        assert_eq!(d > 0.0, expected, "{name} changed by {d}");
     }
 }

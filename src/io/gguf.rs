@@ -121,6 +121,7 @@ fn config_from_metadata(
         eos_token_id: tok_id("tokenizer.ggml.eos_token_id"),
         layer_kinds: vec![AttentionKind::Softmax; md_usize(md, &key("block_count"), source)?],
         supra: None,
+        lora: None,
     };
     cfg.validate()
         .with_context(|| format!("{source}: inconsistent metadata"))?;

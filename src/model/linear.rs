@@ -11,6 +11,8 @@ use rayon::prelude::*;
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
+    /// LoRA adapter (A: rank × in, B: out × rank, scale): adds scale · x Aᵀ Bᵀ.
+    lora: Option<(Tensor, Tensor, f64)>,
 }
 
 /// At most this many input rows take the matrix-vector path.
@@ -20,7 +22,13 @@ impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
             inner: candle_nn::Linear::new(weight, bias),
+            lora: None,
         }
+    }
+
+    pub fn with_lora(mut self, a: Tensor, b: Tensor, scale: f64) -> Self {
+        self.lora = Some((a, b, scale));
+        self
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -30,6 +38,11 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
         // The kernel works on raw slices: no gradient flows through it.
+        if let Some((a, b, scale)) = &self.lora {
+            let base = self.inner.forward(x)?;
+            let low = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+            return Ok((base + (low * *scale)?)?);
+        }
         if rows <= GEMV_MAX_ROWS && !x.track_op() && !self.weight().track_op() {
             if let Some(y) = self.gemv(x, rows)? {
                 return Ok(y);

@@ -3,7 +3,7 @@
 
 use crate::attention::softmax::SoftmaxAttention;
 use crate::attention::supra::{group_norm_heads, Mode, SupraAttention, GROUP_NORM_EPS};
-use crate::config::{AttentionKind, ModelConfig};
+use crate::config::{AttentionKind, LoraConfig, ModelConfig};
 use crate::model::linear::Linear;
 use crate::model::mlp::Mlp;
 use crate::model::norm::RmsNorm;
@@ -90,7 +90,16 @@ impl Llama {
             } else {
                 None
             };
-            Ok(Linear::new(get(&format!("{name}.weight"))?, b))
+            let lin = Linear::new(get(&format!("{name}.weight"))?, b);
+            let adapted = LoraConfig::TARGETS.iter().any(|t| name.ends_with(t));
+            Ok(match (&config.lora, adapted) {
+                (Some(l), true) => lin.with_lora(
+                    get(&format!("{name}.lora_A"))?,
+                    get(&format!("{name}.lora_B"))?,
+                    l.scale(),
+                ),
+                _ => lin,
+            })
         };
         let eps = config.rms_norm_eps;
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);

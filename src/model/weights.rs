@@ -38,6 +38,23 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
                 out.push((format!("{p}.self_attn.phi_k.bias"), vec![fk]));
             }
         }
+        if let Some(l) = &cfg.lora {
+            for (target, out_dim, in_dim) in [
+                ("q_proj", q_dim, h),
+                ("k_proj", kv_dim, h),
+                ("v_proj", kv_dim, h),
+                ("o_proj", h, q_dim),
+            ] {
+                out.push((
+                    format!("{p}.self_attn.{target}.lora_A"),
+                    vec![l.rank, in_dim],
+                ));
+                out.push((
+                    format!("{p}.self_attn.{target}.lora_B"),
+                    vec![out_dim, l.rank],
+                ));
+            }
+        }
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
         out.push((
             format!("{p}.mlp.gate_proj.weight"),

@@ -17,8 +17,6 @@ pub struct Progress {
     pub cursor: u64,
     /// Training tokens seen.
     pub tokens: u64,
-    /// AdamW's update count (bias correction).
-    pub adam_t: u64,
     /// Seed of the data order (the only randomness in a run).
     pub seed: u64,
     /// Per layer, the per-head factors the transfer recipe folded into Wo (`None` for layers

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod lora;
 pub mod optim;
 pub mod plot;
 pub mod recipe;

@@ -34,6 +34,10 @@ pub struct Param {
     pub var: Var,
     /// Norm weights and biases get no weight decay.
     decay: bool,
+    /// Whether the current phase trains this parameter (see [`AdamW::set_active`]).
+    active: bool,
+    /// Updates this parameter has received (its bias correction).
+    t: u64,
     grad: Vec<f32>,
     m: Vec<f32>,
     v: Vec<f32>,
@@ -42,8 +46,6 @@ pub struct Param {
 pub struct AdamW {
     pub params: Vec<Param>,
     pub cfg: AdamWConfig,
-    /// Updates applied so far (for bias correction).
-    pub t: u64,
 }
 
 /// A contiguous f32 CPU tensor's values.
@@ -68,13 +70,23 @@ impl AdamW {
                     name,
                     var,
                     decay,
+                    active: true,
+                    t: 0,
                     grad: vec![0.0; n],
                     m: vec![0.0; n],
                     v: vec![0.0; n],
                 }
             })
             .collect();
-        Self { params, cfg, t: 0 }
+        Self { params, cfg }
+    }
+
+    /// Restricts gradient accumulation and updates to the parameters `train` accepts (a
+    /// training phase that trains a subset); the others keep their values and moments.
+    pub fn set_active(&mut self, train: impl Fn(&str) -> bool) {
+        for p in &mut self.params {
+            p.active = train(&p.name);
+        }
     }
 
     pub fn num_params(&self) -> usize {
@@ -84,7 +96,7 @@ impl AdamW {
     /// Adds this backward pass's gradients, times `scale`, to the accumulators. A parameter the
     /// loss does not reach simply gets nothing.
     pub fn accumulate(&mut self, grads: &GradStore, scale: f32) -> Result<()> {
-        for p in &mut self.params {
+        for p in self.params.iter_mut().filter(|p| p.active) {
             if let Some(g) = grads.get(&p.var) {
                 with_slice(g, |g| {
                     p.grad
@@ -127,11 +139,11 @@ impl AdamW {
     /// One update with learning rate `lr`, the accumulated gradient scaled by `grad_scale`
     /// (for clipping); then clears the accumulators.
     pub fn step(&mut self, lr: f64, grad_scale: f64) -> Result<()> {
-        self.t += 1;
         let c = self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
-        for p in &mut self.params {
+        for p in self.params.iter_mut().filter(|p| p.active) {
+            p.t += 1;
+            let bc1 = 1.0 - c.beta1.powi(p.t as i32);
+            let bc2 = 1.0 - c.beta2.powi(p.t as i32);
             let op = Update {
                 grad: &p.grad,
                 m: std::sync::Mutex::new(&mut p.m),
@@ -155,7 +167,7 @@ impl AdamW {
         Ok(())
     }
 
-    /// Optimizer state as named tensors (`m.NAME`, `v.NAME`) for checkpoints.
+    /// Optimizer state as named tensors (`m.NAME`, `v.NAME`, `t.NAME`) for checkpoints.
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for p in &self.params {
@@ -169,12 +181,18 @@ impl AdamW {
                 format!("v.{}", p.name),
                 Tensor::from_slice(&p.v, shape, dev)?,
             );
+            out.insert(format!("t.{}", p.name), Tensor::new(&[p.t as f64], dev)?);
         }
         Ok(out)
     }
 
-    pub fn load_state(&mut self, state: &HashMap<String, Tensor>, t: u64) -> Result<()> {
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         for p in &mut self.params {
+            let key = format!("t.{}", p.name);
+            let Some(t) = state.get(&key) else {
+                bail!("optimizer state has no '{key}'");
+            };
+            p.t = t.flatten_all()?.to_vec1::<f64>()?[0] as u64;
             for (key, buf) in [
                 (format!("m.{}", p.name), &mut p.m),
                 (format!("v.{}", p.name), &mut p.v),
@@ -193,7 +211,6 @@ impl AdamW {
                 buf.copy_from_slice(&vals);
             }
         }
-        self.t = t;
         Ok(())
     }
 }

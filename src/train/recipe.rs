@@ -15,6 +15,49 @@ pub enum Recipe {
     Supra,
     /// Attention transfer: only φ, each SUPRA layer matching the teacher's attention output.
     Transfer,
+    /// Transfer for the first `--transfer-tokens`, then cross-entropy on LoRA adapters (q, k,
+    /// v, o) plus φ, or on all parameters with `--lora-rank 0`.
+    #[serde(rename = "transfer+finetune")]
+    #[value(name = "transfer+finetune")]
+    TransferFinetune,
+}
+
+/// What one update optimizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Per-layer MSE to the teacher's attention output (φ only).
+    Transfer,
+    /// Next-token cross-entropy.
+    Ce,
+}
+
+impl Recipe {
+    pub fn objective(self, step: u64, transfer_steps: u64) -> Objective {
+        match self {
+            Self::Supra => Objective::Ce,
+            Self::Transfer => Objective::Transfer,
+            Self::TransferFinetune if step < transfer_steps => Objective::Transfer,
+            Self::TransferFinetune => Objective::Ce,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Supra => "supra",
+            Self::Transfer => "transfer",
+            Self::TransferFinetune => "transfer+finetune",
+        }
+    }
+
+    pub fn uses_transfer(self) -> bool {
+        self != Self::Supra
+    }
+}
+
+/// Whether an update with `objective` changes parameter `name` (of those the recipe trains).
+pub fn phase_trains(objective: Objective, name: &str) -> bool {
+    objective == Objective::Ce || Group::of(name) == Group::Phi
 }
 
 /// Parameter groups that `--freeze` can hold fixed (the `supra` recipe).
@@ -56,14 +99,17 @@ pub fn trainable(model: &LoadedModel, recipe: Recipe, frozen: &[Group]) -> Resul
         .keys()
         .filter(|n| match recipe {
             Recipe::Transfer => Group::of(n) == Group::Phi,
-            Recipe::Supra => !frozen.contains(&Group::of(n)),
+            Recipe::TransferFinetune if model.config.lora.is_some() => {
+                Group::of(n) == Group::Phi || n.contains(".lora_")
+            }
+            Recipe::Supra | Recipe::TransferFinetune => !frozen.contains(&Group::of(n)),
         })
         .cloned()
         .collect();
     names.sort();
     if names.is_empty() {
         match recipe {
-            Recipe::Transfer => bail!("the transfer recipe trains φ, and this model has none: convert it first (`supra convert`)"),
+            Recipe::Transfer | Recipe::TransferFinetune => bail!("the transfer recipe trains φ, and this model has none: convert it first (`supra convert`)"),
             Recipe::Supra => bail!("--freeze leaves nothing to train"),
         }
     }
@@ -86,13 +132,13 @@ pub fn with_variables(
     Ok((weights, vars))
 }
 
-/// The recipe's loss on a batch of windows (batch, seq_len + 1).
-pub fn loss(model: &Llama, recipe: Recipe, windows: &Tensor) -> Result<Tensor> {
+/// The objective's loss on a batch of windows (batch, seq_len + 1).
+pub fn loss(model: &Llama, objective: Objective, windows: &Tensor) -> Result<Tensor> {
     let t = windows.dim(1)? - 1;
     let inputs = windows.narrow(1, 0, t)?;
-    match recipe {
-        Recipe::Transfer => model.transfer_loss(&inputs),
-        Recipe::Supra => {
+    match objective {
+        Objective::Transfer => model.transfer_loss(&inputs),
+        Objective::Ce => {
             let targets = windows.narrow(1, 1, t)?.flatten_all()?;
             let hidden = model.forward_hidden(&inputs, None)?;
             let logits = model.logits(&hidden)?;

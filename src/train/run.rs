@@ -13,7 +13,7 @@ use crate::model::llama::Llama;
 use crate::train::checkpoint::{self, Progress};
 use crate::train::data::{TokenStream, Windows};
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::recipe::{self, Group, Recipe};
+use crate::train::recipe::{self, Group, Objective, Recipe};
 use crate::train::schedule::Schedule;
 
 /// Everything that defines a run; a resumed run must match it.
@@ -38,6 +38,17 @@ pub struct TrainConfig {
     pub seed: u64,
     pub freeze: Vec<Group>,
     pub max_bad_steps: usize,
+    /// transfer+finetune: updates of attention transfer before cross-entropy starts.
+    #[serde(default)]
+    pub transfer_steps: u64,
+    /// transfer+finetune: peak learning rate of the transfer phase.
+    #[serde(default)]
+    pub transfer_lr: f64,
+    /// transfer+finetune: LoRA rank of the fine-tuning phase (0: all parameters).
+    #[serde(default)]
+    pub lora_rank: usize,
+    #[serde(default)]
+    pub lora_alpha: f64,
 }
 
 impl TrainConfig {
@@ -64,8 +75,8 @@ fn plot_all(out: &Path, metrics_path: &Path, cfg: &TrainConfig) -> Result<()> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     let title = format!(
-        "{:?} recipe, seq {}, {} tokens/update",
-        cfg.recipe,
+        "{} recipe, seq {}, {} tokens/update",
+        cfg.recipe.name(),
         cfg.seq_len,
         cfg.windows_per_step() * cfg.seq_len
     );
@@ -76,6 +87,7 @@ fn plot_all(out: &Path, metrics_path: &Path, cfg: &TrainConfig) -> Result<()> {
 pub struct Metrics {
     pub step: u64,
     pub tokens: u64,
+    pub objective: Objective,
     pub loss: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
@@ -130,13 +142,18 @@ fn batch(stream: &TokenStream, starts: &[usize], seq_len: usize) -> Result<Tenso
     )?)
 }
 
-fn evaluate(model: &Llama, recipe: Recipe, stream: &TokenStream, cfg: &TrainConfig) -> Result<f64> {
+fn evaluate(
+    model: &Llama,
+    objective: Objective,
+    stream: &TokenStream,
+    cfg: &TrainConfig,
+) -> Result<f64> {
     let available = stream.len().saturating_sub(1) / cfg.seq_len;
     let n = cfg.eval_windows.min(available);
     let mut total = 0.0;
     for chunk in (0..n).collect::<Vec<_>>().chunks(cfg.micro_batch) {
         let starts: Vec<usize> = chunk.iter().map(|i| i * cfg.seq_len).collect();
-        let l = recipe::loss(model, recipe, &batch(stream, &starts, cfg.seq_len)?)?;
+        let l = recipe::loss(model, objective, &batch(stream, &starts, cfg.seq_len)?)?;
         total += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
     }
     Ok(total / n as f64)
@@ -188,12 +205,15 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
             step: 0,
             cursor: 0,
             tokens: 0,
-            adam_t: 0,
             seed: cfg.seed,
             wo_scales: Vec::new(),
         };
         (model, None, p)
     };
+    let mut model = model;
+    if cfg.recipe == Recipe::TransferFinetune && cfg.lora_rank > 0 && !inputs.resume {
+        crate::train::lora::add(&mut model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)?;
+    }
     let names = recipe::trainable(&model, cfg.recipe, &cfg.freeze)?;
     let n_trained: usize = names.iter().map(|n| model.weights[n].elem_count()).sum();
     let need = memory_estimate(&model, n_trained, cfg);
@@ -223,8 +243,7 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
         }
     }
 
-    let mut model = model;
-    if cfg.recipe == Recipe::Transfer && !inputs.resume {
+    if cfg.recipe.uses_transfer() && !inputs.resume {
         // Deterministic: the first windows of the data order, before any update.
         let n = CALIBRATION_WINDOWS.min(windows.count);
         let batches = (0..n as u64)
@@ -245,7 +264,7 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
     }
     let (weights, vars) = recipe::with_variables(&model, &names)?;
     let mut llama = Llama::new(&model.config, &weights)?;
-    if cfg.recipe == Recipe::Transfer {
+    if cfg.recipe.uses_transfer() {
         // The teacher's hidden states must not see the calibration.
         llama.set_teacher_output_scales(&progress.wo_scales)?;
     }
@@ -257,13 +276,13 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
         },
     );
     if let Some(state) = &opt_state {
-        opt.load_state(state, progress.adam_t)?;
+        opt.load_state(state)?;
     }
     eprintln!(
-        "training {:.2} M of {:.2} M parameters ({:?} recipe) on {} tokens ({} windows of {}), {} windows per update",
+        "training {:.2} M of {:.2} M parameters ({} recipe) on {} tokens ({} windows of {}), {} windows per update",
         n_trained as f64 / 1e6,
         model.config.param_count() as f64 / 1e6,
-        cfg.recipe,
+        cfg.recipe.name(),
         stream.len(),
         windows.count,
         cfg.seq_len,
@@ -295,11 +314,23 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
         .append(true)
         .open(&metrics_path)?;
 
+    // transfer+finetune runs two schedules: one over the transfer updates, one over the rest.
+    let offset = if cfg.recipe == Recipe::TransferFinetune {
+        cfg.transfer_steps.min(cfg.steps)
+    } else {
+        0
+    };
     let schedule = Schedule {
         max_lr: cfg.lr,
         min_lr: cfg.min_lr,
         warmup_steps: cfg.warmup_steps,
-        total_steps: cfg.steps,
+        total_steps: cfg.steps - offset,
+    };
+    let transfer_schedule = Schedule {
+        max_lr: cfg.transfer_lr,
+        min_lr: cfg.transfer_lr / 10.0,
+        warmup_steps: cfg.transfer_steps / 20,
+        total_steps: cfg.transfer_steps,
     };
     let per_step = cfg.windows_per_step();
     let bar = indicatif::ProgressBar::new(cfg.steps).with_style(
@@ -316,7 +347,13 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
         .map_or(cfg.steps, |n| (progress.step + n).min(cfg.steps));
     while progress.step < end {
         let t0 = Instant::now();
-        let lr = schedule.lr(progress.step);
+        let objective = cfg.recipe.objective(progress.step, cfg.transfer_steps);
+        opt.set_active(|n| recipe::phase_trains(objective, n));
+        let lr = if progress.step < offset {
+            transfer_schedule.lr(progress.step)
+        } else {
+            schedule.lr(progress.step - offset)
+        };
         let mut loss_sum = 0.0;
         let mut done = 0;
         while done < per_step {
@@ -324,7 +361,7 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
             let starts: Vec<usize> = (0..n as u64)
                 .map(|i| windows.start(progress.cursor + i))
                 .collect();
-            let loss = recipe::loss(&llama, cfg.recipe, &batch(&stream, &starts, cfg.seq_len)?)?;
+            let loss = recipe::loss(&llama, objective, &batch(&stream, &starts, cfg.seq_len)?)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
             let grads = loss.backward()?;
             opt.accumulate(&grads, n as f32 / per_step as f32)?;
@@ -359,18 +396,18 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
         }
         progress.step += 1;
         progress.tokens += (per_step * cfg.seq_len) as u64;
-        progress.adam_t = opt.t;
         let tokens_per_s = (per_step * cfg.seq_len) as f64 / t0.elapsed().as_secs_f64();
         let last_step = progress.step == cfg.steps;
         let val_loss = match &valid {
             Some(v) if progress.step % cfg.eval_every == 0 || last_step => {
-                Some(evaluate(&llama, cfg.recipe, v, cfg)?)
+                Some(evaluate(&llama, objective, v, cfg)?)
             }
             _ => None,
         };
         let m = Metrics {
             step: progress.step,
             tokens: progress.tokens,
+            objective,
             loss,
             val_loss,
             lr,
@@ -407,7 +444,7 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
     bar.finish();
     let final_dir = if progress.step == cfg.steps {
         let dir = inputs.out.join("final");
-        crate::io::hf_dir::save(&snapshot(&weights), &dir)?;
+        crate::io::hf_dir::save(&crate::train::lora::merge(&snapshot(&weights))?, &dir)?;
         Some(dir)
     } else {
         None
