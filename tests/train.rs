@@ -144,6 +144,24 @@ fn resume_is_exact_for_every_recipe() {
             None,
         );
         assert_eq!(second.steps_done, 20);
+        if recipe == Recipe::Supra {
+            // Changed data cannot resume a run: its cursor would mean other windows.
+            let other = dir.path().join("other");
+            std::fs::create_dir_all(&other).unwrap();
+            std::fs::write(other.join("x.txt"), PROSE.repeat(30)).unwrap();
+            let inputs = TrainInputs {
+                data: &[other],
+                valid: None,
+                out: &split,
+                resume: true,
+                stop_after: None,
+                token_cache: &cache,
+            };
+            let err = train(tiny_linear(dir.path()), &cfg, &inputs)
+                .err()
+                .expect("must refuse");
+            assert!(format!("{err:#}").contains("training data"), "{err:#}");
+        }
         let (a, b) = (losses(&straight), losses(&split));
         assert_eq!(a.len(), 20);
         assert_eq!(

@@ -23,6 +23,10 @@ pub struct Progress {
     /// it did not touch); the teacher's own Wo is this model's divided by them.
     #[serde(default)]
     pub wo_scales: Vec<Option<Vec<f32>>>,
+    /// Identity of the training token stream (tokenizer and file contents): a resumed run must
+    /// read the same data for its cursor to mean the same windows.
+    #[serde(default)]
+    pub data: String,
 }
 
 pub fn checkpoints_dir(run: &Path) -> PathBuf {

@@ -141,6 +141,13 @@ impl TokenStream {
         self.len() == 0
     }
 
+    /// The cache key: a hash of the tokenizer and every input file's path and contents.
+    pub fn key(&self) -> String {
+        self.path
+            .file_stem()
+            .map_or(String::new(), |s| s.to_string_lossy().into_owned())
+    }
+
     pub fn get(&self, start: usize, len: usize) -> Vec<u32> {
         self.map[start * 4..(start + len) * 4]
             .chunks_exact(4)

@@ -207,6 +207,7 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
             tokens: 0,
             seed: cfg.seed,
             wo_scales: Vec::new(),
+            data: String::new(),
         };
         (model, None, p)
     };
@@ -229,6 +230,11 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
 
     let stream = TokenStream::build(inputs.data, &model.tokenizer, inputs.token_cache)?;
     let mut windows = Windows::new(&stream, cfg.seq_len, cfg.seed)?;
+    let data_key = stream.key();
+    if inputs.resume && progress.data != data_key {
+        bail!("--resume: the training data (or tokenizer) changed since the run started; resume with the same --data");
+    }
+    progress.data = data_key;
     let valid = match inputs.valid {
         Some(v) => Some(TokenStream::build(v, &model.tokenizer, inputs.token_cache)?),
         None => None,
