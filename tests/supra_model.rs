@@ -142,14 +142,7 @@ fn converted_model_saves_reloads_and_runs_in_every_mode() {
     );
     // The teacher's weights are kept as they were.
     for (name, t) in &teacher.weights {
-        let d = (t - &loaded.weights[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = common::max_abs_diff(t, &loaded.weights[name]);
         assert_eq!(d, 0.0, "{name} changed");
     }
     // Same seed, same φ: the library path gives the CLI's model.

@@ -120,28 +120,8 @@ fn quantized_gguf_tensors_load() {
         let (m, model) = load(&p);
         for (name, want) in &reference.weights {
             let got = &m.weights[name];
-            let err = (got - want)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt();
-            let norm = want
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt();
-            assert!(
-                err / norm < tol,
-                "{dtype:?} {name}: relative error {}",
-                err / norm
-            );
+            let rel = common::rel_err(got, want);
+            assert!(rel < tol, "{dtype:?} {name}: relative error {}", rel);
         }
         if dtype == GgmlDType::Q8_0 {
             let ids: Vec<u32> = (3..60).collect();
@@ -180,24 +160,8 @@ fn k_quant_gguf_tensors_load() {
         let m = supra::io::load(&p).unwrap();
         let name = "model.layers.1.self_attn.q_proj.weight";
         let (got, want) = (&m.weights[name], &reference.weights[name]);
-        let err = (got - want)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt();
-        let norm = want
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt();
-        assert!(err / norm < tol, "{dtype:?}: relative error {}", err / norm);
+        let rel = common::rel_err(got, want);
+        assert!(rel < tol, "{dtype:?}: relative error {}", rel);
     }
 }
 

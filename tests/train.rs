@@ -178,14 +178,7 @@ fn resume_is_exact_for_every_recipe() {
         let f1 = supra::io::load(&straight.join("final")).unwrap();
         let f2 = supra::io::load(&split.join("final")).unwrap();
         for (name, t) in &f1.weights {
-            let d = (t - &f2.weights[name])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = common::max_abs_diff(t, &f2.weights[name]);
             assert!(d <= 1e-6, "{recipe:?} {name} differs by {d}");
         }
     }
@@ -223,14 +216,7 @@ fn transfer_learns_phi_and_calibrates_wo() {
     );
     let after = supra::io::load(&out.join("final")).unwrap();
     for (name, t) in &before {
-        let d = (t - &after.weights[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = common::max_abs_diff(t, &after.weights[name]);
         // φ trains; the SUPRA layer's Wo is rescaled once (calibration); nothing else moves.
         let expected = name.contains(".phi_") || name == "model.layers.1.self_attn.o_proj.weight";
         assert_eq!(d > 0.0, expected, "{name} changed by {d}");
@@ -554,14 +540,7 @@ fn transfer_then_lora_finetune_changes_what_it_should() {
     );
     assert_eq!(after.weights.len(), before.len());
     for (name, t) in &before {
-        let d = (t - &after.weights[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = common::max_abs_diff(t, &after.weights[name]);
         let attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
             .iter()
             .any(|p| name.contains(p));
