@@ -210,3 +210,20 @@ pub fn write_tiny_gguf(path: &Path, seed: u64) -> Result<ModelConfig> {
     TinyGguf::new(&cfg, seed, GgmlDType::F32)?.write(path)?;
     Ok(cfg)
 }
+
+/// max |a − b| over all elements of two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("tensors of the same shape")
+}
+
+/// max |a − b| over two slices of the same length.
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

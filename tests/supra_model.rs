@@ -31,13 +31,6 @@ fn logits(model: &Llama, ids: &[u32]) -> Vec<f32> {
         .unwrap()
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 /// A cross-entropy loss reaches every parameter of a hybrid (softmax layer 0, SUPRA layer 1):
 /// catches candle's fused ops that silently drop gradients.
 #[test]
@@ -142,7 +135,7 @@ fn converted_model_saves_reloads_and_runs_in_every_mode() {
     );
     // The teacher's weights are kept as they were.
     for (name, t) in &teacher.weights {
-        let d = common::max_abs_diff(t, &loaded.weights[name]);
+        let d = supra::testing::max_abs_diff(t, &loaded.weights[name]);
         assert_eq!(d, 0.0, "{name} changed");
     }
     // Same seed, same φ: the library path gives the CLI's model.
@@ -158,7 +151,7 @@ fn converted_model_saves_reloads_and_runs_in_every_mode() {
     assert_eq!(logits(&model, &ids), reference);
     for mode in [Mode::Parallel, Mode::Recurrent] {
         model.mode = mode;
-        let d = max_diff(&logits(&model, &ids), &reference);
+        let d = supra::testing::max_diff(&logits(&model, &ids), &reference);
         assert!(d < 1e-4, "{mode:?} differs from chunked by {d}");
     }
     // The CLI modes agree too.
@@ -170,7 +163,10 @@ fn converted_model_saves_reloads_and_runs_in_every_mode() {
         serde_json::from_value(v["logprobs"].clone()).unwrap()
     };
     let p = lp("parallel");
-    assert!(max_diff(&p, &lp("chunked")) < 1e-4 && max_diff(&p, &lp("recurrent")) < 1e-4);
+    assert!(
+        supra::testing::max_diff(&p, &lp("chunked")) < 1e-4
+            && supra::testing::max_diff(&p, &lp("recurrent")) < 1e-4
+    );
 }
 
 #[test]
@@ -274,7 +270,10 @@ fn converted_smollm2_modes_agree_on_1000_tokens() {
     let p = run(Mode::Parallel);
     let c = run(Mode::Chunked);
     let r = run(Mode::Recurrent);
-    let (dc, dr) = (max_diff(&p, &c), max_diff(&p, &r));
+    let (dc, dr) = (
+        supra::testing::max_diff(&p, &c),
+        supra::testing::max_diff(&p, &r),
+    );
     println!(
         "1000 tokens: max |logprob diff| parallel-chunked {dc:.2e}, parallel-recurrent {dr:.2e}"
     );

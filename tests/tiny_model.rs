@@ -28,13 +28,6 @@ fn full_logits(model: &Llama, ids: &[u32]) -> Vec<Vec<f32>> {
         .unwrap()
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 #[test]
 fn kv_cache_decoding_equals_full_forward() {
     let dir = tempfile::tempdir().unwrap();
@@ -51,7 +44,7 @@ fn kv_cache_decoding_equals_full_forward() {
         .unwrap();
     let last = model.forward_last(&x, &mut cache).unwrap();
     let last: Vec<f32> = last.squeeze(0).unwrap().to_vec1().unwrap();
-    assert!(max_diff(&last, &full[24]) < 1e-4);
+    assert!(supra::testing::max_diff(&last, &full[24]) < 1e-4);
     for (t, &id) in ids.iter().enumerate().skip(25) {
         let x = Tensor::new(&[id], &Device::Cpu)
             .unwrap()
@@ -64,7 +57,7 @@ fn kv_cache_decoding_equals_full_forward() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let d = max_diff(&step, &full[t]);
+        let d = supra::testing::max_diff(&step, &full[t]);
         assert!(d < 1e-4, "position {t}: cached decoding differs by {d}");
     }
     assert_eq!(cache.pos, ids.len());
@@ -129,7 +122,7 @@ fn quantized_gguf_tensors_load() {
             let d = a
                 .iter()
                 .zip(&b)
-                .map(|(x, y)| max_diff(x, y))
+                .map(|(x, y)| supra::testing::max_diff(x, y))
                 .fold(0.0, f32::max);
             assert!(d > 0.0 && d < 0.1, "Q8_0 logits differ by {d}");
         }

@@ -178,7 +178,7 @@ fn resume_is_exact_for_every_recipe() {
         let f1 = supra::io::load(&straight.join("final")).unwrap();
         let f2 = supra::io::load(&split.join("final")).unwrap();
         for (name, t) in &f1.weights {
-            let d = common::max_abs_diff(t, &f2.weights[name]);
+            let d = supra::testing::max_abs_diff(t, &f2.weights[name]);
             assert!(d <= 1e-6, "{recipe:?} {name} differs by {d}");
         }
     }
@@ -216,14 +216,22 @@ fn transfer_learns_phi_and_calibrates_wo() {
     );
     let after = supra::io::load(&out.join("final")).unwrap();
     for (name, t) in &before {
-        let d = common::max_abs_diff(t, &after.weights[name]);
+        let d = supra::testing::max_abs_diff(t, &after.weights[name]);
         // φ trains; the SUPRA layer's Wo is rescaled once (calibration); nothing else moves.
         let expected = name.contains(".phi_") || name == "model.layers.1.self_attn.o_proj.weight";
         assert_eq!(d > 0.0, expected, "{name} changed by {d}");
     }
 }
 
-fn train_cli(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+/// `supra train MODEL --data DATA --out OUT --no-valid --steps 2` with a private token cache,
+/// windows of 32 and updates of 64 tokens unless `extra` sets them.
+fn train_cli(
+    cache: &Path,
+    model: &Path,
+    data: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> std::process::Output {
     let mut args = vec![
         "train",
         model.to_str().unwrap(),
@@ -232,15 +240,20 @@ fn train_cli(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::proc
         "--out",
         out.to_str().unwrap(),
         "--no-valid",
-        "--seq-len",
-        "32",
-        "--batch-tokens",
-        "64",
         "--steps",
         "2",
     ];
+    for (flag, default) in [("--seq-len", "32"), ("--batch-tokens", "64")] {
+        if !extra.contains(&flag) {
+            args.extend([flag, default]);
+        }
+    }
     args.extend_from_slice(extra);
-    common::supra(&args)
+    std::process::Command::new(env!("CARGO_BIN_EXE_supra"))
+        .env("SUPRA_CACHE_DIR", cache)
+        .args(&args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -249,28 +262,8 @@ fn bad_training_input_is_refused_clearly() {
     let linear = dir.path().join("linear");
     supra::io::hf_dir::save(&tiny_linear(dir.path()), &linear).unwrap();
     let cache = dir.path().join("cache");
-    let with_cache = |out: &Path, data: &Path, extra: &[&str]| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_supra"));
-        c.env("SUPRA_CACHE_DIR", &cache);
-        let mut args = vec![
-            "train",
-            linear.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--no-valid",
-            "--steps",
-            "2",
-        ];
-        for (flag, default) in [("--seq-len", "32"), ("--batch-tokens", "64")] {
-            if !extra.contains(&flag) {
-                args.extend([flag, default]);
-            }
-        }
-        args.extend_from_slice(extra);
-        c.args(&args).output().unwrap()
-    };
+    let with_cache =
+        |out: &Path, data: &Path, extra: &[&str]| train_cli(&cache, &linear, data, out, extra);
     // Empty corpus.
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
@@ -353,7 +346,7 @@ fn bad_training_input_is_refused_clearly() {
     // The transfer recipe needs SUPRA layers.
     let teacher = dir.path().join("teacher.gguf");
     common::assert_clean_error(
-        &train_cli(&teacher, &good[0], &dir.path().join("o8"), &[]),
+        &train_cli(&cache, &teacher, &good[0], &dir.path().join("o8"), &[]),
         &["convert it first"],
     );
 }
@@ -540,7 +533,7 @@ fn transfer_then_lora_finetune_changes_what_it_should() {
     );
     assert_eq!(after.weights.len(), before.len());
     for (name, t) in &before {
-        let d = common::max_abs_diff(t, &after.weights[name]);
+        let d = supra::testing::max_abs_diff(t, &after.weights[name]);
         let attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
             .iter()
             .any(|p| name.contains(p));

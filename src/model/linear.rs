@@ -176,14 +176,7 @@ mod tests {
                 .unwrap();
             let got = lin.forward(&x).unwrap();
             assert_eq!(got.dims(), want.dims());
-            let d = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::testing::max_abs_diff(&got, &want);
             assert!(d < 1e-4, "{rows} rows: differ by {d}");
         }
     }

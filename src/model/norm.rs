@@ -48,14 +48,7 @@ mod tests {
         let tracked = Var::from_tensor(&x).unwrap();
         let composed = norm.forward(tracked.as_tensor()).unwrap();
         assert!(composed.track_op());
-        let d = (fused - composed)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::testing::max_abs_diff(&fused, &composed);
         assert!(d < 1e-5, "{d}");
     }
 }

@@ -91,28 +91,14 @@ mod tests {
         let fused = rope.apply(&x, 3).unwrap();
         let var = candle_core::Var::from_tensor(&x).unwrap();
         let composed = rope.apply(var.as_tensor(), 3).unwrap();
-        let d = (fused - composed)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::testing::max_abs_diff(&fused, &composed);
         assert!(d < 1e-6);
         // Positions 14..19 cross the end of the 16-entry table.
         let long = Rope::new(8, 10_000.0, 64, &dev)
             .unwrap()
             .apply(&x, 14)
             .unwrap();
-        let d = (long - rope.apply(&x, 14).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::testing::max_abs_diff(&long, &rope.apply(&x, 14).unwrap());
         assert!(d < 1e-6);
     }
 }

@@ -66,18 +66,6 @@ pub fn data_dir() -> PathBuf {
     d
 }
 
-/// max |a − b| over all elements.
-pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// ‖a − b‖ / ‖b‖ (Frobenius norms).
 pub fn rel_err(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     let norm = |t: &candle_core::Tensor| {
