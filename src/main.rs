@@ -304,6 +304,9 @@ enum BenchCommand {
         /// Timed steps per recipe (after one warm-up step); the median is reported.
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// Recipes to time; transfer+finetune times its fine-tuning phase (LoRA rank 16 + φ).
+        #[arg(long, value_delimiter = ',', default_value = "supra,transfer,transfer+finetune")]
+        recipes: Vec<Recipe>,
     },
     /// Prompt processing and generation speed, and peak memory, of `supra generate`.
     Generate {
@@ -408,6 +411,7 @@ fn run(cli: Cli) -> Result<()> {
             model,
             seq_len,
             steps,
+            recipes,
         }) => {
             let loaded = match model {
                 Some(p) => io::load(&p)?,
@@ -421,7 +425,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("matmul peak (f32, 1024³): {peak:.1} GFLOP/s; model: {:.2} M parameters; seq {seq_len}", n / 1e6);
             println!("| recipe | trained params | tokens/s | forward (s) | backward (s) | optimizer (s) | GFLOP/s (6·N per token) | % of peak |");
             println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-            for recipe in [Recipe::Supra, Recipe::Transfer] {
+            for recipe in recipes {
                 let b = supra::bench::train_step(&loaded, recipe, seq_len, steps.max(1))?;
                 // 6·N FLOPs per token is the full forward + backward of cross-entropy training;
                 // transfer runs a forward and backpropagates only into φ, so it has no such figure.
@@ -433,7 +437,11 @@ fn run(cli: Cli) -> Result<()> {
                     Recipe::Transfer | Recipe::TransferFinetune => "— | —".to_string(),
                 };
                 println!(
-                    "| {recipe:?} | {:.2} M | {:.1} | {:.2} | {:.2} | {:.2} | {flops} |",
+                    "| {} | {:.2} M | {:.1} | {:.2} | {:.2} | {:.2} | {flops} |",
+                    match recipe {
+                        Recipe::TransferFinetune => "transfer+finetune (LoRA 16 + φ)",
+                        r => r.name(),
+                    },
                     b.trained_params as f64 / 1e6,
                     b.tokens_per_s,
                     b.forward_s,
