@@ -305,7 +305,11 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         steps: usize,
         /// Recipes to time; transfer+finetune times its fine-tuning phase (LoRA rank 16 + φ).
-        #[arg(long, value_delimiter = ',', default_value = "supra,transfer,transfer+finetune")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "supra,transfer,transfer+finetune"
+        )]
         recipes: Vec<Recipe>,
     },
     /// Prompt processing and generation speed, and peak memory, of `supra generate`.
