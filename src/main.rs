@@ -108,9 +108,10 @@ struct GenerateArgs {
 struct ScoreArgs {
     #[command(flatten)]
     model: ModelArg,
-    /// Score the contents of this text file.
-    #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt")]
-    text: Option<PathBuf>,
+    /// Score these files: .txt, .txt.gz or .jsonl (a "text" field per line), or directories of
+    /// them. Several documents need --window.
+    #[arg(long, num_args = 1.., conflicts_with = "prompt", required_unless_present = "prompt")]
+    text: Vec<PathBuf>,
     /// Score this text.
     #[arg(long)]
     prompt: Option<String>,
@@ -120,6 +121,14 @@ struct ScoreArgs {
     /// Form of the SUPRA layers' attention (no effect on softmax layers); all three agree.
     #[arg(long, value_enum, default_value_t = Mode::Chunked)]
     mode: Mode,
+    /// Held-out perplexity: score each document in non-overlapping windows of this many tokens
+    /// (each window's first token is not scored). --json then prints {files, documents, window,
+    /// tokens, nll, ppl} without per-token log-probs.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
+    window: Option<u64>,
+    /// With --window: score at most the first N tokens of each document.
+    #[arg(long, requires = "window")]
+    max_tokens: Option<usize>,
 }
 
 #[derive(Args)]
@@ -800,10 +809,17 @@ fn read_text(path: &Path) -> Result<String> {
 }
 
 fn score(a: &ScoreArgs) -> Result<()> {
-    let text = match (&a.text, &a.prompt) {
-        (Some(p), _) => read_text(p)?,
-        (None, Some(t)) => t.clone(),
-        (None, None) => bail!("give --text FILE or --prompt TEXT"),
+    if let Some(window) = a.window {
+        return score_windows(a, window as usize);
+    }
+    let text = match (a.text.as_slice(), &a.prompt) {
+        ([p], _) => read_text(p)?,
+        ([], Some(t)) => t.clone(),
+        ([], None) => bail!("give --text FILE or --prompt TEXT"),
+        (files, _) => bail!(
+            "{} files given: score several documents with --window N",
+            files.len()
+        ),
     };
     let (loaded, mut model) = a.model.load()?;
     model.mode = a.mode;
@@ -825,6 +841,71 @@ fn score(a: &ScoreArgs) -> Result<()> {
         println!("{v}");
     } else {
         println!("tokens      {}", ids.len());
+        println!("nll         {nll:.4} nats/token");
+        println!("perplexity  {:.3}", nll.exp());
+    }
+    Ok(())
+}
+
+/// Perplexity over every document of `a.text` (or the prompt) in windows of `window` tokens.
+fn score_windows(a: &ScoreArgs, window: usize) -> Result<()> {
+    let (files, docs) = if a.text.is_empty() {
+        let prompt = a
+            .prompt
+            .clone()
+            .context("give --text PATH... or --prompt TEXT")?;
+        (Vec::new(), vec![prompt])
+    } else {
+        let (files, _skipped) = supra::train::data::list_files(&a.text)?;
+        let mut docs = Vec::new();
+        for f in &files {
+            docs.extend(supra::train::data::read_documents(f)?);
+        }
+        (files, docs)
+    };
+    let (loaded, mut model) = a.model.load()?;
+    model.mode = a.mode;
+    let limit = a.max_tokens.unwrap_or(usize::MAX);
+    let docs: Vec<Vec<u32>> = docs
+        .iter()
+        .map(|d| {
+            Ok(loaded
+                .tokenizer
+                .encode(d)?
+                .into_iter()
+                .take(limit)
+                .collect())
+        })
+        .collect::<Result<_>>()?;
+    let windows: usize = docs.iter().map(|d| d.len().div_ceil(window)).sum();
+    let bar = indicatif::ProgressBar::new(windows as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "scoring {bar:30} {pos}/{len} windows [{elapsed}<{eta}]",
+        )
+        .expect("valid template"),
+    );
+    let (mut nll_sum, mut tokens) = (0.0f64, 0usize);
+    for ids in docs.iter().filter(|d| d.len() >= 2) {
+        let done = bar.position();
+        let p = supra::eval::perplexity::perplexity(&model, ids, window, 1, |n| {
+            bar.set_position(done + n as u64)
+        })?;
+        nll_sum += p.nll * p.tokens as f64;
+        tokens += p.tokens;
+    }
+    bar.finish_and_clear();
+    if tokens == 0 {
+        bail!("nothing to score: every document has fewer than 2 tokens");
+    }
+    let nll = nll_sum / tokens as f64;
+    if a.json {
+        let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        let v = serde_json::json!({ "files": files, "documents": docs.len(), "window": window,
+            "tokens": tokens, "nll": nll, "ppl": nll.exp() });
+        println!("{v}");
+    } else {
+        println!("documents   {}", docs.len());
+        println!("tokens      {tokens} (windows of {window})");
         println!("nll         {nll:.4} nats/token");
         println!("perplexity  {:.3}", nll.exp());
     }

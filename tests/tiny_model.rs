@@ -235,6 +235,65 @@ fn score_cli_plain_output() {
     common::assert_clean_error(&out, &["in.txt", "not UTF-8"]);
 }
 
+/// `score --window`: one window over a whole document is the plain score; several documents
+/// combine into the token-weighted mean of their own scores; windows cut the context.
+#[test]
+fn score_cli_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.gguf");
+    write_tiny_gguf(&p, 2).unwrap();
+    let docs = dir.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    let a = docs.join("a.txt");
+    let b = docs.join("b.txt");
+    std::fs::write(&a, "the cat sat on the mat and the dog sat on the log").unwrap();
+    std::fs::write(&b, "a mat, a log, a cat").unwrap();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = common::supra_path("score", &p, args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let plain = |f: &std::path::Path| json(&["--text", f.to_str().unwrap(), "--json"]);
+    let (pa, pb) = (plain(&a), plain(&b));
+    let n = |v: &serde_json::Value| v["logprobs"].as_array().unwrap().len() as f64;
+    let whole = json(&["--text", a.to_str().unwrap(), "--window", "1000", "--json"]);
+    assert!((whole["nll"].as_f64().unwrap() - pa["nll"].as_f64().unwrap()).abs() < 1e-5);
+    let both = json(&[
+        "--text",
+        docs.to_str().unwrap(),
+        "--window",
+        "1000",
+        "--json",
+    ]);
+    let mean = (pa["nll"].as_f64().unwrap() * n(&pa) + pb["nll"].as_f64().unwrap() * n(&pb))
+        / (n(&pa) + n(&pb));
+    assert_eq!(both["documents"], 2);
+    assert_eq!(both["tokens"].as_f64().unwrap(), n(&pa) + n(&pb));
+    assert!((both["nll"].as_f64().unwrap() - mean).abs() < 1e-5);
+    let short = json(&["--text", a.to_str().unwrap(), "--window", "4", "--json"]);
+    assert!(short["tokens"].as_f64().unwrap() < n(&pa));
+    let capped = json(&[
+        "--text",
+        a.to_str().unwrap(),
+        "--window",
+        "1000",
+        "--max-tokens",
+        "5",
+        "--json",
+    ]);
+    assert_eq!(capped["tokens"], 4);
+    let out = common::supra_path(
+        "score",
+        &p,
+        &["--text", a.to_str().unwrap(), b.to_str().unwrap()],
+    );
+    common::assert_clean_error(&out, &["2 files", "--window"]);
+}
+
 #[test]
 fn qwen2_with_biases_round_trips() {
     let dir = tempfile::tempdir().unwrap();

@@ -79,8 +79,8 @@ pub fn list_files(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, usize)> {
     Ok((files, skipped))
 }
 
-/// The documents of one file.
-fn read_documents(path: &Path) -> Result<Vec<String>> {
+/// The documents of one file: the whole text of a .txt or .txt.gz, each line's "text" of a .jsonl.
+pub fn read_documents(path: &Path) -> Result<Vec<String>> {
     let raw = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let bytes = match format_of(path) {
         Some(Format::GzText) => {
