@@ -269,11 +269,30 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
         eprintln!("calibrated Wo to the teacher's per-head output scale on {n} windows (mean factor {mean:.3})");
     }
     let (weights, vars) = recipe::with_variables(&model, &names)?;
-    let mut llama = Llama::new(&model.config, &weights)?;
-    if cfg.recipe.uses_transfer() {
-        // The teacher's hidden states must not see the calibration.
-        llama.set_teacher_output_scales(&progress.wo_scales)?;
-    }
+    // One view of the weights per objective, in which only what that phase trains is a
+    // variable: in the transfer phase of transfer+finetune the LoRA adapters (trained later)
+    // would otherwise drag the backward pass through every layer's value path.
+    let phase_model = |objective| -> Result<Llama> {
+        let view: crate::model::weights::Weights = weights
+            .iter()
+            .map(|(n, t)| {
+                let t = if recipe::phase_trains(objective, n) {
+                    t.clone()
+                } else {
+                    t.detach()
+                };
+                (n.clone(), t)
+            })
+            .collect();
+        let mut llama = Llama::new(&model.config, &view)?;
+        if cfg.recipe.uses_transfer() {
+            // The teacher's hidden states must not see the calibration.
+            llama.set_teacher_output_scales(&progress.wo_scales)?;
+        }
+        Ok(llama)
+    };
+    let transfer_model = phase_model(Objective::Transfer)?;
+    let ce_model = phase_model(Objective::Ce)?;
     let mut opt = AdamW::new(
         vars,
         AdamWConfig {
@@ -355,6 +374,10 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
         let t0 = Instant::now();
         let objective = cfg.recipe.objective(progress.step, cfg.transfer_steps);
         opt.set_active(|n| recipe::phase_trains(objective, n));
+        let llama = match objective {
+            Objective::Transfer => &transfer_model,
+            Objective::Ce => &ce_model,
+        };
         let lr = if progress.step < offset {
             transfer_schedule.lr(progress.step)
         } else {
@@ -367,7 +390,7 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
             let starts: Vec<usize> = (0..n as u64)
                 .map(|i| windows.start(progress.cursor + i))
                 .collect();
-            let loss = recipe::loss(&llama, objective, &batch(&stream, &starts, cfg.seq_len)?)?;
+            let loss = recipe::loss(llama, objective, &batch(&stream, &starts, cfg.seq_len)?)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
             let grads = loss.backward()?;
             opt.accumulate(&grads, n as f32 / per_step as f32)?;
@@ -406,7 +429,7 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
         let last_step = progress.step == cfg.steps;
         let val_loss = match &valid {
             Some(v) if progress.step % cfg.eval_every == 0 || last_step => {
-                Some(evaluate(&llama, objective, v, cfg)?)
+                Some(evaluate(llama, objective, v, cfg)?)
             }
             _ => None,
         };
