@@ -1,6 +1,7 @@
 //! Uptraining: data, optimizer, schedule, recipes and the training loop.
 
 pub mod checkpoint;
+pub mod cross_entropy;
 pub mod data;
 pub mod lora;
 pub mod optim;

@@ -143,7 +143,9 @@ pub fn loss(model: &Llama, objective: Objective, windows: &Tensor) -> Result<Ten
             let hidden = model.forward_hidden(&inputs, None)?;
             let logits = model.logits(&hidden)?;
             let logits = logits.reshape((targets.dim(0)?, ()))?;
-            Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+            Ok(crate::train::cross_entropy::cross_entropy(
+                &logits, &targets,
+            )?)
         }
     }
 }
