@@ -1,3 +1,4 @@
 //! Evaluation.
 
+pub mod harness;
 pub mod perplexity;

@@ -1,0 +1,94 @@
+//! The evaluation harness on tiny models: the log-likelihood engine and task scoring.
+
+use supra::convert::{convert, ConvertOptions};
+use supra::eval::harness::{encode_pair, Engine, Request};
+use supra::io::LoadedModel;
+use supra::model::llama::Llama;
+use supra::testing::write_tiny_gguf;
+
+fn tiny_teacher(dir: &std::path::Path) -> LoadedModel {
+    let p = dir.join("teacher.gguf");
+    write_tiny_gguf(&p, 5).unwrap();
+    supra::io::load(&p).unwrap()
+}
+
+fn requests() -> Vec<Request> {
+    let r = |c: &str, x: &str| Request {
+        context: c.to_string(),
+        continuation: x.to_string(),
+    };
+    vec![
+        r("The cat sat on the", " mat"),
+        r("The cat sat on the", " hat and sang"),
+        r("The cat sat on the", "m"),
+        r("Question: what is 2 + 2?\nAnswer:", " 4"),
+        r("Question: what is 2 + 2?\nAnswer:", " four, of course"),
+        r("", "Hello there"),
+    ]
+}
+
+/// Reading a shared context once and cloning its state gives what scoring each request as one
+/// whole sequence gives, for softmax, SUPRA and hybrid models.
+#[test]
+fn shared_prefix_matches_whole_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = tiny_teacher(dir.path());
+    let supra = convert(&teacher, &ConvertOptions::default()).unwrap();
+    let hybrid = convert(
+        &teacher,
+        &ConvertOptions {
+            softmax_layers: vec![1],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for (name, m) in [
+        ("softmax", &teacher),
+        ("supra", &supra),
+        ("hybrid", &hybrid),
+    ] {
+        let model = Llama::new(&m.config, &m.weights).unwrap();
+        let engine = |share_prefix| Engine {
+            model: &model,
+            tokenizer: &m.tokenizer,
+            share_prefix,
+        };
+        let mut calls = Vec::new();
+        let shared = engine(true).run(&requests(), |n| calls.push(n)).unwrap();
+        let whole = engine(false).run(&requests(), |_| {}).unwrap();
+        assert_eq!(
+            calls,
+            vec![3, 5, 6],
+            "{name}: one progress call per context"
+        );
+        for (i, (a, b)) in shared.iter().zip(&whole).enumerate() {
+            assert!(
+                (a.logprob - b.logprob).abs() < 1e-3,
+                "{name} request {i}: {} vs {}",
+                a.logprob,
+                b.logprob
+            );
+            assert_eq!(
+                (a.greedy, a.tokens),
+                (b.greedy, b.tokens),
+                "{name} request {i}"
+            );
+            assert!(a.logprob < 0.0);
+        }
+    }
+}
+
+/// lm-evaluation-harness's pair encoding: trailing context whitespace joins the continuation.
+#[test]
+fn encode_pair_moves_trailing_whitespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_teacher(dir.path());
+    let t = &m.tokenizer;
+    let (ctx, cont) = encode_pair(t, "The cat ", "sat").unwrap();
+    assert_eq!(ctx, t.encode("The cat").unwrap());
+    assert_eq!(t.decode(&cont).unwrap(), " sat");
+    let (ctx, cont) = encode_pair(t, "", "Hi").unwrap();
+    assert_eq!(ctx, vec![t.eos_id.unwrap()]);
+    assert_eq!(cont, t.encode("Hi").unwrap());
+    assert!(encode_pair(t, "abc", "").is_err());
+}
