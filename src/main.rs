@@ -47,9 +47,35 @@ enum Command {
     /// Write a model as an HF-layout directory of f32 weights (config.json, model.safetensors,
     /// tokenizer.json) that every command loads.
     Export(ExportArgs),
+    /// Benchmark accuracy (lm-evaluation-harness conventions): hellaswag, piqa, winogrande,
+    /// arc_easy, arc_challenge, or your own multiple-choice .jsonl files.
+    Eval(EvalArgs),
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Tasks: hellaswag, piqa, winogrande, arc_easy, arc_challenge, all, or paths to .jsonl
+    /// files of {"query": str, "choices": [str, ...], "gold": int} lines.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    tasks: Vec<String>,
+    /// Score only the first N items of each task.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Shared data directory holding eval/ [default: $SUPRA_DATA_DIR or ../shared/data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Also write the results, the model's config, versions and timings to this JSON file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Score every choice as a whole sequence instead of reading the shared question once and
+    /// cloning its state (slower; the two agree).
+    #[arg(long)]
+    no_share_prefix: bool,
 }
 
 #[derive(Args)]
@@ -387,6 +413,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Train(a) => train(&a),
         Command::Linearize(a) => linearize(&a),
+        Command::Eval(a) => eval(&a),
         Command::Export(a) => {
             let (loaded, _) = a.model.load()?;
             io::hf_dir::save(&loaded, &a.out)?;
@@ -626,6 +653,47 @@ fn data_dir(flag: &Option<PathBuf>) -> PathBuf {
     flag.clone()
         .or_else(|| std::env::var_os("SUPRA_DATA_DIR").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("../shared/data"))
+}
+
+fn eval(a: &EvalArgs) -> Result<()> {
+    use supra::eval::{harness::Engine, report, tasks::Task};
+    let mut tasks: Vec<Task> = Vec::new();
+    for name in &a.tasks {
+        for t in Task::parse(name)? {
+            if !tasks.contains(&t) {
+                tasks.push(t);
+            }
+        }
+    }
+    let dir = data_dir(&a.data_dir);
+    let (loaded, model) = a.model.load()?;
+    let engine = Engine {
+        model: &model,
+        tokenizer: &loaded.tokenizer,
+        share_prefix: !a.no_share_prefix,
+    };
+    let t0 = std::time::Instant::now();
+    let mut results = Vec::new();
+    for task in &tasks {
+        let r = report::run_task(&engine, task, &dir, a.limit)
+            .with_context(|| format!("task {}", task.name()))?;
+        eprintln!("{}: {} items in {:.1} s", r.task, r.items, r.seconds);
+        results.push(r);
+    }
+    print!("{}", report::markdown(&results));
+    if let Some(path) = &a.json {
+        let v = serde_json::json!({
+            "model": a.model.model.as_ref().map_or("SmolLM2-135M-Instruct (default)".to_string(), |p| p.display().to_string()),
+            "config": loaded.config.to_hf_json(),
+            "supra_version": env!("CARGO_PKG_VERSION"),
+            "limit": a.limit,
+            "share_prefix": !a.no_share_prefix,
+            "seconds": t0.elapsed().as_secs_f64(),
+            "results": results,
+        });
+        io::atomic_write(path, serde_json::to_string_pretty(&v)?.as_bytes())?;
+    }
+    Ok(())
 }
 
 fn linearize(a: &LinearizeArgs) -> Result<()> {

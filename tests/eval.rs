@@ -1,5 +1,7 @@
 //! The evaluation harness on tiny models: the log-likelihood engine and task scoring.
 
+mod common;
+
 use supra::convert::{convert, ConvertOptions};
 use supra::eval::harness::{encode_pair, Engine, Request};
 use supra::io::LoadedModel;
@@ -91,4 +93,81 @@ fn encode_pair_moves_trailing_whitespace() {
     assert_eq!(ctx, vec![t.eos_id.unwrap()]);
     assert_eq!(cont, t.encode("Hi").unwrap());
     assert!(encode_pair(t, "abc", "").is_err());
+}
+
+/// `supra eval` end to end on a custom task: the table, the JSON report, and the two ways of
+/// running requests agreeing on every answer.
+#[test]
+fn eval_cli_custom_task_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("teacher.gguf");
+    write_tiny_gguf(&model, 5).unwrap();
+    let task = dir.path().join("mine.jsonl");
+    let lines: Vec<String> = (0..6)
+        .map(|i| {
+            format!(
+                r#"{{"query": "Item {i}: the cat sat on the", "choices": ["mat", "hat on a cat", "m"], "gold": {}}}"#,
+                i % 3
+            )
+        })
+        .collect();
+    std::fs::write(&task, lines.join("\n")).unwrap();
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let json = dir.path().join("out.json");
+        let mut args = vec![
+            "--tasks",
+            task.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = common::supra_path("eval", &model, &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("mine.jsonl | 6 |"));
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+    };
+    let shared = run(&[]);
+    let whole = run(&["--no-share-prefix"]);
+    let r = &shared["results"][0];
+    assert_eq!(r["items"], 6);
+    let acc = r["acc"]["value"].as_f64().unwrap();
+    assert!(
+        ((acc * 6.0).round() - acc * 6.0).abs() < 1e-9,
+        "acc {acc} is not k/6"
+    );
+    assert_eq!(r["acc"], whole["results"][0]["acc"]);
+    assert_eq!(r["acc_norm"], whole["results"][0]["acc_norm"]);
+    assert!(shared["config"]["num_hidden_layers"].is_number());
+}
+
+#[test]
+fn eval_cli_bad_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("teacher.gguf");
+    write_tiny_gguf(&model, 5).unwrap();
+    let out = common::supra_path("eval", &model, &["--tasks", "hellaswagg"]);
+    common::assert_clean_error(&out, &["unknown task", "hellaswag, piqa"]);
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"query\": \"q\", \"choices\": [\"a\", \"b\"], \"gold\": 0}\n{oops\n",
+    )
+    .unwrap();
+    let out = common::supra_path("eval", &model, &["--tasks", bad.to_str().unwrap()]);
+    common::assert_clean_error(&out, &["bad.jsonl:2"]);
+    let out = common::supra_path(
+        "eval",
+        &model,
+        &[
+            "--tasks",
+            "piqa",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ],
+    );
+    common::assert_clean_error(&out, &["eval/piqa/", "--data-dir"]);
 }

@@ -2,3 +2,5 @@
 
 pub mod harness;
 pub mod perplexity;
+pub mod report;
+pub mod tasks;

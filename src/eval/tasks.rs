@@ -1,0 +1,405 @@
+//! Multiple-choice tasks, following lm-evaluation-harness: each choice is one log-likelihood
+//! request (context, " " + choice); `acc` picks the highest log-likelihood, `acc_norm` the
+//! highest log-likelihood per character of the choice (lm-eval's length normalization, which
+//! counts characters: bytes for these English sets); standard errors are the sample standard
+//! deviation of the per-item scores over √n.
+
+use crate::eval::harness::{LogLikelihood, Request};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// A task by name, or a custom multiple-choice file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Task {
+    Hellaswag,
+    Piqa,
+    Winogrande,
+    ArcEasy,
+    ArcChallenge,
+    /// jsonl lines {"query": str, "choices": [str], "gold": int}.
+    Custom(PathBuf),
+}
+
+impl Task {
+    pub const BUILT_IN: [Task; 5] = [
+        Task::Hellaswag,
+        Task::Piqa,
+        Task::Winogrande,
+        Task::ArcEasy,
+        Task::ArcChallenge,
+    ];
+
+    pub fn name(&self) -> String {
+        match self {
+            Task::Hellaswag => "hellaswag".into(),
+            Task::Piqa => "piqa".into(),
+            Task::Winogrande => "winogrande".into(),
+            Task::ArcEasy => "arc_easy".into(),
+            Task::ArcChallenge => "arc_challenge".into(),
+            Task::Custom(p) => p.display().to_string(),
+        }
+    }
+
+    /// A built-in name, `all`'s members, or a path to a custom `.jsonl` task.
+    pub fn parse(s: &str) -> Result<Vec<Task>> {
+        if s == "all" {
+            return Ok(Self::BUILT_IN.to_vec());
+        }
+        if let Some(t) = Self::BUILT_IN.iter().find(|t| t.name() == s) {
+            return Ok(vec![t.clone()]);
+        }
+        if s.ends_with(".jsonl") || Path::new(s).exists() {
+            return Ok(vec![Task::Custom(PathBuf::from(s))]);
+        }
+        let known: Vec<String> = Self::BUILT_IN.iter().map(Task::name).collect();
+        bail!(
+            "unknown task {s:?}; known tasks: {}, all, or a path to a .jsonl file of {{\"query\", \"choices\", \"gold\"}} lines",
+            known.join(", ")
+        )
+    }
+
+    /// Whether `acc_norm` is reported (lm-eval reports only `acc` for winogrande, whose
+    /// choices share one continuation).
+    pub fn has_acc_norm(&self) -> bool {
+        *self != Task::Winogrande
+    }
+
+    /// The task's items, read from `data_dir` (the shared data's `eval/` folder's parent).
+    pub fn load(&self, data_dir: &Path) -> Result<Vec<McItem>> {
+        let eval = data_dir.join("eval");
+        match self {
+            Task::Hellaswag => hellaswag(&eval.join("hellaswag/hellaswag_val.jsonl.gz")),
+            Task::Piqa => piqa(
+                &eval.join("piqa/valid.jsonl"),
+                &eval.join("piqa/valid-labels.lst"),
+            ),
+            Task::Winogrande => winogrande(&eval.join("winogrande/winogrande.jsonl")),
+            Task::ArcEasy => arc(&eval.join("arc_easy/ARC-Easy-Test.jsonl")),
+            Task::ArcChallenge => arc(&eval.join("arc_challenge/ARC-Challenge-Test.jsonl")),
+            Task::Custom(p) => custom(p),
+        }
+    }
+}
+
+/// One question: a request per choice and the index of the right one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct McItem {
+    pub requests: Vec<Request>,
+    /// Characters of each choice, for `acc_norm`.
+    pub choice_chars: Vec<usize>,
+    pub gold: usize,
+}
+
+impl McItem {
+    /// The usual shape: one context, each choice after lm-eval's target delimiter " ".
+    fn choices(context: String, choices: &[String], gold: usize) -> Result<Self> {
+        if gold >= choices.len() {
+            bail!("gold {gold} but {} choices", choices.len());
+        }
+        Ok(McItem {
+            requests: choices
+                .iter()
+                .map(|c| Request {
+                    context: context.clone(),
+                    continuation: format!(" {c}"),
+                })
+                .collect(),
+            choice_chars: choices.iter().map(|c| c.chars().count()).collect(),
+            gold,
+        })
+    }
+}
+
+/// Per-item correctness: (acc, acc_norm).
+pub fn score_item(item: &McItem, answers: &[LogLikelihood]) -> (bool, bool) {
+    let argmax = |f: &dyn Fn(usize) -> f64| {
+        (0..answers.len())
+            .max_by(|&a, &b| f(a).total_cmp(&f(b)).then(b.cmp(&a)))
+            .unwrap_or(0)
+    };
+    let acc = argmax(&|i| answers[i].logprob) == item.gold;
+    let norm = argmax(&|i| answers[i].logprob / item.choice_chars[i].max(1) as f64) == item.gold;
+    (acc, norm)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Metric {
+    pub value: f64,
+    pub stderr: f64,
+}
+
+/// Mean of 0/1 scores with lm-eval's standard error (sample std / √n).
+pub fn mean_with_stderr(scores: &[bool]) -> Metric {
+    let n = scores.len() as f64;
+    let mean = scores.iter().filter(|&&s| s).count() as f64 / n.max(1.0);
+    let var = if n > 1.0 {
+        scores
+            .iter()
+            .map(|&s| (s as u8 as f64 - mean).powi(2))
+            .sum::<f64>()
+            / (n - 1.0)
+    } else {
+        0.0
+    };
+    Metric {
+        value: mean,
+        stderr: (var / n.max(1.0)).sqrt(),
+    }
+}
+
+fn read_to_string(path: &Path) -> Result<String> {
+    let raw = std::fs::read(path).with_context(|| {
+        format!(
+            "cannot read {} (is --data-dir the shared data folder?)",
+            path.display()
+        )
+    })?;
+    let bytes = if path.extension().is_some_and(|e| e == "gz") {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(raw.as_slice())
+            .read_to_end(&mut out)
+            .map_err(|e| anyhow!("{}: not a valid gzip file: {e}", path.display()))?;
+        out
+    } else {
+        raw
+    };
+    String::from_utf8(bytes).map_err(|e| anyhow!("{}: not UTF-8: {e}", path.display()))
+}
+
+/// Parses every non-blank line of a jsonl file, naming file:line on errors.
+fn jsonl<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    mut item: impl FnMut(T, usize) -> Result<McItem>,
+) -> Result<Vec<McItem>> {
+    let text = read_to_string(path)?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let row: T = serde_json::from_str(line).map_err(|e| anyhow!("{}: {e}", at()))?;
+        out.push(item(row, i).map_err(|e| anyhow!("{}: {e:#}", at()))?);
+    }
+    if out.is_empty() {
+        bail!("{}: no items", path.display());
+    }
+    Ok(out)
+}
+
+/// HellaSwag validation: the query (activity label and context, preprocessed as lm-eval does,
+/// except that the data's ctx_b is not capitalized) and four preprocessed endings.
+fn hellaswag(path: &Path) -> Result<Vec<McItem>> {
+    #[derive(Deserialize)]
+    struct Row {
+        query: String,
+        endings: Vec<String>,
+        label: usize,
+    }
+    jsonl(path, |r: Row, _| {
+        McItem::choices(r.query, &r.endings, r.label)
+    })
+}
+
+/// PIQA dev: "Question: {goal}\nAnswer:" → " {sol1}" / " {sol2}"; labels in a separate file.
+fn piqa(items: &Path, labels: &Path) -> Result<Vec<McItem>> {
+    #[derive(Deserialize)]
+    struct Row {
+        goal: String,
+        sol1: String,
+        sol2: String,
+    }
+    let labels_text = read_to_string(labels)?;
+    let labels: Vec<&str> = labels_text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let out = jsonl(items, |r: Row, i| {
+        let label = labels
+            .get(i)
+            .ok_or_else(|| anyhow!("no label on line {} of valid-labels.lst", i + 1))?;
+        let gold = label.trim().parse().map_err(|_| {
+            anyhow!(
+                "valid-labels.lst:{}: expected 0 or 1, found {label:?}",
+                i + 1
+            )
+        })?;
+        McItem::choices(
+            format!("Question: {}\nAnswer:", r.goal),
+            &[r.sol1, r.sol2],
+            gold,
+        )
+    })?;
+    if out.len() != labels.len() {
+        bail!(
+            "{} has {} items but valid-labels.lst has {} labels",
+            items.display(),
+            out.len(),
+            labels.len()
+        );
+    }
+    Ok(out)
+}
+
+/// WinoGrande dev, partial scoring: the shared continuation after each filled-in context.
+fn winogrande(path: &Path) -> Result<Vec<McItem>> {
+    #[derive(Deserialize)]
+    struct Row {
+        context_options: Vec<String>,
+        continuation: String,
+        gold: usize,
+    }
+    jsonl(path, |r: Row, _| {
+        if r.gold >= r.context_options.len() {
+            bail!("gold {} but {} options", r.gold, r.context_options.len());
+        }
+        Ok(McItem {
+            requests: r
+                .context_options
+                .iter()
+                .map(|c| Request {
+                    context: c.clone(),
+                    continuation: format!(" {}", r.continuation),
+                })
+                .collect(),
+            choice_chars: r
+                .context_options
+                .iter()
+                .map(|c| c.chars().count())
+                .collect(),
+            gold: r.gold,
+        })
+    })
+}
+
+/// ARC (AI2 format): "Question: {stem}\nAnswer:" → " {choice}"; the answer key is a label
+/// (A-E or 1-5) among the choices'.
+fn arc(path: &Path) -> Result<Vec<McItem>> {
+    #[derive(Deserialize)]
+    struct Choice {
+        text: String,
+        label: String,
+    }
+    #[derive(Deserialize)]
+    struct Question {
+        stem: String,
+        choices: Vec<Choice>,
+    }
+    #[derive(Deserialize)]
+    struct Row {
+        question: Question,
+        #[serde(rename = "answerKey")]
+        answer_key: String,
+    }
+    jsonl(path, |r: Row, _| {
+        let gold = r
+            .question
+            .choices
+            .iter()
+            .position(|c| c.label == r.answer_key)
+            .ok_or_else(|| anyhow!("answer key {:?} is not a choice label", r.answer_key))?;
+        let texts: Vec<String> = r.question.choices.into_iter().map(|c| c.text).collect();
+        McItem::choices(
+            format!("Question: {}\nAnswer:", r.question.stem),
+            &texts,
+            gold,
+        )
+    })
+}
+
+/// A user's multiple-choice file: {"query": str, "choices": [str, ...], "gold": int} per line.
+fn custom(path: &Path) -> Result<Vec<McItem>> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Row {
+        query: String,
+        choices: Vec<String>,
+        gold: usize,
+    }
+    jsonl(path, |r: Row, _| {
+        if r.choices.len() < 2 {
+            bail!("expected at least 2 choices, found {}", r.choices.len());
+        }
+        McItem::choices(r.query, &r.choices, r.gold)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ll(logprob: f64) -> LogLikelihood {
+        LogLikelihood {
+            logprob,
+            greedy: false,
+            tokens: 1,
+        }
+    }
+
+    #[test]
+    fn acc_and_length_normalized_acc_by_hand() {
+        let item = McItem::choices("Q".into(), &["a".into(), "bbbbbbbbbb".into()], 1).unwrap();
+        assert_eq!(item.requests[1].continuation, " bbbbbbbbbb");
+        // Raw: choice 0 wins (−2 > −5). Per character: −2/1 = −2 < −5/10 = −0.5, choice 1.
+        assert_eq!(score_item(&item, &[ll(-2.0), ll(-5.0)]), (false, true));
+        assert_eq!(score_item(&item, &[ll(-9.0), ll(-5.0)]), (true, true));
+    }
+
+    #[test]
+    fn stderr_is_sample_std_over_sqrt_n() {
+        // Scores 1, 1, 0, 0: mean 0.5, sample variance 1/3, stderr √(1/3 / 4) = 0.288675.
+        let m = mean_with_stderr(&[true, true, false, false]);
+        assert_eq!(m.value, 0.5);
+        assert!((m.stderr - 0.288_675_134_6).abs() < 1e-9);
+    }
+
+    #[test]
+    fn arc_labels_can_be_digits() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("arc.jsonl");
+        std::fs::write(&p, r#"{"id":"x","question":{"stem":"Two?","choices":[{"text":"one","label":"1"},{"text":"two","label":"2"}]},"answerKey":"2"}"#).unwrap();
+        let items = arc(&p).unwrap();
+        assert_eq!(items[0].gold, 1);
+        assert_eq!(items[0].requests[0].context, "Question: Two?\nAnswer:");
+    }
+
+    #[test]
+    fn malformed_custom_file_names_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("mine.jsonl");
+        std::fs::write(
+            &p,
+            "{\"query\": \"q\", \"choices\": [\"a\", \"b\"], \"gold\": 0}\n\n{\"query\": \"q\", \"choices\": [\"a\"], \"gold\": 0}\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", custom(&p).unwrap_err());
+        assert!(
+            err.contains("mine.jsonl:3") && err.contains("at least 2 choices"),
+            "{err}"
+        );
+        std::fs::write(
+            &p,
+            "{\"query\": \"q\", \"choices\": [\"a\", \"b\"], \"gold\": 5}\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", custom(&p).unwrap_err());
+        assert!(
+            err.contains("mine.jsonl:1") && err.contains("gold 5"),
+            "{err}"
+        );
+        std::fs::write(&p, "not json\n").unwrap();
+        let err = format!("{:#}", custom(&p).unwrap_err());
+        assert!(err.contains("mine.jsonl:1"), "{err}");
+    }
+
+    #[test]
+    fn unknown_task_lists_the_known_ones() {
+        let err = Task::parse("hellaswagg").unwrap_err().to_string();
+        assert!(
+            err.contains("hellaswag, piqa, winogrande, arc_easy, arc_challenge"),
+            "{err}"
+        );
+    }
+}
