@@ -134,13 +134,13 @@ fn eval_cli_custom_task_and_json() {
     let whole = run(&["--no-share-prefix"]);
     let r = &shared["results"][0];
     assert_eq!(r["items"], 6);
-    let acc = r["acc"]["value"].as_f64().unwrap();
+    let acc = r["metrics"]["acc"]["value"].as_f64().unwrap();
     assert!(
         ((acc * 6.0).round() - acc * 6.0).abs() < 1e-9,
         "acc {acc} is not k/6"
     );
-    assert_eq!(r["acc"], whole["results"][0]["acc"]);
-    assert_eq!(r["acc_norm"], whole["results"][0]["acc_norm"]);
+    assert_eq!(r["metrics"], whole["results"][0]["metrics"]);
+    assert!(r["metrics"]["acc_norm"]["value"].is_number());
     assert!(shared["config"]["num_hidden_layers"].is_number());
 }
 

@@ -1,9 +1,10 @@
 //! Running tasks on a model and reporting them: a markdown table for people, JSON for `supra
 //! compare` and the docs.
 
-use crate::eval::harness::Engine;
-use crate::eval::tasks::{mean_with_stderr, score_item, Metric, Task};
+use crate::eval::harness::{Engine, Request};
+use crate::eval::tasks::{mean_with_stderr, score_item, Items, Metric, Task};
 use anyhow::Result;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -11,75 +12,156 @@ use std::time::Instant;
 pub struct TaskResult {
     pub task: String,
     pub items: usize,
-    pub acc: Metric,
-    pub acc_norm: Option<Metric>,
+    /// acc, acc_norm, acc_macro (mean over subgroups), perplexity: whichever the task reports.
+    pub metrics: BTreeMap<String, Metric>,
     pub seconds: f64,
     pub items_per_s: f64,
 }
 
-/// Scores the first `limit` items of `task` (all of them without a limit).
+/// The first `limit` items; for grouped tasks (MMLU) the first `limit` of each group, as
+/// lm-eval's `--limit` does per subtask.
+fn limited(items: Items, limit: Option<usize>) -> Items {
+    let Some(limit) = limit else { return items };
+    match items {
+        Items::Greedy(mut r) => {
+            r.truncate(limit);
+            Items::Greedy(r)
+        }
+        Items::Choice(items) => {
+            let mut seen: BTreeMap<Option<String>, usize> = BTreeMap::new();
+            Items::Choice(
+                items
+                    .into_iter()
+                    .filter(|i| {
+                        let n = seen.entry(i.group.clone()).or_default();
+                        *n += 1;
+                        *n <= limit
+                    })
+                    .collect(),
+            )
+        }
+    }
+}
+
+/// Scores `task` (its first `limit` items).
 pub fn run_task(
     engine: &Engine,
     task: &Task,
     data_dir: &Path,
     limit: Option<usize>,
 ) -> Result<TaskResult> {
-    let mut items = task.load(data_dir)?;
-    items.truncate(limit.unwrap_or(usize::MAX));
-    let requests: Vec<_> = items.iter().flat_map(|i| i.requests.clone()).collect();
-    let bar = indicatif::ProgressBar::new(items.len() as u64).with_style(
+    let items = limited(task.load(data_dir)?, limit);
+    // Requests per item, to turn "requests answered" into "items done".
+    let (requests, sizes): (Vec<Request>, Vec<usize>) = match &items {
+        Items::Choice(items) => (
+            items.iter().flat_map(|i| i.requests.clone()).collect(),
+            items.iter().map(|i| i.requests.len()).collect(),
+        ),
+        Items::Greedy(r) => (r.clone(), vec![1; r.len()]),
+    };
+    let ends: Vec<usize> = sizes
+        .iter()
+        .scan(0, |n, s| {
+            *n += s;
+            Some(*n)
+        })
+        .collect();
+    let bar = indicatif::ProgressBar::new(sizes.len() as u64).with_style(
         indicatif::ProgressStyle::with_template(
             "{prefix:>14} {bar:30} {pos}/{len} items [{elapsed}<{eta}]",
         )
         .expect("valid template"),
     );
     bar.set_prefix(task.name());
-    // Requests per item, to turn "requests answered" into "items done".
-    let ends: Vec<usize> = items
-        .iter()
-        .scan(0, |n, i| {
-            *n += i.requests.len();
-            Some(*n)
-        })
-        .collect();
     let t0 = Instant::now();
     let answers = engine.run(&requests, |done| {
         bar.set_position(ends.partition_point(|&e| e <= done) as u64)
     })?;
     bar.finish_and_clear();
     let seconds = t0.elapsed().as_secs_f64();
-    let mut start = 0;
-    let (mut acc, mut norm) = (Vec::new(), Vec::new());
-    for item in &items {
-        let n = item.requests.len();
-        let (a, b) = score_item(item, &answers[start..start + n]);
-        acc.push(a);
-        norm.push(b);
-        start += n;
+    let mut metrics = BTreeMap::new();
+    match &items {
+        Items::Choice(items) => {
+            let mut start = 0;
+            let (mut acc, mut norm) = (Vec::new(), Vec::new());
+            let mut groups: BTreeMap<&str, Vec<bool>> = BTreeMap::new();
+            for item in items {
+                let n = item.requests.len();
+                let (a, b) = score_item(item, &answers[start..start + n]);
+                acc.push(a);
+                norm.push(b);
+                if let Some(g) = &item.group {
+                    groups.entry(g).or_default().push(a);
+                }
+                start += n;
+            }
+            metrics.insert("acc".into(), mean_with_stderr(&acc));
+            if task.has_acc_norm() {
+                metrics.insert("acc_norm".into(), mean_with_stderr(&norm));
+            }
+            if !groups.is_empty() {
+                let means: Vec<f64> = groups.values().map(|g| mean_with_stderr(g).value).collect();
+                metrics.insert(
+                    "acc_macro".into(),
+                    Metric {
+                        value: means.iter().sum::<f64>() / means.len() as f64,
+                        stderr: None,
+                    },
+                );
+            }
+        }
+        Items::Greedy(_) => {
+            let greedy: Vec<bool> = answers.iter().map(|a| a.greedy).collect();
+            metrics.insert("acc".into(), mean_with_stderr(&greedy));
+            let lls: Vec<f64> = answers.iter().map(|a| a.logprob).collect();
+            metrics.insert("perplexity".into(), perplexity(&lls));
+        }
     }
     Ok(TaskResult {
         task: task.name(),
-        items: items.len(),
-        acc: mean_with_stderr(&acc),
-        acc_norm: task.has_acc_norm().then(|| mean_with_stderr(&norm)),
+        items: sizes.len(),
+        metrics,
         seconds,
-        items_per_s: items.len() as f64 / seconds.max(1e-9),
+        items_per_s: sizes.len() as f64 / seconds.max(1e-9),
     })
 }
 
-/// The results as a markdown table (percentages ± standard error).
+/// lm-eval's `perplexity` aggregate: exp(−mean per-item log-likelihood), its standard error by
+/// the delta method (ppl × stderr of the mean).
+fn perplexity(lls: &[f64]) -> Metric {
+    let n = lls.len() as f64;
+    let mean = lls.iter().sum::<f64>() / n.max(1.0);
+    let var = lls.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    let ppl = (-mean).exp();
+    Metric {
+        value: ppl,
+        stderr: Some(ppl * (var / n.max(1.0)).sqrt()),
+    }
+}
+
+/// The results as a markdown table: accuracies in % ± standard error.
 pub fn markdown(results: &[TaskResult]) -> String {
-    let pct = |m: &Metric| format!("{:.2} ± {:.2}", 100.0 * m.value, 100.0 * m.stderr);
+    let cell = |r: &TaskResult, name: &str| {
+        r.metrics.get(name).map_or("—".to_string(), |m| {
+            let scale = if name == "perplexity" { 1.0 } else { 100.0 };
+            match m.stderr {
+                Some(se) => format!("{:.2} ± {:.2}", scale * m.value, scale * se),
+                None => format!("{:.2}", scale * m.value),
+            }
+        })
+    };
     let mut s = String::from(
-        "| task | items | acc (%) | acc_norm (%) | items/s |\n|---|---:|---:|---:|---:|\n",
+        "| task | items | acc (%) | acc_norm (%) | acc macro (%) | perplexity | items/s |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in results {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {:.2} |\n",
+            "| {} | {} | {} | {} | {} | {} | {:.2} |\n",
             r.task,
             r.items,
-            pct(&r.acc),
-            r.acc_norm.as_ref().map_or("—".to_string(), pct),
+            cell(r, "acc"),
+            cell(r, "acc_norm"),
+            cell(r, "acc_macro"),
+            cell(r, "perplexity"),
             r.items_per_s
         ));
     }

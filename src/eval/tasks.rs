@@ -1,8 +1,9 @@
-//! Multiple-choice tasks, following lm-evaluation-harness: each choice is one log-likelihood
+//! Tasks, following lm-evaluation-harness. Multiple choice: each choice is one log-likelihood
 //! request (context, " " + choice); `acc` picks the highest log-likelihood, `acc_norm` the
 //! highest log-likelihood per character of the choice (lm-eval's length normalization, which
-//! counts characters: bytes for these English sets); standard errors are the sample standard
-//! deviation of the per-item scores over √n.
+//! counts characters: bytes for these English sets). LAMBADA: `acc` is greedy decoding
+//! reproducing the last word, `perplexity` exp(−mean log-likelihood of it). Standard errors
+//! are the sample standard deviation of the per-item scores over √n.
 
 use crate::eval::harness::{LogLikelihood, Request};
 use anyhow::{anyhow, bail, Context, Result};
@@ -18,17 +19,26 @@ pub enum Task {
     Winogrande,
     ArcEasy,
     ArcChallenge,
+    /// LAMBADA (OpenAI's detokenized test set): the last word of a passage.
+    Lambada,
+    /// MMLU test set, `shots` examples from the subject's dev set first (lm-eval's format).
+    Mmlu {
+        shots: usize,
+    },
     /// jsonl lines {"query": str, "choices": [str], "gold": int}.
     Custom(PathBuf),
 }
 
 impl Task {
-    pub const BUILT_IN: [Task; 5] = [
+    pub const BUILT_IN: [Task; 8] = [
         Task::Hellaswag,
         Task::Piqa,
         Task::Winogrande,
         Task::ArcEasy,
         Task::ArcChallenge,
+        Task::Lambada,
+        Task::Mmlu { shots: 5 },
+        Task::Mmlu { shots: 0 },
     ];
 
     pub fn name(&self) -> String {
@@ -38,6 +48,9 @@ impl Task {
             Task::Winogrande => "winogrande".into(),
             Task::ArcEasy => "arc_easy".into(),
             Task::ArcChallenge => "arc_challenge".into(),
+            Task::Lambada => "lambada_openai".into(),
+            Task::Mmlu { shots: 5 } => "mmlu".into(),
+            Task::Mmlu { shots } => format!("mmlu_{shots}shot"),
             Task::Custom(p) => p.display().to_string(),
         }
     }
@@ -61,26 +74,41 @@ impl Task {
     }
 
     /// Whether `acc_norm` is reported (lm-eval reports only `acc` for winogrande, whose
-    /// choices share one continuation).
+    /// choices share one continuation, and for MMLU, whose choices are single letters).
     pub fn has_acc_norm(&self) -> bool {
-        *self != Task::Winogrande
+        !matches!(self, Task::Winogrande | Task::Mmlu { .. })
     }
 
     /// The task's items, read from `data_dir` (the shared data's `eval/` folder's parent).
-    pub fn load(&self, data_dir: &Path) -> Result<Vec<McItem>> {
+    pub fn load(&self, data_dir: &Path) -> Result<Items> {
         let eval = data_dir.join("eval");
-        match self {
-            Task::Hellaswag => hellaswag(&eval.join("hellaswag/hellaswag_val.jsonl.gz")),
+        if *self == Task::Lambada {
+            return Ok(Items::Greedy(lambada(
+                &eval.join("lambada_openai/lambada_openai.jsonl"),
+            )?));
+        }
+        Ok(Items::Choice(match self {
+            Task::Hellaswag => hellaswag(&eval.join("hellaswag/hellaswag_val.jsonl.gz"))?,
             Task::Piqa => piqa(
                 &eval.join("piqa/valid.jsonl"),
                 &eval.join("piqa/valid-labels.lst"),
-            ),
-            Task::Winogrande => winogrande(&eval.join("winogrande/winogrande.jsonl")),
-            Task::ArcEasy => arc(&eval.join("arc_easy/ARC-Easy-Test.jsonl")),
-            Task::ArcChallenge => arc(&eval.join("arc_challenge/ARC-Challenge-Test.jsonl")),
-            Task::Custom(p) => custom(p),
-        }
+            )?,
+            Task::Winogrande => winogrande(&eval.join("winogrande/winogrande.jsonl"))?,
+            Task::ArcEasy => arc(&eval.join("arc_easy/ARC-Easy-Test.jsonl"))?,
+            Task::ArcChallenge => arc(&eval.join("arc_challenge/ARC-Challenge-Test.jsonl"))?,
+            Task::Mmlu { shots } => mmlu(&eval.join("mmlu/data"), *shots)?,
+            Task::Custom(p) => custom(p)?,
+            Task::Lambada => unreachable!("handled above"),
+        }))
     }
+}
+
+/// What a task asks of the model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Items {
+    Choice(Vec<McItem>),
+    /// One request each, scored by greedy match and log-likelihood.
+    Greedy(Vec<Request>),
 }
 
 /// One question: a request per choice and the index of the right one.
@@ -90,6 +118,8 @@ pub struct McItem {
     /// Characters of each choice, for `acc_norm`.
     pub choice_chars: Vec<usize>,
     pub gold: usize,
+    /// Subgroup (MMLU's subject), for macro averages.
+    pub group: Option<String>,
 }
 
 impl McItem {
@@ -108,6 +138,7 @@ impl McItem {
                 .collect(),
             choice_chars: choices.iter().map(|c| c.chars().count()).collect(),
             gold,
+            group: None,
         })
     }
 }
@@ -127,7 +158,7 @@ pub fn score_item(item: &McItem, answers: &[LogLikelihood]) -> (bool, bool) {
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Metric {
     pub value: f64,
-    pub stderr: f64,
+    pub stderr: Option<f64>,
 }
 
 /// Mean of 0/1 scores with lm-eval's standard error (sample std / √n).
@@ -145,7 +176,7 @@ pub fn mean_with_stderr(scores: &[bool]) -> Metric {
     };
     Metric {
         value: mean,
-        stderr: (var / n.max(1.0)).sqrt(),
+        stderr: Some((var / n.max(1.0)).sqrt()),
     }
 }
 
@@ -169,10 +200,10 @@ fn read_to_string(path: &Path) -> Result<String> {
 }
 
 /// Parses every non-blank line of a jsonl file, naming file:line on errors.
-fn jsonl<T: serde::de::DeserializeOwned>(
+fn jsonl<T: serde::de::DeserializeOwned, I>(
     path: &Path,
-    mut item: impl FnMut(T, usize) -> Result<McItem>,
-) -> Result<Vec<McItem>> {
+    mut item: impl FnMut(T, usize) -> Result<I>,
+) -> Result<Vec<I>> {
     let text = read_to_string(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -270,6 +301,7 @@ fn winogrande(path: &Path) -> Result<Vec<McItem>> {
                 .map(|c| c.chars().count())
                 .collect(),
             gold: r.gold,
+            group: None,
         })
     })
 }
@@ -307,6 +339,118 @@ fn arc(path: &Path) -> Result<Vec<McItem>> {
             gold,
         )
     })
+}
+
+/// LAMBADA: the passage, then " " + its last word.
+fn lambada(path: &Path) -> Result<Vec<Request>> {
+    #[derive(Deserialize)]
+    struct Row {
+        context: String,
+        continuation: String,
+    }
+    jsonl(path, |r: Row, _| {
+        Ok(Request {
+            context: r.context,
+            continuation: format!(" {}", r.continuation),
+        })
+    })
+}
+
+/// MMLU: per subject (sorted), each test question after lm-eval's header and the first
+/// `shots` dev examples; choices " A" … " D".
+fn mmlu(dir: &Path, shots: usize) -> Result<Vec<McItem>> {
+    let read = |path: &Path| -> Result<Vec<[String; 6]>> {
+        let mut rows = Vec::new();
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_path(path)
+            .with_context(|| {
+                format!(
+                    "cannot read {} (is --data-dir the shared data folder?)",
+                    path.display()
+                )
+            })?;
+        for (i, rec) in reader.records().enumerate() {
+            let rec = rec.map_err(|e| anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+            let fields: Vec<String> = rec.iter().map(str::to_string).collect();
+            let row: [String; 6] = fields.try_into().map_err(|f: Vec<String>| {
+                anyhow!(
+                    "{}:{}: expected 6 fields (question, A, B, C, D, answer), found {}",
+                    path.display(),
+                    i + 1,
+                    f.len()
+                )
+            })?;
+            if !["A", "B", "C", "D"].contains(&row[5].trim()) {
+                bail!(
+                    "{}:{}: answer {:?} is not A, B, C or D",
+                    path.display(),
+                    i + 1,
+                    row[5]
+                );
+            }
+            rows.push(row);
+        }
+        Ok(rows)
+    };
+    let format = |r: &[String; 6]| {
+        format!(
+            "{}\nA. {}\nB. {}\nC. {}\nD. {}\nAnswer:",
+            r[0].trim(),
+            r[1],
+            r[2],
+            r[3],
+            r[4]
+        )
+    };
+    let test_dir = dir.join("test");
+    let mut subjects: Vec<String> = std::fs::read_dir(&test_dir)
+        .with_context(|| {
+            format!(
+                "cannot read {} (is --data-dir the shared data folder?)",
+                test_dir.display()
+            )
+        })?
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_suffix("_test.csv")
+                .map(str::to_string)
+        })
+        .collect();
+    subjects.sort();
+    if subjects.is_empty() {
+        bail!("{}: no *_test.csv files", test_dir.display());
+    }
+    let letters = ["A", "B", "C", "D"].map(String::from);
+    let mut items = Vec::new();
+    for subject in subjects {
+        let dev = read(&dir.join("dev").join(format!("{subject}_dev.csv")))?;
+        if dev.len() < shots {
+            bail!(
+                "{subject}: {shots} shots asked, the dev set has {}",
+                dev.len()
+            );
+        }
+        let mut header = format!(
+            "The following are multiple choice questions (with answers) about {}.\n\n",
+            subject.replace('_', " ")
+        );
+        for r in &dev[..shots] {
+            header.push_str(&format!("{} {}\n\n", format(r), r[5].trim()));
+        }
+        for r in read(&test_dir.join(format!("{subject}_test.csv")))? {
+            let gold = letters
+                .iter()
+                .position(|l| l == r[5].trim())
+                .expect("checked above");
+            let mut item = McItem::choices(format!("{header}{}", format(&r)), &letters, gold)?;
+            item.group = Some(subject.clone());
+            items.push(item);
+        }
+    }
+    Ok(items)
 }
 
 /// A user's multiple-choice file: {"query": str, "choices": [str, ...], "gold": int} per line.
@@ -352,7 +496,7 @@ mod tests {
         // Scores 1, 1, 0, 0: mean 0.5, sample variance 1/3, stderr √(1/3 / 4) = 0.288675.
         let m = mean_with_stderr(&[true, true, false, false]);
         assert_eq!(m.value, 0.5);
-        assert!((m.stderr - 0.288_675_134_6).abs() < 1e-9);
+        assert!((m.stderr.unwrap() - 0.288_675_134_6).abs() < 1e-9);
     }
 
     #[test]
@@ -392,6 +536,54 @@ mod tests {
         std::fs::write(&p, "not json\n").unwrap();
         let err = format!("{:#}", custom(&p).unwrap_err());
         assert!(err.contains("mine.jsonl:1"), "{err}");
+    }
+
+    /// lm-eval's MMLU prompt: header, `shots` dev examples with their answers, the question.
+    #[test]
+    fn mmlu_prompt_by_hand() {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["dev", "test"] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        std::fs::write(
+            dir.path().join("dev/high_school_x_dev.csv"),
+            "1+1?,1,2,3,4,B\n\"Say \"\"hi\"\", twice\",hi,hi hi,no,yes,B\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("test/high_school_x_test.csv"),
+            " 2+2? ,4,3,2,1,A\n",
+        )
+        .unwrap();
+        let items = mmlu(dir.path(), 2).unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!(
+            items[0].requests[0].context,
+            "The following are multiple choice questions (with answers) about high school x.\n\n\
+             1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n\
+             Say \"hi\", twice\nA. hi\nB. hi hi\nC. no\nD. yes\nAnswer: B\n\n\
+             2+2?\nA. 4\nB. 3\nC. 2\nD. 1\nAnswer:"
+        );
+        assert_eq!(items[0].requests[3].continuation, " D");
+        assert_eq!(
+            (items[0].gold, items[0].group.as_deref()),
+            (0, Some("high_school_x"))
+        );
+        let zero = mmlu(dir.path(), 0).unwrap();
+        assert!(zero[0].requests[0]
+            .context
+            .ends_with("high school x.\n\n2+2?\nA. 4\nB. 3\nC. 2\nD. 1\nAnswer:"));
+        assert!(format!("{:#}", mmlu(dir.path(), 3).unwrap_err()).contains("3 shots"));
+        std::fs::write(
+            dir.path().join("test/high_school_x_test.csv"),
+            "q,1,2,3,4,E\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", mmlu(dir.path(), 0).unwrap_err());
+        assert!(
+            err.contains("high_school_x_test.csv:1") && err.contains("not A, B, C or D"),
+            "{err}"
+        );
     }
 
     #[test]
