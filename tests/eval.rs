@@ -3,7 +3,7 @@
 mod common;
 
 use supra::convert::{convert, ConvertOptions};
-use supra::eval::harness::{encode_pair, Engine, Request};
+use supra::eval::harness::{encode_pair, Engine, Request, MIN_SHARED_PREFIX};
 use supra::io::LoadedModel;
 use supra::model::llama::Llama;
 use supra::testing::write_tiny_gguf;
@@ -26,8 +26,17 @@ fn requests() -> Vec<Request> {
         r("Question: what is 2 + 2?\nAnswer:", " 4"),
         r("Question: what is 2 + 2?\nAnswer:", " four, of course"),
         r("", "Hello there"),
+        // A few-shot header longer than the engine's sharing threshold, then two questions.
+        r(&format!("{HEADER}Q: one?\nA:"), " yes"),
+        r(&format!("{HEADER}Q: one?\nA:"), " no"),
+        r(&format!("{HEADER}Q: two?\nA:"), " maybe so"),
+        r(&format!("{HEADER}Q: two?\nA:"), " no"),
+        r("Unrelated", " text"),
     ]
 }
+
+const HEADER: &str = "The following are questions about cats and mats, with answers.\n\n\
+                      Q: is the cat on the mat?\nA: yes\n\n";
 
 /// Reading a shared context once and cloning its state gives what scoring each request as one
 /// whole sequence gives, for softmax, SUPRA and hybrid models.
@@ -50,6 +59,7 @@ fn shared_prefix_matches_whole_sequences() {
         ("hybrid", &hybrid),
     ] {
         let model = Llama::new(&m.config, &m.weights).unwrap();
+        assert!(m.tokenizer.encode(HEADER).unwrap().len() >= MIN_SHARED_PREFIX);
         let engine = |share_prefix| Engine {
             model: &model,
             tokenizer: &m.tokenizer,
@@ -60,7 +70,7 @@ fn shared_prefix_matches_whole_sequences() {
         let whole = engine(false).run(&requests(), |_| {}).unwrap();
         assert_eq!(
             calls,
-            vec![3, 5, 6],
+            vec![3, 5, 6, 8, 10, 11],
             "{name}: one progress call per context"
         );
         for (i, (a, b)) in shared.iter().zip(&whole).enumerate() {

@@ -4,11 +4,13 @@
 //!
 //! Consecutive requests with the same context (the choices of one question) read the context
 //! once: its generation state — the constant-size RNN state of SUPRA layers, the KV cache of
-//! softmax layers — is cloned for each continuation. `share_prefix: false` runs each request as
-//! one whole sequence instead: the reference the tests compare against.
+//! softmax layers — is cloned for each continuation. Likewise the part of a context that the
+//! next context starts with (MMLU's few-shot header) is read once and its state kept.
+//! `share_prefix: false` runs each request as one whole sequence instead: the reference the
+//! tests compare against.
 
 use crate::io::tokenizer::TextTokenizer;
-use crate::model::llama::Llama;
+use crate::model::llama::{Cache, Llama};
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 
@@ -68,6 +70,15 @@ pub struct Engine<'a> {
     pub share_prefix: bool,
 }
 
+/// Contexts sharing fewer tokens than this are read whole: a saved state costs a clone.
+pub const MIN_SHARED_PREFIX: usize = 32;
+
+/// The generation state after the first `tokens.len()` tokens of some context.
+struct Prefix {
+    tokens: Vec<u32>,
+    state: Cache,
+}
+
 impl Engine<'_> {
     /// Answers `requests` in order, calling `progress` with the number answered so far.
     pub fn run(
@@ -75,58 +86,91 @@ impl Engine<'_> {
         requests: &[Request],
         mut progress: impl FnMut(usize),
     ) -> Result<Vec<LogLikelihood>> {
+        let encoded = requests
+            .iter()
+            .map(|r| encode_pair(self.tokenizer, &r.context, &r.continuation))
+            .collect::<Result<Vec<_>>>()?;
+        if !self.share_prefix {
+            let mut out = Vec::with_capacity(requests.len());
+            for (i, (ctx, cont)) in encoded.iter().enumerate() {
+                out.push(self.whole(ctx, cont)?);
+                progress(i + 1);
+            }
+            return Ok(out);
+        }
+        // Groups of consecutive requests with the same context (one question's choices).
+        let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            match groups.last_mut() {
+                Some(g) if requests[g.start].context == r.context => g.end = i + 1,
+                _ => groups.push(i..i + 1),
+            }
+        }
         let mut out = Vec::with_capacity(requests.len());
-        let mut i = 0;
-        while i < requests.len() {
-            let n = if self.share_prefix {
-                requests[i..]
-                    .iter()
-                    .take_while(|r| r.context == requests[i].context)
-                    .count()
-            } else {
-                1
-            };
-            out.extend(self.group(&requests[i..i + n])?);
-            i += n;
-            progress(i);
+        let mut saved: Option<Prefix> = None;
+        for (k, g) in groups.iter().enumerate() {
+            let ctx = &encoded[g.start].0;
+            // What this context shares with the next one (a few-shot header): worth keeping.
+            let next = groups.get(k + 1).map(|n| encoded[n.start].0.as_slice());
+            let shared = next.map_or(0, |n| common_prefix(ctx, n)).min(ctx.len() - 1);
+            let conts: Vec<&[u32]> = encoded[g.clone()]
+                .iter()
+                .map(|(_, c)| c.as_slice())
+                .collect();
+            out.extend(self.group(ctx, &conts, shared, &mut saved)?);
+            progress(g.end);
         }
         Ok(out)
     }
 
-    /// Requests that share one context.
-    fn group(&self, group: &[Request]) -> Result<Vec<LogLikelihood>> {
-        let pairs = group
-            .iter()
-            .map(|r| encode_pair(self.tokenizer, &r.context, &r.continuation))
-            .collect::<Result<Vec<_>>>()?;
+    /// One request as a single sequence: the reference.
+    fn whole(&self, ctx: &[u32], cont: &[u32]) -> Result<LogLikelihood> {
+        let ids: Vec<u32> = ctx.iter().chain(cont).copied().collect();
+        let input = Tensor::new(&ids[..ids.len() - 1], self.model.device())?.unsqueeze(0)?;
+        let hidden = self.model.forward_hidden(&input, None)?.squeeze(0)?;
+        score(
+            self.model,
+            &hidden.narrow(0, ctx.len() - 1, cont.len())?,
+            cont,
+        )
+    }
+
+    /// Continuations `conts` of one context `ctx`, of which the first `shared` tokens start the
+    /// next context too. Starts from `saved` when it is a prefix of `ctx`, and leaves the state
+    /// after `ctx[..shared]` there for the next context.
+    fn group(
+        &self,
+        ctx: &[u32],
+        conts: &[&[u32]],
+        shared: usize,
+        saved: &mut Option<Prefix>,
+    ) -> Result<Vec<LogLikelihood>> {
         let dev = self.model.device();
-        if !self.share_prefix {
-            return pairs
-                .iter()
-                .map(|(ctx, cont)| {
-                    let ids: Vec<u32> = ctx.iter().chain(cont).copied().collect();
-                    let input = Tensor::new(&ids[..ids.len() - 1], dev)?.unsqueeze(0)?;
-                    let hidden = self.model.forward_hidden(&input, None)?.squeeze(0)?;
-                    let scored = hidden.narrow(0, ctx.len() - 1, cont.len())?;
-                    score(self.model, &scored, cont)
-                })
-                .collect();
+        let (mut state, mut done) = match saved.as_ref() {
+            Some(p) if ctx.starts_with(&p.tokens) => (p.state.clone(), p.tokens.len()),
+            _ => (self.model.new_cache(), 0),
+        };
+        if shared >= MIN_SHARED_PREFIX && shared > done {
+            let input = Tensor::new(&ctx[done..shared], dev)?.unsqueeze(0)?;
+            self.model.forward_hidden(&input, Some(&mut state))?;
+            done = shared;
+            *saved = Some(Prefix {
+                tokens: ctx[..shared].to_vec(),
+                state: state.clone(),
+            });
         }
-        // Each request's context tokens are the same (they come from the same string).
-        let ctx = &pairs[0].0;
-        let mut state = self.model.new_cache();
-        let input = Tensor::new(ctx.as_slice(), dev)?.unsqueeze(0)?;
-        let last = self
+        let input = Tensor::new(&ctx[done..], dev)?.unsqueeze(0)?;
+        let h = self
             .model
             .forward_hidden(&input, Some(&mut state))?
-            .squeeze(0)?
-            .narrow(0, ctx.len() - 1, 1)?;
-        pairs
+            .squeeze(0)?;
+        let last = h.narrow(0, h.dim(0)? - 1, 1)?;
+        conts
             .iter()
-            .map(|(_, cont)| {
-                // Continuations run one after another: each clone of a softmax layer's KV
-                // cache may write past the context into storage the clones share, but only
-                // ever reads the context and its own positions.
+            .map(|cont| {
+                // Clones run one after another: a softmax layer's KV-cache clones may write
+                // past their common positions into storage they share, but each only ever
+                // reads the positions before its own and those it wrote itself.
                 let hidden = if cont.len() > 1 {
                     let mut s = state.clone();
                     let input = Tensor::new(&cont[..cont.len() - 1], dev)?.unsqueeze(0)?;
@@ -142,6 +186,10 @@ impl Engine<'_> {
             })
             .collect()
     }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// Log-probability and greedy match of `targets` from the hidden states that predict them.
