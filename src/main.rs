@@ -192,7 +192,7 @@ struct LinearizeArgs {
     /// report.json. Running again continues an unfinished run.
     #[arg(long)]
     out: PathBuf,
-    /// Attention-transfer tokens (about 15 minutes on 2 cores at the default).
+    /// Attention-transfer tokens (the whole job takes about 11 minutes on 2 cores at the default).
     #[arg(long, default_value_t = 65_536)]
     tokens: u64,
     /// Training text [default: DATA_DIR/text/train].
