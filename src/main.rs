@@ -47,8 +47,8 @@ enum Command {
     /// Write a model as an HF-layout directory of f32 weights (config.json, model.safetensors,
     /// tokenizer.json) that every command loads.
     Export(ExportArgs),
-    /// Benchmark accuracy (lm-evaluation-harness conventions): hellaswag, piqa, winogrande,
-    /// arc_easy, arc_challenge, or your own multiple-choice .jsonl files.
+    /// Benchmark accuracy and perplexity the way lm-evaluation-harness scores them: the paper's
+    /// multiple-choice tasks, LAMBADA, MMLU, WikiText, or your own .jsonl / .txt files.
     Eval(EvalArgs),
     /// Throughput benchmarks.
     #[command(subcommand)]
@@ -59,8 +59,9 @@ enum Command {
 struct EvalArgs {
     #[command(flatten)]
     model: ModelArg,
-    /// Tasks: hellaswag, piqa, winogrande, arc_easy, arc_challenge, all, or paths to .jsonl
-    /// files of {"query": str, "choices": [str, ...], "gold": int} lines.
+    /// Tasks: hellaswag, piqa, winogrande, arc_easy, arc_challenge, lambada_openai, mmlu (5-shot),
+    /// mmlu_0shot, wikitext, all; or paths: .jsonl files of {"query": str, "choices": [str, ...],
+    /// "gold": int} lines (multiple choice), .txt files (word and byte perplexity).
     #[arg(long, value_delimiter = ',', default_value = "all")]
     tasks: Vec<String>,
     /// Score only the first N items of each task.
@@ -76,6 +77,10 @@ struct EvalArgs {
     /// cloning its state (slower; the two agree).
     #[arg(long)]
     no_share_prefix: bool,
+    /// Window of the perplexity tasks (wikitext, .txt files), in tokens [default: the model's
+    /// context length].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
+    max_length: Option<u64>,
 }
 
 #[derive(Args)]
@@ -671,6 +676,9 @@ fn eval(a: &EvalArgs) -> Result<()> {
         model: &model,
         tokenizer: &loaded.tokenizer,
         share_prefix: !a.no_share_prefix,
+        max_length: a
+            .max_length
+            .map_or(loaded.config.max_position_embeddings, |n| n as usize),
     };
     let t0 = std::time::Instant::now();
     let mut results = Vec::new();
@@ -687,7 +695,8 @@ fn eval(a: &EvalArgs) -> Result<()> {
             "config": loaded.config.to_hf_json(),
             "supra_version": env!("CARGO_PKG_VERSION"),
             "limit": a.limit,
-            "share_prefix": !a.no_share_prefix,
+            "share_prefix": engine.share_prefix,
+            "max_length": engine.max_length,
             "seconds": t0.elapsed().as_secs_f64(),
             "results": results,
         });

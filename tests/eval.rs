@@ -64,6 +64,7 @@ fn shared_prefix_matches_whole_sequences() {
             model: &model,
             tokenizer: &m.tokenizer,
             share_prefix,
+            max_length: 64,
         };
         let mut calls = Vec::new();
         let shared = engine(true).run(&requests(), |n| calls.push(n)).unwrap();
@@ -180,4 +181,75 @@ fn eval_cli_bad_tasks() {
         ],
     );
     common::assert_clean_error(&out, &["eval/piqa/", "--data-dir"]);
+}
+
+/// Rolling windows: one window over the text is the text scored after an end-of-text token;
+/// smaller windows cut the context but still score every token once.
+#[test]
+fn rolling_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_teacher(dir.path());
+    let model = Llama::new(&m.config, &m.weights).unwrap();
+    let text = "the cat sat on the mat and the dog sat on the log, and then they both sat";
+    let ids = m.tokenizer.encode(text).unwrap();
+    let engine = |max_length| Engine {
+        model: &model,
+        tokenizer: &m.tokenizer,
+        share_prefix: true,
+        max_length,
+    };
+    let mut seq = vec![m.tokenizer.eos_id.unwrap()];
+    seq.extend(&ids);
+    let whole: f64 = model.score_batch(&[seq]).unwrap()[0]
+        .iter()
+        .map(|&x| x as f64)
+        .sum();
+    let (one, n) = engine(1000).rolling(text).unwrap();
+    assert_eq!(n, ids.len());
+    assert!((one - whole).abs() < 1e-3, "{one} vs {whole}");
+    let (cut, n) = engine(5).rolling(text).unwrap();
+    assert_eq!(n, ids.len());
+    assert!(cut.is_finite() && (cut - one).abs() > 1e-6);
+}
+
+/// A .txt task: word and byte perplexity from one total log-likelihood.
+#[test]
+fn eval_cli_text_perplexity() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("teacher.gguf");
+    write_tiny_gguf(&model, 5).unwrap();
+    let text = dir.path().join("mine.txt");
+    std::fs::write(
+        &text,
+        "the cat sat on the mat\nand the dog sat on the log\n",
+    )
+    .unwrap();
+    let json = dir.path().join("out.json");
+    let out = common::supra_path(
+        "eval",
+        &model,
+        &[
+            "--tasks",
+            text.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+            "--max-length",
+            "8",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let m = &v["results"][0]["metrics"];
+    let get = |k: &str| m[k]["value"].as_f64().unwrap();
+    // 14 words as lm-eval counts them (re.split(r"\s+"): 13 and the empty piece after the
+    // final newline), 50 bytes: log(word ppl) · 14 = −Σ log p = bits/byte · ln 2 · 50.
+    let nll_from_words = get("word_perplexity").ln() * 14.0;
+    let nll_from_bytes = get("bits_per_byte") * std::f64::consts::LN_2 * 50.0;
+    assert!((nll_from_words - nll_from_bytes).abs() < 1e-6 * nll_from_words);
+    assert!((get("byte_perplexity").ln() * 50.0 - nll_from_bytes).abs() < 1e-6 * nll_from_bytes);
+    assert_eq!(v["max_length"], 8);
 }

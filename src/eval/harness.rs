@@ -68,6 +68,8 @@ pub struct Engine<'a> {
     pub tokenizer: &'a TextTokenizer,
     /// Read a context shared by consecutive requests once (see the module docs).
     pub share_prefix: bool,
+    /// Longest window of rolling (perplexity) scoring, in tokens.
+    pub max_length: usize,
 }
 
 /// Contexts sharing fewer tokens than this are read whole: a saved state costs a clone.
@@ -121,6 +123,30 @@ impl Engine<'_> {
             progress(g.end);
         }
         Ok(out)
+    }
+
+    /// Σ log p of every token of `text`, lm-eval's `loglikelihood_rolling`: the first window
+    /// starts after an end-of-text token, each later one after the last token of the one
+    /// before, and each predicts up to `max_length` new tokens. Returns (Σ log p, tokens).
+    pub fn rolling(&self, text: &str) -> Result<(f64, usize)> {
+        let ids = self.tokenizer.encode(text)?;
+        let Some(eot) = self.tokenizer.eos_id else {
+            bail!("rolling log-likelihood needs an end-of-text token; the tokenizer has none");
+        };
+        let window = self.max_length.max(1);
+        let mut sum = 0.0;
+        for start in (0..ids.len()).step_by(window) {
+            let end = (start + window).min(ids.len());
+            let prev = if start == 0 { eot } else { ids[start - 1] };
+            let seq: Vec<u32> = std::iter::once(prev)
+                .chain(ids[start..end].iter().copied())
+                .collect();
+            let input = Tensor::new(&seq[..seq.len() - 1], self.model.device())?.unsqueeze(0)?;
+            let hidden = self.model.forward_hidden(&input, None)?.squeeze(0)?;
+            let lps = self.model.next_token_logprobs(&hidden, &seq)?;
+            sum += lps.iter().map(|&x| x as f64).sum::<f64>();
+        }
+        Ok((sum, ids.len()))
     }
 
     /// One request as a single sequence: the reference.

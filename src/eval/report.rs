@@ -2,7 +2,7 @@
 //! compare` and the docs.
 
 use crate::eval::harness::{Engine, Request};
-use crate::eval::tasks::{mean_with_stderr, score_item, Items, Metric, Task};
+use crate::eval::tasks::{mean_with_stderr, score_item, Items, Metric, RollingDoc, Task};
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,6 +26,10 @@ fn limited(items: Items, limit: Option<usize>) -> Items {
         Items::Greedy(mut r) => {
             r.truncate(limit);
             Items::Greedy(r)
+        }
+        Items::Rolling(mut d) => {
+            d.truncate(limit);
+            Items::Rolling(d)
         }
         Items::Choice(items) => {
             let mut seen: BTreeMap<Option<String>, usize> = BTreeMap::new();
@@ -51,6 +55,9 @@ pub fn run_task(
     limit: Option<usize>,
 ) -> Result<TaskResult> {
     let items = limited(task.load(data_dir)?, limit);
+    if let Items::Rolling(docs) = &items {
+        return rolling(engine, task, docs);
+    }
     // Requests per item, to turn "requests answered" into "items done".
     let (requests, sizes): (Vec<Request>, Vec<usize>) = match &items {
         Items::Choice(items) => (
@@ -58,6 +65,7 @@ pub fn run_task(
             items.iter().map(|i| i.requests.len()).collect(),
         ),
         Items::Greedy(r) => (r.clone(), vec![1; r.len()]),
+        Items::Rolling(_) => unreachable!("scored above"),
     };
     let ends: Vec<usize> = sizes
         .iter()
@@ -116,6 +124,7 @@ pub fn run_task(
             let lls: Vec<f64> = answers.iter().map(|a| a.logprob).collect();
             metrics.insert("perplexity".into(), perplexity(&lls));
         }
+        Items::Rolling(_) => unreachable!("scored above"),
     }
     Ok(TaskResult {
         task: task.name(),
@@ -123,6 +132,52 @@ pub fn run_task(
         metrics,
         seconds,
         items_per_s: sizes.len() as f64 / seconds.max(1e-9),
+    })
+}
+
+/// Word and byte perplexity of whole documents (lm-eval's wikitext metrics).
+fn rolling(engine: &Engine, task: &Task, docs: &[RollingDoc]) -> Result<TaskResult> {
+    let bar = indicatif::ProgressBar::new(docs.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix:>14} {bar:30} {pos}/{len} documents [{elapsed}<{eta}]",
+        )
+        .expect("valid template"),
+    );
+    bar.set_prefix(task.name());
+    let t0 = Instant::now();
+    let (mut ll, mut words, mut bytes) = (0.0, 0usize, 0usize);
+    for d in docs {
+        ll += engine.rolling(&d.text)?.0;
+        words += d.words;
+        bytes += d.bytes;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let seconds = t0.elapsed().as_secs_f64();
+    let plain = |value: f64| Metric {
+        value,
+        stderr: None,
+    };
+    let metrics = BTreeMap::from([
+        (
+            "word_perplexity".to_string(),
+            plain((-ll / words as f64).exp()),
+        ),
+        (
+            "byte_perplexity".to_string(),
+            plain((-ll / bytes as f64).exp()),
+        ),
+        (
+            "bits_per_byte".to_string(),
+            plain(-ll / bytes as f64 / std::f64::consts::LN_2),
+        ),
+    ]);
+    Ok(TaskResult {
+        task: task.name(),
+        items: docs.len(),
+        metrics,
+        seconds,
+        items_per_s: docs.len() as f64 / seconds.max(1e-9),
     })
 }
 
@@ -143,7 +198,7 @@ fn perplexity(lls: &[f64]) -> Metric {
 pub fn markdown(results: &[TaskResult]) -> String {
     let cell = |r: &TaskResult, name: &str| {
         r.metrics.get(name).map_or("—".to_string(), |m| {
-            let scale = if name == "perplexity" { 1.0 } else { 100.0 };
+            let scale = if name.starts_with("acc") { 100.0 } else { 1.0 };
             match m.stderr {
                 Some(se) => format!("{:.2} ± {:.2}", scale * m.value, scale * se),
                 None => format!("{:.2}", scale * m.value),
@@ -151,17 +206,19 @@ pub fn markdown(results: &[TaskResult]) -> String {
         })
     };
     let mut s = String::from(
-        "| task | items | acc (%) | acc_norm (%) | acc macro (%) | perplexity | items/s |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "| task | items | acc (%) | acc_norm (%) | acc macro (%) | perplexity | word ppl | bits/byte | items/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in results {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {:.2} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} |\n",
             r.task,
             r.items,
             cell(r, "acc"),
             cell(r, "acc_norm"),
             cell(r, "acc_macro"),
             cell(r, "perplexity"),
+            cell(r, "word_perplexity"),
+            cell(r, "bits_per_byte"),
             r.items_per_s
         ));
     }

@@ -25,12 +25,16 @@ pub enum Task {
     Mmlu {
         shots: usize,
     },
+    /// WikiText-2 test articles: word and byte perplexity over rolling windows.
+    Wikitext,
     /// jsonl lines {"query": str, "choices": [str], "gold": int}.
     Custom(PathBuf),
+    /// A plain-text file: its word and byte perplexity, like wikitext.
+    Text(PathBuf),
 }
 
 impl Task {
-    pub const BUILT_IN: [Task; 8] = [
+    pub const BUILT_IN: [Task; 9] = [
         Task::Hellaswag,
         Task::Piqa,
         Task::Winogrande,
@@ -39,6 +43,7 @@ impl Task {
         Task::Lambada,
         Task::Mmlu { shots: 5 },
         Task::Mmlu { shots: 0 },
+        Task::Wikitext,
     ];
 
     pub fn name(&self) -> String {
@@ -51,7 +56,8 @@ impl Task {
             Task::Lambada => "lambada_openai".into(),
             Task::Mmlu { shots: 5 } => "mmlu".into(),
             Task::Mmlu { shots } => format!("mmlu_{shots}shot"),
-            Task::Custom(p) => p.display().to_string(),
+            Task::Wikitext => "wikitext".into(),
+            Task::Custom(p) | Task::Text(p) => p.display().to_string(),
         }
     }
 
@@ -63,12 +69,15 @@ impl Task {
         if let Some(t) = Self::BUILT_IN.iter().find(|t| t.name() == s) {
             return Ok(vec![t.clone()]);
         }
-        if s.ends_with(".jsonl") || Path::new(s).exists() {
+        if s.ends_with(".jsonl") {
             return Ok(vec![Task::Custom(PathBuf::from(s))]);
+        }
+        if s.ends_with(".txt") {
+            return Ok(vec![Task::Text(PathBuf::from(s))]);
         }
         let known: Vec<String> = Self::BUILT_IN.iter().map(Task::name).collect();
         bail!(
-            "unknown task {s:?}; known tasks: {}, all, or a path to a .jsonl file of {{\"query\", \"choices\", \"gold\"}} lines",
+            "unknown task {s:?}; known tasks: {}, all, a .jsonl file of {{\"query\", \"choices\", \"gold\"}} lines, or a .txt file (perplexity)",
             known.join(", ")
         )
     }
@@ -82,10 +91,25 @@ impl Task {
     /// The task's items, read from `data_dir` (the shared data's `eval/` folder's parent).
     pub fn load(&self, data_dir: &Path) -> Result<Items> {
         let eval = data_dir.join("eval");
-        if *self == Task::Lambada {
-            return Ok(Items::Greedy(lambada(
-                &eval.join("lambada_openai/lambada_openai.jsonl"),
-            )?));
+        match self {
+            Task::Lambada => {
+                return Ok(Items::Greedy(lambada(
+                    &eval.join("lambada_openai/lambada_openai.jsonl"),
+                )?))
+            }
+            Task::Wikitext => {
+                return Ok(Items::Rolling(wikitext(
+                    &eval.join("wikitext2_raw_test/wiki.test.lf.raw"),
+                )?))
+            }
+            Task::Text(p) => {
+                let text = read_to_string(p)?;
+                if text.trim().is_empty() {
+                    bail!("{}: empty text", p.display());
+                }
+                return Ok(Items::Rolling(vec![RollingDoc::new(text.clone(), &text)]));
+            }
+            _ => {}
         }
         Ok(Items::Choice(match self {
             Task::Hellaswag => hellaswag(&eval.join("hellaswag/hellaswag_val.jsonl.gz"))?,
@@ -98,7 +122,7 @@ impl Task {
             Task::ArcChallenge => arc(&eval.join("arc_challenge/ARC-Challenge-Test.jsonl"))?,
             Task::Mmlu { shots } => mmlu(&eval.join("mmlu/data"), *shots)?,
             Task::Custom(p) => custom(p)?,
-            Task::Lambada => unreachable!("handled above"),
+            Task::Lambada | Task::Wikitext | Task::Text(_) => unreachable!("handled above"),
         }))
     }
 }
@@ -109,6 +133,108 @@ pub enum Items {
     Choice(Vec<McItem>),
     /// One request each, scored by greedy match and log-likelihood.
     Greedy(Vec<Request>),
+    /// Whole documents, scored token by token in rolling windows.
+    Rolling(Vec<RollingDoc>),
+}
+
+/// A document for word and byte perplexity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RollingDoc {
+    /// What the model reads.
+    pub text: String,
+    /// Words and UTF-8 bytes of the original document, the denominators (lm-eval counts
+    /// `re.split(r"\s+", page)` pieces).
+    pub words: usize,
+    pub bytes: usize,
+}
+
+impl RollingDoc {
+    fn new(text: String, original: &str) -> Self {
+        RollingDoc {
+            text,
+            words: original
+                .split(char::is_whitespace)
+                .filter(|w| !w.is_empty())
+                .count()
+                + usize::from(original.starts_with(char::is_whitespace))
+                + usize::from(original.ends_with(char::is_whitespace)),
+            bytes: original.len(),
+        }
+    }
+}
+
+/// WikiText-2 raw test, split into articles at their " = Title = " lines (this copy has no
+/// blank lines, so the split differs slightly from lm-eval's document-level set), each
+/// detokenized as lm-eval's `wikitext_detokenizer` does.
+fn wikitext(path: &Path) -> Result<Vec<RollingDoc>> {
+    let text = read_to_string(path)?;
+    let mut pages: Vec<String> = Vec::new();
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        let title = t.starts_with("= ") && t.ends_with(" =") && !t.starts_with("= =");
+        match pages.last_mut() {
+            Some(page) if !title => page.push_str(line),
+            _ => pages.push(line.to_string()),
+        }
+    }
+    if pages.is_empty() {
+        bail!("{}: no articles", path.display());
+    }
+    Ok(pages
+        .iter()
+        .map(|p| RollingDoc::new(wikitext_detokenize(p), p))
+        .collect())
+}
+
+/// lm-eval's `wikitext_detokenizer`, step for step.
+pub fn wikitext_detokenize(page: &str) -> String {
+    use regex::Regex;
+    use std::sync::LazyLock;
+    static RULES: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
+        [
+            (r"/' [0-9]/", "/'[0-9]/"),
+            (r"\(\s*([^\)]*?)\s*\)", "($1)"),
+            (r"\[\s*([^\]]*?)\s*\]", "[$1]"),
+            (r"\{\s*([^}]*?)\s*\}", "{$1}"),
+            (r#""\s*([^"]*?)\s*""#, "\"$1\""),
+            (r"'\s*([^']*?)\s*'", "'$1'"),
+        ]
+        .into_iter()
+        .map(|(re, to)| (Regex::new(re).expect("valid regex"), to))
+        .collect()
+    });
+    let re = |s: String, i: usize| RULES[i].0.replace_all(&s, RULES[i].1).into_owned();
+    let mut s = page.replace("s '", "s'");
+    s = re(s, 0);
+    for (from, to) in [
+        (" @-@ ", "-"),
+        (" @,@ ", ","),
+        (" @.@ ", "."),
+        (" : ", ": "),
+        (" ; ", "; "),
+        (" . ", ". "),
+        (" ! ", "! "),
+        (" ? ", "? "),
+        (" , ", ", "),
+    ] {
+        s = s.replace(from, to);
+    }
+    for i in 1..6 {
+        s = re(s, i);
+    }
+    for (from, to) in [
+        ("= = = =", "===="),
+        ("= = =", "==="),
+        ("= =", "=="),
+        (" \u{b0} ", "\u{b0}"),
+        (" \n", "\n"),
+        ("\n ", "\n"),
+        (" N ", " 1 "),
+        (" 's", "'s"),
+    ] {
+        s = s.replace(from, to);
+    }
+    s
 }
 
 /// One question: a request per choice and the index of the right one.
@@ -584,6 +710,23 @@ mod tests {
             err.contains("high_school_x_test.csv:1") && err.contains("not A, B, C or D"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn wikitext_detokenizer_by_hand() {
+        assert_eq!(
+            wikitext_detokenize(" = Title = \n He said \" hi there \" ( twice ) , 1 @,@ 000 @-@ odd . The boys ' toys 's \n"),
+            // What lm-eval's Python gives for the same page.
+            " = Title =\nHe said \"hi there\" (twice), 1,000-odd. The boys'toys's\n"
+        );
+    }
+
+    #[test]
+    fn words_and_bytes_count_like_lm_eval() {
+        // re.split(r"\s+", " a b\n") == ['', 'a', 'b', '']: 4 pieces.
+        let d = RollingDoc::new(String::new(), " a b\n");
+        assert_eq!((d.words, d.bytes), (4, 5));
+        assert_eq!(RollingDoc::new(String::new(), "a  b").words, 2);
     }
 
     #[test]
