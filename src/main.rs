@@ -50,6 +50,13 @@ enum Command {
     /// Benchmark accuracy and perplexity the way lm-evaluation-harness scores them: the paper's
     /// multiple-choice tasks, LAMBADA, MMLU, WikiText, or your own .jsonl / .txt files.
     Eval(EvalArgs),
+    /// Several `supra eval --json` reports side by side, with differences and retention (%)
+    /// relative to the first.
+    Compare {
+        /// Report files; the first is the reference (the teacher, usually).
+        #[arg(required = true, num_args = 2..)]
+        reports: Vec<PathBuf>,
+    },
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -419,6 +426,23 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train(&a),
         Command::Linearize(a) => linearize(&a),
         Command::Eval(a) => eval(&a),
+        Command::Compare { reports } => {
+            let loaded = reports
+                .iter()
+                .map(|p| {
+                    let text = read_text(p)?;
+                    let v: serde_json::Value = serde_json::from_str(&text)
+                        .map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", p.display()))?;
+                    let name = p.file_stem().map_or_else(
+                        || p.display().to_string(),
+                        |s| s.to_string_lossy().into_owned(),
+                    );
+                    Ok((name, v))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            print!("{}", supra::eval::report::compare(&loaded)?);
+            Ok(())
+        }
         Command::Export(a) => {
             let (loaded, _) = a.model.load()?;
             io::hf_dir::save(&loaded, &a.out)?;

@@ -253,3 +253,34 @@ fn eval_cli_text_perplexity() {
     assert!((get("byte_perplexity").ln() * 50.0 - nll_from_bytes).abs() < 1e-6 * nll_from_bytes);
     assert_eq!(v["max_length"], 8);
 }
+
+#[test]
+fn compare_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, acc: f64| {
+        let p = dir.path().join(name);
+        let v = serde_json::json!({"results": [{"task": "piqa", "metrics": {"acc": {"value": acc, "stderr": 0.01}}}]});
+        std::fs::write(&p, v.to_string()).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (a, b) = (write("teacher.json", 0.6), write("linear.json", 0.45));
+    let out = common::supra(&["compare", &a, &b]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("| task | metric | teacher | linear | Δ | retention |"),
+        "{table}"
+    );
+    assert!(
+        table.contains("| piqa | acc | 60.00 | 45.00 | -15.00 | 75.0 % |"),
+        "{table}"
+    );
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{oops").unwrap();
+    let out = common::supra(&["compare", &a, bad.to_str().unwrap()]);
+    common::assert_clean_error(&out, &["bad.json", "not JSON"]);
+}

@@ -224,3 +224,103 @@ pub fn markdown(results: &[TaskResult]) -> String {
     }
     s
 }
+
+/// `supra compare`: the reports of several models (the JSON `supra eval --json` writes) side by
+/// side, each after the first with its difference and its retention of the first's score
+/// (for perplexities, lower is better: retention is first / value).
+pub fn compare(reports: &[(String, serde_json::Value)]) -> Result<String> {
+    use anyhow::{bail, Context};
+    if reports.len() < 2 {
+        bail!("compare needs at least two reports");
+    }
+    // (task, metric) → value per report, in the order they first appear.
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let mut values: BTreeMap<(String, String), Vec<Option<f64>>> = BTreeMap::new();
+    for (i, (name, report)) in reports.iter().enumerate() {
+        let results = report["results"].as_array().with_context(|| {
+            format!("{name}: no \"results\" array (not a `supra eval --json` file?)")
+        })?;
+        for r in results {
+            let task = r["task"]
+                .as_str()
+                .with_context(|| format!("{name}: a result without \"task\""))?;
+            let metrics = r["metrics"]
+                .as_object()
+                .with_context(|| format!("{name}: task {task} has no \"metrics\""))?;
+            for (metric, m) in metrics {
+                let key = (task.to_string(), metric.clone());
+                if !values.contains_key(&key) {
+                    rows.push(key.clone());
+                }
+                values
+                    .entry(key)
+                    .or_insert_with(|| vec![None; reports.len()])[i] = m["value"].as_f64();
+            }
+        }
+    }
+    let mut s = String::from("| task | metric |");
+    for (i, (name, _)) in reports.iter().enumerate() {
+        s.push_str(&format!(" {name} |"));
+        if i > 0 {
+            s.push_str(" Δ | retention |");
+        }
+    }
+    s.push_str("\n|---|---|");
+    s.push_str(&"---:|".repeat(1 + 3 * (reports.len() - 1)));
+    s.push('\n');
+    for key in &rows {
+        let v = &values[key];
+        let lower_is_better = key.1.contains("perplexity") || key.1 == "bits_per_byte";
+        let scale = if key.1.starts_with("acc") { 100.0 } else { 1.0 };
+        let fmt = |x: Option<f64>| x.map_or("—".to_string(), |x| format!("{:.2}", scale * x));
+        s.push_str(&format!("| {} | {} | {} |", key.0, key.1, fmt(v[0])));
+        for x in &v[1..] {
+            let (delta, retention) = match (v[0], *x) {
+                (Some(a), Some(b)) => {
+                    let r = if lower_is_better { a / b } else { b / a };
+                    (
+                        format!("{:+.2}", scale * (b - a)),
+                        format!("{:.1} %", 100.0 * r),
+                    )
+                }
+                _ => ("—".to_string(), "—".to_string()),
+            };
+            s.push_str(&format!(" {} | {delta} | {retention} |", fmt(*x)));
+        }
+        s.push('\n');
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_by_hand() {
+        let report = |acc: f64, ppl: f64| {
+            serde_json::json!({"results": [{"task": "t", "metrics": {
+                "acc": {"value": acc, "stderr": 0.01},
+                "perplexity": {"value": ppl, "stderr": null}}}]})
+        };
+        let table = compare(&[
+            ("teacher".into(), report(0.5, 10.0)),
+            ("linear".into(), report(0.4, 20.0)),
+        ])
+        .unwrap();
+        assert!(
+            table.contains("| t | acc | 50.00 | 40.00 | -10.00 | 80.0 % |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| t | perplexity | 10.00 | 20.00 | +10.00 | 50.0 % |"),
+            "{table}"
+        );
+        assert!(compare(&[("a".into(), serde_json::json!({}))]).is_err());
+        let err = compare(&[
+            ("a".into(), serde_json::json!({})),
+            ("b".into(), report(0.1, 1.0)),
+        ]);
+        assert!(format!("{:#}", err.unwrap_err()).contains("a: no \"results\""));
+    }
+}
