@@ -74,13 +74,7 @@ pub fn run_task(
             Some(*n)
         })
         .collect();
-    let bar = indicatif::ProgressBar::new(sizes.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix:>14} {bar:30} {pos}/{len} items [{elapsed}<{eta}]",
-        )
-        .expect("valid template"),
-    );
-    bar.set_prefix(task.name());
+    let bar = progress_bar(task, sizes.len(), "items");
     let t0 = Instant::now();
     let answers = engine.run(&requests, |done| {
         bar.set_position(ends.partition_point(|&e| e <= done) as u64)
@@ -135,15 +129,18 @@ pub fn run_task(
     })
 }
 
+fn progress_bar(task: &Task, len: usize, unit: &str) -> indicatif::ProgressBar {
+    let template =
+        format!("{{prefix:>14}} {{bar:30}} {{pos}}/{{len}} {unit} [{{elapsed}}<{{eta}}]");
+    let bar = indicatif::ProgressBar::new(len as u64)
+        .with_style(indicatif::ProgressStyle::with_template(&template).expect("valid template"));
+    bar.set_prefix(task.name());
+    bar
+}
+
 /// Word and byte perplexity of whole documents (lm-eval's wikitext metrics).
 fn rolling(engine: &Engine, task: &Task, docs: &[RollingDoc]) -> Result<TaskResult> {
-    let bar = indicatif::ProgressBar::new(docs.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix:>14} {bar:30} {pos}/{len} documents [{elapsed}<{eta}]",
-        )
-        .expect("valid template"),
-    );
-    bar.set_prefix(task.name());
+    let bar = progress_bar(task, docs.len(), "documents");
     let t0 = Instant::now();
     let (mut ll, mut words, mut bytes) = (0.0, 0usize, 0usize);
     for d in docs {
