@@ -8,7 +8,6 @@
 use crate::eval::harness::{LogLikelihood, Request};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// A task by name, or a custom multiple-choice file.
@@ -307,22 +306,13 @@ pub fn mean_with_stderr(scores: &[bool]) -> Metric {
 }
 
 fn read_to_string(path: &Path) -> Result<String> {
-    let raw = std::fs::read(path).with_context(|| {
-        format!(
+    if !path.exists() {
+        bail!(
             "cannot read {} (is --data-dir the shared data folder?)",
             path.display()
-        )
-    })?;
-    let bytes = if path.extension().is_some_and(|e| e == "gz") {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .map_err(|e| anyhow!("{}: not a valid gzip file: {e}", path.display()))?;
-        out
-    } else {
-        raw
-    };
-    String::from_utf8(bytes).map_err(|e| anyhow!("{}: not UTF-8: {e}", path.display()))
+        );
+    }
+    crate::train::data::read_text(path)
 }
 
 /// Parses every non-blank line of a jsonl file, naming file:line on errors.

@@ -79,18 +79,17 @@ pub fn list_files(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, usize)> {
     Ok((files, skipped))
 }
 
-/// The documents of one file: the whole text of a .txt or .txt.gz, each line's "text" of a .jsonl.
-pub fn read_documents(path: &Path) -> Result<Vec<String>> {
+/// The text of a file, gunzipped when its name ends in .gz; binary files are errors.
+pub fn read_text(path: &Path) -> Result<String> {
     let raw = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let bytes = match format_of(path) {
-        Some(Format::GzText) => {
-            let mut out = Vec::new();
-            flate2::read::GzDecoder::new(raw.as_slice())
-                .read_to_end(&mut out)
-                .map_err(|e| anyhow!("{}: not a valid gzip file: {e}", path.display()))?;
-            out
-        }
-        _ => raw,
+    let bytes = if path.to_string_lossy().ends_with(".gz") {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(raw.as_slice())
+            .read_to_end(&mut out)
+            .map_err(|e| anyhow!("{}: not a valid gzip file: {e}", path.display()))?;
+        out
+    } else {
+        raw
     };
     let text = String::from_utf8(bytes).map_err(|e| {
         anyhow!(
@@ -102,6 +101,12 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>> {
     if text.contains('\0') {
         bail!("{}: contains NUL bytes (binary file?)", path.display());
     }
+    Ok(text)
+}
+
+/// The documents of one file: the whole text of a .txt or .txt.gz, each line's "text" of a .jsonl.
+pub fn read_documents(path: &Path) -> Result<Vec<String>> {
+    let text = read_text(path)?;
     match format_of(path) {
         Some(Format::Jsonl) => text
             .lines()
