@@ -55,9 +55,6 @@ pub fn run_task(
     limit: Option<usize>,
 ) -> Result<TaskResult> {
     let items = limited(task.load(data_dir)?, limit);
-    if let Items::Rolling(docs) = &items {
-        return rolling(engine, task, docs);
-    }
     // Requests per item, to turn "requests answered" into "items done".
     let (requests, sizes): (Vec<Request>, Vec<usize>) = match &items {
         Items::Choice(items) => (
@@ -65,7 +62,7 @@ pub fn run_task(
             items.iter().map(|i| i.requests.len()).collect(),
         ),
         Items::Greedy(r) => (r.clone(), vec![1; r.len()]),
-        Items::Rolling(_) => unreachable!("scored above"),
+        Items::Rolling(docs) => return rolling(engine, task, docs),
     };
     let ends: Vec<usize> = sizes
         .iter()
@@ -112,13 +109,13 @@ pub fn run_task(
                 );
             }
         }
-        Items::Greedy(_) => {
+        // Greedy (Rolling returned above).
+        _ => {
             let greedy: Vec<bool> = answers.iter().map(|a| a.greedy).collect();
             metrics.insert("acc".into(), mean_with_stderr(&greedy));
             let lls: Vec<f64> = answers.iter().map(|a| a.logprob).collect();
             metrics.insert("perplexity".into(), perplexity(&lls));
         }
-        Items::Rolling(_) => unreachable!("scored above"),
     }
     Ok(TaskResult {
         task: task.name(),

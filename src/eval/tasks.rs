@@ -90,39 +90,34 @@ impl Task {
     /// The task's items, read from `data_dir` (the shared data's `eval/` folder's parent).
     pub fn load(&self, data_dir: &Path) -> Result<Items> {
         let eval = data_dir.join("eval");
-        match self {
+        let choice = Items::Choice;
+        Ok(match self {
+            Task::Hellaswag => choice(hellaswag(&eval.join("hellaswag/hellaswag_val.jsonl.gz"))?),
+            Task::Piqa => choice(piqa(
+                &eval.join("piqa/valid.jsonl"),
+                &eval.join("piqa/valid-labels.lst"),
+            )?),
+            Task::Winogrande => choice(winogrande(&eval.join("winogrande/winogrande.jsonl"))?),
+            Task::ArcEasy => choice(arc(&eval.join("arc_easy/ARC-Easy-Test.jsonl"))?),
+            Task::ArcChallenge => {
+                choice(arc(&eval.join("arc_challenge/ARC-Challenge-Test.jsonl"))?)
+            }
+            Task::Mmlu { shots } => choice(mmlu(&eval.join("mmlu/data"), *shots)?),
+            Task::Custom(p) => choice(custom(p)?),
             Task::Lambada => {
-                return Ok(Items::Greedy(lambada(
-                    &eval.join("lambada_openai/lambada_openai.jsonl"),
-                )?))
+                Items::Greedy(lambada(&eval.join("lambada_openai/lambada_openai.jsonl"))?)
             }
             Task::Wikitext => {
-                return Ok(Items::Rolling(wikitext(
-                    &eval.join("wikitext2_raw_test/wiki.test.lf.raw"),
-                )?))
+                Items::Rolling(wikitext(&eval.join("wikitext2_raw_test/wiki.test.lf.raw"))?)
             }
             Task::Text(p) => {
                 let text = read_to_string(p)?;
                 if text.trim().is_empty() {
                     bail!("{}: empty text", p.display());
                 }
-                return Ok(Items::Rolling(vec![RollingDoc::new(text.clone(), &text)]));
+                Items::Rolling(vec![RollingDoc::new(text.clone(), &text)])
             }
-            _ => {}
-        }
-        Ok(Items::Choice(match self {
-            Task::Hellaswag => hellaswag(&eval.join("hellaswag/hellaswag_val.jsonl.gz"))?,
-            Task::Piqa => piqa(
-                &eval.join("piqa/valid.jsonl"),
-                &eval.join("piqa/valid-labels.lst"),
-            )?,
-            Task::Winogrande => winogrande(&eval.join("winogrande/winogrande.jsonl"))?,
-            Task::ArcEasy => arc(&eval.join("arc_easy/ARC-Easy-Test.jsonl"))?,
-            Task::ArcChallenge => arc(&eval.join("arc_challenge/ARC-Challenge-Test.jsonl"))?,
-            Task::Mmlu { shots } => mmlu(&eval.join("mmlu/data"), *shots)?,
-            Task::Custom(p) => custom(p)?,
-            Task::Lambada | Task::Wikitext | Task::Text(_) => unreachable!("handled above"),
-        }))
+        })
     }
 }
 
