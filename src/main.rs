@@ -80,10 +80,19 @@ struct EvalArgs {
     /// Also write the results, the model's config, versions and timings to this JSON file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Score every choice as a whole sequence instead of reading the shared question once and
-    /// cloning its state (slower; the two agree).
+    /// Score every choice as a whole sequence instead of reading a context shared by
+    /// consecutive requests (a question's choices, a few-shot header) once and copying its
+    /// state (slower; the two agree).
     #[arg(long)]
     no_share_prefix: bool,
+    /// Tokens per forward pass: requests are right-padded into batches of at most this many
+    /// tokens (1: one request at a time).
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_tokens: u64,
+    /// Continue an interrupted run: reuse the answers journaled beside the --json report
+    /// (REPORT.partial.jsonl, removed once the report is written).
+    #[arg(long, requires = "json")]
+    resume: bool,
     /// Window of the perplexity tasks (wikitext, .txt files), in tokens [default: the model's
     /// context length].
     #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
@@ -685,7 +694,7 @@ fn data_dir(flag: &Option<PathBuf>) -> PathBuf {
 }
 
 fn eval(a: &EvalArgs) -> Result<()> {
-    use supra::eval::{harness::Engine, report, tasks::Task};
+    use supra::eval::{harness::Engine, journal::Journal, report, tasks::Task};
     let mut tasks: Vec<Task> = Vec::new();
     for name in &a.tasks {
         for t in Task::parse(name)? {
@@ -700,14 +709,30 @@ fn eval(a: &EvalArgs) -> Result<()> {
         model: &model,
         tokenizer: &loaded.tokenizer,
         share_prefix: !a.no_share_prefix,
+        batch_tokens: a.batch_tokens as usize,
         max_length: a
             .max_length
             .map_or(loaded.config.max_position_embeddings, |n| n as usize),
     };
+    let model_name = a
+        .model
+        .model
+        .as_ref()
+        .map_or("SmolLM2-135M-Instruct (default)".to_string(), |p| {
+            p.display().to_string()
+        });
+    let mut journal = match &a.json {
+        Some(path) => Some(Journal::open(
+            &Journal::path_for(path),
+            &serde_json::json!({"model": model_name, "limit": a.limit, "max_length": engine.max_length}).to_string(),
+            a.resume,
+        )?),
+        None => None,
+    };
     let t0 = std::time::Instant::now();
     let mut results = Vec::new();
     for task in &tasks {
-        let r = report::run_task(&engine, task, &dir, a.limit)
+        let r = report::run_task(&engine, task, &dir, a.limit, journal.as_mut())
             .with_context(|| format!("task {}", task.name()))?;
         eprintln!("{}: {} items in {:.1} s", r.task, r.items, r.seconds);
         results.push(r);
@@ -715,16 +740,20 @@ fn eval(a: &EvalArgs) -> Result<()> {
     print!("{}", report::markdown(&results));
     if let Some(path) = &a.json {
         let v = serde_json::json!({
-            "model": a.model.model.as_ref().map_or("SmolLM2-135M-Instruct (default)".to_string(), |p| p.display().to_string()),
+            "model": model_name,
             "config": loaded.config.to_hf_json(),
             "supra_version": env!("CARGO_PKG_VERSION"),
             "limit": a.limit,
             "share_prefix": engine.share_prefix,
+            "batch_tokens": engine.batch_tokens,
             "max_length": engine.max_length,
             "seconds": t0.elapsed().as_secs_f64(),
             "results": results,
         });
         io::atomic_write(path, serde_json::to_string_pretty(&v)?.as_bytes())?;
+    }
+    if let Some(j) = journal {
+        j.remove()?;
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use supra::convert::{convert, ConvertOptions};
-use supra::eval::harness::{encode_pair, Engine, Request, MIN_SHARED_PREFIX};
+use supra::eval::harness::{encode_pair, Engine, LogLikelihood, Request, MIN_SHARED_PREFIX};
 use supra::io::LoadedModel;
 use supra::model::llama::Llama;
 use supra::testing::write_tiny_gguf;
@@ -26,22 +26,35 @@ fn requests() -> Vec<Request> {
         r("Question: what is 2 + 2?\nAnswer:", " 4"),
         r("Question: what is 2 + 2?\nAnswer:", " four, of course"),
         r("", "Hello there"),
-        // A few-shot header longer than the engine's sharing threshold, then two questions.
-        r(&format!("{HEADER}Q: one?\nA:"), " yes"),
-        r(&format!("{HEADER}Q: one?\nA:"), " no"),
-        r(&format!("{HEADER}Q: two?\nA:"), " maybe so"),
-        r(&format!("{HEADER}Q: two?\nA:"), " no"),
+        // A few-shot header longer than the engine's sharing threshold, then questions whose
+        // single-token choices (MMLU's letters) share one row.
+        r(&format!("{}Q: one?\nA:", header()), " yes"),
+        r(&format!("{}Q: one?\nA:", header()), " no"),
+        r(&format!("{}Q: two?\nA:", header()), " maybe so"),
+        r(&format!("{}Q: two?\nA:", header()), " no"),
+        r(&format!("{}Q: three?\nA:", header()), " A"),
+        r(&format!("{}Q: three?\nA:", header()), " B"),
         r("Unrelated", " text"),
     ]
 }
 
-const HEADER: &str = "The following are questions about cats and mats, with answers.\n\n\
-                      Q: is the cat on the mat?\nA: yes\n\n";
+fn header() -> String {
+    let mut h = String::from("The following are questions about cats and mats, with answers.\n\n");
+    for q in [
+        "is the cat on the mat?",
+        "is the hat on the cat?",
+        "did the cat sing?",
+    ] {
+        h.push_str(&format!("Q: {q}\nA: yes\n\n"));
+    }
+    h
+}
 
-/// Reading a shared context once and cloning its state gives what scoring each request as one
-/// whole sequence gives, for softmax, SUPRA and hybrid models.
+/// Reading a shared context once and copying its state, in padded batches or one request at
+/// a time, gives what scoring each request alone as one whole sequence gives, for softmax,
+/// SUPRA and hybrid models; a resumed run answers only what it was not given.
 #[test]
-fn shared_prefix_matches_whole_sequences() {
+fn shared_prefix_and_batches_match_whole_sequences() {
     let dir = tempfile::tempdir().unwrap();
     let teacher = tiny_teacher(dir.path());
     let supra = convert(&teacher, &ConvertOptions::default()).unwrap();
@@ -53,41 +66,64 @@ fn shared_prefix_matches_whole_sequences() {
         },
     )
     .unwrap();
+    let requests = requests();
     for (name, m) in [
         ("softmax", &teacher),
         ("supra", &supra),
         ("hybrid", &hybrid),
     ] {
         let model = Llama::new(&m.config, &m.weights).unwrap();
-        assert!(m.tokenizer.encode(HEADER).unwrap().len() >= MIN_SHARED_PREFIX);
-        let engine = |share_prefix| Engine {
+        assert!(m.tokenizer.encode(&header()).unwrap().len() >= MIN_SHARED_PREFIX);
+        let engine = |share_prefix, batch_tokens| Engine {
             model: &model,
             tokenizer: &m.tokenizer,
             share_prefix,
+            batch_tokens,
             max_length: 64,
         };
-        let mut calls = Vec::new();
-        let shared = engine(true).run(&requests(), |n| calls.push(n)).unwrap();
-        let whole = engine(false).run(&requests(), |_| {}).unwrap();
-        assert_eq!(
-            calls,
-            vec![3, 5, 6, 8, 10, 11],
-            "{name}: one progress call per context"
-        );
-        for (i, (a, b)) in shared.iter().zip(&whole).enumerate() {
-            assert!(
-                (a.logprob - b.logprob).abs() < 1e-3,
-                "{name} request {i}: {} vs {}",
-                a.logprob,
-                b.logprob
-            );
-            assert_eq!(
-                (a.greedy, a.tokens),
-                (b.greedy, b.tokens),
-                "{name} request {i}"
-            );
-            assert!(a.logprob < 0.0);
+        let whole = engine(false, 1).run(&requests, &[], |_| Ok(())).unwrap();
+        for (share, batch) in [(true, 1), (true, 4096), (false, 4096)] {
+            let mut calls = 0;
+            let answers = engine(share, batch)
+                .run(&requests, &[], |a| {
+                    calls += a.len();
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(calls, requests.len(), "{name}: each answer reported once");
+            for (i, (a, b)) in answers.iter().zip(&whole).enumerate() {
+                let what = format!("{name} share {share} batch {batch} request {i}");
+                assert!(
+                    (a.logprob - b.logprob).abs() < 1e-3,
+                    "{what}: {} vs {}",
+                    a.logprob,
+                    b.logprob
+                );
+                assert_eq!((a.greedy, a.tokens), (b.greedy, b.tokens), "{what}");
+                assert!(a.logprob < 0.0);
+            }
         }
+        // Resuming: known answers are kept as given (even a made-up one), the rest computed.
+        let mut known: Vec<Option<LogLikelihood>> = vec![None; requests.len()];
+        let fake = LogLikelihood {
+            logprob: -123.0,
+            greedy: true,
+            tokens: 1,
+        };
+        known[0] = Some(fake);
+        known[7] = Some(fake);
+        let mut asked = Vec::new();
+        let answers = engine(true, 4096)
+            .run(&requests, &known, |a| {
+                asked.extend(a.iter().map(|(i, _)| *i));
+                Ok(())
+            })
+            .unwrap();
+        asked.sort();
+        let expected: Vec<usize> = (0..requests.len()).filter(|&i| i != 0 && i != 7).collect();
+        assert_eq!(asked, expected, "{name}");
+        assert_eq!((answers[0], answers[7]), (fake, fake));
+        assert!((answers[8].logprob - whole[8].logprob).abs() < 1e-3);
     }
 }
 
@@ -155,6 +191,63 @@ fn eval_cli_custom_task_and_json() {
     assert!(shared["config"]["num_hidden_layers"].is_number());
 }
 
+/// An evaluation stopped part way (here by a bad second task) continues with --resume from
+/// the answers journaled beside the report, and gives what an uninterrupted run gives.
+#[test]
+fn eval_cli_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("teacher.gguf");
+    write_tiny_gguf(&model, 5).unwrap();
+    let good = dir.path().join("good.jsonl");
+    std::fs::write(
+        &good,
+        (0..4)
+            .map(|i| format!("{{\"query\": \"Item {i}: the cat\", \"choices\": [\"sat\", \"ran\"], \"gold\": 0}}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let second = dir.path().join("second.jsonl");
+    std::fs::write(&second, "{oops\n").unwrap();
+    let json = dir.path().join("out.json");
+    let journal = dir.path().join("out.json.partial.jsonl");
+    let tasks = format!("{},{}", good.display(), second.display());
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--tasks", &tasks, "--json", json.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        common::supra_path("eval", &model, &args)
+    };
+    common::assert_clean_error(&run(&[]), &["second.jsonl:1"]);
+    let lines = std::fs::read_to_string(&journal).unwrap();
+    assert_eq!(
+        lines.lines().count(),
+        1 + 8,
+        "header and the first task's 8 answers"
+    );
+    common::assert_clean_error(&run(&[]), &["--resume"]);
+    std::fs::copy(&good, &second).unwrap();
+    let out = run(&["--resume"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !journal.exists(),
+        "the journal goes once the report is written"
+    );
+    let resumed: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let out = run(&[]);
+    assert!(out.status.success());
+    let fresh: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for t in 0..2 {
+        assert_eq!(
+            resumed["results"][t]["metrics"],
+            fresh["results"][t]["metrics"]
+        );
+    }
+}
+
 #[test]
 fn eval_cli_bad_tasks() {
     let dir = tempfile::tempdir().unwrap();
@@ -196,6 +289,7 @@ fn rolling_windows() {
         model: &model,
         tokenizer: &m.tokenizer,
         share_prefix: true,
+        batch_tokens: 1,
         max_length,
     };
     let mut seq = vec![m.tokenizer.eos_id.unwrap()];

@@ -2,17 +2,17 @@
 //! context), whether greedy decoding would produce the continuation), lm-evaluation-harness's
 //! `loglikelihood` request type, which every multiple-choice task reduces to.
 //!
-//! Consecutive requests with the same context (the choices of one question) read the context
-//! once: its generation state — the constant-size RNN state of SUPRA layers, the KV cache of
-//! softmax layers — is cloned for each continuation. Likewise the part of a context that the
-//! next context starts with (MMLU's few-shot header) is read once and its state kept.
-//! `share_prefix: false` runs each request as one whole sequence instead: the reference the
-//! tests compare against.
+//! Requests run as rows of right-padded batches, longest first. A long context prefix that
+//! consecutive requests share (MMLU's few-shot header) is read once: its generation state —
+//! the constant-size RNN state of SUPRA layers, the KV cache of softmax layers — is copied
+//! into every row that continues it. Rows with the same tokens (choices that are single
+//! tokens) are read once. `share_prefix: false, batch_tokens: 1` runs each request alone as
+//! one whole sequence: the reference the tests compare against.
 
 use crate::io::tokenizer::TextTokenizer;
 use crate::model::llama::{Cache, Llama};
 use anyhow::{bail, Result};
-use candle_core::{Tensor, D};
+use candle_core::{IndexOp, Tensor, D};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -66,63 +66,199 @@ pub fn encode_pair(
 pub struct Engine<'a> {
     pub model: &'a Llama,
     pub tokenizer: &'a TextTokenizer,
-    /// Read a context shared by consecutive requests once (see the module docs).
+    /// Read a context prefix shared by consecutive requests once (see the module docs).
     pub share_prefix: bool,
+    /// Rows of one forward pass: right-padded to the longest, at most this many tokens in all
+    /// (at least one row). 1 runs every request alone.
+    pub batch_tokens: usize,
     /// Longest window of rolling (perplexity) scoring, in tokens.
     pub max_length: usize,
 }
 
-/// Contexts sharing fewer tokens than this are read whole: a saved state costs a clone.
-pub const MIN_SHARED_PREFIX: usize = 32;
+/// Contexts sharing fewer tokens than this are read whole: a saved state costs a copy per row
+/// and a forward pass of its own, while whole rows batch across questions (on hellaswag,
+/// 128 tokens measured best of 32, 64 and 128).
+pub const MIN_SHARED_PREFIX: usize = 128;
 
-/// The generation state after the first `tokens.len()` tokens of some context.
-struct Prefix {
+/// Consecutive requests whose contexts all start with the same `prefix` tokens.
+struct Group {
+    requests: Vec<usize>,
+    prefix: usize,
+}
+
+/// One row of a forward pass: the tokens after its group's prefix, and the requests it
+/// answers, each with the position from which on the hidden states predict its continuation
+/// (several when choices are single tokens: MMLU's letters).
+struct Row {
     tokens: Vec<u32>,
-    state: Cache,
+    uses: Vec<(usize, usize)>,
 }
 
 impl Engine<'_> {
-    /// Answers `requests` in order, calling `progress` with the number answered so far.
+    /// Answers `requests`, skipping those `known` already holds (a resumed run), and calls
+    /// `answered` after each forward pass with the requests it answered, by index.
     pub fn run(
         &self,
         requests: &[Request],
-        mut progress: impl FnMut(usize),
+        known: &[Option<LogLikelihood>],
+        mut answered: impl FnMut(&[(usize, LogLikelihood)]) -> Result<()>,
     ) -> Result<Vec<LogLikelihood>> {
         let encoded = requests
             .iter()
             .map(|r| encode_pair(self.tokenizer, &r.context, &r.continuation))
             .collect::<Result<Vec<_>>>()?;
-        if !self.share_prefix {
-            let mut out = Vec::with_capacity(requests.len());
-            for (i, (ctx, cont)) in encoded.iter().enumerate() {
-                out.push(self.whole(ctx, cont)?);
-                progress(i + 1);
+        let mut out: Vec<Option<LogLikelihood>> = (0..requests.len())
+            .map(|i| known.get(i).copied().flatten())
+            .collect();
+        for g in self.groups(&encoded) {
+            let mut rows: Vec<Row> = Vec::new();
+            for i in g.requests.into_iter().filter(|&i| out[i].is_none()) {
+                let (ctx, cont) = &encoded[i];
+                let tokens: Vec<u32> = ctx[g.prefix..]
+                    .iter()
+                    .chain(&cont[..cont.len() - 1])
+                    .copied()
+                    .collect();
+                let from = ctx.len() - g.prefix - 1;
+                match rows.last_mut() {
+                    Some(r) if r.tokens == tokens => r.uses.push((i, from)),
+                    _ => rows.push(Row {
+                        tokens,
+                        uses: vec![(i, from)],
+                    }),
+                }
             }
-            return Ok(out);
-        }
-        // Groups of consecutive requests with the same context (one question's choices).
-        let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
-        for (i, r) in requests.iter().enumerate() {
-            match groups.last_mut() {
-                Some(g) if requests[g.start].context == r.context => g.end = i + 1,
-                _ => groups.push(i..i + 1),
+            if rows.is_empty() {
+                continue;
+            }
+            let state = if g.prefix > 0 {
+                let ctx = &encoded[rows[0].uses[0].0].0;
+                let mut state = self.model.new_cache();
+                let input = Tensor::new(&ctx[..g.prefix], self.model.device())?.unsqueeze(0)?;
+                self.model.forward_hidden(&input, Some(&mut state))?;
+                Some(state)
+            } else {
+                None
+            };
+            for batch in self.batches(rows) {
+                let scored = self.batch(&batch, state.as_ref(), &encoded)?;
+                for (i, ll) in &scored {
+                    out[*i] = Some(*ll);
+                }
+                answered(&scored)?;
             }
         }
-        let mut out = Vec::with_capacity(requests.len());
-        let mut saved: Option<Prefix> = None;
-        for (k, g) in groups.iter().enumerate() {
-            let ctx = &encoded[g.start].0;
-            // What this context shares with the next one (a few-shot header): worth keeping.
-            let next = groups.get(k + 1).map(|n| encoded[n.start].0.as_slice());
-            let shared = next.map_or(0, |n| common_prefix(ctx, n)).min(ctx.len() - 1);
-            let conts: Vec<&[u32]> = encoded[g.clone()]
-                .iter()
-                .map(|(_, c)| c.as_slice())
-                .collect();
-            out.extend(self.group(ctx, &conts, shared, &mut saved)?);
-            progress(g.end);
+        Ok(out
+            .into_iter()
+            .map(|a| a.expect("every request answered"))
+            .collect())
+    }
+
+    /// Consecutive requests sharing at least [`MIN_SHARED_PREFIX`] context tokens form a group
+    /// read from one prefix state (keeping the last context token of each in its row: it
+    /// predicts the continuation's first token); the others, with no prefix, form one group and
+    /// batch freely.
+    fn groups(&self, encoded: &[(Vec<u32>, Vec<u32>)]) -> Vec<Group> {
+        let mut groups: Vec<Group> = Vec::new();
+        for (i, (ctx, _)) in encoded.iter().enumerate() {
+            let joined = groups.last_mut().and_then(|g| {
+                let first = &encoded[g.requests[0]].0;
+                let n = common_prefix(first, ctx).min(ctx.len() - 1).min(g.prefix);
+                (self.share_prefix && n >= MIN_SHARED_PREFIX).then_some((g, n))
+            });
+            match joined {
+                Some((g, n)) => {
+                    g.requests.push(i);
+                    g.prefix = n;
+                }
+                None => groups.push(Group {
+                    requests: vec![i],
+                    prefix: ctx.len() - 1,
+                }),
+            }
         }
-        Ok(out)
+        let (mut groups, alone): (Vec<Group>, Vec<Group>) =
+            groups.into_iter().partition(|g| g.requests.len() > 1);
+        if !alone.is_empty() {
+            groups.push(Group {
+                requests: alone.into_iter().flat_map(|g| g.requests).collect(),
+                prefix: 0,
+            });
+        }
+        groups
+    }
+
+    /// Rows longest first, cut into forward passes of at most `batch_tokens` padded tokens.
+    fn batches(&self, mut rows: Vec<Row>) -> Vec<Vec<Row>> {
+        rows.sort_by_key(|r| std::cmp::Reverse(r.tokens.len()));
+        let mut out: Vec<Vec<Row>> = Vec::new();
+        for row in rows {
+            match out.last_mut() {
+                // Sorted longest first: the batch's first row sets its padded length.
+                Some(b) if (b.len() + 1) * b[0].tokens.len() <= self.batch_tokens => b.push(row),
+                _ => out.push(vec![row]),
+            }
+        }
+        out
+    }
+
+    /// One forward pass over `rows` (right-padded: causal attention keeps padding out of real
+    /// positions), continuing from a copy of `state` for each row.
+    fn batch(
+        &self,
+        rows: &[Row],
+        state: Option<&Cache>,
+        encoded: &[(Vec<u32>, Vec<u32>)],
+    ) -> Result<Vec<(usize, LogLikelihood)>> {
+        let dev = self.model.device();
+        let len = rows.iter().map(|r| r.tokens.len()).max().unwrap_or(0);
+        let pad = self.tokenizer.eos_id.unwrap_or(0);
+        let flat: Vec<u32> = rows
+            .iter()
+            .flat_map(|r| {
+                r.tokens
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad, len - r.tokens.len()))
+            })
+            .collect();
+        let input = Tensor::from_vec(flat, (rows.len(), len), dev)?;
+        let hidden = match state {
+            Some(s) => {
+                let mut s = s.repeat(rows.len())?;
+                self.model.forward_hidden(&input, Some(&mut s))?
+            }
+            None => self.model.forward_hidden(&input, None)?,
+        };
+        let mut picked = Vec::new();
+        let mut targets = Vec::new();
+        for (b, r) in rows.iter().enumerate() {
+            for &(i, from) in &r.uses {
+                let cont = &encoded[i].1;
+                picked.push(hidden.i(b)?.narrow(0, from, cont.len())?);
+                targets.extend_from_slice(cont);
+            }
+        }
+        let mut lls = score(self.model, &Tensor::cat(&picked, 0)?, &targets)?.into_iter();
+        Ok(rows
+            .iter()
+            .flat_map(|r| &r.uses)
+            .map(|&(i, _)| {
+                let n = encoded[i].1.len();
+                let (logprob, greedy) = lls
+                    .by_ref()
+                    .take(n)
+                    .fold((0.0, true), |(s, g), (lp, best)| (s + lp, g && best));
+                (
+                    i,
+                    LogLikelihood {
+                        logprob,
+                        greedy,
+                        tokens: n,
+                    },
+                )
+            })
+            .collect())
     }
 
     /// Σ log p of every token of `text`, lm-eval's `loglikelihood_rolling`: the first window
@@ -148,78 +284,15 @@ impl Engine<'_> {
         }
         Ok((sum, ids.len()))
     }
-
-    /// One request as a single sequence: the reference.
-    fn whole(&self, ctx: &[u32], cont: &[u32]) -> Result<LogLikelihood> {
-        let ids: Vec<u32> = ctx.iter().chain(cont).copied().collect();
-        let input = Tensor::new(&ids[..ids.len() - 1], self.model.device())?.unsqueeze(0)?;
-        let hidden = self.model.forward_hidden(&input, None)?.squeeze(0)?;
-        score(
-            self.model,
-            &hidden.narrow(0, ctx.len() - 1, cont.len())?,
-            cont,
-        )
-    }
-
-    /// Continuations `conts` of one context `ctx`, of which the first `shared` tokens start the
-    /// next context too. Starts from `saved` when it is a prefix of `ctx`, and leaves the state
-    /// after `ctx[..shared]` there for the next context.
-    fn group(
-        &self,
-        ctx: &[u32],
-        conts: &[&[u32]],
-        shared: usize,
-        saved: &mut Option<Prefix>,
-    ) -> Result<Vec<LogLikelihood>> {
-        let dev = self.model.device();
-        let (mut state, mut done) = match saved.as_ref() {
-            Some(p) if ctx.starts_with(&p.tokens) => (p.state.clone(), p.tokens.len()),
-            _ => (self.model.new_cache(), 0),
-        };
-        if shared >= MIN_SHARED_PREFIX && shared > done {
-            let input = Tensor::new(&ctx[done..shared], dev)?.unsqueeze(0)?;
-            self.model.forward_hidden(&input, Some(&mut state))?;
-            done = shared;
-            *saved = Some(Prefix {
-                tokens: ctx[..shared].to_vec(),
-                state: state.clone(),
-            });
-        }
-        let input = Tensor::new(&ctx[done..], dev)?.unsqueeze(0)?;
-        let h = self
-            .model
-            .forward_hidden(&input, Some(&mut state))?
-            .squeeze(0)?;
-        let last = h.narrow(0, h.dim(0)? - 1, 1)?;
-        conts
-            .iter()
-            .map(|cont| {
-                // Clones run one after another: a softmax layer's KV-cache clones may write
-                // past their common positions into storage they share, but each only ever
-                // reads the positions before its own and those it wrote itself.
-                let hidden = if cont.len() > 1 {
-                    let mut s = state.clone();
-                    let input = Tensor::new(&cont[..cont.len() - 1], dev)?.unsqueeze(0)?;
-                    let h = self
-                        .model
-                        .forward_hidden(&input, Some(&mut s))?
-                        .squeeze(0)?;
-                    Tensor::cat(&[&last, &h], 0)?
-                } else {
-                    last.clone()
-                };
-                score(self.model, &hidden, cont)
-            })
-            .collect()
-    }
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-/// Log-probability and greedy match of `targets` from the hidden states that predict them.
-fn score(model: &Llama, hidden: &Tensor, targets: &[u32]) -> Result<LogLikelihood> {
+/// Per target, its log-probability and whether it is the argmax, from the hidden states
+/// (n, hidden) that predict them.
+fn score(model: &Llama, hidden: &Tensor, targets: &[u32]) -> Result<Vec<(f64, bool)>> {
     let logits = model.logits(hidden)?;
     let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let t = Tensor::new(targets, hidden.device())?;
@@ -228,9 +301,9 @@ fn score(model: &Llama, hidden: &Tensor, targets: &[u32]) -> Result<LogLikelihoo
         .squeeze(1)?
         .to_vec1::<f32>()?;
     let best = lsm.argmax(D::Minus1)?.to_vec1::<u32>()?;
-    Ok(LogLikelihood {
-        logprob: picked.iter().map(|&x| x as f64).sum(),
-        greedy: best == targets,
-        tokens: targets.len(),
-    })
+    Ok(picked
+        .iter()
+        .zip(best.iter().zip(targets))
+        .map(|(&lp, (b, t))| (lp as f64, b == t))
+        .collect())
 }

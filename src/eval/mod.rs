@@ -1,6 +1,7 @@
 //! Evaluation.
 
 pub mod harness;
+pub mod journal;
 pub mod perplexity;
 pub mod report;
 pub mod tasks;

@@ -1,7 +1,8 @@
 //! Running tasks on a model and reporting them: a markdown table for people, JSON for `supra
 //! compare` and the docs.
 
-use crate::eval::harness::{Engine, Request};
+use crate::eval::harness::{Engine, LogLikelihood, Request};
+use crate::eval::journal::Journal;
 use crate::eval::tasks::{mean_with_stderr, score_item, Items, Metric, RollingDoc, Task};
 use anyhow::Result;
 use std::collections::BTreeMap;
@@ -47,37 +48,58 @@ fn limited(items: Items, limit: Option<usize>) -> Items {
     }
 }
 
-/// Scores `task` (its first `limit` items).
+/// Scores `task` (its first `limit` items), continuing from and adding to `journal`.
 pub fn run_task(
     engine: &Engine,
     task: &Task,
     data_dir: &Path,
     limit: Option<usize>,
+    mut journal: Option<&mut Journal>,
 ) -> Result<TaskResult> {
     let items = limited(task.load(data_dir)?, limit);
-    // Requests per item, to turn "requests answered" into "items done".
+    let name = task.name();
+    // Requests per item, to turn answered requests into items done.
     let (requests, sizes): (Vec<Request>, Vec<usize>) = match &items {
         Items::Choice(items) => (
             items.iter().flat_map(|i| i.requests.clone()).collect(),
             items.iter().map(|i| i.requests.len()).collect(),
         ),
         Items::Greedy(r) => (r.clone(), vec![1; r.len()]),
-        Items::Rolling(docs) => return rolling(engine, task, docs),
+        Items::Rolling(docs) => return rolling(engine, task, docs, journal),
     };
-    let ends: Vec<usize> = sizes
+    let item_of: Vec<usize> = sizes
         .iter()
-        .scan(0, |n, s| {
-            *n += s;
-            Some(*n)
-        })
+        .enumerate()
+        .flat_map(|(item, &n)| std::iter::repeat_n(item, n))
         .collect();
+    let (known, mut seconds) = journal
+        .as_ref()
+        .map_or((Vec::new(), 0.0), |j| j.known(&name, &requests));
+    let mut left = sizes.clone();
+    let mut done = 0;
+    let mut count = |answered: &mut dyn Iterator<Item = usize>| {
+        for i in answered {
+            left[item_of[i]] -= 1;
+            done += usize::from(left[item_of[i]] == 0);
+        }
+        done as u64
+    };
     let bar = progress_bar(task, sizes.len(), "items");
-    let t0 = Instant::now();
-    let answers = engine.run(&requests, |done| {
-        bar.set_position(ends.partition_point(|&e| e <= done) as u64)
+    bar.set_position(count(
+        &mut known.iter().enumerate().filter_map(|(i, k)| k.map(|_| i)),
+    ));
+    let mut last = Instant::now();
+    let answers = engine.run(&requests, &known, |answered| {
+        let dt = last.elapsed().as_secs_f64();
+        last = Instant::now();
+        seconds += dt;
+        if let Some(j) = journal.as_deref_mut() {
+            j.record(&name, &requests, answered, dt)?;
+        }
+        bar.set_position(count(&mut answered.iter().map(|(i, _)| *i)));
+        Ok(())
     })?;
     bar.finish_and_clear();
-    let seconds = t0.elapsed().as_secs_f64();
     let mut metrics = BTreeMap::new();
     match &items {
         Items::Choice(items) => {
@@ -136,18 +158,51 @@ fn progress_bar(task: &Task, len: usize, unit: &str) -> indicatif::ProgressBar {
 }
 
 /// Word and byte perplexity of whole documents (lm-eval's wikitext metrics).
-fn rolling(engine: &Engine, task: &Task, docs: &[RollingDoc]) -> Result<TaskResult> {
+fn rolling(
+    engine: &Engine,
+    task: &Task,
+    docs: &[RollingDoc],
+    mut journal: Option<&mut Journal>,
+) -> Result<TaskResult> {
+    let name = task.name();
+    // Journaled as requests whose continuation is the whole document.
+    let requests: Vec<Request> = docs
+        .iter()
+        .map(|d| Request {
+            context: String::new(),
+            continuation: d.text.clone(),
+        })
+        .collect();
+    let (known, mut seconds) = journal
+        .as_ref()
+        .map_or((Vec::new(), 0.0), |j| j.known(&name, &requests));
     let bar = progress_bar(task, docs.len(), "documents");
-    let t0 = Instant::now();
     let (mut ll, mut words, mut bytes) = (0.0, 0usize, 0usize);
-    for d in docs {
-        ll += engine.rolling(&d.text)?.0;
+    for (i, d) in docs.iter().enumerate() {
+        let logprob = match known.get(i).copied().flatten() {
+            Some(k) => k.logprob,
+            None => {
+                let t0 = Instant::now();
+                let (logprob, tokens) = engine.rolling(&d.text)?;
+                let dt = t0.elapsed().as_secs_f64();
+                seconds += dt;
+                if let Some(j) = journal.as_deref_mut() {
+                    let answer = LogLikelihood {
+                        logprob,
+                        greedy: false,
+                        tokens,
+                    };
+                    j.record(&name, &requests, &[(i, answer)], dt)?;
+                }
+                logprob
+            }
+        };
+        ll += logprob;
         words += d.words;
         bytes += d.bytes;
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let seconds = t0.elapsed().as_secs_f64();
     let plain = |value: f64| Metric {
         value,
         stderr: None,

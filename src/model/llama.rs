@@ -61,6 +61,36 @@ pub struct Cache {
 }
 
 impl Cache {
+    /// `n` copies of this single-sequence state as one batch of `n` sequences.
+    pub fn repeat(&self, n: usize) -> Result<Cache> {
+        let rows = |t: &Tensor| -> Result<Tensor> {
+            if t.dim(0)? != 1 {
+                bail!("only a single-sequence state repeats (batch {})", t.dim(0)?);
+            }
+            Ok(t.repeat((n, 1, 1, 1))?.contiguous()?)
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(match l {
+                    LayerState::Kv(c) => {
+                        let mut kv = KvCache::new(2, c.current_seq_len().max(1));
+                        if let (Some(k), Some(v)) = (c.k()?, c.v()?) {
+                            kv.append(&rows(&k)?, &rows(&v)?)?;
+                        }
+                        LayerState::Kv(kv)
+                    }
+                    LayerState::Rnn(s) => LayerState::Rnn(s.as_ref().map(rows).transpose()?),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Cache {
+            layers,
+            pos: self.pos,
+        })
+    }
+
     /// Bytes of generation state: KV caches grow with the context, SUPRA states do not.
     pub fn bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();

@@ -1,0 +1,213 @@
+//! The answers of a running evaluation, one JSON line per request as it is answered, so that an
+//! interrupted run (a full MMLU takes hours here) continues where it stopped. Each line carries
+//! a hash of its request: answers to requests that changed since (other data, another limit)
+//! are not reused.
+
+use crate::eval::harness::{LogLikelihood, Request};
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Line {
+    task: String,
+    i: usize,
+    hash: u64,
+    logprob: f64,
+    greedy: bool,
+    tokens: usize,
+    /// Seconds of compute this answer took (its share of its forward pass).
+    s: f64,
+}
+
+pub struct Journal {
+    path: PathBuf,
+    file: std::fs::File,
+    answers: HashMap<(String, usize), (u64, LogLikelihood, f64)>,
+}
+
+/// FNV-1a over the request's text: stable across runs and builds.
+pub fn request_hash(r: &Request) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in r
+        .context
+        .bytes()
+        .chain([0xff])
+        .chain(r.continuation.bytes())
+    {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+impl Journal {
+    /// The journal kept beside a report written to `report`.
+    pub fn path_for(report: &Path) -> PathBuf {
+        let mut name = report.file_name().unwrap_or_default().to_os_string();
+        name.push(".partial.jsonl");
+        report.with_file_name(name)
+    }
+
+    /// Opens `path` for appending. `header` names what the answers are answers of (the model);
+    /// with `resume`, the answers already there are kept, provided the header matches.
+    /// Without it, an existing journal is an error rather than hours of work thrown away.
+    pub fn open(path: &Path, header: &str, resume: bool) -> Result<Self> {
+        let mut answers = HashMap::new();
+        let exists = path.exists();
+        if exists && !resume {
+            bail!(
+                "{} holds the answers of an interrupted run: pass --resume to continue it, or delete the file",
+                path.display()
+            );
+        }
+        if exists {
+            let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+            let mut lines = std::io::BufReader::new(f).lines();
+            let first = lines.next().transpose()?.unwrap_or_default();
+            if first != header {
+                bail!(
+                    "{}: written for {first}, not {header}; delete it to start afresh",
+                    path.display()
+                );
+            }
+            for (n, line) in lines.enumerate() {
+                let line = line?;
+                // A line cut short by an interruption is simply answered again.
+                let Ok(l) = serde_json::from_str::<Line>(&line) else {
+                    eprintln!("{}:{}: incomplete line, ignored", path.display(), n + 2);
+                    continue;
+                };
+                let ll = LogLikelihood {
+                    logprob: l.logprob,
+                    greedy: l.greedy,
+                    tokens: l.tokens,
+                };
+                answers.insert((l.task, l.i), (l.hash, ll, l.s));
+            }
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        if !exists {
+            writeln!(file, "{header}")?;
+        } else if !std::fs::read(path)?.ends_with(b"\n") {
+            // End the line an interruption cut short, so the next one starts clean.
+            writeln!(file)?;
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            answers,
+        })
+    }
+
+    /// The journal's answers to `task`'s `requests` (None where it has none or the request
+    /// changed), and the seconds they took.
+    pub fn known(&self, task: &str, requests: &[Request]) -> (Vec<Option<LogLikelihood>>, f64) {
+        let mut seconds = 0.0;
+        let known = requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let (hash, ll, s) = self.answers.get(&(task.to_string(), i))?;
+                (*hash == request_hash(r)).then(|| {
+                    seconds += s;
+                    *ll
+                })
+            })
+            .collect();
+        (known, seconds)
+    }
+
+    /// Appends answers (request index, answer) of `task`, which took `seconds` together.
+    pub fn record(
+        &mut self,
+        task: &str,
+        requests: &[Request],
+        answers: &[(usize, LogLikelihood)],
+        seconds: f64,
+    ) -> Result<()> {
+        let mut buf = String::new();
+        for (i, ll) in answers {
+            let line = Line {
+                task: task.to_string(),
+                i: *i,
+                hash: request_hash(&requests[*i]),
+                logprob: ll.logprob,
+                greedy: ll.greedy,
+                tokens: ll.tokens,
+                s: seconds / answers.len() as f64,
+            };
+            buf.push_str(&serde_json::to_string(&line)?);
+            buf.push('\n');
+        }
+        self.file
+            .write_all(buf.as_bytes())
+            .with_context(|| format!("cannot write {}", self.path.display()))
+    }
+
+    /// The run finished and its report is written: the journal has served.
+    pub fn remove(self) -> Result<()> {
+        drop(self.file);
+        std::fs::remove_file(&self.path)
+            .with_context(|| format!("cannot remove {}", self.path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resumes_only_matching_answers_and_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Journal::path_for(&dir.path().join("out.json"));
+        assert!(path.ends_with("out.json.partial.jsonl"));
+        let r = |c: &str| Request {
+            context: c.into(),
+            continuation: " x".into(),
+        };
+        let requests = vec![r("a"), r("b"), r("c")];
+        let ll = |logprob| LogLikelihood {
+            logprob,
+            greedy: false,
+            tokens: 2,
+        };
+        let mut j = Journal::open(&path, "model-1", false).unwrap();
+        j.record("t", &requests, &[(0, ll(-1.0)), (2, ll(-3.0))], 4.0)
+            .unwrap();
+        drop(j);
+        // An interruption mid-line.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"{\"task\": \"t\", \"i\": 1, \"ha").unwrap();
+        drop(f);
+
+        let err = Journal::open(&path, "model-1", false).err().unwrap();
+        assert!(format!("{err:#}").contains("--resume"));
+        let err = Journal::open(&path, "model-2", true).err().unwrap();
+        assert!(format!("{err:#}").contains("written for model-1"));
+
+        let j = Journal::open(&path, "model-1", true).unwrap();
+        let (known, seconds) = j.known("t", &requests);
+        assert_eq!(known, vec![Some(ll(-1.0)), None, Some(ll(-3.0))]);
+        assert_eq!(seconds, 4.0);
+        assert_eq!(j.known("other", &requests).0, vec![None; 3]);
+        // A request that changed since is answered again.
+        let changed = vec![r("a"), r("b"), r("C")];
+        assert_eq!(j.known("t", &changed).0, vec![Some(ll(-1.0)), None, None]);
+        let mut j = Journal::open(&path, "model-1", true).unwrap();
+        j.record("t", &requests, &[(1, ll(-2.0))], 1.0).unwrap();
+        drop(j);
+        let j = Journal::open(&path, "model-1", true).unwrap();
+        assert_eq!(j.known("t", &requests).0[1], Some(ll(-2.0)));
+        j.remove().unwrap();
+        assert!(!path.exists());
+    }
+}
