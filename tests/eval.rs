@@ -378,3 +378,230 @@ fn compare_cli() {
     let out = common::supra(&["compare", &a, bad.to_str().unwrap()]);
     common::assert_clean_error(&out, &["bad.json", "not JSON"]);
 }
+
+/// Long sequences read in chunks through the state give what one whole forward pass gives, and
+/// greedy decoding from the chunked state continues it like whole-sequence argmax does.
+#[test]
+fn chunked_reading_matches_whole_sequences() {
+    use supra::eval::long_context::{greedy, nll_by_position};
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = tiny_teacher(dir.path());
+    let supra = convert(&teacher, &ConvertOptions::default()).unwrap();
+    let ids = teacher
+        .tokenizer
+        .encode("the cat sat on the mat and the dog sat on the log and then they both sat down")
+        .unwrap();
+    for (name, m) in [("softmax", &teacher), ("supra", &supra)] {
+        let model = Llama::new(&m.config, &m.weights).unwrap();
+        let whole = model
+            .score_batch(std::slice::from_ref(&ids))
+            .unwrap()
+            .remove(0);
+        let chunked = nll_by_position(&model, &ids, 7).unwrap();
+        assert_eq!(chunked.len(), ids.len() - 1);
+        for (i, (a, b)) in chunked.iter().zip(&whole).enumerate() {
+            assert!((a + b).abs() < 1e-3, "{name} position {i}: {a} vs {}", -b);
+        }
+        let out = greedy(&model, &ids[..10], 3).unwrap();
+        let mut seq = ids[..10].to_vec();
+        for &tok in &out {
+            let input = candle_core::Tensor::new(seq.as_slice(), model.device())
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let h = model
+                .forward_hidden(&input, None)
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            let last = h.narrow(0, seq.len() - 1, 1).unwrap();
+            let best = model
+                .logits(&last)
+                .unwrap()
+                .argmax(1)
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap()[0];
+            assert_eq!(tok, best, "{name}");
+            seq.push(tok);
+        }
+    }
+}
+
+/// The probes end to end on a tiny model: tables, JSON and PNG for several models at once;
+/// bad arguments are clear errors.
+#[test]
+fn probe_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("teacher.gguf");
+    write_tiny_gguf(&model, 5).unwrap();
+    let books = dir.path().join("books");
+    std::fs::create_dir(&books).unwrap();
+    let book: String = (0..300)
+        .map(|i| format!("The cat number {i} sat on the mat. "))
+        .collect();
+    std::fs::write(books.join("book.txt"), &book).unwrap();
+    std::fs::write(books.join("SOURCE.txt"), "not a book").unwrap();
+    let m = model.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_supra"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let png = dir.path().join("p.png");
+    let json = dir.path().join("p.json");
+    let (p, j) = (png.to_str().unwrap(), json.to_str().unwrap());
+    for args in [
+        vec![
+            "probe",
+            "passkey",
+            m,
+            m,
+            "--names",
+            "a,b",
+            "--lengths",
+            "400,600",
+            "--depths",
+            "0,100",
+            "--trials",
+            "1",
+        ],
+        vec![
+            "probe",
+            "needle",
+            m,
+            "--book",
+            books.join("book.txt").to_str().unwrap(),
+            "--lengths",
+            "500",
+            "--depths",
+            "50",
+        ],
+        vec![
+            "probe",
+            "position",
+            m,
+            "--text",
+            books.to_str().unwrap(),
+            "--length",
+            "300",
+            "--sequences",
+            "2",
+            "--bucket",
+            "100",
+        ],
+        vec![
+            "probe",
+            "recall",
+            m,
+            "--pairs",
+            "2,4",
+            "--prompts",
+            "2",
+            "--queries",
+            "2",
+        ],
+    ] {
+        let _ = std::fs::remove_file(&png);
+        let mut args = args.clone();
+        args.extend(["--png", p, "--json", j]);
+        let (ok, stdout, stderr) = run(&args);
+        assert!(ok, "{args:?}: {stderr}");
+        assert!(
+            stdout.starts_with("| "),
+            "{args:?}: a markdown table: {stdout}"
+        );
+        assert!(
+            std::fs::read(&png).unwrap().starts_with(b"\x89PNG"),
+            "{args:?}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        assert!(v["results"].is_array(), "{args:?}");
+    }
+    let (_, stdout, _) = run(&[
+        "probe",
+        "passkey",
+        m,
+        m,
+        "--names",
+        "a,b",
+        "--lengths",
+        "400",
+        "--depths",
+        "0",
+        "--trials",
+        "1",
+        "--png",
+        p,
+    ]);
+    assert!(
+        stdout.contains("| a | 400 | 0 |") && stdout.contains("| b | 400 | 0 |"),
+        "{stdout}"
+    );
+    let (_, stdout, _) = run(&[
+        "probe",
+        "position",
+        m,
+        "--text",
+        books.to_str().unwrap(),
+        "--length",
+        "300",
+        "--sequences",
+        "1",
+        "--bucket",
+        "100",
+        "--png",
+        p,
+    ]);
+    assert_eq!(
+        stdout.lines().count(),
+        2 + 3,
+        "three buckets of 100: {stdout}"
+    );
+    for (args, expect) in [
+        (
+            vec!["probe", "passkey", m, "--lengths", "10", "--png", p],
+            "cannot hold",
+        ),
+        (
+            vec!["probe", "passkey", m, "--depths", "150", "--png", p],
+            "0 to 100",
+        ),
+        (
+            vec!["probe", "passkey", m, "--lengths", "4x", "--png", p],
+            "4k",
+        ),
+        (
+            vec!["probe", "passkey", m, m, "--names", "a", "--png", p],
+            "--names",
+        ),
+        (
+            vec![
+                "probe",
+                "position",
+                m,
+                "--text",
+                books.to_str().unwrap(),
+                "--length",
+                "100k",
+                "--png",
+                p,
+            ],
+            "fewer than --length",
+        ),
+        (
+            vec!["probe", "recall", m, "--pairs", "500", "--png", p],
+            "1 to 128",
+        ),
+    ] {
+        let (ok, _, stderr) = run(&args);
+        assert!(!ok && stderr.contains(expect), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

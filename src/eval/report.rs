@@ -3,7 +3,7 @@
 
 use crate::eval::harness::{Engine, LogLikelihood, Request};
 use crate::eval::journal::Journal;
-use crate::eval::tasks::{mean_with_stderr, score_item, Items, Metric, RollingDoc, Task};
+use crate::eval::tasks::{mean_with_stderr, predict, score_item, Items, Metric, RollingDoc, Task};
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,6 +17,10 @@ pub struct TaskResult {
     pub metrics: BTreeMap<String, Metric>,
     pub seconds: f64,
     pub items_per_s: f64,
+    /// Per item, the choice picked by log-likelihood (multiple choice) or 1 where greedy
+    /// decoding reproduced the target (LAMBADA): what the reference cross-check compares.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub predictions: Vec<usize>,
 }
 
 /// The first `limit` items; for grouped tasks (MMLU) the first `limit` of each group, as
@@ -101,6 +105,7 @@ pub fn run_task(
     })?;
     bar.finish_and_clear();
     let mut metrics = BTreeMap::new();
+    let mut predictions = Vec::new();
     match &items {
         Items::Choice(items) => {
             let mut start = 0;
@@ -109,6 +114,7 @@ pub fn run_task(
             for item in items {
                 let n = item.requests.len();
                 let (a, b) = score_item(item, &answers[start..start + n]);
+                predictions.push(predict(item, &answers[start..start + n]).0);
                 acc.push(a);
                 norm.push(b);
                 if let Some(g) = &item.group {
@@ -134,6 +140,7 @@ pub fn run_task(
         // Greedy (Rolling returned above).
         _ => {
             let greedy: Vec<bool> = answers.iter().map(|a| a.greedy).collect();
+            predictions = greedy.iter().map(|&g| usize::from(g)).collect();
             metrics.insert("acc".into(), mean_with_stderr(&greedy));
             let lls: Vec<f64> = answers.iter().map(|a| a.logprob).collect();
             metrics.insert("perplexity".into(), perplexity(&lls));
@@ -145,6 +152,7 @@ pub fn run_task(
         metrics,
         seconds,
         items_per_s: sizes.len() as f64 / seconds.max(1e-9),
+        predictions,
     })
 }
 
@@ -227,6 +235,7 @@ fn rolling(
         metrics,
         seconds,
         items_per_s: docs.len() as f64 / seconds.max(1e-9),
+        predictions: Vec::new(),
     })
 }
 

@@ -263,16 +263,24 @@ impl McItem {
     }
 }
 
-/// Per-item correctness: (acc, acc_norm).
-pub fn score_item(item: &McItem, answers: &[LogLikelihood]) -> (bool, bool) {
+/// The choices picked by log-likelihood and by log-likelihood per character (`acc` and
+/// `acc_norm`); ties go to the first.
+pub fn predict(item: &McItem, answers: &[LogLikelihood]) -> (usize, usize) {
     let argmax = |f: &dyn Fn(usize) -> f64| {
         (0..answers.len())
             .max_by(|&a, &b| f(a).total_cmp(&f(b)).then(b.cmp(&a)))
             .unwrap_or(0)
     };
-    let acc = argmax(&|i| answers[i].logprob) == item.gold;
-    let norm = argmax(&|i| answers[i].logprob / item.choice_chars[i].max(1) as f64) == item.gold;
-    (acc, norm)
+    (
+        argmax(&|i| answers[i].logprob),
+        argmax(&|i| answers[i].logprob / item.choice_chars[i].max(1) as f64),
+    )
+}
+
+/// Per-item correctness: (acc, acc_norm).
+pub fn score_item(item: &McItem, answers: &[LogLikelihood]) -> (bool, bool) {
+    let (acc, norm) = predict(item, answers);
+    (acc == item.gold, norm == item.gold)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]

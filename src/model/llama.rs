@@ -42,6 +42,9 @@ pub struct Llama {
     /// Per layer, the teacher's Wo where it differs from the model's (attention transfer after
     /// Wo calibration).
     teacher_o: Vec<Option<Linear>>,
+    /// Let softmax layers run past the trained context (long-context probes measure how
+    /// they fail there).
+    pub past_context: bool,
 }
 
 /// What one layer keeps between generation steps.
@@ -221,6 +224,7 @@ impl Llama {
             rope_features,
             mode: Mode::Chunked,
             teacher_o: vec![None; config.num_hidden_layers],
+            past_context: false,
         })
     }
 
@@ -231,10 +235,14 @@ impl Llama {
     /// The longest sequence the model runs: the teacher's context while any layer is softmax
     /// attention, unbounded for a fully linear model.
     pub fn context_limit(&self) -> Option<usize> {
+        (self.has_softmax_layers() && !self.past_context)
+            .then_some(self.config.max_position_embeddings)
+    }
+
+    pub fn has_softmax_layers(&self) -> bool {
         self.blocks
             .iter()
             .any(|b| matches!(b.attn, Attention::Softmax(_)))
-            .then_some(self.config.max_position_embeddings)
     }
 
     pub fn new_cache(&self) -> Cache {
