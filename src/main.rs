@@ -84,6 +84,10 @@ struct ProbeModels {
     /// Shared data directory holding text/ [default: $SUPRA_DATA_DIR or ../shared/data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Continue an interrupted run: reuse the prompts, windows and points journaled beside
+    /// the --json report (REPORT.partial.jsonl, removed once the report is written).
+    #[arg(long, requires = "json")]
+    resume: bool,
 }
 
 #[derive(Args)]
@@ -864,6 +868,7 @@ fn eval(a: &EvalArgs) -> Result<()> {
 }
 
 fn probe(cmd: ProbeCommand) -> Result<()> {
+    use supra::eval::journal::Journal;
     use supra::eval::probe::{self, Probe, Subject};
     let retrieval = |a: &RetrievalArgs, book: Option<PathBuf>| -> Result<Probe> {
         if let Some(d) = a.depths.iter().find(|d| !(0.0..=100.0).contains(*d)) {
@@ -963,8 +968,17 @@ fn probe(cmd: ProbeCommand) -> Result<()> {
             tokenizer: &l.tokenizer,
         })
         .collect();
+    let names: Vec<&str> = subjects.iter().map(|s| s.name.as_str()).collect();
+    let mut journal = match &m.json {
+        Some(path) => Some(Journal::open(
+            &Journal::path_for(path),
+            &serde_json::json!({"probe": format!("{probe:?}"), "models": format!("{paths:?}"), "names": names}).to_string(),
+            m.resume,
+        )?),
+        None => None,
+    };
     let t0 = std::time::Instant::now();
-    let outcome = probe::run(&probe, &mut subjects, &m.png)?;
+    let outcome = probe::run(&probe, &mut subjects, &m.png, journal.as_mut())?;
     print!("{}", outcome.markdown);
     eprintln!(
         "wrote {} ({:.0} s)",
@@ -980,6 +994,9 @@ fn probe(cmd: ProbeCommand) -> Result<()> {
             "results": outcome.json,
         });
         io::atomic_write(path, serde_json::to_string_pretty(&v)?.as_bytes())?;
+    }
+    if let Some(j) = journal {
+        j.remove()?;
     }
     Ok(())
 }

@@ -605,3 +605,70 @@ fn probe_cli() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// Probes reuse what their journal holds and journal what they compute; the CLI refuses to
+/// overwrite a journal without --resume and checks it belongs to the run.
+#[test]
+fn probes_resume_from_their_journal() {
+    use supra::eval::journal::Journal;
+    use supra::eval::probe::{self, Probe, Subject};
+    use supra::eval::tasks::Metric;
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_teacher(dir.path());
+    let model = Llama::new(&m.config, &m.weights).unwrap();
+    let path = dir.path().join("r.partial.jsonl");
+    let mut journal = Journal::open(&path, "h", false).unwrap();
+    let fake = Metric {
+        value: 0.25,
+        stderr: None,
+    };
+    journal.put("tiny/2/1/1/0", &fake).unwrap();
+    let mut subjects = [Subject {
+        name: "tiny".into(),
+        model: &model,
+        tokenizer: &m.tokenizer,
+    }];
+    let recall = Probe::Recall {
+        pairs: vec![2, 3],
+        queries: 1,
+        prompts: 1,
+        seed: 0,
+    };
+    let png = dir.path().join("r.png");
+    let out = probe::run(&recall, &mut subjects, &png, Some(&mut journal)).unwrap();
+    assert!(
+        out.markdown.contains("| tiny | 2 | 25.0 ± 0.0 |"),
+        "{}",
+        out.markdown
+    );
+    assert!(journal.get::<Metric>("tiny/3/1/1/0").is_some());
+
+    let gguf = dir.path().join("teacher.gguf");
+    write_tiny_gguf(&gguf, 5).unwrap();
+    let json = dir.path().join("p.json");
+    std::fs::write(Journal::path_for(&json), "another run\n").unwrap();
+    let args = |resume: bool| {
+        let mut a = vec![
+            "probe",
+            "recall",
+            gguf.to_str().unwrap(),
+            "--pairs",
+            "2",
+            "--prompts",
+            "1",
+            "--png",
+            png.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        if resume {
+            a.push("--resume");
+        }
+        std::process::Command::new(env!("CARGO_BIN_EXE_supra"))
+            .args(a)
+            .output()
+            .unwrap()
+    };
+    common::assert_clean_error(&args(false), &["--resume"]);
+    common::assert_clean_error(&args(true), &["written for another run"]);
+}

@@ -4,7 +4,7 @@ task files, with the prompts written out again here from lm-evaluation-harness's
 definitions (not from supra's code). Writes per-item predictions and aggregates as JSON; with
 --compare, checks a `supra eval --json` report item by item.
 
-    pip install torch transformers gguf
+    pip install torch transformers gguf accelerate
     target/release/supra eval MODEL.gguf --tasks hellaswag,piqa,... --limit 200 --json rust.json
     python3 scripts/reference/eval_reference.py MODEL.gguf --limit 200 --json ref.json --compare rust.json
 
@@ -82,7 +82,7 @@ class Scorer:
     def __init__(self, gguf):
         d, f = os.path.split(os.path.abspath(gguf))
         self.tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-        self.model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
         self.cache = {}
 
     def encode_pair(self, ctx, cont):

@@ -1,7 +1,7 @@
-//! The answers of a running evaluation, one JSON line per request as it is answered, so that an
-//! interrupted run (a full MMLU takes hours here) continues where it stopped. Each line carries
-//! a hash of its request: answers to requests that changed since (other data, another limit)
-//! are not reused.
+//! Results of a long run, one JSON line per piece as it is done, so that an interrupted run (a
+//! full MMLU takes hours here, a 32k-token probe minutes per prompt) continues where it
+//! stopped. Lines are keyed; eval answers carry a hash of their request, so answers to requests
+//! that changed since (other data, another limit) are not reused.
 
 use crate::eval::harness::{LogLikelihood, Request};
 use anyhow::{bail, Context, Result};
@@ -9,10 +9,9 @@ use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
+/// One eval answer as journaled.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct Line {
-    task: String,
-    i: usize,
+struct Answer {
     hash: u64,
     logprob: f64,
     greedy: bool,
@@ -24,7 +23,7 @@ struct Line {
 pub struct Journal {
     path: PathBuf,
     file: std::fs::File,
-    answers: HashMap<(String, usize), (u64, LogLikelihood, f64)>,
+    entries: HashMap<String, serde_json::Value>,
 }
 
 /// FNV-1a over the request's text: stable across runs and builds.
@@ -54,7 +53,7 @@ impl Journal {
     /// with `resume`, the answers already there are kept, provided the header matches.
     /// Without it, an existing journal is an error rather than hours of work thrown away.
     pub fn open(path: &Path, header: &str, resume: bool) -> Result<Self> {
-        let mut answers = HashMap::new();
+        let mut entries = HashMap::new();
         let exists = path.exists();
         if exists && !resume {
             bail!(
@@ -74,17 +73,15 @@ impl Journal {
             }
             for (n, line) in lines.enumerate() {
                 let line = line?;
-                // A line cut short by an interruption is simply answered again.
-                let Ok(l) = serde_json::from_str::<Line>(&line) else {
+                // A line cut short by an interruption is simply done again.
+                let parsed = serde_json::from_str::<serde_json::Value>(&line).ok();
+                let Some((key, value)) = parsed.and_then(|v| {
+                    Some((v.get("key")?.as_str()?.to_string(), v.get("value")?.clone()))
+                }) else {
                     eprintln!("{}:{}: incomplete line, ignored", path.display(), n + 2);
                     continue;
                 };
-                let ll = LogLikelihood {
-                    logprob: l.logprob,
-                    greedy: l.greedy,
-                    tokens: l.tokens,
-                };
-                answers.insert((l.task, l.i), (l.hash, ll, l.s));
+                entries.insert(key, value);
             }
         }
         let mut file = std::fs::OpenOptions::new()
@@ -101,8 +98,32 @@ impl Journal {
         Ok(Self {
             path: path.to_path_buf(),
             file,
-            answers,
+            entries,
         })
+    }
+
+    /// The value journaled under `key`, if any (and if it reads as a `T`).
+    pub fn get<T: serde::de::DeserializeOwned>(&self, key: &str) -> Option<T> {
+        serde_json::from_value(self.entries.get(key)?.clone()).ok()
+    }
+
+    /// Journals `value` under `key`, on disk at once.
+    pub fn put<T: serde::Serialize>(&mut self, key: &str, value: &T) -> Result<()> {
+        self.put_all(&[(key.to_string(), serde_json::to_value(value)?)])
+    }
+
+    fn put_all(&mut self, items: &[(String, serde_json::Value)]) -> Result<()> {
+        let mut buf = String::new();
+        for (key, value) in items {
+            buf.push_str(&serde_json::to_string(
+                &serde_json::json!({"key": key, "value": value}),
+            )?);
+            buf.push('\n');
+            self.entries.insert(key.clone(), value.clone());
+        }
+        self.file
+            .write_all(buf.as_bytes())
+            .with_context(|| format!("cannot write {}", self.path.display()))
     }
 
     /// The journal's answers to `task`'s `requests` (None where it has none or the request
@@ -113,10 +134,14 @@ impl Journal {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let (hash, ll, s) = self.answers.get(&(task.to_string(), i))?;
-                (*hash == request_hash(r)).then(|| {
-                    seconds += s;
-                    *ll
+                let a: Answer = self.get(&format!("{task}#{i}"))?;
+                (a.hash == request_hash(r)).then(|| {
+                    seconds += a.s;
+                    LogLikelihood {
+                        logprob: a.logprob,
+                        greedy: a.greedy,
+                        tokens: a.tokens,
+                    }
                 })
             })
             .collect();
@@ -131,23 +156,20 @@ impl Journal {
         answers: &[(usize, LogLikelihood)],
         seconds: f64,
     ) -> Result<()> {
-        let mut buf = String::new();
-        for (i, ll) in answers {
-            let line = Line {
-                task: task.to_string(),
-                i: *i,
-                hash: request_hash(&requests[*i]),
-                logprob: ll.logprob,
-                greedy: ll.greedy,
-                tokens: ll.tokens,
-                s: seconds / answers.len() as f64,
-            };
-            buf.push_str(&serde_json::to_string(&line)?);
-            buf.push('\n');
-        }
-        self.file
-            .write_all(buf.as_bytes())
-            .with_context(|| format!("cannot write {}", self.path.display()))
+        let items = answers
+            .iter()
+            .map(|(i, ll)| {
+                let a = Answer {
+                    hash: request_hash(&requests[*i]),
+                    logprob: ll.logprob,
+                    greedy: ll.greedy,
+                    tokens: ll.tokens,
+                    s: seconds / answers.len() as f64,
+                };
+                Ok((format!("{task}#{i}"), serde_json::to_value(a)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.put_all(&items)
     }
 
     /// The run finished and its report is written: the journal has served.
@@ -186,7 +208,7 @@ mod tests {
             .append(true)
             .open(&path)
             .unwrap();
-        f.write_all(b"{\"task\": \"t\", \"i\": 1, \"ha").unwrap();
+        f.write_all(b"{\"key\": \"t#1\", \"val").unwrap();
         drop(f);
 
         let err = Journal::open(&path, "model-1", false).err().unwrap();

@@ -5,6 +5,7 @@
 //! holds a 32k × 32k attention matrix; softmax models are run past their trained context on
 //! purpose (that is what these probes measure).
 
+use crate::eval::journal::Journal;
 use crate::io::tokenizer::TextTokenizer;
 use crate::model::llama::{Cache, Llama};
 use anyhow::{bail, Result};
@@ -160,12 +161,14 @@ pub struct Grid {
 }
 
 /// Accuracy at every cell of `grid`: greedy decoding must produce the 5-digit key as the
-/// first number it writes.
+/// first number it writes. Trials already in `journal` (under `name`) are not run again;
+/// new ones are added to it.
 pub fn retrieval(
     model: &Llama,
     tokenizer: &TextTokenizer,
     haystack: &Haystack,
     grid: &Grid,
+    (name, mut journal): (&str, Option<&mut Journal>),
     mut progress: impl FnMut(),
 ) -> Result<Vec<Cell>> {
     let mut rng = StdRng::seed_from_u64(grid.seed);
@@ -173,11 +176,23 @@ pub fn retrieval(
     for &length in &grid.lengths {
         for &depth in &grid.depths {
             let mut correct = 0;
-            for _ in 0..grid.trials {
+            for trial in 0..grid.trials {
+                // Drawn whether or not the trial is journaled: later trials see the same keys.
                 let key = rng.random_range(10_000..100_000u32);
                 let prompt = retrieval_prompt(tokenizer, haystack, length, depth, key, &mut rng)?;
-                let answer = tokenizer.decode(&greedy(model, &prompt, 8)?)?;
-                correct += usize::from(first_number(&answer) == Some(key));
+                let id = format!("{name}/{length}/{depth}/{trial}/{key}");
+                let hit = match journal.as_ref().and_then(|j| j.get::<bool>(&id)) {
+                    Some(hit) => hit,
+                    None => {
+                        let answer = tokenizer.decode(&greedy(model, &prompt, 8)?)?;
+                        let hit = first_number(&answer) == Some(key);
+                        if let Some(j) = journal.as_deref_mut() {
+                            j.put(&id, &hit)?;
+                        }
+                        hit
+                    }
+                };
+                correct += usize::from(hit);
                 progress();
             }
             cells.push(Cell {

@@ -2,6 +2,7 @@
 //! markdown table, a JSON report and a PNG.
 
 use crate::eval::harness::Engine;
+use crate::eval::journal::Journal;
 use crate::eval::long_context::{self, Cell, Grid, Haystack};
 use crate::eval::plot::{self, Lines};
 use crate::eval::recall;
@@ -76,8 +77,14 @@ fn book_ids(paths: &[PathBuf], tokenizer: &TextTokenizer) -> Result<Vec<(String,
         .collect()
 }
 
-/// Runs `probe` on every subject; writes the plot to `png`.
-pub fn run(probe: &Probe, subjects: &mut [Subject], png: &std::path::Path) -> Result<Outcome> {
+/// Runs `probe` on every subject, skipping the pieces `journal` holds and adding the new ones
+/// to it; writes the plot to `png`.
+pub fn run(
+    probe: &Probe,
+    subjects: &mut [Subject],
+    png: &std::path::Path,
+    mut journal: Option<&mut Journal>,
+) -> Result<Outcome> {
     match probe {
         Probe::Retrieval { book, grid } => {
             let mut panels = Vec::new();
@@ -96,8 +103,14 @@ pub fn run(probe: &Probe, subjects: &mut [Subject], png: &std::path::Path) -> Re
                     "prompts",
                 );
                 pb.set_prefix(s.name.clone());
-                let cells =
-                    long_context::retrieval(s.model, s.tokenizer, &haystack, grid, || pb.inc(1))?;
+                let cells = long_context::retrieval(
+                    s.model,
+                    s.tokenizer,
+                    &haystack,
+                    grid,
+                    (&s.name, journal.as_deref_mut()),
+                    || pb.inc(1),
+                )?;
                 pb.finish_and_clear();
                 panels.push((s.name.clone(), cells));
             }
@@ -132,14 +145,23 @@ pub fn run(probe: &Probe, subjects: &mut [Subject], png: &std::path::Path) -> Re
                 let pb = bar(windows.len(), "sequences");
                 pb.set_prefix(s.name.clone());
                 let mut nlls = Vec::new();
-                for w in &windows {
-                    // Like a document's start: after an end-of-text token when there is one.
-                    let ids: Vec<u32> = eot.into_iter().chain(w.iter().copied()).collect();
-                    nlls.push(long_context::nll_by_position(
-                        s.model,
-                        &ids,
-                        long_context::CHUNK,
-                    )?);
+                for (k, w) in windows.iter().enumerate() {
+                    let id = format!("{}/{length}/{k}/{}", s.name, w.len());
+                    let nll = match journal.as_ref().and_then(|j| j.get::<Vec<f32>>(&id)) {
+                        Some(nll) => nll,
+                        None => {
+                            // Like a document's start: after an end-of-text token when there
+                            // is one.
+                            let ids: Vec<u32> = eot.into_iter().chain(w.iter().copied()).collect();
+                            let nll =
+                                long_context::nll_by_position(s.model, &ids, long_context::CHUNK)?;
+                            if let Some(j) = journal.as_deref_mut() {
+                                j.put(&id, &nll)?;
+                            }
+                            nll
+                        }
+                    };
+                    nlls.push(nll);
                     pb.inc(1);
                 }
                 pb.finish_and_clear();
@@ -201,10 +223,23 @@ pub fn run(probe: &Probe, subjects: &mut [Subject], png: &std::path::Path) -> Re
                 let total: usize = pairs.iter().map(|&p| prompts * queries.min(&p)).sum();
                 let pb = bar(total, "queries");
                 pb.set_prefix(s.name.clone());
-                let acc =
-                    recall::accuracy_by_pairs(&engine, pairs, *queries, *prompts, *seed, |n| {
-                        pb.inc(n as u64)
-                    })?;
+                let mut acc = Vec::new();
+                for &n in pairs {
+                    let id = format!("{}/{n}/{queries}/{prompts}/{seed}", s.name);
+                    let m = match journal.as_ref().and_then(|j| j.get::<Metric>(&id)) {
+                        Some(m) => m,
+                        None => {
+                            let m = recall::accuracy(&engine, n, *queries, *prompts, *seed, |k| {
+                                pb.inc(k as u64)
+                            })?;
+                            if let Some(j) = journal.as_deref_mut() {
+                                j.put(&id, &m)?;
+                            }
+                            m
+                        }
+                    };
+                    acc.push((n, m));
+                }
                 pb.finish_and_clear();
                 rows.push((s.name.clone(), acc));
             }

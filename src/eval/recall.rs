@@ -60,26 +60,22 @@ pub fn requests(pairs: usize, queries: usize, prompts: usize, seed: u64) -> Resu
     Ok(out)
 }
 
-/// Accuracy (greedy recall of the whole value) at each number of pairs.
-pub fn accuracy_by_pairs(
+/// Accuracy (greedy recall of the whole value) with `pairs` pairs per prompt.
+pub fn accuracy(
     engine: &Engine,
-    pairs: &[usize],
+    pairs: usize,
     queries: usize,
     prompts: usize,
     seed: u64,
     mut progress: impl FnMut(usize),
-) -> Result<Vec<(usize, Metric)>> {
-    let mut out = Vec::new();
-    for &n in pairs {
-        let reqs = requests(n, queries, prompts, seed)?;
-        let answers = engine.run(&reqs, &[], |a| {
-            progress(a.len());
-            Ok(())
-        })?;
-        let hits: Vec<bool> = answers.iter().map(|a| a.greedy).collect();
-        out.push((n, mean_with_stderr(&hits)));
-    }
-    Ok(out)
+) -> Result<Metric> {
+    let reqs = requests(pairs, queries, prompts, seed)?;
+    let answers = engine.run(&reqs, &[], |a| {
+        progress(a.len());
+        Ok(())
+    })?;
+    let hits: Vec<bool> = answers.iter().map(|a| a.greedy).collect();
+    Ok(mean_with_stderr(&hits))
 }
 
 #[cfg(test)]

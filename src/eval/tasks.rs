@@ -283,7 +283,7 @@ pub fn score_item(item: &McItem, answers: &[LogLikelihood]) -> (bool, bool) {
     (acc == item.gold, norm == item.gold)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Metric {
     pub value: f64,
     pub stderr: Option<f64>,
