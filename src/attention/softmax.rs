@@ -88,8 +88,10 @@ impl SoftmaxAttention {
         };
         let k = repeat_kv(&k, h / hkv)?;
         let v = repeat_kv(&v, h / hkv)?;
+        // Scaling q rather than the scores: one pass over (seq, head_dim) instead of over
+        // (seq, keys), which at long contexts is the bigger tensor by far.
         let scale = 1.0 / (d as f64).sqrt();
-        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        let mut att = (q * scale)?.matmul(&k.t()?)?;
         if t > 1 {
             let mask = causal_mask(t, k.dim(2)? - t, x.device())?;
             att = att.broadcast_add(&mask)?;
