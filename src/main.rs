@@ -960,7 +960,7 @@ fn probe(cmd: ProbeCommand) -> Result<()> {
         });
         loaded.push((name, l, model));
     }
-    let mut subjects: Vec<Subject> = loaded
+    let subjects: Vec<Subject> = loaded
         .iter()
         .map(|(name, l, model)| Subject {
             name: name.clone(),
@@ -978,7 +978,7 @@ fn probe(cmd: ProbeCommand) -> Result<()> {
         None => None,
     };
     let t0 = std::time::Instant::now();
-    let outcome = probe::run(&probe, &mut subjects, &m.png, journal.as_mut())?;
+    let outcome = probe::run(&probe, &subjects, &m.png, journal.as_mut())?;
     print!("{}", outcome.markdown);
     eprintln!(
         "wrote {} ({:.0} s)",

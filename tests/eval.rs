@@ -8,10 +8,15 @@ use supra::io::LoadedModel;
 use supra::model::llama::Llama;
 use supra::testing::write_tiny_gguf;
 
-fn tiny_teacher(dir: &std::path::Path) -> LoadedModel {
+/// A tiny random teacher written to DIR/teacher.gguf.
+fn tiny_gguf(dir: &std::path::Path) -> std::path::PathBuf {
     let p = dir.join("teacher.gguf");
     write_tiny_gguf(&p, 5).unwrap();
-    supra::io::load(&p).unwrap()
+    p
+}
+
+fn tiny_teacher(dir: &std::path::Path) -> LoadedModel {
+    supra::io::load(&tiny_gguf(dir)).unwrap()
 }
 
 fn requests() -> Vec<Request> {
@@ -147,8 +152,7 @@ fn encode_pair_moves_trailing_whitespace() {
 #[test]
 fn eval_cli_custom_task_and_json() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("teacher.gguf");
-    write_tiny_gguf(&model, 5).unwrap();
+    let model = tiny_gguf(dir.path());
     let task = dir.path().join("mine.jsonl");
     let lines: Vec<String> = (0..6)
         .map(|i| {
@@ -196,8 +200,7 @@ fn eval_cli_custom_task_and_json() {
 #[test]
 fn eval_cli_resume() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("teacher.gguf");
-    write_tiny_gguf(&model, 5).unwrap();
+    let model = tiny_gguf(dir.path());
     let good = dir.path().join("good.jsonl");
     std::fs::write(
         &good,
@@ -251,8 +254,7 @@ fn eval_cli_resume() {
 #[test]
 fn eval_cli_bad_tasks() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("teacher.gguf");
-    write_tiny_gguf(&model, 5).unwrap();
+    let model = tiny_gguf(dir.path());
     let out = common::supra_path("eval", &model, &["--tasks", "hellaswagg"]);
     common::assert_clean_error(&out, &["unknown task", "hellaswag, piqa"]);
     let bad = dir.path().join("bad.jsonl");
@@ -310,8 +312,7 @@ fn rolling_windows() {
 #[test]
 fn eval_cli_text_perplexity() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("teacher.gguf");
-    write_tiny_gguf(&model, 5).unwrap();
+    let model = tiny_gguf(dir.path());
     let text = dir.path().join("mine.txt");
     std::fs::write(
         &text,
@@ -433,8 +434,7 @@ fn chunked_reading_matches_whole_sequences() {
 #[test]
 fn probe_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("teacher.gguf");
-    write_tiny_gguf(&model, 5).unwrap();
+    let model = tiny_gguf(dir.path());
     let books = dir.path().join("books");
     std::fs::create_dir(&books).unwrap();
     let book: String = (0..300)
@@ -444,10 +444,7 @@ fn probe_cli() {
     std::fs::write(books.join("SOURCE.txt"), "not a book").unwrap();
     let m = model.to_str().unwrap();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_supra"))
-            .args(args)
-            .output()
-            .unwrap();
+        let out = common::supra(args);
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -623,7 +620,7 @@ fn probes_resume_from_their_journal() {
         stderr: None,
     };
     journal.put("tiny/2/1/1/0", &fake).unwrap();
-    let mut subjects = [Subject {
+    let subjects = [Subject {
         name: "tiny".into(),
         model: &model,
         tokenizer: &m.tokenizer,
@@ -635,7 +632,7 @@ fn probes_resume_from_their_journal() {
         seed: 0,
     };
     let png = dir.path().join("r.png");
-    let out = probe::run(&recall, &mut subjects, &png, Some(&mut journal)).unwrap();
+    let out = probe::run(&recall, &subjects, &png, Some(&mut journal)).unwrap();
     assert!(
         out.markdown.contains("| tiny | 2 | 25.0 ± 0.0 |"),
         "{}",
@@ -643,8 +640,7 @@ fn probes_resume_from_their_journal() {
     );
     assert!(journal.get::<Metric>("tiny/3/1/1/0").is_some());
 
-    let gguf = dir.path().join("teacher.gguf");
-    write_tiny_gguf(&gguf, 5).unwrap();
+    let gguf = tiny_gguf(dir.path());
     let json = dir.path().join("p.json");
     std::fs::write(Journal::path_for(&json), "another run\n").unwrap();
     let args = |resume: bool| {
@@ -664,10 +660,7 @@ fn probes_resume_from_their_journal() {
         if resume {
             a.push("--resume");
         }
-        std::process::Command::new(env!("CARGO_BIN_EXE_supra"))
-            .args(a)
-            .output()
-            .unwrap()
+        common::supra(&a)
     };
     common::assert_clean_error(&args(false), &["--resume"]);
     common::assert_clean_error(&args(true), &["written for another run"]);

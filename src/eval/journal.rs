@@ -6,7 +6,7 @@
 use crate::eval::harness::{LogLikelihood, Request};
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// One eval answer as journaled.
@@ -61,10 +61,14 @@ impl Journal {
                 path.display()
             );
         }
+        // Whether the last line was cut short by an interruption.
+        let mut cut = false;
         if exists {
-            let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
-            let mut lines = std::io::BufReader::new(f).lines();
-            let first = lines.next().transpose()?.unwrap_or_default();
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            cut = !text.ends_with('\n');
+            let mut lines = text.lines();
+            let first = lines.next().unwrap_or_default();
             if first != header {
                 bail!(
                     "{}: written for {first}, not {header}; delete it to start afresh",
@@ -72,9 +76,8 @@ impl Journal {
                 );
             }
             for (n, line) in lines.enumerate() {
-                let line = line?;
                 // A line cut short by an interruption is simply done again.
-                let parsed = serde_json::from_str::<serde_json::Value>(&line).ok();
+                let parsed = serde_json::from_str::<serde_json::Value>(line).ok();
                 let Some((key, value)) = parsed.and_then(|v| {
                     Some((v.get("key")?.as_str()?.to_string(), v.get("value")?.clone()))
                 }) else {
@@ -91,8 +94,8 @@ impl Journal {
             .with_context(|| format!("cannot write {}", path.display()))?;
         if !exists {
             writeln!(file, "{header}")?;
-        } else if !std::fs::read(path)?.ends_with(b"\n") {
-            // End the line an interruption cut short, so the next one starts clean.
+        } else if cut {
+            // End the cut line, so the next one starts clean.
             writeln!(file)?;
         }
         Ok(Self {

@@ -81,14 +81,14 @@ fn book_ids(paths: &[PathBuf], tokenizer: &TextTokenizer) -> Result<Vec<(String,
 /// to it; writes the plot to `png`.
 pub fn run(
     probe: &Probe,
-    subjects: &mut [Subject],
+    subjects: &[Subject],
     png: &std::path::Path,
     mut journal: Option<&mut Journal>,
 ) -> Result<Outcome> {
     match probe {
         Probe::Retrieval { book, grid } => {
             let mut panels = Vec::new();
-            for s in subjects.iter() {
+            for s in subjects {
                 let haystack = match book {
                     Some(p) => Haystack::Book(
                         book_ids(std::slice::from_ref(p), s.tokenizer)?
@@ -137,7 +137,7 @@ pub fn run(
             let mut series = Vec::new();
             let mut rows = Vec::new();
             let mut n_windows = 0;
-            for s in subjects.iter_mut() {
+            for s in subjects {
                 let books = book_ids(texts, s.tokenizer)?;
                 let eot = s.tokenizer.eos_id;
                 let windows = windows(&books, *length, *sequences)?;
@@ -212,7 +212,7 @@ pub fn run(
             seed,
         } => {
             let mut rows: Vec<(String, Vec<(usize, Metric)>)> = Vec::new();
-            for s in subjects.iter() {
+            for s in subjects {
                 let engine = Engine {
                     model: s.model,
                     tokenizer: s.tokenizer,
