@@ -9,5 +9,6 @@ pub mod infer;
 pub mod io;
 pub mod linearize;
 pub mod model;
+pub mod serve;
 pub mod testing;
 pub mod train;

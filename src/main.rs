@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use supra::attention::supra::Mode;
 use supra::config::{AttentionKind, PhiInit};
 use supra::convert::ConvertOptions;
-use supra::infer::generate::{Generation, TextStream};
+use supra::infer::generate::{Finish, Generation, TextStream};
 use supra::infer::sampler::{Sampler, SamplingParams};
+use supra::infer::state::State;
 use supra::io::{self, fetch, LoadedModel};
 use supra::model::llama::Llama;
 use supra::train::recipe::{Group, Recipe};
@@ -60,6 +61,11 @@ enum Command {
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Serve a model over HTTP with OpenAI's API: POST /v1/completions and
+    /// /v1/chat/completions (streamed over server-sent events with "stream": true), GET
+    /// /v1/models and /health. A prompt cache keeps the state after recent prompts so that a
+    /// conversation's next turn reads only its new tokens.
+    Serve(ServeArgs),
     /// Long-context and in-context-learning probes over one or more models: passkey and
     /// needle retrieval heatmaps, perplexity by position, associative recall.
     #[command(subcommand)]
@@ -230,7 +236,8 @@ impl ModelArg {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArg,
-    /// The prompt text (with --chat: the user's message).
+    /// The prompt text (with --chat: the user's message). May be empty with --load-state:
+    /// generation then continues the saved text.
     #[arg(long)]
     prompt: String,
     /// Maximum number of new tokens.
@@ -257,6 +264,51 @@ struct GenerateArgs {
     /// Print timing figures to stderr when done.
     #[arg(long)]
     stats: bool,
+    /// Start from a state saved by --save-state (the same model): the prompt continues the
+    /// text it read, which is not read again. With --chat the prompt is the next user turn.
+    #[arg(long)]
+    load_state: Option<PathBuf>,
+    /// Save the state after the prompt and the generated text (for SUPRA models a few MiB,
+    /// however long the text) to continue later with --load-state.
+    #[arg(long)]
+    save_state: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Address to listen on; 127.0.0.1 keeps the server private to this machine.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port (0 picks a free one; the address is printed on start).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Generations running at once (each uses every core for its matrix products).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    concurrency: u64,
+    /// Requests that may wait for a free slot; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 8)]
+    queue: usize,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, default_value_t = 4096)]
+    max_tokens: usize,
+    /// max_tokens of a request that does not say [default: 256, or --max-tokens if lower].
+    #[arg(long)]
+    default_max_tokens: Option<usize>,
+    /// Longest prompt in tokens; longer ones get 413 [default: the model's context minus one,
+    /// 32768 for models without softmax layers].
+    #[arg(long)]
+    max_prompt_tokens: Option<usize>,
+    /// Largest request body in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+    /// States the prompt cache keeps (0 turns it off).
+    #[arg(long, default_value_t = 8)]
+    prompt_cache: usize,
+    /// The model's name in the API [default: the file or directory name].
+    #[arg(long)]
+    model_id: Option<String>,
 }
 
 #[derive(Args)]
@@ -511,6 +563,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Info(m) => info(&m),
         Command::Generate(a) => generate(&a),
+        Command::Serve(a) => serve(&a),
         Command::Score(a) => score(&a),
         Command::Convert(a) => {
             let (teacher, _) = a.model.load()?;
@@ -758,11 +811,27 @@ fn generate(a: &GenerateArgs) -> Result<()> {
     } else {
         None
     };
+    let mut state = match &a.load_state {
+        Some(p) => State::load(&model, p)?,
+        None => State::new(&model),
+    };
+    let continuing = !state.tokens.is_empty();
+    if continuing && a.system.is_some() {
+        bail!("--system cannot change a loaded state's conversation; it was read already");
+    }
     let text = match &chat {
+        Some(f) if continuing => f.render_next_turn(&a.prompt),
         Some(f) => f.render_user_turn(&a.prompt, a.system.as_deref()),
         None => a.prompt.clone(),
     };
-    let prompt = tok.encode(&text)?;
+    let prompt = if text.is_empty() {
+        Vec::new()
+    } else {
+        tok.encode(&text)?
+    };
+    if prompt.is_empty() && !continuing {
+        bail!("the prompt is empty after tokenization");
+    }
     let mut g = Generation {
         model: &model,
         sampler: Sampler::new(params, a.seed),
@@ -771,14 +840,27 @@ fn generate(a: &GenerateArgs) -> Result<()> {
     };
     let mut stream = TextStream::new(tok);
     let mut out = std::io::stdout().lock();
-    let stats = g.run(&prompt, |id| {
+    let stats = g.resume(&mut state, &prompt, |id| {
         if let Some(piece) = stream.push(id)? {
             out.write_all(piece.as_bytes())?;
             out.flush()?;
         }
-        Ok(())
+        Ok(true)
     })?;
     writeln!(out, "{}", stream.finish()?)?;
+    if let Some(p) = &a.save_state {
+        // The last sampled token (the last shown, or the end-of-turn marker) is not read yet.
+        if let Some(id) = stats.unread {
+            state.feed(&model, &[id])?;
+        }
+        state.save(&model, p)?;
+        eprintln!(
+            "saved the state after {} tokens to {} ({:.1} MiB)",
+            state.tokens.len(),
+            p.display(),
+            std::fs::metadata(p).map_or(0.0, |m| m.len() as f64 / (1u64 << 20) as f64)
+        );
+    }
     if a.stats {
         eprintln!(
             "prompt: {} tokens, {:.1} tokens/s; generated: {} tokens, {:.1} tokens/s{}",
@@ -786,7 +868,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
             stats.prefill_tps(),
             stats.generated_tokens,
             stats.decode_tps(),
-            if stats.stopped_at_eos {
+            if stats.finish == Finish::Stop {
                 " (stopped at end of turn)"
             } else {
                 ""
@@ -794,6 +876,47 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn serve(a: &ServeArgs) -> Result<()> {
+    use supra::serve::{api::Limits, ServeOptions};
+    let default_max_tokens = a.default_max_tokens.unwrap_or(a.max_tokens.min(256));
+    if default_max_tokens == 0 || default_max_tokens > a.max_tokens {
+        bail!(
+            "--default-max-tokens {default_max_tokens} must be between 1 and --max-tokens {}",
+            a.max_tokens
+        );
+    }
+    let (loaded, model) = a.model.load()?;
+    let context = model.context_limit().map_or(32_768, |c| c - 1);
+    let max_prompt_tokens = a.max_prompt_tokens.unwrap_or(context);
+    if max_prompt_tokens == 0 || max_prompt_tokens > context {
+        bail!(
+            "--max-prompt-tokens must be between 1 and {context} (the model's context minus one)"
+        );
+    }
+    let model_id = match (&a.model_id, &a.model.model) {
+        (Some(id), _) => id.clone(),
+        (None, Some(p)) => p
+            .file_stem()
+            .map_or("model".into(), |s| s.to_string_lossy().into_owned()),
+        (None, None) => fetch::DEFAULT_MODEL_NAME.to_string(),
+    };
+    supra::serve::warm_up(&model)?;
+    let opts = ServeOptions {
+        addr: std::net::SocketAddr::new(a.host, a.port),
+        concurrency: a.concurrency as usize,
+        queue: a.queue,
+        limits: Limits {
+            max_tokens: a.max_tokens,
+            default_max_tokens,
+            max_prompt_tokens,
+        },
+        prompt_cache: a.prompt_cache,
+        max_body_bytes: a.max_body_bytes,
+        model_id,
+    };
+    supra::serve::run(model, loaded.tokenizer, opts)
 }
 
 fn data_dir(flag: &Option<PathBuf>) -> PathBuf {

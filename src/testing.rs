@@ -227,3 +227,25 @@ pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// A tiny model written to `dir` and loaded back: the softmax teacher (`softmax_layers: None`)
+/// or its SUPRA conversion keeping softmax attention in the listed layers.
+pub fn tiny_loaded(
+    dir: &Path,
+    seed: u64,
+    softmax_layers: Option<&[usize]>,
+) -> Result<crate::io::LoadedModel> {
+    let path = dir.join(format!("tiny-{seed}.gguf"));
+    write_tiny_gguf(&path, seed)?;
+    let teacher = crate::io::load(&path)?;
+    match softmax_layers {
+        None => Ok(teacher),
+        Some(keep) => crate::convert::convert(
+            &teacher,
+            &crate::convert::ConvertOptions {
+                softmax_layers: keep.to_vec(),
+                ..Default::default()
+            },
+        ),
+    }
+}

@@ -216,6 +216,50 @@ fn generate_cli_is_deterministic_and_chats() {
     run(&["--chat", "--system", "Be brief."]);
 }
 
+/// A state saved after a prompt and its answer continues exactly where one longer generation
+/// goes on, and only in the model that wrote it.
+#[test]
+fn generate_saves_and_loads_states() {
+    let dir = tempfile::tempdir().unwrap();
+    let linear = dir.path().join("supra");
+    let m = supra::testing::tiny_loaded(dir.path(), 4, Some(&[])).unwrap();
+    supra::io::hf_dir::save(&m, &linear).unwrap();
+    let state = dir.path().join("s.safetensors");
+    let st = state.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = common::supra_path("generate", &linear, args);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        (String::from_utf8(out.stdout).unwrap(), stderr)
+    };
+    let greedy = ["--temperature", "0"];
+    let (whole, _) = run(&[&["--prompt", "the cat", "--max-tokens", "20"], &greedy[..]].concat());
+    let (first, said) = run(&[
+        &[
+            "--prompt",
+            "the cat",
+            "--max-tokens",
+            "12",
+            "--save-state",
+            st,
+        ],
+        &greedy[..],
+    ]
+    .concat());
+    assert!(said.contains("saved the state after "), "{said}");
+    let (rest, _) = run(&[
+        &["--prompt", "", "--max-tokens", "8", "--load-state", st],
+        &greedy[..],
+    ]
+    .concat());
+    assert_eq!(format!("{}{rest}", first.trim_end_matches('\n')), whole);
+
+    let teacher = dir.path().join("t.gguf");
+    write_tiny_gguf(&teacher, 4).unwrap();
+    let out = common::supra_path("generate", &teacher, &["--prompt", "x", "--load-state", st]);
+    common::assert_clean_error(&out, &["s.safetensors", "another configuration"]);
+}
+
 #[test]
 fn score_cli_plain_output() {
     let dir = tempfile::tempdir().unwrap();

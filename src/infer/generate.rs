@@ -1,20 +1,39 @@
-//! Autoregressive generation with a KV cache: one prefill pass over the prompt, then one token
-//! per step.
+//! Autoregressive generation: read the prompt into a [`State`] (in chunks), then one token per
+//! step. The state may come from a file or the server's prompt cache.
 
 use crate::infer::sampler::Sampler;
+use crate::infer::state::State;
 use crate::io::tokenizer::TextTokenizer;
-use crate::model::llama::{Cache, Llama};
+use crate::model::llama::Llama;
 use anyhow::{anyhow, bail, Result};
 use candle_core::Tensor;
 use std::time::{Duration, Instant};
 
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Finish {
+    /// A stop token (end of turn or of text) came; it is not emitted.
+    Stop,
+    /// `max_tokens` were generated.
+    #[default]
+    Length,
+    /// The model's context is full.
+    Context,
+    /// The caller's callback asked to stop (a stop string, a client that went away).
+    Halted,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct GenStats {
+    /// Tokens of the prompt read in this call (not those already in the state).
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
     pub prefill_time: Duration,
     pub decode_time: Duration,
-    pub stopped_at_eos: bool,
+    pub finish: Finish,
+    /// The last token sampled and not read into the state: the last emitted one, or the stop
+    /// token. Read it to carry the state on past the emitted text.
+    pub unread: Option<u32>,
     /// Bytes of generation state at the end: KV caches grow with the context, SUPRA states not.
     pub state_bytes: usize,
 }
@@ -37,8 +56,9 @@ pub struct Generation<'a> {
 }
 
 impl Generation<'_> {
-    /// Generates after `prompt`, calling `on_token` with each new token id as soon as it exists.
-    /// Stops at a stop id (not emitted), after `max_tokens`, or at the context length.
+    /// Generates after `prompt` from an empty state, calling `on_token` with each new token id
+    /// as soon as it exists. Stops at a stop id (not emitted), after `max_tokens`, or at the
+    /// context length.
     pub fn run(
         &mut self,
         prompt: &[u32],
@@ -47,43 +67,66 @@ impl Generation<'_> {
         if prompt.is_empty() {
             bail!("the prompt is empty after tokenization");
         }
+        let mut state = State::new(self.model);
+        self.resume(&mut state, prompt, |id| on_token(id).map(|()| true))
+    }
+
+    /// Reads `prompt` after what `state` holds, then generates; `on_token` returns false to
+    /// stop. With an empty `prompt` the state's own logits give the first token. Leaves in
+    /// `state` everything read: the prompt and every generated token but the last
+    /// ([`GenStats::unread`]).
+    pub fn resume(
+        &mut self,
+        state: &mut State,
+        prompt: &[u32],
+        mut on_token: impl FnMut(u32) -> Result<bool>,
+    ) -> Result<GenStats> {
         let ctx = self.model.context_limit().unwrap_or(usize::MAX);
-        if prompt.len() >= ctx {
-            bail!(
-                "the prompt has {} tokens; the model's context is {ctx}",
-                prompt.len()
-            );
+        let total = state.cache.pos + prompt.len();
+        if total >= ctx {
+            bail!("the prompt needs {total} tokens of context; the model's context is {ctx}");
         }
-        let device = self.model.device().clone();
-        let mut cache: Cache = self.model.new_cache();
         let mut stats = GenStats {
             prompt_tokens: prompt.len(),
             ..Default::default()
         };
-
         let t0 = Instant::now();
-        let input = Tensor::new(prompt, &device)?.unsqueeze(0)?;
-        let mut logits = self.model.forward_last(&input, &mut cache)?;
+        state.feed(self.model, prompt)?;
+        let mut logits = state
+            .logits
+            .clone()
+            .ok_or_else(|| anyhow!("nothing to continue from: the prompt and state are empty"))?;
         stats.prefill_time = t0.elapsed();
 
         let t1 = Instant::now();
+        let device = self.model.device().clone();
         for _ in 0..self.max_tokens {
             let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
             let next = self.sampler.sample(&row);
+            stats.unread = Some(next);
             if self.stop_ids.contains(&next) {
-                stats.stopped_at_eos = true;
+                stats.finish = Finish::Stop;
                 break;
             }
             stats.generated_tokens += 1;
-            on_token(next)?;
-            if cache.pos + 1 >= ctx || stats.generated_tokens == self.max_tokens {
+            if !on_token(next)? {
+                stats.finish = Finish::Halted;
+                break;
+            }
+            if state.cache.pos + 1 >= ctx {
+                stats.finish = Finish::Context;
+                break;
+            }
+            if stats.generated_tokens == self.max_tokens {
                 break;
             }
             let input = Tensor::new(&[next], &device)?.unsqueeze(0)?;
-            logits = self.model.forward_last(&input, &mut cache)?;
+            logits = self.model.forward_last(&input, &mut state.cache)?;
+            state.logits = Some(logits.clone());
+            state.tokens.push(next);
         }
         stats.decode_time = t1.elapsed();
-        stats.state_bytes = cache.bytes();
+        stats.state_bytes = state.cache.bytes();
         Ok(stats)
     }
 }

@@ -13,6 +13,39 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokeni
 /// GGUF `tokenizer.ggml.token_type` value of control tokens (`<|im_start|>` and friends).
 const TOKEN_TYPE_CONTROL: i32 = 3;
 
+/// Who speaks a chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::User => "user",
+            Self::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: &str) -> Self {
+        Self {
+            role,
+            content: content.to_string(),
+        }
+    }
+}
+
 /// The chat formats we can render. Detected from the model's Jinja template rather than running
 /// Jinja: the templates in the wild are a handful of fixed formats.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,31 +72,65 @@ impl ChatFormat {
 
     /// The prompt for one user turn, ending where the assistant's answer starts.
     pub fn render_user_turn(&self, user: &str, system: Option<&str>) -> String {
+        let mut messages: Vec<Message> = system
+            .map(|s| Message::new(Role::System, s))
+            .into_iter()
+            .collect();
+        messages.push(Message::new(Role::User, user));
+        self.render(&messages)
+    }
+
+    /// A conversation, ending where the assistant's next answer starts.
+    pub fn render(&self, messages: &[Message]) -> String {
+        let mut s = String::new();
         match self {
             Self::ChatMl { default_system } => {
-                let mut s = String::new();
-                if let Some(sys) = system.or(default_system.as_deref()) {
-                    s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
+                if messages.first().is_none_or(|m| m.role != Role::System) {
+                    if let Some(sys) = default_system {
+                        s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
+                    }
                 }
-                s.push_str(&format!(
-                    "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-                ));
-                s
-            }
-            Self::Llama3 => {
-                let mut s = String::from("<|begin_of_text|>");
-                if let Some(sys) = system {
+                for m in messages {
                     s.push_str(&format!(
-                        "<|start_header_id|>system<|end_header_id|>\n\n{sys}<|eot_id|>"
+                        "<|im_start|>{}\n{}<|im_end|>\n",
+                        m.role.name(),
+                        m.content
                     ));
                 }
-                s.push_str(&format!(
-                    "<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>\
-                     <|start_header_id|>assistant<|end_header_id|>\n\n"
-                ));
-                s
+                s.push_str("<|im_start|>assistant\n");
+            }
+            Self::Llama3 => {
+                s.push_str("<|begin_of_text|>");
+                for m in messages {
+                    s.push_str(&Self::llama3_turn(m));
+                }
+                s.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
             }
         }
+        s
+    }
+
+    /// A user turn that continues a conversation already read up to and including the end of
+    /// the assistant's last turn (a state saved with `--save-state`).
+    pub fn render_next_turn(&self, user: &str) -> String {
+        let m = Message::new(Role::User, user);
+        match self {
+            Self::ChatMl { .. } => {
+                format!("\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+            }
+            Self::Llama3 => format!(
+                "{}<|start_header_id|>assistant<|end_header_id|>\n\n",
+                Self::llama3_turn(&m)
+            ),
+        }
+    }
+
+    fn llama3_turn(m: &Message) -> String {
+        format!(
+            "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>",
+            m.role.name(),
+            m.content
+        )
     }
 
     fn end_of_turn(&self) -> &'static str {

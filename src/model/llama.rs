@@ -94,6 +94,31 @@ impl Cache {
         })
     }
 
+    /// A deep copy. Softmax layers write new keys into their KV buffer in place, so two
+    /// continuations of one state must not share it.
+    pub fn fork(&self) -> Result<Cache> {
+        self.repeat(1)
+    }
+
+    /// The state's tensors by name, for saving: `layers.{i}.k` and `.v` (1, kv heads, pos,
+    /// head dim) for softmax layers, `layers.{i}.state` (1, heads, d', d_v) for SUPRA layers.
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            match l {
+                LayerState::Kv(c) => {
+                    if let (Some(k), Some(v)) = (c.k()?, c.v()?) {
+                        out.push((format!("layers.{i}.k"), k));
+                        out.push((format!("layers.{i}.v"), v));
+                    }
+                }
+                LayerState::Rnn(Some(s)) => out.push((format!("layers.{i}.state"), s.clone())),
+                LayerState::Rnn(None) => {}
+            }
+        }
+        Ok(out)
+    }
+
     /// Bytes of generation state: KV caches grow with the context, SUPRA states do not.
     pub fn bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
@@ -256,6 +281,65 @@ impl Llama {
             })
             .collect();
         Cache { layers, pos: 0 }
+    }
+
+    /// The inverse of [`Cache::named_tensors`]: a single-sequence state at position `pos`,
+    /// every tensor checked against this model's shapes.
+    pub fn cache_from_tensors(
+        &self,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        pos: usize,
+    ) -> Result<Cache> {
+        let c = &self.config;
+        let mut cache = self.new_cache();
+        for (i, layer) in cache.layers.iter_mut().enumerate() {
+            let get = |name: &str, want: &[usize]| -> Result<Option<Tensor>> {
+                let key = format!("layers.{i}.{name}");
+                let Some(t) = tensors.get(&key) else {
+                    return Ok(None);
+                };
+                if t.dims() != want {
+                    bail!(
+                        "'{key}' has shape {:?}; this model needs {want:?}",
+                        t.dims()
+                    );
+                }
+                Ok(Some(t.to_device(self.device())?))
+            };
+            match layer {
+                LayerState::Kv(kv) => {
+                    let want = [1, c.num_key_value_heads, pos, c.head_dim];
+                    match (get("k", &want)?, get("v", &want)?) {
+                        (Some(k), Some(v)) => {
+                            *kv = KvCache::new(2, pos.max(1));
+                            kv.append(&k, &v)?;
+                        }
+                        (None, None) if pos == 0 => {}
+                        _ => bail!("layer {i} (softmax) needs both 'layers.{i}.k' and '.v'"),
+                    }
+                }
+                LayerState::Rnn(s) => {
+                    let d = c.supra.as_ref().map_or(c.head_dim, |s| s.feature_dim);
+                    *s = get("state", &[1, c.num_attention_heads, d, c.head_dim])?;
+                    if s.is_none() && pos > 0 {
+                        bail!("layer {i} (SUPRA) needs 'layers.{i}.state'");
+                    }
+                }
+            }
+        }
+        cache.pos = pos;
+        Ok(cache)
+    }
+
+    /// Reads `ids` into `cache` in chunks of at most `chunk` tokens (a softmax layer's scores
+    /// are chunk × context, not context²) and returns the logits (1, vocab) after the last.
+    pub fn prefill(&self, cache: &mut Cache, ids: &[u32], chunk: usize) -> Result<Tensor> {
+        let mut logits = None;
+        for piece in ids.chunks(chunk.max(1)) {
+            let input = Tensor::new(piece, self.device())?.unsqueeze(0)?;
+            logits = Some(self.forward_last(&input, cache)?);
+        }
+        logits.ok_or_else(|| anyhow!("nothing to read: the token list is empty"))
     }
 
     /// Final hidden states (after the last RMSNorm) for `tokens` of shape (batch, seq), whose first
