@@ -82,6 +82,17 @@ impl ChatFormat {
 
     /// A conversation, ending where the assistant's next answer starts.
     pub fn render(&self, messages: &[Message]) -> String {
+        let mut s = self.render_turns(messages);
+        s.push_str(match self {
+            Self::ChatMl { .. } => "<|im_start|>assistant\n",
+            Self::Llama3 => "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        });
+        s
+    }
+
+    /// The turns alone, without the opening of the assistant's answer: the prefix that
+    /// [`Self::render`] of a longer conversation starts with.
+    pub fn render_turns(&self, messages: &[Message]) -> String {
         let mut s = String::new();
         match self {
             Self::ChatMl { default_system } => {
@@ -97,14 +108,12 @@ impl ChatFormat {
                         m.content
                     ));
                 }
-                s.push_str("<|im_start|>assistant\n");
             }
             Self::Llama3 => {
                 s.push_str("<|begin_of_text|>");
                 for m in messages {
                     s.push_str(&Self::llama3_turn(m));
                 }
-                s.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
             }
         }
         s

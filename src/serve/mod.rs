@@ -171,9 +171,13 @@ async fn completions(
     let r = async {
         let req: CompletionRequest = parse(body)?;
         let settings = req.common.settings(&s.opts.limits, &s.opts.model_id)?;
-        let prompt = s.tokenize(req.prompt()?)?;
-        let stop_ids = s.tokenizer.stop_ids(None);
-        start(s, Kind::Completion, prompt, stop_ids, settings).await
+        let job = Request {
+            prompt: s.tokenize(req.prompt()?)?,
+            checkpoint: None,
+            stop_ids: s.tokenizer.stop_ids(None),
+            settings,
+        };
+        start(s, Kind::Completion, job).await
     };
     r.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -195,9 +199,28 @@ async fn chat_completions(
                 "this model has no chat template; use /v1/completions",
             ));
         };
-        let prompt = s.tokenize(&chat.render(&req.messages()?))?;
+        let messages = req.messages()?;
+        let prompt = s.tokenize(&chat.render(&messages))?;
+        // The state before the last message serves every request that shares the earlier
+        // turns (a fixed system prompt, a regenerated answer).
+        let earlier = &messages[..messages.len() - 1];
+        let checkpoint = match earlier.is_empty() {
+            true => None,
+            false => s
+                .tokenizer
+                .encode(&chat.render_turns(earlier))
+                .ok()
+                .filter(|ids| !ids.is_empty() && prompt.starts_with(ids))
+                .map(|ids| ids.len()),
+        };
         let stop_ids = s.tokenizer.stop_ids(Some(chat));
-        start(s.clone(), Kind::Chat, prompt, stop_ids, settings).await
+        let job = Request {
+            prompt,
+            checkpoint,
+            stop_ids,
+            settings,
+        };
+        start(s.clone(), Kind::Chat, job).await
     };
     r.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -265,13 +288,22 @@ impl Drop for CancelOnDrop {
     }
 }
 
-async fn start(
-    s: Arc<Shared>,
-    kind: Kind,
+/// A checked request, ready to run.
+struct Request {
     prompt: Vec<u32>,
+    /// A prompt length at which the prompt cache should keep a state too.
+    checkpoint: Option<usize>,
     stop_ids: Vec<u32>,
     settings: Settings,
-) -> Result<Response, ApiError> {
+}
+
+async fn start(s: Arc<Shared>, kind: Kind, req: Request) -> Result<Response, ApiError> {
+    let Request {
+        prompt,
+        checkpoint,
+        stop_ids,
+        settings,
+    } = req;
     let capacity = s.opts.concurrency.max(1) + s.opts.queue;
     if s.admitted.fetch_add(1, Ordering::SeqCst) >= capacity {
         s.admitted.fetch_sub(1, Ordering::SeqCst);
@@ -289,6 +321,7 @@ async fn start(
     let cancel = Arc::new(AtomicBool::new(false));
     let job = Job {
         prompt,
+        checkpoint,
         settings: settings.clone(),
         stop_ids,
         cancel: cancel.clone(),

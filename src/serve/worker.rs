@@ -24,6 +24,8 @@ pub enum Event {
 
 pub struct Job {
     pub prompt: Vec<u32>,
+    /// A prompt length after which the prompt cache keeps a state too.
+    pub checkpoint: Option<usize>,
     pub settings: Settings,
     pub stop_ids: Vec<u32>,
     /// Set by the handler when its client is gone.
@@ -65,7 +67,12 @@ fn generate(shared: &Shared, job: &Job) -> Result<Option<Event>> {
             .cached_tokens
             .fetch_add(cached_tokens, Ordering::Relaxed);
     }
-    state.feed(model, &job.prompt[cached_tokens..])?;
+    if let Some(at) = job.checkpoint.filter(|&at| at > cached_tokens) {
+        state.feed(model, &job.prompt[cached_tokens..at])?;
+        remember(shared, &state)?;
+    }
+    let read = state.tokens.len();
+    state.feed(model, &job.prompt[read..])?;
     remember(shared, &state)?;
 
     let s = &job.settings;
