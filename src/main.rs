@@ -10,6 +10,7 @@ use supra::infer::sampler::{Sampler, SamplingParams};
 use supra::infer::state::State;
 use supra::io::{self, fetch, LoadedModel};
 use supra::model::llama::Llama;
+use supra::model::quant::WeightFormat;
 use supra::train::recipe::{Group, Recipe};
 use supra::train::run::{TrainConfig, TrainInputs};
 
@@ -220,6 +221,17 @@ struct ModelArg {
 }
 
 impl ModelArg {
+    /// Loads the model for inference with its projections stored as `weights`; the f32
+    /// tensors are let go once quantized (the config and tokenizer stay).
+    fn load_as(&self, weights: WeightFormat) -> Result<(LoadedModel, Llama)> {
+        let (mut loaded, mut model) = self.load()?;
+        if weights != WeightFormat::F32 {
+            model.quantize(weights)?;
+            loaded.weights.clear();
+        }
+        Ok((loaded, model))
+    }
+
     fn load(&self) -> Result<(LoadedModel, Llama)> {
         let path = match &self.model {
             Some(p) => p.clone(),
@@ -268,6 +280,10 @@ struct GenerateArgs {
     /// text it read, which is not read again. With --chat the prompt is the next user turn.
     #[arg(long)]
     load_state: Option<PathBuf>,
+    /// Store the weight matrices as f32, q8_0 or q4_0 (quantized at load; decoding reads
+    /// 4× or 7× fewer bytes).
+    #[arg(long, value_enum, default_value_t = WeightFormat::F32)]
+    weights: WeightFormat,
     /// Save the state after the prompt and the generated text (for SUPRA models a few MiB,
     /// however long the text) to continue later with --load-state.
     #[arg(long)]
@@ -309,6 +325,10 @@ struct ServeArgs {
     /// The model's name in the API [default: the file or directory name].
     #[arg(long)]
     model_id: Option<String>,
+    /// Store the weight matrices as f32, q8_0 or q4_0 (quantized at load; decoding reads
+    /// 4× or 7× fewer bytes).
+    #[arg(long, value_enum, default_value_t = WeightFormat::F32)]
+    weights: WeightFormat,
 }
 
 #[derive(Args)]
@@ -538,6 +558,10 @@ enum BenchCommand {
         /// Tokens to generate after the context.
         #[arg(long, default_value_t = 128)]
         gen: usize,
+        /// Store the weight matrices as f32, q8_0 or q4_0 (quantized at load; decoding reads
+        /// 4× or 7× fewer bytes).
+        #[arg(long, value_enum, default_value_t = WeightFormat::F32)]
+        weights: WeightFormat,
     },
 }
 
@@ -624,8 +648,9 @@ fn run(cli: Cli) -> Result<()> {
             model,
             context,
             gen,
+            weights,
         }) => {
-            let (loaded, llama) = model.load()?;
+            let (loaded, llama) = model.load_as(weights)?;
             println!("| context | prefill tokens/s | decode tokens/s | state at end (MiB) | peak RSS (MiB) |");
             println!("|---:|---:|---:|---:|---:|");
             for &ctx in &context {
@@ -804,7 +829,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         top_p: a.top_p,
     };
     params.validate()?;
-    let (loaded, model) = a.model.load()?;
+    let (loaded, model) = a.model.load_as(a.weights)?;
     let tok = &loaded.tokenizer;
     let chat = if a.chat {
         Some(tok.chat_format()?)
@@ -887,7 +912,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
             a.max_tokens
         );
     }
-    let (loaded, model) = a.model.load()?;
+    let (loaded, model) = a.model.load_as(a.weights)?;
     let context = model.context_limit().map_or(32_768, |c| c - 1);
     let max_prompt_tokens = a.max_prompt_tokens.unwrap_or(context);
     if max_prompt_tokens == 0 || max_prompt_tokens > context {

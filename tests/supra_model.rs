@@ -279,3 +279,56 @@ fn converted_smollm2_modes_agree_on_1000_tokens() {
     );
     assert!(dc <= 1e-3 && dr <= 1e-3, "chunked {dc}, recurrent {dr}");
 }
+
+/// Decoding one token at a time (the fused recurrent step in SUPRA layers, the KV cache in
+/// softmax ones) gives the logits of one whole-sequence pass, for SUPRA and hybrid models; with
+/// Q8_0 weights it stays within quantization noise of them.
+#[test]
+fn token_by_token_decoding_equals_one_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = tiny_teacher(dir.path(), 21);
+    let ids: Vec<u32> = (0..40).map(|i| (i * 13 % 200) as u32 + 3).collect();
+    for keep in [vec![], vec![0]] {
+        let m = convert(
+            &teacher,
+            &ConvertOptions {
+                softmax_layers: keep.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut model = Llama::new(&m.config, &m.weights).unwrap();
+        let whole = logits(&model, &ids);
+        let scale = whole.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let vocab = m.config.vocab_size;
+        for (format, tol) in [
+            (supra::model::quant::WeightFormat::F32, 1e-5),
+            (supra::model::quant::WeightFormat::Q8_0, 0.05),
+        ] {
+            model.quantize(format).unwrap();
+            let mut cache = model.new_cache();
+            let mut worst = 0f32;
+            for (i, &id) in ids.iter().enumerate() {
+                let x = Tensor::new(&[id], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                let step: Vec<f32> = model
+                    .forward_last(&x, &mut cache)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                worst = worst.max(supra::testing::max_diff(
+                    &step,
+                    &whole[i * vocab..(i + 1) * vocab],
+                ));
+            }
+            assert!(
+                worst < tol * scale,
+                "softmax layers {keep:?}, {format:?}: differs by {worst} (logits up to {scale})"
+            );
+        }
+    }
+}

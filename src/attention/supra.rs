@@ -364,6 +364,65 @@ impl SupraAttention {
         group_norm_heads(&o, GROUP_NORM_EPS)
     }
 
+    /// One token of one sequence in the recurrent form, on plain slices: what [`Self::forward`]
+    /// computes for t = 1 with a state, without the dozen small tensor operations per layer
+    /// that dominate a decoding step's time otherwise.
+    pub fn decode_step(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        state: &mut Option<Tensor>,
+    ) -> Result<Tensor> {
+        let (h, hkv, f, d) = (
+            self.n_heads,
+            self.n_kv_heads,
+            self.feature_dim,
+            self.head_dim,
+        );
+        let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let phi = |lin: &Linear, y: Tensor| -> Result<Vec<f32>> {
+            let mut out = flat(lin.forward(&y)?)?;
+            out.iter_mut().for_each(|a| *a = a.max(0.0));
+            Ok(out)
+        };
+        let mut fq = phi(&self.phi_q, self.q.forward(x)?)?;
+        let phi_k = self.phi_k.as_ref().unwrap_or(&self.phi_q);
+        let mut fk = phi(phi_k, self.k.forward(x)?)?;
+        let v = flat(self.v.forward(x)?)?;
+        let (cos, sin) = rope.row(offset)?;
+        for head in fq.chunks_mut(f).chain(fk.chunks_mut(f)) {
+            Rope::rotate(head, &cos, &sin);
+        }
+        let mut s = match state.take() {
+            Some(t) => flat(t)?,
+            None => vec![0f32; h * f * d],
+        };
+        let scale = 1.0 / (f as f32).sqrt();
+        let mut o = vec![0f32; h * d];
+        for (i, (si, oi)) in s.chunks_mut(f * d).zip(o.chunks_mut(d)).enumerate() {
+            // Query head i reads key/value head i / (h / hkv), as repeat_kv lays them out.
+            let kv = i / (h / hkv);
+            let (ki, vi) = (&fk[kv * f..(kv + 1) * f], &v[kv * d..(kv + 1) * d]);
+            let g = self.gammas[i] as f32;
+            for ((row, &ka), &qa) in si.chunks_mut(d).zip(ki).zip(&fq[i * f..(i + 1) * f]) {
+                let ka = ka * scale;
+                for ((r, &vc), oc) in row.iter_mut().zip(vi).zip(oi.iter_mut()) {
+                    *r = g * *r + ka * vc;
+                    *oc += qa * *r;
+                }
+            }
+            // GroupNorm, one group per head.
+            let mean = oi.iter().sum::<f32>() / d as f32;
+            let var = oi.iter().map(|a| (a - mean) * (a - mean)).sum::<f32>() / d as f32;
+            let inv = 1.0 / (var + GROUP_NORM_EPS as f32).sqrt();
+            oi.iter_mut().for_each(|a| *a = (*a - mean) * inv);
+        }
+        *state = Some(Tensor::from_vec(s, (1, h, f, d), x.device())?);
+        self.o
+            .forward(&Tensor::from_vec(o, (1, 1, h * d), x.device())?)
+    }
+
     /// The teacher's softmax attention on the same q, k, v and o projections.
     pub fn teacher(&self) -> SoftmaxAttention {
         SoftmaxAttention {

@@ -4,15 +4,19 @@
 //! costs more than the product itself. Rows of W are contiguous, so a decode step is a set of
 //! independent dot products over memory read once: split them across cores.
 
+use crate::model::quant::{OutPtr, QMatrix, WeightFormat};
+use crate::model::spin;
 use anyhow::Result;
 use candle_core::{Module, Storage, Tensor};
-use rayon::prelude::*;
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
     /// LoRA adapter (A: rank × in, B: out × rank, scale): adds scale · x Aᵀ Bᵀ.
     lora: Option<(Tensor, Tensor, f64)>,
+    /// Block-quantized weights for inference; `inner` then holds an empty weight.
+    quant: Option<Arc<QMatrix>>,
 }
 
 /// At most this many input rows take the matrix-vector path.
@@ -23,6 +27,7 @@ impl Linear {
         Self {
             inner: candle_nn::Linear::new(weight, bias),
             lora: None,
+            quant: None,
         }
     }
 
@@ -31,24 +36,72 @@ impl Linear {
         self
     }
 
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+    /// The f32 weight (dequantized for a quantized layer).
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.quant {
+            Some(q) => q.dequantize(self.inner.weight().device()),
+            None => Ok(self.inner.weight().clone()),
+        }
+    }
+
+    /// This layer with its weight (LoRA merged in) stored as `format`, for inference. The f32
+    /// weight is dropped; a matrix whose width is not a multiple of the block stays f32.
+    pub fn quantized(&self, format: WeightFormat) -> Result<Self> {
+        let w = self.merged_weight()?;
+        let bias = self.inner.bias().cloned();
+        if format == WeightFormat::F32 || w.dim(1)? % crate::model::quant::BLOCK != 0 {
+            return Ok(Self::new(w, bias));
+        }
+        let q = QMatrix::quantize(&w, format)?;
+        let empty = Tensor::zeros((0, 0), w.dtype(), w.device())?;
+        Ok(Self {
+            inner: candle_nn::Linear::new(empty, bias),
+            lora: None,
+            quant: Some(Arc::new(q)),
+        })
+    }
+
+    fn merged_weight(&self) -> Result<Tensor> {
+        let w = self.weight()?;
+        Ok(match &self.lora {
+            Some((a, b, scale)) => (w + (b.matmul(a)? * *scale)?)?,
+            None => w,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+        if let Some(q) = &self.quant {
+            return self.forward_quantized(q, x, rows);
+        }
         // The kernel works on raw slices: no gradient flows through it.
         if let Some((a, b, scale)) = &self.lora {
             let base = self.inner.forward(x)?;
             let low = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
             return Ok((base + (low * *scale)?)?);
         }
-        if rows <= GEMV_MAX_ROWS && !x.track_op() && !self.weight().track_op() {
+        if rows <= GEMV_MAX_ROWS && !x.track_op() && !self.inner.weight().track_op() {
             if let Some(y) = self.gemv(x, rows)? {
                 return Ok(y);
             }
         }
         Ok(self.inner.forward(x)?)
+    }
+
+    fn forward_quantized(&self, q: &QMatrix, x: &Tensor, rows: usize) -> Result<Tensor> {
+        if rows > GEMV_MAX_ROWS {
+            // Prefill is compute-bound: the f32 gemm on the dequantized matrix.
+            let w = q.dequantize(x.device())?;
+            return Ok(candle_nn::Linear::new(w, self.inner.bias().cloned()).forward(x)?);
+        }
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().unwrap() = q.dims().0;
+        let y = Tensor::from_vec(q.gemv(&xs, rows), shape, x.device())?;
+        Ok(match self.inner.bias() {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
     }
 
     /// `None` when the weight is not a contiguous f32 CPU tensor.
@@ -65,25 +118,25 @@ impl Linear {
         };
         let w = &w[start..end];
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        // Parallel over blocks of output features; each block reads its weight rows once for
-        // all input rows. Results land feature-major, then transpose to (rows, n_out).
-        const BLOCK: usize = 64;
-        let mut by_feature = vec![0f32; n_out * rows];
-        by_feature
-            .par_chunks_mut(BLOCK * rows)
-            .enumerate()
-            .for_each(|(blk, chunk)| {
-                for (j, acc) in chunk.chunks_mut(rows).enumerate() {
-                    let o = blk * BLOCK + j;
-                    let w_row = &w[o * n_in..(o + 1) * n_in];
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        *a = dot(w_row, &xs[r * n_in..(r + 1) * n_in]);
-                    }
+        // Output features split across the cores; each part reads its weight rows once for
+        // all input rows.
+        let mut out = vec![0f32; rows * n_out];
+        let dst = OutPtr(out.as_mut_ptr());
+        spin::for_each_part(&|part| {
+            let features = spin::split(n_out, 16, part);
+            let len = features.len();
+            let mut y = vec![0f32; rows * len];
+            for (j, o) in features.clone().enumerate() {
+                let w_row = &w[o * n_in..(o + 1) * n_in];
+                for r in 0..rows {
+                    y[r * len + j] = dot(w_row, &xs[r * n_in..(r + 1) * n_in]);
                 }
-            });
-        let out: Vec<f32> = (0..rows * n_out)
-            .map(|i| by_feature[(i % n_out) * rows + i / n_out])
-            .collect();
+            }
+            for r in 0..rows {
+                // SAFETY: the parts' feature ranges are disjoint and inside `out`.
+                unsafe { dst.write(r * n_out + features.start, &y[r * len..(r + 1) * len]) };
+            }
+        });
         let mut shape = x.dims().to_vec();
         *shape.last_mut().unwrap() = n_out;
         let mut y = Tensor::from_vec(out, shape, x.device())?;

@@ -7,6 +7,7 @@ use crate::config::{AttentionKind, LoraConfig, ModelConfig};
 use crate::model::linear::Linear;
 use crate::model::mlp::Mlp;
 use crate::model::norm::RmsNorm;
+use crate::model::quant::WeightFormat;
 use crate::model::rope::Rope;
 use crate::model::weights::Weights;
 use anyhow::{anyhow, bail, Result};
@@ -33,7 +34,7 @@ pub struct Llama {
     embed: Tensor,
     blocks: Vec<Block>,
     norm: RmsNorm,
-    lm_head: Tensor,
+    lm_head: Linear,
     rope: Rope,
     /// RoPE over φ's features (d' may differ from the head dim).
     rope_features: Rope,
@@ -219,11 +220,14 @@ impl Llama {
             });
         }
         let embed = get("model.embed_tokens.weight")?;
-        let lm_head = if config.tie_word_embeddings {
-            embed.clone()
-        } else {
-            get("lm_head.weight")?
-        };
+        let lm_head = Linear::new(
+            if config.tie_word_embeddings {
+                embed.clone()
+            } else {
+                get("lm_head.weight")?
+            },
+            None,
+        );
         let rope = Rope::new(
             config.head_dim,
             config.rope_theta,
@@ -259,6 +263,27 @@ impl Llama {
 
     /// The longest sequence the model runs: the teacher's context while any layer is softmax
     /// attention, unbounded for a fully linear model.
+    /// Stores every projection (attention q, k, v, o and φ; the MLP; the LM head) as `format`
+    /// for inference. The embedding table stays f32 (a lookup reads one row per token).
+    pub fn quantize(&mut self, format: WeightFormat) -> Result<()> {
+        for b in &mut self.blocks {
+            let mut layers = vec![&mut b.mlp.gate, &mut b.mlp.up, &mut b.mlp.down];
+            match &mut b.attn {
+                Attention::Softmax(a) => layers.extend([&mut a.q, &mut a.k, &mut a.v, &mut a.o]),
+                Attention::Supra(a) => {
+                    layers.extend([&mut a.q, &mut a.k, &mut a.v, &mut a.o, &mut a.phi_q]);
+                    layers.extend(a.phi_k.as_mut());
+                }
+            }
+            for l in layers {
+                *l = l.quantized(format)?;
+            }
+        }
+        self.lm_head = self.lm_head.quantized(format)?;
+        self.teacher_o.iter_mut().for_each(|t| *t = None);
+        Ok(())
+    }
+
     pub fn context_limit(&self) -> Option<usize> {
         (self.has_softmax_layers() && !self.past_context)
             .then_some(self.config.max_position_embeddings)
@@ -365,6 +390,11 @@ impl Llama {
                     a.forward(&xn, &self.rope, offset, Some(kv))?
                 }
                 (Attention::Softmax(a), None) => a.forward(&xn, &self.rope, offset, None)?,
+                (Attention::Supra(a), Some(LayerState::Rnn(s)))
+                    if b == 1 && t == 1 && !xn.track_op() =>
+                {
+                    a.decode_step(&xn, &self.rope_features, offset, s)?
+                }
                 (Attention::Supra(a), Some(LayerState::Rnn(s))) => {
                     a.forward(&xn, &self.rope_features, offset, self.mode, Some(s))?
                 }
@@ -398,7 +428,7 @@ impl Llama {
                 continue;
             };
             let cols = crate::train::recipe::head_columns(s, a.head_dim)?;
-            let w = a.o.weight().broadcast_div(&cols)?;
+            let w = a.o.weight()?.broadcast_div(&cols)?;
             self.teacher_o[i] = Some(Linear::new(w, None));
         }
         Ok(())
@@ -471,13 +501,13 @@ impl Llama {
 
     /// Logits (…, vocab) from final hidden states (…, hidden).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        // A plain 2-D matmul: candle's broadcast_matmul takes a path ~40× slower here.
+        // A plain 2-D product: candle's broadcast_matmul takes a path ~40× slower here.
         let dims = hidden.dims();
         let (lead, h) = dims.split_at(dims.len() - 1);
         let flat = hidden.reshape((lead.iter().product::<usize>(), h[0]))?;
         let mut out_shape = lead.to_vec();
         out_shape.push(self.config.vocab_size);
-        Ok(flat.matmul(&self.lm_head.t()?)?.reshape(out_shape)?)
+        Ok(self.lm_head.forward(&flat)?.reshape(out_shape)?)
     }
 
     /// Logits of the last position only: what generation needs.

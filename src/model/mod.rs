@@ -4,5 +4,7 @@ pub mod linear;
 pub mod llama;
 pub mod mlp;
 pub mod norm;
+pub mod quant;
 pub mod rope;
+pub mod spin;
 pub mod weights;

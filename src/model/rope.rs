@@ -53,6 +53,28 @@ impl Rope {
         })
     }
 
+    /// cos and sin (dim/2 each) at one position.
+    pub fn row(&self, pos: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (cos, sin) = if pos < self.cos.dim(0)? {
+            (self.cos.get(pos)?, self.sin.get(pos)?)
+        } else {
+            let (c, s) = tables(self.dim, self.theta, pos, 1, &Device::Cpu)?;
+            (c.get(0)?, s.get(0)?)
+        };
+        Ok((cos.to_vec1()?, sin.to_vec1()?))
+    }
+
+    /// Rotates one head's vector in place, as [`Rope::apply`] does, with a [`Rope::row`].
+    pub fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        let half = x.len() / 2;
+        let (x1, x2) = x.split_at_mut(half);
+        for j in 0..half {
+            let (a, b) = (x1[j], x2[j]);
+            x1[j] = a * cos[j] - b * sin[j];
+            x2[j] = b * cos[j] + a * sin[j];
+        }
+    }
+
     /// Rotates `x` of shape (batch, heads, seq, dim) whose first position is `offset`.
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let t = x.dim(2)?;
