@@ -228,3 +228,79 @@ pub fn train_step(
         trained_params,
     })
 }
+
+/// One row of `supra bench infer`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InferPoint {
+    pub model: String,
+    pub weights: &'static str,
+    pub context: usize,
+    /// Prompt tokens read per second, over everything read up to `context`.
+    pub prefill_tps: f64,
+    /// Tokens generated per second with `context` tokens before them.
+    pub decode_tps: f64,
+    /// Peak resident memory of the process so far, MiB.
+    pub peak_rss_mib: Option<f64>,
+    /// The generation state (KV cache or recurrent state), MiB.
+    pub state_mib: f64,
+}
+
+/// Reads one growing prompt of prose up to each of `contexts` (ascending) in turn and decodes
+/// `gen` tokens greedily at each: the prefill rate counts every prompt token read so far, the
+/// decode rate the steps after the first token. The decoded tokens stay in the context (a few
+/// among thousands), so one pass serves every context.
+pub fn infer(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    name: &str,
+    weights: &'static str,
+    contexts: &[usize],
+    gen: usize,
+    mut on_point: impl FnMut(&InferPoint) -> Result<()>,
+) -> Result<()> {
+    use crate::infer::state::State;
+    let Some(&longest) = contexts.last() else {
+        return Ok(());
+    };
+    let prompt = prose_tokens(tokenizer, longest)?;
+    let bar = indicatif::ProgressBar::new(longest as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} {bar:30} {pos}/{len} tokens of context [{elapsed}<{eta}]",
+        )
+        .expect("valid template"),
+    );
+    bar.set_message(format!("{name} {weights}"));
+    reset_peak_rss();
+    let mut state = State::new(model);
+    let (mut read, mut read_time) = (0usize, std::time::Duration::ZERO);
+    for &context in contexts {
+        while state.tokens.len() < context {
+            let from = state.tokens.len();
+            let to = (from + crate::infer::state::PREFILL_CHUNK).min(context);
+            let t0 = std::time::Instant::now();
+            state.feed(model, &prompt[from..to])?;
+            read_time += t0.elapsed();
+            read += to - from;
+            bar.set_position(to as u64);
+        }
+        let mut g = Generation {
+            model,
+            sampler: Sampler::new(SamplingParams::greedy(), 0),
+            stop_ids: Vec::new(),
+            max_tokens: gen,
+        };
+        let stats = g.resume(&mut state, &[], |_| Ok(true))?;
+        let point = InferPoint {
+            model: name.to_string(),
+            weights,
+            context,
+            prefill_tps: read as f64 / read_time.as_secs_f64().max(1e-9),
+            decode_tps: stats.decode_tps(),
+            peak_rss_mib: peak_rss_bytes().map(mib),
+            state_mib: mib(stats.state_bytes as u64),
+        };
+        bar.suspend(|| on_point(&point))?;
+    }
+    bar.finish_and_clear();
+    Ok(())
+}

@@ -226,8 +226,8 @@ impl ModelArg {
     fn load_as(&self, weights: WeightFormat) -> Result<(LoadedModel, Llama)> {
         let (mut loaded, mut model) = self.load()?;
         if weights != WeightFormat::F32 {
-            model.quantize(weights)?;
             loaded.weights.clear();
+            model.quantize(weights)?;
         }
         Ok((loaded, model))
     }
@@ -548,6 +548,36 @@ enum BenchCommand {
         )]
         recipes: Vec<Recipe>,
     },
+    /// Inference speed against context length, teacher and linear side by side: prefill and
+    /// decode tokens/s and peak memory at each context, for each weight format; a markdown
+    /// table, optionally CSV and a PNG of decode speed. Softmax models run past their trained
+    /// context here on purpose.
+    Infer {
+        /// GGUF files or HF directories [default: SmolLM2-135M-Instruct and its SUPRA
+        /// conversion, made in memory (untrained φ: the speed is the same)].
+        models: Vec<PathBuf>,
+        /// Names for the models in the table and plot, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        names: Vec<String>,
+        /// Contexts to measure at (a k suffix multiplies by 1024).
+        #[arg(long, value_delimiter = ',', value_parser = parse_tokens, default_value = "512,2k,8k,32k,64k")]
+        contexts: Vec<usize>,
+        /// Models with softmax layers stop at this context (their KV cache and attention grow
+        /// with it).
+        #[arg(long, value_parser = parse_tokens, default_value = "32k")]
+        softmax_max: usize,
+        #[arg(long, value_delimiter = ',', value_enum, default_value = "f32,q8_0")]
+        weights: Vec<WeightFormat>,
+        /// Tokens decoded at each context.
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(2..))]
+        gen: u64,
+        /// Also write the rows as CSV.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// Also plot decode tokens/s against context.
+        #[arg(long)]
+        png: Option<PathBuf>,
+    },
     /// Prompt processing and generation speed, and peak memory, of `supra generate`.
     Generate {
         #[command(flatten)]
@@ -716,6 +746,25 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Bench(BenchCommand::Infer {
+            models,
+            names,
+            contexts,
+            softmax_max,
+            weights,
+            gen,
+            csv,
+            png,
+        }) => bench_infer(
+            &models,
+            &names,
+            contexts,
+            softmax_max,
+            &weights,
+            gen as usize,
+            csv,
+            png,
+        ),
         Command::Bench(BenchCommand::Attention { seq, repeats }) => {
             println!("| form | T | forward (s) | backward (s) | peak RSS (MiB) |");
             println!("|---|---:|---:|---:|---:|");
@@ -899,6 +948,124 @@ fn generate(a: &GenerateArgs) -> Result<()> {
                 ""
             }
         );
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_infer(
+    models: &[PathBuf],
+    names: &[String],
+    mut contexts: Vec<usize>,
+    softmax_max: usize,
+    weights: &[WeightFormat],
+    gen: usize,
+    csv: Option<PathBuf>,
+    png: Option<PathBuf>,
+) -> Result<()> {
+    contexts.sort_unstable();
+    contexts.dedup();
+    let paths: Vec<Option<PathBuf>> = if models.is_empty() {
+        vec![None, None]
+    } else {
+        models.iter().cloned().map(Some).collect()
+    };
+    if !names.is_empty() && names.len() != paths.len() {
+        bail!(
+            "--names gives {} names for {} models",
+            names.len(),
+            paths.len()
+        );
+    }
+    let name = |i: usize, p: &Option<PathBuf>| match (names.get(i), p) {
+        (Some(n), _) => n.clone(),
+        (None, Some(p)) => p
+            .file_name()
+            .map_or("model".into(), |s| s.to_string_lossy().into_owned()),
+        (None, None) if i == 0 => "teacher".to_string(),
+        (None, None) => "supra".to_string(),
+    };
+    // Loads model `i` afresh for each format (quantizing drops the f32 weights).
+    let load = |i: usize, p: &Option<PathBuf>| -> Result<(LoadedModel, Llama)> {
+        let path = match p {
+            Some(p) => p.clone(),
+            None => fetch::ensure_default_model()?,
+        };
+        let mut loaded = io::load(&path)?;
+        if p.is_none() && i == 1 {
+            loaded = supra::convert::convert(&loaded, &ConvertOptions::default())?;
+        }
+        let model = Llama::new(&loaded.config, &loaded.weights)
+            .with_context(|| format!("building the model from {}", path.display()))?;
+        Ok((loaded, model))
+    };
+    println!("| model | weights | context | prefill tokens/s | decode tokens/s | state (MiB) | peak RSS (MiB) |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        for &w in weights {
+            let (mut loaded, mut model) = load(i, p)?;
+            model.past_context = true;
+            if w != WeightFormat::F32 {
+                loaded.weights.clear();
+                model.quantize(w)?;
+            }
+            let limit = if model.has_softmax_layers() {
+                softmax_max
+            } else {
+                usize::MAX
+            };
+            let these: Vec<usize> = contexts.iter().copied().filter(|&c| c <= limit).collect();
+            supra::bench::infer(
+                &model,
+                &loaded.tokenizer,
+                &name(i, p),
+                w.name(),
+                &these,
+                gen,
+                |r| {
+                    println!(
+                        "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {} |",
+                        r.model,
+                        r.weights,
+                        r.context,
+                        r.prefill_tps,
+                        r.decode_tps,
+                        r.state_mib,
+                        r.peak_rss_mib.map_or("n/a".into(), |m| format!("{m:.0}"))
+                    );
+                    rows.push(r.clone());
+                    Ok(())
+                },
+            )?;
+        }
+    }
+    if let Some(path) = &csv {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        for r in &rows {
+            w.serialize(r)?;
+        }
+        io::atomic_write(path, &w.into_inner()?)?;
+    }
+    if let Some(path) = &png {
+        let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        for r in &rows {
+            let key = format!("{} {}", r.model, r.weights);
+            match series.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, pts)) => pts.push((r.context as f64, r.decode_tps)),
+                None => series.push((key, vec![(r.context as f64, r.decode_tps)])),
+            }
+        }
+        let spec = supra::eval::plot::Lines {
+            title: "decode speed against context",
+            x_desc: "tokens of context",
+            y_desc: "decode tokens/s",
+            log_x: true,
+            log_y: true,
+            marker: None,
+            y_range: None,
+        };
+        supra::eval::plot::lines(&spec, &series, path)?;
     }
     Ok(())
 }

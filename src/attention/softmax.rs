@@ -79,22 +79,23 @@ impl SoftmaxAttention {
         let q = rope.apply(&heads(self.q.forward(x)?, h)?, offset)?;
         let k = rope.apply(&heads(self.k.forward(x)?, hkv)?, offset)?;
         let v = heads(self.v.forward(x)?, hkv)?;
+        // The cache hands back views into its buffer; matmul reads them strided.
         let (k, v) = match cache {
-            Some(c) => {
-                let (k, v) = c.append(&k, &v)?;
-                (k.contiguous()?, v.contiguous()?)
-            }
+            Some(c) => c.append(&k, &v)?,
             None => (k, v),
         };
-        let k = repeat_kv(&k, h / hkv)?;
-        let v = repeat_kv(&v, h / hkv)?;
+        // Grouped-query attention without copying keys and values per query head: the
+        // n_rep query heads of a key/value head (adjacent, as repeat_kv would lay them out)
+        // become n_rep·t rows against that head's keys.
+        let n_rep = h / hkv;
         // Scaling q rather than the scores: one pass over (seq, head_dim) instead of over
         // (seq, keys), which at long contexts is the bigger tensor by far.
         let scale = 1.0 / (d as f64).sqrt();
-        let mut att = (q * scale)?.matmul(&k.t()?)?;
+        let q = (q * scale)?.reshape((b, hkv, n_rep * t, d))?;
+        let mut att = q.matmul(&k.t()?)?;
         if t > 1 {
             let mask = causal_mask(t, k.dim(2)? - t, x.device())?;
-            att = att.broadcast_add(&mask)?;
+            att = att.broadcast_add(&mask.repeat((n_rep, 1))?)?;
         }
         // The fused softmax has no backward.
         let att = if att.track_op() {
@@ -102,6 +103,6 @@ impl SoftmaxAttention {
         } else {
             candle_nn::ops::softmax_last_dim(&att)?
         };
-        Ok(att.matmul(&v)?)
+        Ok(att.matmul(&v)?.reshape((b, h, t, d))?)
     }
 }

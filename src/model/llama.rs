@@ -135,6 +135,17 @@ impl Cache {
     }
 }
 
+/// Gives freed heap memory back to the system. glibc keeps freed blocks below its (adaptive)
+/// mmap threshold for reuse, so without this the f32 weights a quantized model let go would
+/// still count in its resident memory.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 impl Llama {
     pub fn new(config: &ModelConfig, weights: &Weights) -> Result<Self> {
         let get = |name: &str| -> Result<Tensor> {
@@ -281,6 +292,7 @@ impl Llama {
         }
         self.lm_head = self.lm_head.quantized(format)?;
         self.teacher_o.iter_mut().for_each(|t| *t = None);
+        release_freed_memory();
         Ok(())
     }
 
