@@ -4,7 +4,7 @@
 
 use crate::infer::generate::{Finish, Generation, TextStream};
 use crate::infer::sampler::{Sampler, SamplingParams};
-use crate::infer::state::State;
+use crate::infer::state::{State, PREFILL_CHUNK};
 use crate::serve::api::{PromptDetails, Settings, Usage};
 use crate::serve::Shared;
 use anyhow::Result;
@@ -67,12 +67,23 @@ fn generate(shared: &Shared, job: &Job) -> Result<Option<Event>> {
             .cached_tokens
             .fetch_add(cached_tokens, Ordering::Relaxed);
     }
-    if let Some(at) = job.checkpoint.filter(|&at| at > cached_tokens) {
-        state.feed(model, &job.prompt[cached_tokens..at])?;
-        remember(shared, &state)?;
+    // Read the prompt a chunk at a time so that a client gone during a long prompt stops it.
+    let checkpoint = job.checkpoint.filter(|&at| at > cached_tokens);
+    while state.tokens.len() < job.prompt.len() {
+        if job.cancel.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let from = state.tokens.len();
+        let to = match checkpoint {
+            Some(at) if from < at => at,
+            _ => job.prompt.len(),
+        }
+        .min(from + PREFILL_CHUNK);
+        state.feed(model, &job.prompt[from..to])?;
+        if Some(to) == checkpoint {
+            remember(shared, &state)?;
+        }
     }
-    let read = state.tokens.len();
-    state.feed(model, &job.prompt[read..])?;
     remember(shared, &state)?;
 
     let s = &job.settings;
