@@ -246,16 +246,17 @@ pub struct InferPoint {
 }
 
 /// Reads one growing prompt of prose up to each of `contexts` (ascending) in turn and decodes
-/// `gen` tokens greedily at each: the prefill rate counts every prompt token read so far, the
-/// decode rate the steps after the first token. The decoded tokens stay in the context (a few
-/// among thousands), so one pass serves every context.
+/// `gen` tokens greedily at each, `repeats` times: the prefill rate counts every prompt token
+/// read so far, the decode rate (median over the repeats) the steps after the first token. The
+/// decoded tokens stay in the context (a few among thousands), so one pass serves every
+/// context.
 pub fn infer(
     model: &Llama,
     tokenizer: &TextTokenizer,
     name: &str,
     weights: &'static str,
     contexts: &[usize],
-    gen: usize,
+    (gen, repeats): (usize, usize),
     mut on_point: impl FnMut(&InferPoint) -> Result<()>,
 ) -> Result<()> {
     use crate::infer::state::State;
@@ -283,21 +284,30 @@ pub fn infer(
             read += to - from;
             bar.set_position(to as u64);
         }
-        let mut g = Generation {
-            model,
-            sampler: Sampler::new(SamplingParams::greedy(), 0),
-            stop_ids: Vec::new(),
-            max_tokens: gen,
-        };
-        let stats = g.resume(&mut state, &[], |_| Ok(true))?;
+        // Decode rates are noisy on a shared machine: the median of `repeats` runs, one after
+        // another (each adds `gen` tokens of context).
+        let mut rates = Vec::with_capacity(repeats);
+        let mut state_bytes = 0;
+        for _ in 0..repeats.max(1) {
+            let mut g = Generation {
+                model,
+                sampler: Sampler::new(SamplingParams::greedy(), 0),
+                stop_ids: Vec::new(),
+                max_tokens: gen,
+            };
+            let stats = g.resume(&mut state, &[], |_| Ok(true))?;
+            rates.push(stats.decode_tps());
+            state_bytes = stats.state_bytes;
+        }
+        rates.sort_by(f64::total_cmp);
         let point = InferPoint {
             model: name.to_string(),
             weights,
             context,
             prefill_tps: read as f64 / read_time.as_secs_f64().max(1e-9),
-            decode_tps: stats.decode_tps(),
+            decode_tps: rates[rates.len() / 2],
             peak_rss_mib: peak_rss_bytes().map(mib),
-            state_mib: mib(stats.state_bytes as u64),
+            state_mib: mib(state_bytes as u64),
         };
         bar.suspend(|| on_point(&point))?;
     }

@@ -571,6 +571,9 @@ enum BenchCommand {
         /// Tokens decoded at each context.
         #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(2..))]
         gen: u64,
+        /// Decode runs at each context; the median rate is reported.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+        repeats: u64,
         /// Also write the rows as CSV.
         #[arg(long)]
         csv: Option<PathBuf>,
@@ -753,6 +756,7 @@ fn run(cli: Cli) -> Result<()> {
             softmax_max,
             weights,
             gen,
+            repeats,
             csv,
             png,
         }) => bench_infer(
@@ -761,7 +765,7 @@ fn run(cli: Cli) -> Result<()> {
             contexts,
             softmax_max,
             &weights,
-            gen as usize,
+            (gen as usize, repeats as usize),
             csv,
             png,
         ),
@@ -959,7 +963,7 @@ fn bench_infer(
     mut contexts: Vec<usize>,
     softmax_max: usize,
     weights: &[WeightFormat],
-    gen: usize,
+    (gen, repeats): (usize, usize),
     csv: Option<PathBuf>,
     png: Option<PathBuf>,
 ) -> Result<()> {
@@ -1022,8 +1026,8 @@ fn bench_infer(
                 &name(i, p),
                 w.name(),
                 &these,
-                gen,
-                |r| {
+                (gen, repeats),
+                |r: &supra::bench::InferPoint| {
                     println!(
                         "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {} |",
                         r.model,

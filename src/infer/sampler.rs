@@ -61,7 +61,11 @@ impl Sampler {
             .enumerate()
             .map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp()))
             .collect();
-        cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        // Only the filters need the candidates in order; a full sort of the vocabulary costs
+        // milliseconds a token.
+        if self.params.top_k > 0 || self.params.top_p < 1.0 {
+            cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        }
         if self.params.top_k > 0 {
             cands.truncate(self.params.top_k);
         }
