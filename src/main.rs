@@ -991,17 +991,13 @@ fn bench_infer(
     };
     // Loads model `i` afresh for each format (quantizing drops the f32 weights).
     let load = |i: usize, p: &Option<PathBuf>| -> Result<(LoadedModel, Llama)> {
-        let path = match p {
-            Some(p) => p.clone(),
-            None => fetch::ensure_default_model()?,
-        };
-        let mut loaded = io::load(&path)?;
-        if p.is_none() && i == 1 {
-            loaded = supra::convert::convert(&loaded, &ConvertOptions::default())?;
+        let (loaded, model) = ModelArg { model: p.clone() }.load()?;
+        if p.is_some() || i == 0 {
+            return Ok((loaded, model));
         }
-        let model = Llama::new(&loaded.config, &loaded.weights)
-            .with_context(|| format!("building the model from {}", path.display()))?;
-        Ok((loaded, model))
+        let converted = supra::convert::convert(&loaded, &ConvertOptions::default())?;
+        let model = Llama::new(&converted.config, &converted.weights)?;
+        Ok((converted, model))
     };
     println!("| model | weights | context | prefill tokens/s | decode tokens/s | state (MiB) | peak RSS (MiB) |");
     println!("|---|---|---:|---:|---:|---:|---:|");
