@@ -220,18 +220,41 @@ struct ModelArg {
     model: Option<PathBuf>,
 }
 
-impl ModelArg {
-    /// Loads the model for inference with its projections stored as `weights`; the f32
-    /// tensors are let go once quantized (the config and tokenizer stay).
-    fn load_as(&self, weights: WeightFormat) -> Result<(LoadedModel, Llama)> {
-        let (mut loaded, mut model) = self.load()?;
-        if weights != WeightFormat::F32 {
-            loaded.weights.clear();
-            model.quantize(weights)?;
-        }
+/// A model to run (not train), with the format of its weight matrices.
+#[derive(Args)]
+struct InferModelArg {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Store the weight matrices as f32, q8_0 or q4_0 (quantized at load; decoding reads
+    /// 4× or 7× fewer bytes).
+    #[arg(long, value_enum, default_value_t = WeightFormat::F32)]
+    weights: WeightFormat,
+}
+
+impl InferModelArg {
+    /// Loads the model with its projections stored as `weights`; the f32 tensors are let go
+    /// once quantized (the config and tokenizer stay).
+    fn load(&self) -> Result<(LoadedModel, Llama)> {
+        let (mut loaded, mut model) = self.model.load()?;
+        store_weights_as(&mut loaded, &mut model, self.weights)?;
         Ok((loaded, model))
     }
+}
 
+/// Quantizes `model` to `weights` and lets the f32 tensors go.
+fn store_weights_as(
+    loaded: &mut LoadedModel,
+    model: &mut Llama,
+    weights: WeightFormat,
+) -> Result<()> {
+    if weights != WeightFormat::F32 {
+        loaded.weights.clear();
+        model.quantize(weights)?;
+    }
+    Ok(())
+}
+
+impl ModelArg {
     fn load(&self) -> Result<(LoadedModel, Llama)> {
         let path = match &self.model {
             Some(p) => p.clone(),
@@ -247,7 +270,7 @@ impl ModelArg {
 #[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
-    model: ModelArg,
+    model: InferModelArg,
     /// The prompt text (with --chat: the user's message). May be empty with --load-state:
     /// generation then continues the saved text.
     #[arg(long)]
@@ -280,10 +303,6 @@ struct GenerateArgs {
     /// text it read, which is not read again. With --chat the prompt is the next user turn.
     #[arg(long)]
     load_state: Option<PathBuf>,
-    /// Store the weight matrices as f32, q8_0 or q4_0 (quantized at load; decoding reads
-    /// 4× or 7× fewer bytes).
-    #[arg(long, value_enum, default_value_t = WeightFormat::F32)]
-    weights: WeightFormat,
     /// Save the state after the prompt and the generated text (for SUPRA models a few MiB,
     /// however long the text) to continue later with --load-state.
     #[arg(long)]
@@ -293,7 +312,7 @@ struct GenerateArgs {
 #[derive(Args)]
 struct ServeArgs {
     #[command(flatten)]
-    model: ModelArg,
+    model: InferModelArg,
     /// Address to listen on; 127.0.0.1 keeps the server private to this machine.
     #[arg(long, default_value = "127.0.0.1")]
     host: std::net::IpAddr,
@@ -325,10 +344,6 @@ struct ServeArgs {
     /// The model's name in the API [default: the file or directory name].
     #[arg(long)]
     model_id: Option<String>,
-    /// Store the weight matrices as f32, q8_0 or q4_0 (quantized at load; decoding reads
-    /// 4× or 7× fewer bytes).
-    #[arg(long, value_enum, default_value_t = WeightFormat::F32)]
-    weights: WeightFormat,
 }
 
 #[derive(Args)]
@@ -584,17 +599,13 @@ enum BenchCommand {
     /// Prompt processing and generation speed, and peak memory, of `supra generate`.
     Generate {
         #[command(flatten)]
-        model: ModelArg,
+        model: InferModelArg,
         /// Tokens of context to prefill before generating (a comma-separated list runs each).
         #[arg(long, value_delimiter = ',', default_value = "512")]
         context: Vec<usize>,
         /// Tokens to generate after the context.
         #[arg(long, default_value_t = 128)]
         gen: usize,
-        /// Store the weight matrices as f32, q8_0 or q4_0 (quantized at load; decoding reads
-        /// 4× or 7× fewer bytes).
-        #[arg(long, value_enum, default_value_t = WeightFormat::F32)]
-        weights: WeightFormat,
     },
 }
 
@@ -681,9 +692,8 @@ fn run(cli: Cli) -> Result<()> {
             model,
             context,
             gen,
-            weights,
         }) => {
-            let (loaded, llama) = model.load_as(weights)?;
+            let (loaded, llama) = model.load()?;
             println!("| context | prefill tokens/s | decode tokens/s | state at end (MiB) | peak RSS (MiB) |");
             println!("|---:|---:|---:|---:|---:|");
             for &ctx in &context {
@@ -882,7 +892,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         top_p: a.top_p,
     };
     params.validate()?;
-    let (loaded, model) = a.model.load_as(a.weights)?;
+    let (loaded, model) = a.model.load()?;
     let tok = &loaded.tokenizer;
     let chat = if a.chat {
         Some(tok.chat_format()?)
@@ -1006,10 +1016,7 @@ fn bench_infer(
         for &w in weights {
             let (mut loaded, mut model) = load(i, p)?;
             model.past_context = true;
-            if w != WeightFormat::F32 {
-                loaded.weights.clear();
-                model.quantize(w)?;
-            }
+            store_weights_as(&mut loaded, &mut model, w)?;
             let limit = if model.has_softmax_layers() {
                 softmax_max
             } else {
@@ -1079,7 +1086,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
             a.max_tokens
         );
     }
-    let (loaded, model) = a.model.load_as(a.weights)?;
+    let (loaded, model) = a.model.load()?;
     let context = model.context_limit().map_or(32_768, |c| c - 1);
     let max_prompt_tokens = a.max_prompt_tokens.unwrap_or(context);
     if max_prompt_tokens == 0 || max_prompt_tokens > context {
@@ -1087,7 +1094,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
             "--max-prompt-tokens must be between 1 and {context} (the model's context minus one)"
         );
     }
-    let model_id = match (&a.model_id, &a.model.model) {
+    let model_id = match (&a.model_id, &a.model.model.model) {
         (Some(id), _) => id.clone(),
         (None, Some(p)) => p
             .file_stem()

@@ -105,12 +105,18 @@ fn models(dir: &Path) -> (PathBuf, PathBuf) {
     (teacher, linear)
 }
 
-/// The `data:` payloads of a server-sent event stream.
-fn sse_data(body: &str) -> Vec<String> {
-    body.lines()
+/// The JSON chunks of a server-sent event stream, and its last `data:` payload.
+fn sse_chunks(body: &str) -> (Vec<Value>, String) {
+    let mut data: Vec<&str> = body
+        .lines()
         .filter_map(|l| l.strip_prefix("data: "))
-        .map(str::to_string)
-        .collect()
+        .collect();
+    let last = data.pop().expect("an empty event stream").to_string();
+    let chunks = data
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    (chunks, last)
 }
 
 #[test]
@@ -142,12 +148,8 @@ fn completions_and_chat_answer_in_openai_shapes_streamed_or_not() {
     sreq["stream_options"] = json!({"include_usage": true});
     let (status, body, _) = s.post("/v1/completions", &sreq.to_string());
     assert_eq!(status, 200, "{body}");
-    let data = sse_data(&body);
-    assert_eq!(data.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let (chunks, last) = sse_chunks(&body);
+    assert_eq!(last, "[DONE]");
     let streamed: String = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["text"].as_str())
@@ -178,11 +180,7 @@ fn completions_and_chat_answer_in_openai_shapes_streamed_or_not() {
     let mut schat = chat.clone();
     schat["stream"] = json!(true);
     let (_, body, _) = s.post("/v1/chat/completions", &schat.to_string());
-    let data = sse_data(&body);
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let (chunks, _) = sse_chunks(&body);
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(chunks[0]["object"], "chat.completion.chunk");
     let streamed: String = chunks

@@ -306,24 +306,20 @@ fn token_by_token_decoding_equals_one_pass() {
             (supra::model::quant::WeightFormat::Q8_0, 0.05),
         ] {
             model.quantize(format).unwrap();
-            let mut cache = model.new_cache();
+            let mut state = supra::infer::state::State::new(&model);
             let mut worst = 0f32;
             for (i, &id) in ids.iter().enumerate() {
-                let x = Tensor::new(&[id], &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap();
-                let step: Vec<f32> = model
-                    .forward_last(&x, &mut cache)
+                state.feed(&model, &[id]).unwrap();
+                let step: Vec<f32> = state
+                    .logits
+                    .as_ref()
                     .unwrap()
                     .flatten_all()
                     .unwrap()
                     .to_vec1()
                     .unwrap();
-                worst = worst.max(supra::testing::max_diff(
-                    &step,
-                    &whole[i * vocab..(i + 1) * vocab],
-                ));
+                let want = &whole[i * vocab..(i + 1) * vocab];
+                worst = worst.max(supra::testing::max_diff(&step, want));
             }
             assert!(
                 worst < tol * scale,

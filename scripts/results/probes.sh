@@ -21,7 +21,8 @@ probe() {
   local t0=$SECONDS resume=()
   [ -f "$OUT/$name.json.partial.jsonl" ] && resume=(--resume)
   "$S" probe "$@" "${MODELS[@]}" --names teacher,supra-untrained "${resume[@]}" \
-    --png "$OUT/$name.png" --json "$OUT/$name.json" | tee "$OUT/$name.md"
+    --png "$OUT/$name.png" --json "$OUT/$name.json" | tee "$OUT/$name.md.partial"
+  mv "$OUT/$name.md.partial" "$OUT/$name.md"
   echo "$name: $((SECONDS - t0)) s (this run)" | tee -a "$OUT/wall_times.txt"
 }
 probe recall recall

@@ -4,7 +4,7 @@
 //! costs more than the product itself. Rows of W are contiguous, so a decode step is a set of
 //! independent dot products over memory read once: split them across cores.
 
-use crate::model::quant::{OutPtr, QMatrix, WeightFormat};
+use crate::model::quant::{QMatrix, WeightFormat};
 use crate::model::spin;
 use anyhow::Result;
 use candle_core::{Module, Storage, Tensor};
@@ -121,7 +121,7 @@ impl Linear {
         // Output features split across the cores; each part reads its weight rows once for
         // all input rows.
         let mut out = vec![0f32; rows * n_out];
-        let dst = OutPtr(out.as_mut_ptr());
+        let dst = spin::OutPtr(out.as_mut_ptr());
         spin::for_each_part(&|part| {
             let features = spin::split(n_out, 16, part);
             let len = features.len();

@@ -371,12 +371,20 @@ impl Llama {
     /// Reads `ids` into `cache` in chunks of at most `chunk` tokens (a softmax layer's scores
     /// are chunk × context, not context²) and returns the logits (1, vocab) after the last.
     pub fn prefill(&self, cache: &mut Cache, ids: &[u32], chunk: usize) -> Result<Tensor> {
-        let mut logits = None;
-        for piece in ids.chunks(chunk.max(1)) {
-            let input = Tensor::new(piece, self.device())?.unsqueeze(0)?;
-            logits = Some(self.forward_last(&input, cache)?);
+        if ids.is_empty() {
+            bail!("nothing to read: the token list is empty");
         }
-        logits.ok_or_else(|| anyhow!("nothing to read: the token list is empty"))
+        // Only the last position's logits are wanted: the chunks before it stop at the hidden
+        // states.
+        let chunk = chunk.max(1);
+        let (rest, last) = ids.split_at((ids.len() - 1) / chunk * chunk);
+        let input = |piece: &[u32]| -> Result<Tensor> {
+            Ok(Tensor::new(piece, self.device())?.unsqueeze(0)?)
+        };
+        for piece in rest.chunks(chunk) {
+            self.forward_hidden(&input(piece)?, Some(cache))?;
+        }
+        self.forward_last(&input(last)?, cache)
     }
 
     /// Final hidden states (after the last RMSNorm) for `tokens` of shape (batch, seq), whose first

@@ -169,7 +169,7 @@ impl QMatrix {
         // Rows split across the cores, each input row in turn: a part's weights stay in cache
         // for the next input row.
         let mut out = vec![0f32; n * self.rows];
-        let dst = OutPtr(out.as_mut_ptr());
+        let dst = spin::OutPtr(out.as_mut_ptr());
         spin::for_each_part(&|part| {
             let rows = spin::split(self.rows, GROUP, part);
             let mut y = vec![0f32; rows.len()];
@@ -222,20 +222,6 @@ impl QMatrix {
                 self.scales[k] * x.scales[b] * sum as f32
             })
             .sum()
-    }
-}
-
-/// Where parallel parts write their disjoint pieces of one output buffer.
-pub(crate) struct OutPtr(pub(crate) *mut f32);
-
-// SAFETY: users write disjoint ranges only (see `write`).
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// # Safety
-    /// `at..at + y.len()` lies inside the buffer and no other thread writes it meanwhile.
-    pub(crate) unsafe fn write(&self, at: usize, y: &[f32]) {
-        std::ptr::copy_nonoverlapping(y.as_ptr(), self.0.add(at), y.len());
     }
 }
 
@@ -403,6 +389,11 @@ mod tests {
         Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap()
     }
 
+    fn values(m: &QMatrix) -> Vec<f32> {
+        let d = m.dequantize(&Device::Cpu).unwrap();
+        d.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     /// Hand-made blocks: values that each format stores exactly come back exactly.
     #[test]
     fn exact_values_round_trip() {
@@ -410,13 +401,7 @@ mod tests {
         let w = Tensor::from_vec(q8.clone(), (2, 32), &Device::Cpu).unwrap();
         let m = QMatrix::quantize(&w, WeightFormat::Q8_0).unwrap();
         // Block maxima 16 and 15.5 over 127 levels are not exact; the values are within d/2.
-        let back: Vec<f32> = m
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let back = values(&m);
         for (a, b) in back.iter().zip(&q8) {
             assert!((a - b).abs() <= 16.0 / 127.0 / 2.0 + 1e-6, "{a} vs {b}");
         }
@@ -424,13 +409,7 @@ mod tests {
         let q4: Vec<f32> = (0..32).map(|i| ((i % 16) as f32 - 8.0) * 0.25).collect();
         let w = Tensor::from_vec(q4.clone(), (1, 32), &Device::Cpu).unwrap();
         let m = QMatrix::quantize(&w, WeightFormat::Q4_0).unwrap();
-        let back: Vec<f32> = m
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let back = values(&m);
         assert_eq!(back, q4);
     }
 

@@ -150,6 +150,20 @@ pub fn split(len: usize, align: usize, part: usize) -> std::ops::Range<usize> {
     (part * per).min(len)..((part + 1) * per).min(len)
 }
 
+/// Where parallel parts write their disjoint pieces of one output buffer.
+pub struct OutPtr(pub *mut f32);
+
+// SAFETY: users write disjoint ranges only (see `write`).
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `at..at + y.len()` lies inside the buffer and no other thread writes it meanwhile.
+    pub unsafe fn write(&self, at: usize, y: &[f32]) {
+        std::ptr::copy_nonoverlapping(y.as_ptr(), self.0.add(at), y.len());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
