@@ -12,6 +12,7 @@ CONVERTED=${2:-runs/eval-full/converted}
 mkdir -p "$OUT"
 cargo build --release --quiet
 S=$(mktemp -d)/supra
+trap 'rm -rf "$(dirname "$S")"' EXIT
 cp target/release/supra "$S"
 [ -f "$CONVERTED/config.json" ] || "$S" convert --out "$CONVERTED"
 MODELS=("$(target/release/supra fetch 2>/dev/null | tail -1 | awk '{print $NF}')" "$CONVERTED")
@@ -29,4 +30,3 @@ probe recall recall
 probe passkey passkey --trials 1
 probe position position
 probe needle needle --trials 1
-rm -rf "$(dirname "$S")"

@@ -1,10 +1,17 @@
 //! Softmax attention (the teacher): o_t = Σ_{i≤t} softmax_i(q_t·k_i/√d) v_i, with GQA and RoPE.
+//!
+//! Two forms: the score matrix in candle ops (differentiable; the reference), and for inference
+//! a blockwise form with an online softmax (FlashAttention's loop on the CPU) that never holds
+//! more than a block of scores: at 32k tokens of context a 1,024-token chunk's scores are
+//! 400 MB per layer, which the candle form writes and rereads four times (mask, softmax,
+//! product).
 
 use crate::model::linear::Linear;
 use crate::model::rope::Rope;
-use anyhow::Result;
-use candle_core::Tensor;
+use anyhow::{ensure, Result};
+use candle_core::{CpuStorage, Layout, Storage, Tensor};
 use candle_nn::kv_cache::KvCache;
+use rayon::prelude::*;
 
 #[derive(Debug, Clone)]
 pub struct SoftmaxAttention {
@@ -88,6 +95,12 @@ impl SoftmaxAttention {
         // n_rep query heads of a key/value head (adjacent, as repeat_kv would lay them out)
         // become n_rep·t rows against that head's keys.
         let n_rep = h / hkv;
+        let no_grad = !(q.track_op() || k.track_op() || v.track_op());
+        if no_grad {
+            if let Some(y) = blockwise(&q, &k, &v)? {
+                return Ok(y);
+            }
+        }
         // Scaling q rather than the scores: one pass over (seq, head_dim) instead of over
         // (seq, keys), which at long contexts is the bigger tensor by far.
         let scale = 1.0 / (d as f64).sqrt();
@@ -104,5 +117,390 @@ impl SoftmaxAttention {
             candle_nn::ops::softmax_last_dim(&att)?
         };
         Ok(att.matmul(&v)?.reshape((b, h, t, d))?)
+    }
+}
+
+/// Query positions per block of [`blockwise`] (times the group's query heads: the rows that
+/// share one pass over the keys) and keys per block: a block's scores, (3·32) × 256 floats,
+/// and its output rows stay in L2.
+const BLOCK_QUERIES: usize = 32;
+const BLOCK_KEYS: usize = 256;
+
+/// A (batch, heads, seq, d) f32 CPU tensor with unit stride on d (a KV cache's views qualify).
+struct View<'a> {
+    data: &'a [f32],
+    /// Strides of batch, head and position.
+    strides: [usize; 3],
+}
+
+impl<'a> View<'a> {
+    fn new(storage: &'a Storage, layout: &Layout) -> Option<Self> {
+        let Storage::Cpu(CpuStorage::F32(data)) = storage else {
+            return None;
+        };
+        let s = layout.stride();
+        (s.len() == 4 && s[3] == 1).then(|| View {
+            data: &data[layout.start_offset()..],
+            strides: [s[0], s[1], s[2]],
+        })
+    }
+
+    /// Offset of (batch, head, position, 0).
+    fn at(&self, b: usize, h: usize, p: usize) -> usize {
+        b * self.strides[0] + h * self.strides[1] + p * self.strides[2]
+    }
+}
+
+/// Causal softmax attention of `q` (b, h, t, d) at the last t positions of `k`, `v`
+/// (b, h_kv, offset + t, d), without the score matrix: each block of query rows walks the keys
+/// up to its last position in blocks, keeping per row the running max m and sum l of
+/// exp(score − m) and rescaling its output when m grows. `None` when the tensors are not f32
+/// on the CPU (the candle form serves them).
+pub fn blockwise(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
+    let (b, h, t, d) = q.dims4()?;
+    let (_, hkv, len, _) = k.dims4()?;
+    ensure!(
+        len >= t && h % hkv == 0 && v.dims4()? == (b, hkv, len, d),
+        "attention shapes: q {:?}, k {:?}, v {:?}",
+        q.dims(),
+        k.dims(),
+        v.dims()
+    );
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Some(qv), Some(kv), Some(vv)) =
+        (View::new(&qs, ql), View::new(&ks, kl), View::new(&vs, vl))
+    else {
+        return Ok(None);
+    };
+    let n_rep = h / hkv;
+    let blocks = t.div_ceil(BLOCK_QUERIES);
+    let scale = 1.0 / (d as f32).sqrt();
+    let items: Vec<(usize, usize, usize)> = (0..b)
+        .flat_map(|bi| (0..hkv).flat_map(move |g| (0..blocks).map(move |blk| (bi, g, blk))))
+        .collect();
+    let outputs: Vec<Vec<f32>> = items
+        .par_iter()
+        .map(|&(bi, g, blk)| {
+            let p0 = blk * BLOCK_QUERIES;
+            let p1 = (p0 + BLOCK_QUERIES).min(t);
+            let group = Group {
+                q: &qv,
+                k: &kv,
+                v: &vv,
+                b: bi,
+                heads: g * n_rep..(g + 1) * n_rep,
+                kv_head: g,
+                d,
+                offset: len - t,
+            };
+            group.attend(p0..p1, scale)
+        })
+        .collect();
+    // Rows of a block are its heads' positions, head-major.
+    let mut out = vec![0f32; b * h * t * d];
+    for (&(bi, g, blk), o) in items.iter().zip(&outputs) {
+        let p0 = blk * BLOCK_QUERIES;
+        let tq = o.len() / (n_rep * d);
+        for (r, row) in o.chunks_exact(tq * d).enumerate() {
+            let at = ((bi * h + g * n_rep + r) * t + p0) * d;
+            out[at..at + tq * d].copy_from_slice(row);
+        }
+    }
+    Ok(Some(Tensor::from_vec(out, (b, h, t, d), q.device())?))
+}
+
+/// The query heads of one key/value head, in one batch row.
+struct Group<'a> {
+    q: &'a View<'a>,
+    k: &'a View<'a>,
+    v: &'a View<'a>,
+    b: usize,
+    heads: std::ops::Range<usize>,
+    kv_head: usize,
+    d: usize,
+    /// Position of the first query.
+    offset: usize,
+}
+
+impl Group<'_> {
+    /// Outputs (heads × positions, d) of the queries at `positions` (relative to `offset`).
+    fn attend(&self, positions: std::ops::Range<usize>, scale: f32) -> Vec<f32> {
+        let (d, tq) = (self.d, positions.len());
+        let rows = self.heads.len() * tq;
+        let mut q = Vec::with_capacity(rows * d);
+        for h in self.heads.clone() {
+            for p in positions.clone() {
+                let at = self.q.at(self.b, h, p);
+                q.extend(self.q.data[at..at + d].iter().map(|x| x * scale));
+            }
+        }
+        let mut o = vec![0f32; rows * d];
+        let mut max = vec![f32::NEG_INFINITY; rows];
+        let mut sum = vec![0f32; rows];
+        let mut s = vec![0f32; rows * BLOCK_KEYS];
+        let first = self.offset + positions.start;
+        let end = self.offset + positions.end;
+        for j0 in (0..end).step_by(BLOCK_KEYS) {
+            let n = BLOCK_KEYS.min(end - j0);
+            let (k, v) = (
+                self.k.at(self.b, self.kv_head, j0),
+                self.v.at(self.b, self.kv_head, j0),
+            );
+            let s = &mut s[..rows * n];
+            // SAFETY: every pointer and stride stays inside its buffer: `s` is rows × n,
+            // `q` rows × d, and keys j0..j0 + n of this head lie inside k (checked shapes).
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    n,
+                    d,
+                    s.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    q.as_ptr(),
+                    1,
+                    d as isize,
+                    self.k.data[k..].as_ptr(),
+                    self.k.strides[2] as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            // Keys after a row's own position, in the blocks that reach past the first query.
+            if j0 + n > first + 1 {
+                for (r, row) in s.chunks_exact_mut(n).enumerate() {
+                    let own = first + r % tq;
+                    for x in row.iter_mut().skip((own + 1).saturating_sub(j0)) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            for (r, row) in s.chunks_exact_mut(n).enumerate() {
+                // Key 0 is in every row's first block, so the running max is finite from there.
+                let m = max[r].max(row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)));
+                let rescale = (max[r] - m).exp();
+                sum[r] = sum[r] * rescale + exp_shifted(row, m);
+                if rescale != 1.0 {
+                    o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= rescale);
+                }
+                max[r] = m;
+            }
+            // SAFETY: as above; `o` is rows × d and values j0..j0 + n lie inside v.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    d,
+                    n,
+                    o.as_mut_ptr(),
+                    1,
+                    d as isize,
+                    true,
+                    s.as_ptr(),
+                    1,
+                    n as isize,
+                    self.v.data[v..].as_ptr(),
+                    1,
+                    self.v.strides[2] as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+        for (row, l) in o.chunks_exact_mut(d).zip(&sum) {
+            row.iter_mut().for_each(|x| *x /= l);
+        }
+        o
+    }
+}
+
+/// x ← exp(x − m) over `row`, returning Σ. The scores are most of the work at long contexts,
+/// and libm's exp one at a time cost as much as the two products.
+fn exp_shifted(row: &mut [f32], m: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        return unsafe { exp_shifted_avx2(row, m) };
+    }
+    exp_shifted_portable(row, m)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shifted_avx2(row: &mut [f32], m: f32) -> f32 {
+    exp_shifted_portable(row, m)
+}
+
+/// Lanes of eight so the compiler keeps [`exp`] in vector registers.
+#[inline(always)]
+fn exp_shifted_portable(row: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            c[i] = exp(c[i] - m);
+            acc[i] += c[i];
+        }
+    }
+    let mut total: f32 = 0.0;
+    for x in chunks.into_remainder() {
+        *x = exp(*x - m);
+        total += *x;
+    }
+    total + acc.iter().sum::<f32>()
+}
+
+/// e^x to about 2 ulp (Cephes' expf: x = n ln 2 + r, |r| ≤ ln2/2, a degree-6 polynomial in r,
+/// 2^n from the exponent bits); 0 below about −87.7 (n = −127 gives the bits of 0.0), so −∞
+/// gives 0.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 in two parts: n·C1 is exact for the n that occur.
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-88.376_26, 88.376_26);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * C1 - n * C2;
+    // Plain products and sums: mul_add without FMA hardware is a libm call.
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 0.166_666_65;
+    let p = p * r + 0.5;
+    let y = p * (r * r) + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// o for queries at the last t positions, straight from the definition, in f64.
+    fn naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Vec<f64> {
+        let (b, h, t, d) = q.dims4().unwrap();
+        let (_, hkv, len, _) = k.dims4().unwrap();
+        let data = |x: &Tensor| -> Vec<f64> {
+            x.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|&x| x as f64)
+                .collect()
+        };
+        let (q, k, v) = (data(q), data(k), data(v));
+        let mut out = Vec::new();
+        for bi in 0..b {
+            for hi in 0..h {
+                let g = hi / (h / hkv);
+                let kv = |x: &[f64], j: usize, c: usize| x[((bi * hkv + g) * len + j) * d + c];
+                for i in 0..t {
+                    let qi = &q[((bi * h + hi) * t + i) * d..][..d];
+                    let own = len - t + i;
+                    let scores: Vec<f64> = (0..=own)
+                        .map(|j| {
+                            (0..d).map(|c| qi[c] * kv(&k, j, c)).sum::<f64>() / (d as f64).sqrt()
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                    let z: f64 = w.iter().sum();
+                    for c in 0..d {
+                        out.push((0..=own).map(|j| w[j] * kv(&v, j, c)).sum::<f64>() / z);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn max_err(got: &Tensor, want: &[f64]) -> f64 {
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got.len(), want.len());
+        got.iter()
+            .zip(want)
+            .map(|(&g, &w)| (g as f64 - w).abs())
+            .fold(0.0, f64::max)
+    }
+
+    fn randn(shape: (usize, usize, usize, usize)) -> Tensor {
+        Tensor::randn(0f32, 2.0, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn blockwise_matches_the_definition_across_blocks_and_groups() {
+        // Queries over two query blocks, keys over two key blocks, 3 query heads per kv head.
+        let (b, h, hkv, t, d) = (2, 6, 2, 70, 16);
+        for offset in [0, 230] {
+            let q = randn((b, h, t, d));
+            let k = randn((b, hkv, offset + t, d));
+            let v = randn((b, hkv, offset + t, d));
+            let got = blockwise(&q, &k, &v).unwrap().expect("f32 CPU tensors");
+            let err = max_err(&got, &naive(&q, &k, &v));
+            assert!(err < 1e-5, "offset {offset}: max error {err}");
+        }
+    }
+
+    #[test]
+    fn blockwise_reads_the_kv_cache_views_in_place() {
+        // The cache hands back narrowed views of a longer buffer: strided rows per head.
+        let (h, hkv, d) = (4, 2, 8);
+        let mut cache = KvCache::new(2, 1024);
+        let (k0, v0) = (randn((1, hkv, 300, d)), randn((1, hkv, 300, d)));
+        cache.append(&k0, &v0).unwrap();
+        let (k1, v1) = (randn((1, hkv, 45, d)), randn((1, hkv, 45, d)));
+        let (k, v) = cache.append(&k1, &v1).unwrap();
+        assert!(!k.is_contiguous(), "the test wants a strided view");
+        let q = randn((1, h, 45, d));
+        let got = blockwise(&q, &k, &v).unwrap().unwrap();
+        let want = naive(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap());
+        let err = max_err(&got, &want);
+        assert!(err < 1e-5, "max error {err}");
+    }
+
+    #[test]
+    fn fast_exp_is_close_to_libm_and_zero_far_below() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            worst = worst.max((exp(x) as f64 - want).abs() / want);
+        }
+        assert!(worst < 5e-7, "relative error {worst}");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-1000.0), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+        let mut row = [
+            0.0f32,
+            -1.0,
+            2.0,
+            f32::NEG_INFINITY,
+            0.5,
+            1.0,
+            -3.0,
+            0.25,
+            4.0,
+            -0.5,
+        ];
+        let want: Vec<f32> = row.iter().map(|x| (x - 4.0).exp()).collect();
+        let sum = exp_shifted(&mut row, 4.0);
+        for (g, w) in row.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-6 * w.max(1e-30), "{g} vs {w}");
+        }
+        assert!((sum - want.iter().sum::<f32>()).abs() < 1e-6);
     }
 }
