@@ -12,9 +12,11 @@
 //! - [`parallel`]: ((Q̃K̃ᵀ/√d') ⊙ D) V with D[t,i] = γ^(t−i) — the O(T²) reference;
 //! - [`chunked`]: the masked form inside chunks of C tokens and a d'×d_v state across them —
 //!   O(T·C), differentiable, the training and prefill form;
-//! - [`recurrent`]: S_t = γ S_{t−1} + k̃_tᵀ v_t/√d', o_t = q̃_t S_t — O(1) per token, generation.
+//! - [`recurrent`]: S_t = γ S_{t−1} + k̃_tᵀ v_t/√d', o_t = q̃_t S_t — O(1) per token, generation;
+//! - [`chunked_inference`]: the chunked form again on plain slices, without gradients, reading
+//!   each query head's key/value head in place — prefill and evaluation.
 //!
-//! All three take featurized, rotated inputs q̃, k̃ of shape (B, H, T, d') and v of shape
+//! The first three take featurized, rotated inputs q̃, k̃ of shape (B, H, T, d') and v of shape
 //! (B, H, T, d_v), and the per-head decays. The recurrent state has shape (B, H, d', d_v) and
 //! already includes the 1/√d' scale.
 
@@ -23,6 +25,7 @@ use crate::model::linear::Linear;
 use crate::model::rope::Rope;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor, D};
+use rayon::prelude::*;
 
 /// How the per-head decay γ_h is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -218,6 +221,171 @@ pub fn chunked(
     Ok((Tensor::cat(&outs, 2)?, s))
 }
 
+/// [`chunked`] for inference: the same sums per (sequence, query head) on plain slices, one
+/// task each, with k and v at their own key/value heads (B, H_kv, T, ·) — query head i reads
+/// head i / (H / H_kv) — and the decays as a table. At evaluation's shapes (tens of rows of
+/// ~100 tokens) the candle form's repeated keys and a dozen small tensor operations per chunk
+/// cost more than its products. f32 only; `state` (B, H, d', d_v) as in [`chunked`].
+pub fn chunked_inference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    gammas: &[f64],
+    chunk: usize,
+    state: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let (b, h, t, dk) = q.dims4()?;
+    let (_, hkv, _, dv) = v.dims4()?;
+    ensure!(
+        k.dims4()? == (b, hkv, t, dk)
+            && v.dims4()? == (b, hkv, t, dv)
+            && hkv > 0
+            && h % hkv == 0
+            && gammas.len() == h
+            && chunk > 0,
+        "q̃ {:?}, k̃ {:?}, v {:?}, {} decays, chunk {chunk}",
+        q.dims(),
+        k.dims(),
+        v.dims(),
+        gammas.len()
+    );
+    let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
+    let (qs, ks, vs) = (flat(q)?, flat(k)?, flat(v)?);
+    let s0 = state.map(flat).transpose()?;
+    let scale = 1.0 / (dk as f32).sqrt();
+    let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..b * h)
+        .into_par_iter()
+        .map(|bh| {
+            let (bi, hi) = (bh / h, bh % h);
+            let kv = bi * hkv + hi / (h / hkv);
+            // γ^e for e = 0..=chunk, each power from f64 as the candle forms compute them.
+            let pow: Vec<f32> = (0..=chunk)
+                .map(|e| gammas[hi].powi(e as i32) as f32)
+                .collect();
+            let mut s = match &s0 {
+                Some(s) => s[bh * dk * dv..(bh + 1) * dk * dv].to_vec(),
+                None => vec![0f32; dk * dv],
+            };
+            let mut o = vec![0f32; t * dv];
+            let (mut a, mut qd, mut kd) = (Vec::new(), Vec::new(), Vec::new());
+            for c0 in (0..t).step_by(chunk) {
+                let len = chunk.min(t - c0);
+                let qc = &qs[(bh * t + c0) * dk..][..len * dk];
+                let kc = &ks[(kv * t + c0) * dk..][..len * dk];
+                let vc = &vs[(kv * t + c0) * dv..][..len * dv];
+                let oc = &mut o[c0 * dv..(c0 + len) * dv];
+                // Inside the chunk: A = (Q̃ K̃ᵀ/√d') ⊙ D, O = A V.
+                a.resize(len * len, 0.0);
+                gemm(
+                    &mut a,
+                    false,
+                    0.0,
+                    qc,
+                    (dk, 1),
+                    kc,
+                    (1, dk),
+                    (len, len, dk),
+                    scale,
+                );
+                for (i, row) in a.chunks_exact_mut(len).enumerate() {
+                    for (j, x) in row.iter_mut().enumerate() {
+                        *x = if j <= i { *x * pow[i - j] } else { 0.0 };
+                    }
+                }
+                gemm(
+                    oc,
+                    false,
+                    0.0,
+                    &a,
+                    (len, 1),
+                    vc,
+                    (dv, 1),
+                    (len, dv, len),
+                    1.0,
+                );
+                // From earlier chunks: O += (γ^(i+1) q̃_i) S.
+                qd.clear();
+                for (i, row) in qc.chunks_exact(dk).enumerate() {
+                    qd.extend(row.iter().map(|x| x * pow[i + 1]));
+                }
+                gemm(oc, true, 1.0, &qd, (dk, 1), &s, (dv, 1), (len, dv, dk), 1.0);
+                // S ← γ^len S + Σ_j γ^(len−1−j) k̃_jᵀ v_j / √d'.
+                kd.clear();
+                for (j, row) in kc.chunks_exact(dk).enumerate() {
+                    let w = pow[len - 1 - j] * scale;
+                    kd.extend(row.iter().map(|x| x * w));
+                }
+                gemm(
+                    &mut s,
+                    true,
+                    pow[len],
+                    &kd,
+                    (1, dk),
+                    vc,
+                    (dv, 1),
+                    (dk, dv, len),
+                    1.0,
+                );
+            }
+            (o, s)
+        })
+        .collect();
+    let (o, s): (Vec<Vec<f32>>, Vec<Vec<f32>>) = heads.into_iter().unzip();
+    Ok((
+        Tensor::from_vec(o.concat(), (b, h, t, dv), q.device())?,
+        Tensor::from_vec(s.concat(), (b, h, dk, dv), q.device())?,
+    ))
+}
+
+/// dst (m × n, rows contiguous) ← α·dst (when `read`) + β·lhs·rhs on one thread, with lhs
+/// (m × k) and rhs (k × n) given by their (row, column) strides.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    dst: &mut [f32],
+    read: bool,
+    alpha: f32,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    (m, n, k): (usize, usize, usize),
+    beta: f32,
+) {
+    let last = |rs: usize, cs: usize, rows: usize, cols: usize| {
+        (rows > 0 && cols > 0).then(|| (rows - 1) * rs + (cols - 1) * cs)
+    };
+    assert!(dst.len() >= m * n, "gemm: destination too small");
+    assert!(
+        last(lhs_rs, lhs_cs, m, k).is_none_or(|i| i < lhs.len())
+            && last(rhs_rs, rhs_cs, k, n).is_none_or(|i| i < rhs.len()),
+        "gemm: operand out of bounds"
+    );
+    // SAFETY: the asserts keep every element the strides reach inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            read,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            alpha,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
 /// One token at a time: S_t = γ S_{t−1} + k̃_tᵀ v_t / √d', o_t = q̃_t S_t.
 /// `state` is S before the first token (zeros when `None`); returns (O, S after the last token).
 pub fn recurrent(
@@ -284,7 +452,8 @@ pub struct SupraAttention {
 }
 
 impl SupraAttention {
-    /// q̃, k̃ (B, H, T, d') and v (B, H, T, d) for `x` (B, T, hidden) at positions offset.. .
+    /// q̃ (B, H, T, d'), and k̃ (B, H_kv, T, d') and v (B, H_kv, T, d) at the key/value heads,
+    /// for `x` (B, T, hidden) at positions offset.. .
     pub fn features(
         &self,
         x: &Tensor,
@@ -307,11 +476,7 @@ impl SupraAttention {
             f,
         )?;
         let v = heads(self.v.forward(x)?, hkv, self.head_dim)?;
-        // RoPE acts per head, so rotating before the GQA repeat is the same and cheaper.
-        let q = rope.apply(&q, offset)?;
-        let k = repeat_kv(&rope.apply(&k, offset)?, h / hkv)?;
-        let v = repeat_kv(&v, h / hkv)?;
-        Ok((q, k, v))
+        Ok((rope.apply(&q, offset)?, rope.apply(&k, offset)?, v))
     }
 
     /// With a `state`, continues from it and leaves the state after the last token there
@@ -345,6 +510,22 @@ impl SupraAttention {
         let t = x.dim(1)?;
         let (q, k, v) = self.features(x, rope, offset)?;
         let g = &self.gammas;
+        let chunked_form = match &state {
+            Some(_) => t > 1 && mode != Mode::Recurrent,
+            None => mode == Mode::Chunked,
+        };
+        let no_grad = !(q.track_op() || k.track_op() || v.track_op());
+        if chunked_form && no_grad && q.dtype() == DType::F32 {
+            let st = state.as_ref().and_then(|s| s.as_ref());
+            let (o, s) = chunked_inference(&q, &k, &v, g, self.chunk_size, st)?;
+            if let Some(st) = state {
+                *st = Some(s);
+            }
+            return group_norm_heads(&o, GROUP_NORM_EPS);
+        }
+        // RoPE acts per head, so rotating before the GQA repeat is the same and cheaper.
+        let n_rep = self.n_heads / self.n_kv_heads;
+        let (k, v) = (repeat_kv(&k, n_rep)?, repeat_kv(&v, n_rep)?);
         let o = match state {
             Some(st) => {
                 let (o, s) = if t == 1 || mode == Mode::Recurrent {
@@ -554,6 +735,44 @@ mod tests {
                 rel_err(&o, &want)
             );
         }
+    }
+
+    #[test]
+    fn inference_form_agrees_with_the_definition() {
+        let gammas = Decay::Lightning.gammas(9).unwrap();
+        for t in [1, 7, 64, 65, 300] {
+            let (q, k, v) = inputs(2, 9, t, 16, 12, DType::F32);
+            let want = naive(&q, &k, &v, &gammas);
+            for c in [16, 64] {
+                let (o, _) = chunked_inference(&q, &k, &v, &gammas, c, None).unwrap();
+                let err = rel_err(&o, &want);
+                assert!(err <= 1e-5, "T={t} C={c}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn inference_form_reads_shared_kv_heads_and_continues_a_state() {
+        // 6 query heads over 2 key/value heads, from a state left by an earlier prefix.
+        let gammas = Decay::Lightning.gammas(6).unwrap();
+        let (q, _, _) = inputs(2, 6, 50, 16, 12, DType::F32);
+        let (_, k, v) = inputs(2, 2, 50, 16, 12, DType::F32);
+        let (q0, k0, v0) = inputs(2, 6, 20, 16, 12, DType::F32);
+        let (_, s0) = chunked(&q0, &k0, &v0, &gammas, 8, None).unwrap();
+        let (k3, v3) = (repeat_kv(&k, 3).unwrap(), repeat_kv(&v, 3).unwrap());
+        let (want_o, want_s) = chunked(&q, &k3, &v3, &gammas, 16, Some(&s0)).unwrap();
+        let (o, s) = chunked_inference(&q, &k, &v, &gammas, 16, Some(&s0)).unwrap();
+        let flat = |x: &Tensor| -> Vec<f64> {
+            x.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert!(rel_err(&o, &flat(&want_o)) <= 1e-5, "output");
+        assert!(rel_err(&s, &flat(&want_s)) <= 1e-5, "state");
+        assert!(chunked_inference(&q, &k, &v, &gammas[..5], 16, None).is_err());
     }
 
     #[test]
