@@ -6,6 +6,7 @@
 //! 400 MB per layer, which the candle form writes and rereads four times (mask, softmax,
 //! product).
 
+use crate::model::gemm::{gemm, Strided};
 use crate::model::linear::Linear;
 use crate::model::rope::Rope;
 use anyhow::{ensure, Result};
@@ -249,31 +250,8 @@ impl Group<'_> {
                 self.v.at(self.b, self.kv_head, j0),
             );
             let s = &mut s[..rows * n];
-            // SAFETY: every pointer and stride stays inside its buffer: `s` is rows × n,
-            // `q` rows × d, and keys j0..j0 + n of this head lie inside k (checked shapes).
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    n,
-                    d,
-                    s.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    q.as_ptr(),
-                    1,
-                    d as isize,
-                    self.k.data[k..].as_ptr(),
-                    self.k.strides[2] as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            let keys = Strided::transposed_rows(&self.k.data[k..], self.k.strides[2]);
+            gemm(s, (rows, n, d), Strided::rows(&q, d), keys, None, 1.0);
             // Keys after a row's own position, in the blocks that reach past the first query.
             if j0 + n > first + 1 {
                 for (r, row) in s.chunks_exact_mut(n).enumerate() {
@@ -293,30 +271,15 @@ impl Group<'_> {
                 }
                 max[r] = m;
             }
-            // SAFETY: as above; `o` is rows × d and values j0..j0 + n lie inside v.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    d,
-                    n,
-                    o.as_mut_ptr(),
-                    1,
-                    d as isize,
-                    true,
-                    s.as_ptr(),
-                    1,
-                    n as isize,
-                    self.v.data[v..].as_ptr(),
-                    1,
-                    self.v.strides[2] as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            let values = Strided::rows(&self.v.data[v..], self.v.strides[2]);
+            gemm(
+                &mut o,
+                (rows, d, n),
+                Strided::rows(s, n),
+                values,
+                Some(1.0),
+                1.0,
+            );
         }
         for (row, l) in o.chunks_exact_mut(d).zip(&sum) {
             row.iter_mut().for_each(|x| *x /= l);

@@ -21,6 +21,7 @@
 //! already includes the 1/√d' scale.
 
 use crate::attention::softmax::{repeat_kv, SoftmaxAttention};
+use crate::model::gemm::{gemm, Strided};
 use crate::model::linear::Linear;
 use crate::model::rope::Rope;
 use anyhow::{bail, ensure, Result};
@@ -276,56 +277,33 @@ pub fn chunked_inference(
                 let oc = &mut o[c0 * dv..(c0 + len) * dv];
                 // Inside the chunk: A = (Q̃ K̃ᵀ/√d') ⊙ D, O = A V.
                 a.resize(len * len, 0.0);
-                gemm(
-                    &mut a,
-                    false,
-                    0.0,
-                    qc,
-                    (dk, 1),
-                    kc,
-                    (1, dk),
-                    (len, len, dk),
-                    scale,
+                let (qm, km, vm) = (
+                    Strided::rows(qc, dk),
+                    Strided::transposed_rows(kc, dk),
+                    Strided::rows(vc, dv),
                 );
+                gemm(&mut a, (len, len, dk), qm, km, None, scale);
                 for (i, row) in a.chunks_exact_mut(len).enumerate() {
                     for (j, x) in row.iter_mut().enumerate() {
                         *x = if j <= i { *x * pow[i - j] } else { 0.0 };
                     }
                 }
-                gemm(
-                    oc,
-                    false,
-                    0.0,
-                    &a,
-                    (len, 1),
-                    vc,
-                    (dv, 1),
-                    (len, dv, len),
-                    1.0,
-                );
+                gemm(oc, (len, dv, len), Strided::rows(&a, len), vm, None, 1.0);
                 // From earlier chunks: O += (γ^(i+1) q̃_i) S.
                 qd.clear();
                 for (i, row) in qc.chunks_exact(dk).enumerate() {
                     qd.extend(row.iter().map(|x| x * pow[i + 1]));
                 }
-                gemm(oc, true, 1.0, &qd, (dk, 1), &s, (dv, 1), (len, dv, dk), 1.0);
+                let (qdm, sm) = (Strided::rows(&qd, dk), Strided::rows(&s, dv));
+                gemm(oc, (len, dv, dk), qdm, sm, Some(1.0), 1.0);
                 // S ← γ^len S + Σ_j γ^(len−1−j) k̃_jᵀ v_j / √d'.
                 kd.clear();
                 for (j, row) in kc.chunks_exact(dk).enumerate() {
                     let w = pow[len - 1 - j] * scale;
                     kd.extend(row.iter().map(|x| x * w));
                 }
-                gemm(
-                    &mut s,
-                    true,
-                    pow[len],
-                    &kd,
-                    (1, dk),
-                    vc,
-                    (dv, 1),
-                    (dk, dv, len),
-                    1.0,
-                );
+                let kdm = Strided::transposed_rows(&kd, dk);
+                gemm(&mut s, (dk, dv, len), kdm, vm, Some(pow[len]), 1.0);
             }
             (o, s)
         })
@@ -335,55 +313,6 @@ pub fn chunked_inference(
         Tensor::from_vec(o.concat(), (b, h, t, dv), q.device())?,
         Tensor::from_vec(s.concat(), (b, h, dk, dv), q.device())?,
     ))
-}
-
-/// dst (m × n, rows contiguous) ← α·dst (when `read`) + β·lhs·rhs on one thread, with lhs
-/// (m × k) and rhs (k × n) given by their (row, column) strides.
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    dst: &mut [f32],
-    read: bool,
-    alpha: f32,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-    (m, n, k): (usize, usize, usize),
-    beta: f32,
-) {
-    let last = |rs: usize, cs: usize, rows: usize, cols: usize| {
-        (rows > 0 && cols > 0).then(|| (rows - 1) * rs + (cols - 1) * cs)
-    };
-    assert!(dst.len() >= m * n, "gemm: destination too small");
-    assert!(
-        last(lhs_rs, lhs_cs, m, k).is_none_or(|i| i < lhs.len())
-            && last(rhs_rs, rhs_cs, k, n).is_none_or(|i| i < rhs.len()),
-        "gemm: operand out of bounds"
-    );
-    // SAFETY: the asserts keep every element the strides reach inside its slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            read,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            alpha,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
 }
 
 /// One token at a time: S_t = γ S_{t−1} + k̃_tᵀ v_t / √d', o_t = q̃_t S_t.

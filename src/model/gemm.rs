@@ -1,0 +1,118 @@
+//! One matrix product on plain slices, on the calling thread (the gemm crate that candle's CPU
+//! matmul uses): for kernels that split their work into tasks of their own and would only
+//! oversubscribe the cores with a threaded product inside each.
+
+/// A read-only matrix: element (i, j) at `data[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+pub struct Strided<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Strided<'a> {
+    /// Rows `rs` apart, each contiguous.
+    pub fn rows(data: &'a [f32], rs: usize) -> Self {
+        Strided { data, rs, cs: 1 }
+    }
+
+    /// The transpose of [`Self::rows`]: element (i, j) is row j's element i.
+    pub fn transposed_rows(data: &'a [f32], rs: usize) -> Self {
+        Strided {
+            data,
+            rs: 1,
+            cs: rs,
+        }
+    }
+
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// dst (m × n, row-major) ← keep·dst + scale·lhs·rhs for lhs m × k and rhs k × n; `keep: None`
+/// overwrites dst without reading it.
+pub fn gemm(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    lhs: Strided,
+    rhs: Strided,
+    keep: Option<f32>,
+    scale: f32,
+) {
+    assert!(
+        dst.len() >= m * n && lhs.fits(m, k) && rhs.fits(k, n),
+        "gemm: an operand is smaller than {m}×{k} · {k}×{n}"
+    );
+    // SAFETY: the assert keeps every element the strides reach inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            keep.is_some(),
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            keep.unwrap_or(0.0),
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn products_follow_the_strides() {
+        // lhs 2×3, rhs given as the transpose of 2 rows of 3: rhs is 3×2.
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [1.0, 0.0, -1.0, 2.0, 1.0, 0.0];
+        let mut dst = [10.0; 4];
+        gemm(
+            &mut dst,
+            (2, 2, 3),
+            Strided::rows(&a, 3),
+            Strided::transposed_rows(&b, 3),
+            None,
+            1.0,
+        );
+        assert_eq!(dst, [-2.0, 4.0, -2.0, 13.0]);
+        // Accumulate: 0.5·dst + 2·a·bᵀ.
+        gemm(
+            &mut dst,
+            (2, 2, 3),
+            Strided::rows(&a, 3),
+            Strided::transposed_rows(&b, 3),
+            Some(0.5),
+            2.0,
+        );
+        assert_eq!(dst, [-5.0, 10.0, -5.0, 32.5]);
+    }
+
+    #[test]
+    #[should_panic(expected = "smaller")]
+    fn short_operands_are_refused() {
+        let mut dst = [0.0; 4];
+        let a = [1.0; 5];
+        gemm(
+            &mut dst,
+            (2, 2, 3),
+            Strided::rows(&a, 3),
+            Strided::rows(&a, 2),
+            None,
+            1.0,
+        );
+    }
+}
