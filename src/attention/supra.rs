@@ -405,6 +405,7 @@ impl SupraAttention {
             f,
         )?;
         let v = heads(self.v.forward(x)?, hkv, self.head_dim)?;
+        // RoPE acts per head, so rotating keys before any GQA repeat is the same and cheaper.
         Ok((rope.apply(&q, offset)?, rope.apply(&k, offset)?, v))
     }
 
@@ -452,7 +453,7 @@ impl SupraAttention {
             }
             return group_norm_heads(&o, GROUP_NORM_EPS);
         }
-        // RoPE acts per head, so rotating before the GQA repeat is the same and cheaper.
+        // The candle forms take keys and values per query head.
         let n_rep = self.n_heads / self.n_kv_heads;
         let (k, v) = (repeat_kv(&k, n_rep)?, repeat_kv(&v, n_rep)?);
         let o = match state {
