@@ -344,7 +344,9 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 0.166_666_65;
     let p = p * r + 0.5;
     let y = p * (r * r) + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from the bits of n + 127 + 2^23, whose low mantissa bits are n + 127: a float → int
+    // cast would saturate lane by lane, in scalar code.
+    y * f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23)
 }
 
 #[cfg(test)]
