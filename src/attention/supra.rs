@@ -254,15 +254,17 @@ pub fn chunked_inference(
     let (qs, ks, vs) = (flat(q)?, flat(k)?, flat(v)?);
     let s0 = state.map(flat).transpose()?;
     let scale = 1.0 / (dk as f32).sqrt();
+    // Per head, γ^e for e = 0..=chunk, each power from f64 as the candle forms compute them.
+    let pows: Vec<Vec<f32>> = gammas
+        .iter()
+        .map(|g| (0..=chunk).map(|e| g.powi(e as i32) as f32).collect())
+        .collect();
     let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..b * h)
         .into_par_iter()
         .map(|bh| {
             let (bi, hi) = (bh / h, bh % h);
             let kv = bi * hkv + hi / (h / hkv);
-            // γ^e for e = 0..=chunk, each power from f64 as the candle forms compute them.
-            let pow: Vec<f32> = (0..=chunk)
-                .map(|e| gammas[hi].powi(e as i32) as f32)
-                .collect();
+            let pow = &pows[hi];
             let mut s = match &s0 {
                 Some(s) => s[bh * dk * dv..(bh + 1) * dk * dv].to_vec(),
                 None => vec![0f32; dk * dv],

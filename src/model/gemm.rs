@@ -80,24 +80,14 @@ mod tests {
         let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         let b = [1.0, 0.0, -1.0, 2.0, 1.0, 0.0];
         let mut dst = [10.0; 4];
-        gemm(
-            &mut dst,
-            (2, 2, 3),
-            Strided::rows(&a, 3),
-            Strided::transposed_rows(&b, 3),
-            None,
-            1.0,
-        );
+        let a_bt = |dst: &mut [f32], keep, scale| {
+            let (lhs, rhs) = (Strided::rows(&a, 3), Strided::transposed_rows(&b, 3));
+            gemm(dst, (2, 2, 3), lhs, rhs, keep, scale);
+        };
+        a_bt(&mut dst, None, 1.0);
         assert_eq!(dst, [-2.0, 4.0, -2.0, 13.0]);
         // Accumulate: 0.5·dst + 2·a·bᵀ.
-        gemm(
-            &mut dst,
-            (2, 2, 3),
-            Strided::rows(&a, 3),
-            Strided::transposed_rows(&b, 3),
-            Some(0.5),
-            2.0,
-        );
+        a_bt(&mut dst, Some(0.5), 2.0);
         assert_eq!(dst, [-5.0, 10.0, -5.0, 32.5]);
     }
 
