@@ -1067,8 +1067,8 @@ fn bench_infer(
             title: "decode speed against context",
             x_desc: "tokens of context",
             y_desc: "decode tokens/s",
-            log_x: true,
-            log_y: true,
+            x_scale: supra::eval::plot::Scale::Log2,
+            y_scale: supra::eval::plot::Scale::Log10,
             marker: None,
             y_range: None,
         };

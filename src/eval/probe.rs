@@ -4,7 +4,7 @@
 use crate::eval::harness::Engine;
 use crate::eval::journal::Journal;
 use crate::eval::long_context::{self, Cell, Grid, Haystack};
-use crate::eval::plot::{self, Lines};
+use crate::eval::plot::{self, Lines, Scale};
 use crate::eval::recall;
 use crate::eval::tasks::Metric;
 use crate::io::tokenizer::TextTokenizer;
@@ -188,8 +188,8 @@ pub fn run(
                     ),
                     x_desc: "position (tokens, bucket centre)",
                     y_desc: "perplexity",
-                    log_x: true,
-                    log_y: true,
+                    x_scale: Scale::Tokens,
+                    y_scale: Scale::Log10,
                     marker,
                     y_range: None,
                 },
@@ -261,8 +261,8 @@ pub fn run(
                     ),
                     x_desc: "key-value pairs in context",
                     y_desc: "accuracy (%)",
-                    log_x: true,
-                    log_y: false,
+                    x_scale: Scale::Log2,
+                    y_scale: Scale::Linear,
                     marker: None,
                     y_range: Some((0.0, 102.0)),
                 },
