@@ -45,14 +45,6 @@ fn accuracy_color(a: f64) -> RGBColor {
     RGBColor(r as u8, g as u8, 60)
 }
 
-fn length_label(n: usize) -> String {
-    if n >= 1024 && n.is_multiple_of(1024) {
-        format!("{}k", n / 1024)
-    } else {
-        n.to_string()
-    }
-}
-
 /// One heatmap per model: context length across, key depth down, accuracy in each cell.
 pub fn heatmaps(title: &str, panels: &[(String, Vec<Cell>)], path: &Path) -> Result<()> {
     let n = panels.len().max(1) as u32;
@@ -91,7 +83,7 @@ pub fn heatmaps(title: &str, panels: &[(String, Vec<Cell>)], path: &Path) -> Res
                 let (px, py) = chart.backend_coord(&(i, 0));
                 let (qx, _) = chart.backend_coord(&(i + 1, 0));
                 root.draw(&Text::new(
-                    length_label(l),
+                    Scale::Tokens.label(l as f64),
                     ((px + qx) / 2 - 10, py + 6),
                     font,
                 ))
@@ -164,6 +156,9 @@ impl Scale {
 
     /// Labelled values and fainter grid values between them, within `lo..=hi` (data units).
     fn ticks(self, lo: f64, hi: f64) -> (Vec<f64>, Vec<f64>) {
+        if !(hi - lo).is_finite() || hi <= lo {
+            return (vec![], vec![]);
+        }
         let inside = |v: &f64| *v >= lo - 1e-9 * lo.abs() && *v <= hi + 1e-9 * hi.abs();
         let multiples = |step: f64| -> Vec<f64> {
             let first = (lo / step).ceil() as i64;
