@@ -9,6 +9,7 @@ pub mod infer;
 pub mod io;
 pub mod linearize;
 pub mod model;
+pub mod plot;
 pub mod serve;
 pub mod testing;
 pub mod train;

@@ -1055,24 +1055,25 @@ fn bench_infer(
         io::atomic_write(path, &w.into_inner()?)?;
     }
     if let Some(path) = &png {
-        let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        let mut series: Vec<supra::plot::Series> = Vec::new();
         for r in &rows {
             let key = format!("{} {}", r.model, r.weights);
-            match series.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, pts)) => pts.push((r.context as f64, r.decode_tps)),
-                None => series.push((key, vec![(r.context as f64, r.decode_tps)])),
+            let point = (r.context as f64, r.decode_tps);
+            match series.iter_mut().find(|s| s.name == key) {
+                Some(s) => s.points.push(point),
+                None => series.push(supra::plot::Series::points(key, vec![point])),
             }
         }
-        let spec = supra::eval::plot::Lines {
+        let spec = supra::plot::Lines {
             title: "decode speed against context",
             x_desc: "tokens of context",
             y_desc: "decode tokens/s",
-            x_scale: supra::eval::plot::Scale::Log2,
-            y_scale: supra::eval::plot::Scale::Log10,
+            x_scale: supra::plot::Scale::Log2,
+            y_scale: supra::plot::Scale::Log10,
             marker: None,
             y_range: None,
         };
-        supra::eval::plot::lines(&spec, &series, path)?;
+        supra::plot::lines(&spec, &series, path)?;
     }
     Ok(())
 }

@@ -4,11 +4,12 @@
 use crate::eval::harness::Engine;
 use crate::eval::journal::Journal;
 use crate::eval::long_context::{self, Cell, Grid, Haystack};
-use crate::eval::plot::{self, Lines, Scale};
+use crate::eval::plot::heatmaps;
 use crate::eval::recall;
 use crate::eval::tasks::Metric;
 use crate::io::tokenizer::TextTokenizer;
 use crate::model::llama::Llama;
+use crate::plot::{self, Lines, Scale, Series};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
@@ -119,7 +120,7 @@ pub fn run(
             } else {
                 "passkey retrieval"
             };
-            plot::heatmaps(&format!("{what}: accuracy (%)"), &panels, png)?;
+            heatmaps(&format!("{what}: accuracy (%)"), &panels, png)?;
             Ok(Outcome {
                 markdown: retrieval_table(&panels),
                 json: serde_json::json!(panels
@@ -167,7 +168,7 @@ pub fn run(
                 pb.finish_and_clear();
                 let buckets = long_context::bucketed_perplexity(&nlls, *bucket);
                 rows.push((s.name.clone(), buckets.clone()));
-                series.push((
+                series.push(Series::points(
                     s.name.clone(),
                     buckets
                         .iter()
@@ -243,10 +244,10 @@ pub fn run(
                 pb.finish_and_clear();
                 rows.push((s.name.clone(), acc));
             }
-            let series: Vec<(String, Vec<(f64, f64)>)> = rows
+            let series: Vec<Series> = rows
                 .iter()
                 .map(|(n, a)| {
-                    (
+                    Series::points(
                         n.clone(),
                         a.iter()
                             .map(|(p, m)| (*p as f64, 100.0 * m.value))

@@ -1,24 +1,23 @@
 //! The loss curves of a run as a PNG: train loss per update and validation loss when measured,
 //! one panel per objective (transfer+finetune has two, on different scales).
 
+use crate::plot::{self, Lines, Scale, Series};
 use crate::train::recipe::Objective;
 use crate::train::run::Metrics;
-use anyhow::{anyhow, Result};
-use plotters::coord::Shift;
-use plotters::prelude::*;
+use anyhow::Result;
 use std::path::Path;
 
-fn panel(
-    area: &DrawingArea<BitMapBackend, Shift>,
-    history: &[&Metrics],
-    title: &str,
-) -> Result<()> {
-    let err = |e: &dyn std::fmt::Display| anyhow!("plot: {e}");
+/// The train and validation series of one objective's updates; `None` without a finite
+/// train loss.
+fn curves(history: &[&Metrics]) -> Option<Vec<Series>> {
     let train: Vec<(f64, f64)> = history
         .iter()
         .filter(|m| !m.skipped && m.loss.is_finite())
         .map(|m| (m.tokens as f64, m.loss))
         .collect();
+    if train.is_empty() {
+        return None;
+    }
     let valid: Vec<(f64, f64)> = history
         .iter()
         .filter_map(|m| {
@@ -27,88 +26,84 @@ fn panel(
                 .map(|v| (m.tokens as f64, v))
         })
         .collect();
-    if train.is_empty() {
-        return Ok(());
-    }
-    let ys = train.iter().chain(&valid).map(|p| p.1);
-    let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
-        (a.min(y), b.max(y))
-    });
-    let pad = ((hi - lo) * 0.05).max(1e-3);
-    let x0 = history.first().map_or(0.0, |m| m.tokens as f64);
-    let x1 = train.last().map_or(1.0, |p| p.0).max(x0 + 1.0);
-    let mut chart = ChartBuilder::on(area)
-        .caption(title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(x0..x1, (lo - pad)..(hi + pad))
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("training tokens")
-        .y_desc("loss")
-        .draw()
-        .map_err(|e| err(&e))?;
-    chart
-        .draw_series(LineSeries::new(train, &BLUE))
-        .map_err(|e| err(&e))?
-        .label("train")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    let mut series = vec![Series::trace("train", train)];
     if !valid.is_empty() {
-        chart
-            .draw_series(LineSeries::new(valid.clone(), RED.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label("validation")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
-        chart
-            .draw_series(valid.iter().map(|&p| Circle::new(p, 3, RED.filled())))
-            .map_err(|e| err(&e))?;
+        series.push(Series::points("validation", valid));
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
-        .map_err(|e| err(&e))?;
-    Ok(())
+    Some(series)
 }
 
 pub fn loss_plot(history: &[Metrics], title: &str, path: &Path) -> Result<()> {
-    let groups: Vec<(Objective, Vec<&Metrics>)> = [Objective::Transfer, Objective::Ce]
+    let panels: Vec<(String, Vec<Series>)> = [Objective::Transfer, Objective::Ce]
         .into_iter()
-        .map(|o| {
-            (
-                o,
-                history
-                    .iter()
-                    .filter(|m| m.objective == o)
-                    .collect::<Vec<_>>(),
-            )
-        })
-        .filter(|(_, g)| !g.is_empty())
-        .collect();
-    if groups.is_empty() {
-        return Ok(());
-    }
-    // Render to a temporary file, then rename: readers never see half a PNG.
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("plot.png");
-    let tmp = path.with_file_name(format!(".{name}.tmp.png"));
-    {
-        let root = BitMapBackend::new(&tmp, (900, 420 * groups.len() as u32)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| anyhow!("plot: {e}"))?;
-        for (area, (objective, group)) in root.split_evenly((groups.len(), 1)).iter().zip(&groups) {
-            let what = match objective {
+        .filter_map(|o| {
+            let group: Vec<&Metrics> = history.iter().filter(|m| m.objective == o).collect();
+            let what = match o {
                 Objective::Transfer => "attention transfer (per-layer MSE)",
                 Objective::Ce => "cross-entropy (nats/token)",
             };
-            panel(area, group, &format!("{title}: {what}"))?;
-        }
-        root.present().map_err(|e| anyhow!("plot: {e}"))?;
+            curves(&group).map(|c| (format!("{title}: {what}"), c))
+        })
+        .collect();
+    if panels.is_empty() {
+        return Ok(());
     }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    let specs: Vec<Lines> = panels
+        .iter()
+        .map(|(t, _)| Lines {
+            title: t,
+            x_desc: "training tokens",
+            y_desc: "loss",
+            x_scale: Scale::Linear,
+            y_scale: Scale::Linear,
+            marker: None,
+            y_range: None,
+        })
+        .collect();
+    let charts: Vec<(&Lines, &[Series])> = specs
+        .iter()
+        .zip(&panels)
+        .map(|(s, (_, c))| (s, c.as_slice()))
+        .collect();
+    plot::panels(&charts, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(step: u64, objective: Objective, loss: f64, val_loss: Option<f64>) -> Metrics {
+        Metrics {
+            step,
+            tokens: step * 4096,
+            objective,
+            loss,
+            val_loss,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            tokens_per_s: 100.0,
+            skipped: false,
+        }
+    }
+
+    #[test]
+    fn one_panel_per_objective_and_none_without_a_finite_loss() {
+        let dir = std::env::temp_dir().join(format!("supra-loss-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let png = dir.join("loss.png");
+        let mut history: Vec<Metrics> = (1..=30)
+            .map(|s| update(s, Objective::Transfer, 1.0 / s as f64, None))
+            .collect();
+        history.extend((31..=40).map(|s| update(s, Objective::Ce, 5.0, Some(4.8))));
+        loss_plot(&history, "t", &png).unwrap();
+        let two = std::fs::metadata(&png).unwrap().len();
+        loss_plot(&history[..30], "t", &png).unwrap();
+        let one = std::fs::metadata(&png).unwrap().len();
+        assert!(one > 1000 && two > one, "{one} {two}");
+        std::fs::remove_file(&png).unwrap();
+        let diverged = [update(1, Objective::Ce, f64::NAN, None)];
+        loss_plot(&diverged, "t", &png).unwrap();
+        assert!(!png.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
