@@ -33,6 +33,7 @@ pub(crate) fn render(
     std::fs::rename(&tmp, path)?;
     Ok(())
 }
+
 /// How an axis of a line plot maps values and where it puts its labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scale {
