@@ -79,7 +79,7 @@ pub struct AttentionBench {
 /// key/value heads of 64) on `seq` tokens; median of `repeats` runs.
 pub fn attention(
     seq: usize,
-    mode: crate::attention::supra::Mode,
+    form: crate::model::llama::Form,
     repeats: usize,
 ) -> Result<AttentionBench> {
     use crate::attention::supra::{Decay, SupraAttention};
@@ -116,9 +116,13 @@ pub fn attention(
         head_dim: d,
         feature_dim: d,
         gammas: Decay::Lightning.gammas(h)?,
-        chunk_size: 64,
+        // The training form; in one chunk it is the parallel form.
+        chunk_size: match form {
+            crate::model::llama::Form::Parallel => usize::MAX,
+            _ => 64,
+        },
+        rope: crate::model::rope::Rope::new(d, 100_000.0, seq, &dev)?,
     };
-    let rope = crate::model::rope::Rope::new(d, 100_000.0, seq, &dev)?;
     let x = Tensor::randn(0f32, 1.0, (1, seq, hidden), &dev)?;
     let r = Tensor::randn(0f32, 1.0, (1, seq, hidden), &dev)?;
     reset_peak_rss();
@@ -126,7 +130,7 @@ pub fn attention(
     let mut bwd = Vec::new();
     for _ in 0..repeats {
         let t0 = std::time::Instant::now();
-        let loss = (layer.forward(&x, &rope, 0, mode, None)? * &r)?.sum_all()?;
+        let loss = (layer.forward(&x, 0, None, crate::attention::Exec::Train)? * &r)?.sum_all()?;
         let _ = loss.to_scalar::<f32>()?;
         fwd.push(t0.elapsed());
         let t1 = std::time::Instant::now();
@@ -190,7 +194,8 @@ pub fn train_step(
     let names = recipe::trainable(model, recipe, &[])?;
     let (weights, vars) = recipe::with_variables(model, &names)?;
     let trained_params = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let llama = Llama::new(&model.config, &weights)?;
+    let llama = Llama::for_training(&model.config, &weights)?;
+    let teacher = crate::train::transfer::Teacher::new(&model.config, &[])?;
     let mut opt = AdamW::new(vars, AdamWConfig::default());
     let ids = prose_tokens(&model.tokenizer, seq_len + 1)?;
     let window = Tensor::from_vec(ids, (1, seq_len + 1), &Device::Cpu)?;
@@ -198,7 +203,7 @@ pub fn train_step(
     let bar = indicatif::ProgressBar::new(steps as u64 + 1);
     for i in 0..=steps {
         let t0 = std::time::Instant::now();
-        let loss = recipe::loss(&llama, objective, &window)?;
+        let loss = recipe::loss(&llama, &teacher, objective, &window)?;
         let _ = loss.to_scalar::<f32>()?;
         let t1 = std::time::Instant::now();
         let grads = loss.backward()?;

@@ -52,7 +52,14 @@ fn held_out_ppl(
         .expect("valid template"),
     );
     bar.set_message(label.to_string());
-    let p = perplexity(&llama, ids, window, 1, |done| bar.set_position(done as u64))?;
+    let p = perplexity(
+        &llama,
+        crate::model::llama::Form::Chunked,
+        ids,
+        window,
+        1,
+        |done| bar.set_position(done as u64),
+    )?;
     bar.finish_and_clear();
     eprintln!(
         "{label:>22}: perplexity {:.2} over {} tokens",

@@ -2,13 +2,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use supra::attention::supra::Mode;
 use supra::config::{AttentionKind, PhiInit};
 use supra::convert::ConvertOptions;
 use supra::infer::generate::{Finish, Generation, TextStream};
 use supra::infer::sampler::{Sampler, SamplingParams};
 use supra::infer::state::State;
 use supra::io::{self, fetch, LoadedModel};
+use supra::model::llama::Form;
 use supra::model::llama::Llama;
 use supra::model::quant::WeightFormat;
 use supra::train::recipe::{Group, Recipe};
@@ -360,9 +360,11 @@ struct ScoreArgs {
     /// Print one JSON object {token_ids, logprobs, nll, ppl}; logprobs[i] = log p(token_ids[i+1] | token_ids[..=i]).
     #[arg(long)]
     json: bool,
-    /// Form of the SUPRA layers' attention (no effect on softmax layers); all three agree.
-    #[arg(long, value_enum, default_value_t = Mode::Chunked)]
-    mode: Mode,
+    /// How the sequence is read: parallel (the training form in one chunk), chunked (the
+    /// inference form) or recurrent (one token at a time through the state). All three agree;
+    /// only SUPRA layers compute differently.
+    #[arg(long, default_value = "chunked", value_parser = ["parallel", "chunked", "recurrent"])]
+    mode: String,
     /// Held-out perplexity: score each document in non-overlapping windows of this many tokens
     /// (each window's first token is not scored). --json then prints {files, documents, window,
     /// tokens, nll, ppl} without per-token log-probs.
@@ -786,7 +788,7 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--repeats must be at least 1");
             }
             // Chunked first: memory the parallel form frees may stay resident.
-            for mode in [Mode::Chunked, Mode::Parallel] {
+            for mode in [Form::Chunked, Form::Parallel] {
                 let b = supra::bench::attention(seq, mode, repeats)?;
                 let rss = b.peak_rss.map_or("n/a".to_string(), |x| {
                     format!("{:.0}", supra::bench::mib(x))
@@ -1517,8 +1519,8 @@ fn score(a: &ScoreArgs) -> Result<()> {
             files.len()
         ),
     };
-    let (loaded, mut model) = a.model.load()?;
-    model.mode = a.mode;
+    let form: Form = a.mode.parse()?;
+    let (loaded, model) = a.model.load()?;
     let ids = loaded.tokenizer.encode(&text)?;
     if ids.len() < 2 {
         bail!(
@@ -1529,7 +1531,7 @@ fn score(a: &ScoreArgs) -> Result<()> {
     let spinner =
         indicatif::ProgressBar::new_spinner().with_message(format!("scoring {} tokens", ids.len()));
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
-    let logprobs = model.score_batch(std::slice::from_ref(&ids))?.remove(0);
+    let logprobs = model.score_with(&ids, form)?;
     spinner.finish_and_clear();
     let nll = -logprobs.iter().map(|&x| x as f64).sum::<f64>() / logprobs.len() as f64;
     if a.json {
@@ -1559,8 +1561,8 @@ fn score_windows(a: &ScoreArgs, window: usize) -> Result<()> {
         }
         (files, docs)
     };
-    let (loaded, mut model) = a.model.load()?;
-    model.mode = a.mode;
+    let form: Form = a.mode.parse()?;
+    let (loaded, model) = a.model.load()?;
     let limit = a.max_tokens.unwrap_or(usize::MAX);
     let docs: Vec<Vec<u32>> = docs
         .iter()
@@ -1583,7 +1585,7 @@ fn score_windows(a: &ScoreArgs, window: usize) -> Result<()> {
     let (mut nll_sum, mut tokens) = (0.0f64, 0usize);
     for ids in docs.iter().filter(|d| d.len() >= 2) {
         let done = bar.position();
-        let p = supra::eval::perplexity::perplexity(&model, ids, window, 1, |n| {
+        let p = supra::eval::perplexity::perplexity(&model, form, ids, window, 1, |n| {
             bar.set_position(done + n as u64)
         })?;
         nll_sum += p.nll * p.tokens as f64;

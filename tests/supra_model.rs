@@ -3,11 +3,10 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
-use supra::attention::supra::Mode;
 use supra::config::{AttentionKind, PhiInit};
 use supra::convert::{convert, ConvertOptions};
 use supra::io::LoadedModel;
-use supra::model::llama::Llama;
+use supra::model::llama::{Form, Llama};
 use supra::testing::write_tiny_gguf;
 
 fn tiny_teacher(dir: &std::path::Path, seed: u64) -> LoadedModel {
@@ -31,8 +30,8 @@ fn logits(model: &Llama, ids: &[u32]) -> Vec<f32> {
         .unwrap()
 }
 
-/// A cross-entropy loss reaches every parameter of a hybrid (softmax layer 0, SUPRA layer 1):
-/// catches candle's fused ops that silently drop gradients.
+/// The fused cross-entropy that training uses reaches every parameter of a hybrid (softmax
+/// layer 0, SUPRA layer 1) built for training: catches fused ops that silently drop gradients.
 #[test]
 fn every_parameter_of_a_hybrid_gets_a_gradient() {
     let dir = tempfile::tempdir().unwrap();
@@ -55,7 +54,7 @@ fn every_parameter_of_a_hybrid_gets_a_gradient() {
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
-    let llama = Llama::new(&model.config, &weights).unwrap();
+    let llama = Llama::for_training(&model.config, &weights).unwrap();
     let ids: Vec<u32> = (0..40).map(|i| (i * 29 % 250 + 3) as u32).collect();
     let x = Tensor::new(&ids[..39], &Device::Cpu)
         .unwrap()
@@ -67,7 +66,7 @@ fn every_parameter_of_a_hybrid_gets_a_gradient() {
         .unwrap()
         .squeeze(0)
         .unwrap();
-    let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
+    let loss = supra::train::cross_entropy::cross_entropy(&logits, &y).unwrap();
     let grads = loss.backward().unwrap();
     assert!(
         vars.iter().any(|(n, _)| n.contains("phi_k")),
@@ -146,13 +145,13 @@ fn converted_model_saves_reloads_and_runs_in_every_mode() {
     };
     let again = convert(&teacher, &opts).unwrap();
     let ids: Vec<u32> = (3..120).collect();
-    let mut model = Llama::new(&loaded.config, &loaded.weights).unwrap();
+    let model = Llama::new(&loaded.config, &loaded.weights).unwrap();
     let reference = logits(&Llama::new(&again.config, &again.weights).unwrap(), &ids);
     assert_eq!(logits(&model, &ids), reference);
-    for mode in [Mode::Parallel, Mode::Recurrent] {
-        model.mode = mode;
-        let d = supra::testing::max_diff(&logits(&model, &ids), &reference);
-        assert!(d < 1e-4, "{mode:?} differs from chunked by {d}");
+    let chunked = model.score_with(&ids, Form::Chunked).unwrap();
+    for form in [Form::Parallel, Form::Recurrent] {
+        let d = supra::testing::max_diff(&model.score_with(&ids, form).unwrap(), &chunked);
+        assert!(d < 1e-4, "{form:?} differs from chunked by {d}");
     }
     // The CLI modes agree too.
     let text = "the cat and the dog, the end";
@@ -259,17 +258,11 @@ fn converted_smollm2_modes_agree_on_1000_tokens() {
     let text = std::fs::read_to_string(common::data_dir().join("text/test/pg1342.txt")).unwrap();
     let mut ids = m.tokenizer.encode(&text[..20_000]).unwrap();
     ids.truncate(1000);
-    let mut model = Llama::new(&m.config, &m.weights).unwrap();
-    let mut run = |mode| {
-        model.mode = mode;
-        model
-            .score_batch(std::slice::from_ref(&ids))
-            .unwrap()
-            .remove(0)
-    };
-    let p = run(Mode::Parallel);
-    let c = run(Mode::Chunked);
-    let r = run(Mode::Recurrent);
+    let model = Llama::new(&m.config, &m.weights).unwrap();
+    let run = |form| model.score_with(&ids, form).unwrap();
+    let p = run(Form::Parallel);
+    let c = run(Form::Chunked);
+    let r = run(Form::Recurrent);
     let (dc, dr) = (
         supra::testing::max_diff(&p, &c),
         supra::testing::max_diff(&p, &r),

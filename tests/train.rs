@@ -408,18 +408,17 @@ fn calibration_leaves_the_teacher_trajectory_alone() {
         .unwrap();
     let mut model = convert(&supra::io::load(&p).unwrap(), &ConvertOptions::default()).unwrap();
     let tokens = Tensor::new(&[[3u32, 9, 27, 81, 243, 5, 15, 45, 135, 100]], &Device::Cpu).unwrap();
-    let before = Llama::new(&model.config, &model.weights)
-        .unwrap()
-        .teacher_head_rms(&tokens)
+    use supra::train::transfer::{calibrate_output_scale, Teacher};
+    let plain = Teacher::new(&model.config, &[]).unwrap();
+    let before = plain
+        .head_rms(&Llama::new(&model.config, &model.weights).unwrap(), &tokens)
         .unwrap();
-    let scales =
-        supra::train::recipe::calibrate_output_scale(&mut model, std::slice::from_ref(&tokens))
-            .unwrap();
+    let scales = calibrate_output_scale(&mut model, std::slice::from_ref(&tokens)).unwrap();
     assert!(scales.iter().all(Option::is_some));
-    let mut calibrated = Llama::new(&model.config, &model.weights).unwrap();
-    let naive = calibrated.teacher_head_rms(&tokens).unwrap();
-    calibrated.set_teacher_output_scales(&scales).unwrap();
-    let after = calibrated.teacher_head_rms(&tokens).unwrap();
+    let calibrated = Llama::new(&model.config, &model.weights).unwrap();
+    let naive = plain.head_rms(&calibrated, &tokens).unwrap();
+    let declared = Teacher::new(&model.config, &scales).unwrap();
+    let after = declared.head_rms(&calibrated, &tokens).unwrap();
     let diff = |a: &[Option<Vec<f64>>], b: &[Option<Vec<f64>>]| -> f64 {
         a.iter()
             .zip(b)

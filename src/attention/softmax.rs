@@ -6,6 +6,7 @@
 //! 400 MB per layer, which the candle form writes and rereads four times (mask, softmax,
 //! product).
 
+use crate::attention::{kv_head, repeat_kv, Exec};
 use crate::model::gemm::{gemm, Strided};
 use crate::model::linear::Linear;
 use crate::model::rope::Rope;
@@ -23,17 +24,7 @@ pub struct SoftmaxAttention {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
-}
-
-/// (b, h_kv, t, d) → (b, h_kv·n_rep, t, d), each kv head repeated for its group of query heads.
-pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, h, t, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .expand((b, h, n_rep, t, d))?
-        .reshape((b, h * n_rep, t, d))?)
+    pub rope: Rope,
 }
 
 /// Additive mask for `t` new queries at positions offset..offset+t over offset+t keys.
@@ -59,65 +50,63 @@ impl SoftmaxAttention {
     pub fn forward(
         &self,
         x: &Tensor,
-        rope: &Rope,
         offset: usize,
         cache: Option<&mut KvCache>,
+        exec: Exec,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let y = self.heads_output(x, rope, offset, cache)?;
+        let y = self.heads_output(x, offset, cache, exec)?;
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, self.n_heads * self.head_dim))?;
-        self.o.forward(&y)
+        self.o.forward(&y, exec)
     }
 
     /// Per-head attention output (batch, heads, seq, head_dim), before Wo.
     pub fn heads_output(
         &self,
         x: &Tensor,
-        rope: &Rope,
         offset: usize,
         cache: Option<&mut KvCache>,
+        exec: Exec,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = rope.apply(&heads(self.q.forward(x)?, h)?, offset)?;
-        let k = rope.apply(&heads(self.k.forward(x)?, hkv)?, offset)?;
-        let v = heads(self.v.forward(x)?, hkv)?;
-        // The cache hands back views into its buffer; matmul reads them strided.
+        let q = self
+            .rope
+            .apply(&heads(self.q.forward(x, exec)?, h)?, offset, exec)?;
+        let k = self
+            .rope
+            .apply(&heads(self.k.forward(x, exec)?, hkv)?, offset, exec)?;
+        let v = heads(self.v.forward(x, exec)?, hkv)?;
+        // The cache hands back views into its buffer; both forms read them strided.
         let (k, v) = match cache {
             Some(c) => c.append(&k, &v)?,
             None => (k, v),
         };
-        // Grouped-query attention without copying keys and values per query head: the
-        // n_rep query heads of a key/value head (adjacent, as repeat_kv would lay them out)
-        // become n_rep·t rows against that head's keys.
-        let n_rep = h / hkv;
-        let no_grad = !(q.track_op() || k.track_op() || v.track_op());
-        if no_grad {
+        if exec == Exec::Infer {
             if let Some(y) = blockwise(&q, &k, &v)? {
                 return Ok(y);
             }
         }
-        // Scaling q rather than the scores: one pass over (seq, head_dim) instead of over
-        // (seq, keys), which at long contexts is the bigger tensor by far.
+        // The score matrix in candle ops: differentiable, and the form for what the blockwise
+        // kernel does not take (tensors other than f32).
+        let (k, v) = (repeat_kv(&k, h)?, repeat_kv(&v, h)?);
         let scale = 1.0 / (d as f64).sqrt();
-        let q = (q * scale)?.reshape((b, hkv, n_rep * t, d))?;
-        let mut att = q.matmul(&k.t()?)?;
+        let mut att = (q * scale)?.matmul(&k.t()?)?;
         if t > 1 {
             let mask = causal_mask(t, k.dim(2)? - t, x.device())?;
-            att = att.broadcast_add(&mask.repeat((n_rep, 1))?)?;
+            att = att.broadcast_add(&mask)?;
         }
         // The fused softmax has no backward.
-        let att = if att.track_op() {
-            candle_nn::ops::softmax(&att, candle_core::D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&att)?
+        let att = match exec {
+            Exec::Train => candle_nn::ops::softmax(&att, candle_core::D::Minus1)?,
+            Exec::Infer => candle_nn::ops::softmax_last_dim(&att)?,
         };
-        Ok(att.matmul(&v)?.reshape((b, h, t, d))?)
+        Ok(att.matmul(&v.contiguous()?)?)
     }
 }
 
@@ -191,7 +180,7 @@ pub fn blockwise(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
                 k: &kv,
                 v: &vv,
                 b: bi,
-                heads: g * n_rep..(g + 1) * n_rep,
+                heads: (0..h).filter(|&i| kv_head(i, h, hkv) == g).collect(),
                 kv_head: g,
                 d,
                 offset: len - t,
@@ -204,8 +193,9 @@ pub fn blockwise(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
     for (&(bi, g, blk), o) in items.iter().zip(&outputs) {
         let p0 = blk * BLOCK_QUERIES;
         let tq = o.len() / (n_rep * d);
-        for (r, row) in o.chunks_exact(tq * d).enumerate() {
-            let at = ((bi * h + g * n_rep + r) * t + p0) * d;
+        let heads = (0..h).filter(|&i| kv_head(i, h, hkv) == g);
+        for (head, row) in heads.zip(o.chunks_exact(tq * d)) {
+            let at = ((bi * h + head) * t + p0) * d;
             out[at..at + tq * d].copy_from_slice(row);
         }
     }
@@ -218,7 +208,8 @@ struct Group<'a> {
     k: &'a View<'a>,
     v: &'a View<'a>,
     b: usize,
-    heads: std::ops::Range<usize>,
+    /// The query heads that read `kv_head`.
+    heads: Vec<usize>,
     kv_head: usize,
     d: usize,
     /// Position of the first query.
@@ -231,7 +222,7 @@ impl Group<'_> {
         let (d, tq) = (self.d, positions.len());
         let rows = self.heads.len() * tq;
         let mut q = Vec::with_capacity(rows * d);
-        for h in self.heads.clone() {
+        for &h in &self.heads {
             for p in positions.clone() {
                 let at = self.q.at(self.b, h, p);
                 q.extend(self.q.data[at..at + d].iter().map(|x| x * scale));

@@ -1,6 +1,6 @@
 //! Held-out perplexity over non-overlapping windows.
 
-use crate::model::llama::Llama;
+use crate::model::llama::{Form, Llama};
 use anyhow::{bail, Result};
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -11,10 +11,11 @@ pub struct Perplexity {
     pub ppl: f64,
 }
 
-/// Scores `ids` in windows of `window` tokens, `batch` windows per forward pass, calling
-/// `progress` with the number of windows done.
+/// Scores `ids` in windows of `window` tokens through `form`, `batch` windows per forward pass
+/// (chunked form), calling `progress` with the number of windows done.
 pub fn perplexity(
     model: &Llama,
+    form: Form,
     ids: &[u32],
     window: usize,
     batch: usize,
@@ -30,7 +31,14 @@ pub fn perplexity(
         .collect();
     let (mut sum, mut n) = (0.0f64, 0usize);
     for (i, group) in windows.chunks(batch.max(1)).enumerate() {
-        for lps in model.score_batch(group)? {
+        let scored = match form {
+            Form::Chunked => model.score_batch(group)?,
+            _ => group
+                .iter()
+                .map(|w| model.score_with(w, form))
+                .collect::<Result<_>>()?,
+        };
+        for lps in scored {
             sum -= lps.iter().map(|&x| x as f64).sum::<f64>();
             n += lps.len();
         }

@@ -4,6 +4,7 @@
 //! costs more than the product itself. Rows of W are contiguous, so a decode step is a set of
 //! independent dot products over memory read once: split them across cores.
 
+use crate::attention::Exec;
 use crate::model::quant::{QMatrix, WeightFormat};
 use crate::model::spin;
 use anyhow::Result;
@@ -69,18 +70,20 @@ impl Linear {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Training takes candle's (differentiable) product; inference the quantized or
+    /// matrix-vector kernels where they apply, which work on raw slices.
+    pub fn forward(&self, x: &Tensor, exec: Exec) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
         if let Some(q) = &self.quant {
+            anyhow::ensure!(exec == Exec::Infer, "a quantized layer cannot be trained");
             return self.forward_quantized(q, x, rows);
         }
-        // The kernel works on raw slices: no gradient flows through it.
         if let Some((a, b, scale)) = &self.lora {
             let base = self.inner.forward(x)?;
             let low = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
             return Ok((base + (low * *scale)?)?);
         }
-        if rows <= GEMV_MAX_ROWS && !x.track_op() && !self.inner.weight().track_op() {
+        if exec == Exec::Infer && rows <= GEMV_MAX_ROWS {
             if let Some(y) = self.gemv(x, rows)? {
                 return Ok(y);
             }
@@ -227,7 +230,7 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&b)
                 .unwrap();
-            let got = lin.forward(&x).unwrap();
+            let got = lin.forward(&x, crate::attention::Exec::Infer).unwrap();
             assert_eq!(got.dims(), want.dims());
             let d = crate::testing::max_abs_diff(&got, &want);
             assert!(d < 1e-4, "{rows} rows: differ by {d}");

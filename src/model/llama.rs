@@ -2,7 +2,8 @@
 //! SwiGLU → residual] → RMSNorm → LM head. Covers llama, mistral and qwen2 checkpoints.
 
 use crate::attention::softmax::SoftmaxAttention;
-use crate::attention::supra::{group_norm_heads, Mode, SupraAttention, GROUP_NORM_EPS};
+use crate::attention::supra::SupraAttention;
+use crate::attention::{Cell, CellState, Exec};
 use crate::config::{AttentionKind, LoraConfig, ModelConfig};
 use crate::model::linear::Linear;
 use crate::model::mlp::Mlp;
@@ -12,18 +13,11 @@ use crate::model::rope::Rope;
 use crate::model::weights::Weights;
 use anyhow::{anyhow, bail, Result};
 use candle_core::{Device, IndexOp, Tensor, D};
-use candle_nn::kv_cache::KvCache;
-
-#[derive(Debug, Clone)]
-enum Attention {
-    Softmax(SoftmaxAttention),
-    Supra(SupraAttention),
-}
 
 #[derive(Debug, Clone)]
 struct Block {
     attn_norm: RmsNorm,
-    attn: Attention,
+    attn: Cell,
     mlp_norm: RmsNorm,
     mlp: Mlp,
 }
@@ -35,62 +29,53 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
-    rope: Rope,
-    /// RoPE over φ's features (d' may differ from the head dim).
-    rope_features: Rope,
-    /// The form SUPRA layers use when scoring without a cache.
-    pub mode: Mode,
-    /// Per layer, the teacher's Wo where it differs from the model's (attention transfer after
-    /// Wo calibration).
-    teacher_o: Vec<Option<Linear>>,
+    /// Training or inference, fixed at construction: every layer takes the matching forms.
+    exec: Exec,
     /// Let softmax layers run past the trained context (long-context probes measure how
     /// they fail there).
     pub past_context: bool,
 }
 
-/// What one layer keeps between generation steps.
-#[derive(Debug, Clone)]
-enum LayerState {
-    /// Softmax: keys and values of every position so far.
-    Kv(KvCache),
-    /// SUPRA: the (B, H, d', d_v) state, of constant size.
-    Rnn(Option<Tensor>),
+/// How [`Llama::score_with`] reads a sequence; the three compute the same function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// The training form in one chunk: for SUPRA layers the quadratic parallel form.
+    Parallel,
+    /// The inference form: chunked prefill.
+    Chunked,
+    /// One token at a time through the state: the decoding step.
+    Recurrent,
 }
 
-/// Per-sequence generation state: the KV cache of every layer and the next position.
+impl std::str::FromStr for Form {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "parallel" => Self::Parallel,
+            "chunked" => Self::Chunked,
+            "recurrent" => Self::Recurrent,
+            other => bail!("unknown form '{other}' (known: parallel, chunked, recurrent)"),
+        })
+    }
+}
+
+/// Per-sequence generation state: the state of every layer and the next position.
 #[derive(Debug, Clone)]
 pub struct Cache {
-    layers: Vec<LayerState>,
+    layers: Vec<CellState>,
     pub pos: usize,
 }
 
 impl Cache {
     /// `n` copies of this single-sequence state as one batch of `n` sequences.
     pub fn repeat(&self, n: usize) -> Result<Cache> {
-        let rows = |t: &Tensor| -> Result<Tensor> {
-            if t.dim(0)? != 1 {
-                bail!("only a single-sequence state repeats (batch {})", t.dim(0)?);
-            }
-            Ok(t.repeat((n, 1, 1, 1))?.contiguous()?)
-        };
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| {
-                Ok(match l {
-                    LayerState::Kv(c) => {
-                        let mut kv = KvCache::new(2, c.current_seq_len().max(1));
-                        if let (Some(k), Some(v)) = (c.k()?, c.v()?) {
-                            kv.append(&rows(&k)?, &rows(&v)?)?;
-                        }
-                        LayerState::Kv(kv)
-                    }
-                    LayerState::Rnn(s) => LayerState::Rnn(s.as_ref().map(rows).transpose()?),
-                })
-            })
-            .collect::<Result<_>>()?;
         Ok(Cache {
-            layers,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.repeat(n))
+                .collect::<Result<_>>()?,
             pos: self.pos,
         })
     }
@@ -106,32 +91,14 @@ impl Cache {
     pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            match l {
-                LayerState::Kv(c) => {
-                    if let (Some(k), Some(v)) = (c.k()?, c.v()?) {
-                        out.push((format!("layers.{i}.k"), k));
-                        out.push((format!("layers.{i}.v"), v));
-                    }
-                }
-                LayerState::Rnn(Some(s)) => out.push((format!("layers.{i}.state"), s.clone())),
-                LayerState::Rnn(None) => {}
-            }
+            out.extend(l.named_tensors(&format!("layers.{i}"))?);
         }
         Ok(out)
     }
 
     /// Bytes of generation state: KV caches grow with the context, SUPRA states do not.
     pub fn bytes(&self) -> usize {
-        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let cached =
-            |t: candle_core::Result<Option<Tensor>>| t.ok().flatten().map_or(0, |t| bytes(&t));
-        self.layers
-            .iter()
-            .map(|l| match l {
-                LayerState::Kv(c) => cached(c.k()) + cached(c.v()),
-                LayerState::Rnn(s) => s.as_ref().map_or(0, bytes),
-            })
-            .sum()
+        self.layers.iter().map(CellState::bytes).sum()
     }
 }
 
@@ -147,7 +114,17 @@ pub fn release_freed_memory() {
 }
 
 impl Llama {
+    /// The model for inference.
     pub fn new(config: &ModelConfig, weights: &Weights) -> Result<Self> {
+        Self::build(config, weights, Exec::Infer)
+    }
+
+    /// The model for training: every layer in its differentiable form.
+    pub fn for_training(config: &ModelConfig, weights: &Weights) -> Result<Self> {
+        Self::build(config, weights, Exec::Train)
+    }
+
+    fn build(config: &ModelConfig, weights: &Weights, exec: Exec) -> Result<Self> {
         let get = |name: &str| -> Result<Tensor> {
             weights
                 .get(name)
@@ -171,6 +148,19 @@ impl Llama {
                 _ => lin,
             })
         };
+        let rope = |dim: usize| {
+            Rope::new(
+                dim,
+                config.rope_theta,
+                config.max_position_embeddings,
+                &Device::Cpu,
+            )
+        };
+        let head_rope = rope(config.head_dim)?;
+        let feature_rope = match &config.supra {
+            Some(sc) if sc.feature_dim != config.head_dim => rope(sc.feature_dim)?,
+            _ => head_rope.clone(),
+        };
         let eps = config.rms_norm_eps;
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
@@ -188,7 +178,7 @@ impl Llama {
                 config.head_dim,
             );
             let attn = match (config.layer_kinds[i], &config.supra) {
-                (AttentionKind::Softmax, _) => Attention::Softmax(SoftmaxAttention {
+                (AttentionKind::Softmax, _) => Cell::Softmax(SoftmaxAttention {
                     q,
                     k,
                     v,
@@ -196,8 +186,9 @@ impl Llama {
                     n_heads,
                     n_kv_heads,
                     head_dim,
+                    rope: head_rope.clone(),
                 }),
-                (AttentionKind::Supra, Some(sc)) => Attention::Supra(SupraAttention {
+                (AttentionKind::Supra, Some(sc)) => Cell::Supra(SupraAttention {
                     q,
                     k,
                     v,
@@ -214,6 +205,7 @@ impl Llama {
                     feature_dim: sc.feature_dim,
                     gammas: sc.decay.gammas(n_heads)?,
                     chunk_size: sc.chunk_size,
+                    rope: feature_rope.clone(),
                 }),
                 (AttentionKind::Supra, None) => {
                     bail!("layer {i} is SUPRA but the config has no SUPRA parameters")
@@ -239,31 +231,13 @@ impl Llama {
             },
             None,
         );
-        let rope = Rope::new(
-            config.head_dim,
-            config.rope_theta,
-            config.max_position_embeddings,
-            &Device::Cpu,
-        )?;
-        let rope_features = match &config.supra {
-            Some(sc) if sc.feature_dim != config.head_dim => Rope::new(
-                sc.feature_dim,
-                config.rope_theta,
-                config.max_position_embeddings,
-                &Device::Cpu,
-            )?,
-            _ => rope.clone(),
-        };
         Ok(Self {
             config: config.clone(),
             embed,
             blocks,
             norm: RmsNorm::new(get("model.norm.weight")?, eps),
             lm_head,
-            rope,
-            rope_features,
-            mode: Mode::Chunked,
-            teacher_o: vec![None; config.num_hidden_layers],
+            exec,
             past_context: false,
         })
     }
@@ -272,51 +246,54 @@ impl Llama {
         self.embed.device()
     }
 
-    /// The longest sequence the model runs: the teacher's context while any layer is softmax
-    /// attention, unbounded for a fully linear model.
-    /// Stores every projection (attention q, k, v, o and φ; the MLP; the LM head) as `format`
-    /// for inference. The embedding table stays f32 (a lookup reads one row per token).
+    pub fn exec(&self) -> Exec {
+        self.exec
+    }
+
+    /// Stores every projection (attention and φ; the MLP; the LM head) as `format` for
+    /// inference. The embedding table stays f32 (a lookup reads one row per token).
     pub fn quantize(&mut self, format: WeightFormat) -> Result<()> {
+        if self.exec == Exec::Train {
+            bail!("a model built for training cannot be quantized");
+        }
         for b in &mut self.blocks {
             let mut layers = vec![&mut b.mlp.gate, &mut b.mlp.up, &mut b.mlp.down];
-            match &mut b.attn {
-                Attention::Softmax(a) => layers.extend([&mut a.q, &mut a.k, &mut a.v, &mut a.o]),
-                Attention::Supra(a) => {
-                    layers.extend([&mut a.q, &mut a.k, &mut a.v, &mut a.o, &mut a.phi_q]);
-                    layers.extend(a.phi_k.as_mut());
-                }
-            }
+            layers.extend(b.attn.linears_mut());
             for l in layers {
                 *l = l.quantized(format)?;
             }
         }
         self.lm_head = self.lm_head.quantized(format)?;
-        self.teacher_o.iter_mut().for_each(|t| *t = None);
         release_freed_memory();
         Ok(())
     }
 
+    /// The longest sequence the model runs: the teacher's context while any layer keeps a KV
+    /// cache (positions past it were never trained), unbounded for a fully linear model.
     pub fn context_limit(&self) -> Option<usize> {
         (self.has_softmax_layers() && !self.past_context)
             .then_some(self.config.max_position_embeddings)
     }
 
     pub fn has_softmax_layers(&self) -> bool {
-        self.blocks
-            .iter()
-            .any(|b| matches!(b.attn, Attention::Softmax(_)))
+        self.blocks.iter().any(|b| b.attn.state_grows())
+    }
+
+    /// Each layer's cell (attention transfer reads the SUPRA layers' projections).
+    pub fn cells(&self) -> impl Iterator<Item = &Cell> {
+        self.blocks.iter().map(|b| &b.attn)
+    }
+
+    /// Sets the chunk size of every layer's chunked forms.
+    pub fn set_chunk_size(&mut self, chunk: usize) {
+        for b in &mut self.blocks {
+            b.attn.set_chunk_size(chunk);
+        }
     }
 
     pub fn new_cache(&self) -> Cache {
         let n = self.config.max_position_embeddings.min(1024);
-        let layers = self
-            .blocks
-            .iter()
-            .map(|b| match b.attn {
-                Attention::Softmax(_) => LayerState::Kv(KvCache::new(2, n)),
-                Attention::Supra(_) => LayerState::Rnn(None),
-            })
-            .collect();
+        let layers = self.blocks.iter().map(|b| b.attn.new_state(n)).collect();
         Cache { layers, pos: 0 }
     }
 
@@ -327,45 +304,16 @@ impl Llama {
         tensors: &std::collections::HashMap<String, Tensor>,
         pos: usize,
     ) -> Result<Cache> {
-        let c = &self.config;
-        let mut cache = self.new_cache();
-        for (i, layer) in cache.layers.iter_mut().enumerate() {
-            let get = |name: &str, want: &[usize]| -> Result<Option<Tensor>> {
-                let key = format!("layers.{i}.{name}");
-                let Some(t) = tensors.get(&key) else {
-                    return Ok(None);
-                };
-                if t.dims() != want {
-                    bail!(
-                        "'{key}' has shape {:?}; this model needs {want:?}",
-                        t.dims()
-                    );
-                }
-                Ok(Some(t.to_device(self.device())?))
-            };
-            match layer {
-                LayerState::Kv(kv) => {
-                    let want = [1, c.num_key_value_heads, pos, c.head_dim];
-                    match (get("k", &want)?, get("v", &want)?) {
-                        (Some(k), Some(v)) => {
-                            *kv = KvCache::new(2, pos.max(1));
-                            kv.append(&k, &v)?;
-                        }
-                        (None, None) if pos == 0 => {}
-                        _ => bail!("layer {i} (softmax) needs both 'layers.{i}.k' and '.v'"),
-                    }
-                }
-                LayerState::Rnn(s) => {
-                    let d = c.supra.as_ref().map_or(c.head_dim, |s| s.feature_dim);
-                    *s = get("state", &[1, c.num_attention_heads, d, c.head_dim])?;
-                    if s.is_none() && pos > 0 {
-                        bail!("layer {i} (SUPRA) needs 'layers.{i}.state'");
-                    }
-                }
-            }
-        }
-        cache.pos = pos;
-        Ok(cache)
+        let layers = self
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                b.attn
+                    .state_from_tensors(tensors, &format!("layers.{i}"), pos)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Cache { layers, pos })
     }
 
     /// Reads `ids` into `cache` in chunks of at most `chunk` tokens (a softmax layer's scores
@@ -390,7 +338,7 @@ impl Llama {
     /// Final hidden states (after the last RMSNorm) for `tokens` of shape (batch, seq), whose first
     /// position is `cache.pos` (0 without a cache). Advances the cache.
     pub fn forward_hidden(&self, tokens: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
-        let (b, t) = tokens.dims2()?;
+        let t = tokens.dim(1)?;
         let offset = cache.as_ref().map_or(0, |c| c.pos);
         if let Some(limit) = self.context_limit().filter(|&l| offset + t > l) {
             bail!(
@@ -398,125 +346,40 @@ impl Llama {
                 offset + t
             );
         }
-        let mut x = self
-            .embed
-            .embedding(&tokens.flatten_all()?)?
-            .reshape((b, t, ()))?;
-        for (i, block) in self.blocks.iter().enumerate() {
+        let exec = self.exec;
+        let h = self.forward_with(tokens, exec, |i, cell, xn| {
             let state = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let xn = block.attn_norm.forward(&x)?;
-            let h = match (&block.attn, state) {
-                (Attention::Softmax(a), Some(LayerState::Kv(kv))) => {
-                    a.forward(&xn, &self.rope, offset, Some(kv))?
-                }
-                (Attention::Softmax(a), None) => a.forward(&xn, &self.rope, offset, None)?,
-                (Attention::Supra(a), Some(LayerState::Rnn(s)))
-                    if b == 1 && t == 1 && !xn.track_op() =>
-                {
-                    a.decode_step(&xn, &self.rope_features, offset, s)?
-                }
-                (Attention::Supra(a), Some(LayerState::Rnn(s))) => {
-                    a.forward(&xn, &self.rope_features, offset, self.mode, Some(s))?
-                }
-                (Attention::Supra(a), None) => {
-                    a.forward(&xn, &self.rope_features, offset, self.mode, None)?
-                }
-                _ => bail!("layer {i}: the cache does not belong to this model"),
-            };
-            x = (x + h)?;
-            let h = block.mlp.forward(&block.mlp_norm.forward(&x)?)?;
-            x = (x + h)?;
-        }
+            cell.forward(xn, offset, state, exec)
+        })?;
         if let Some(c) = cache {
             c.pos += t;
         }
-        self.norm.forward(&x)
+        Ok(h)
     }
 
-    /// Declares that each listed layer's Wo was multiplied per head by `scales`, so that the
-    /// teacher (used by [`Self::transfer_loss`]) divides them out again.
-    pub fn set_teacher_output_scales(&mut self, scales: &[Option<Vec<f32>>]) -> Result<()> {
-        for (i, s) in scales.iter().enumerate() {
-            let (
-                Some(s),
-                Some(Block {
-                    attn: Attention::Supra(a),
-                    ..
-                }),
-            ) = (s, self.blocks.get(i))
-            else {
-                continue;
-            };
-            let cols = crate::train::recipe::head_columns(s, a.head_dim)?;
-            let w = a.o.weight()?.broadcast_div(&cols)?;
-            self.teacher_o[i] = Some(Linear::new(w, None));
-        }
-        Ok(())
-    }
-
-    /// Runs the teacher — each SUPRA layer replaced by softmax attention on its own q, k, v, o —
-    /// and shows every SUPRA layer (by index) its input and the teacher's per-head output there.
-    /// Hidden states are detached between layers: nothing learned here crosses a layer.
-    fn teacher_walk(
+    /// The decoder with a hook in place of each layer's attention: `attend(layer, cell, x)`
+    /// gets the layer's normalized input x (batch, seq, hidden) and returns what goes into the
+    /// residual stream. Norms and MLPs run as `exec` says. Returns the final hidden states.
+    pub fn forward_with(
         &self,
         tokens: &Tensor,
-        mut visit: impl FnMut(usize, &SupraAttention, &Tensor, &Tensor) -> Result<()>,
-    ) -> Result<()> {
+        exec: Exec,
+        mut attend: impl FnMut(usize, &Cell, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         let mut x = self
             .embed
             .embedding(&tokens.flatten_all()?)?
             .reshape((b, t, ()))?;
         for (i, block) in self.blocks.iter().enumerate() {
-            let xn = block.attn_norm.forward(&x)?;
-            let h = match &block.attn {
-                Attention::Softmax(a) => a.forward(&xn, &self.rope, 0, None)?,
-                Attention::Supra(a) => {
-                    let y = a.teacher().heads_output(&xn, &self.rope, 0, None)?.detach();
-                    visit(i, a, &xn, &y)?;
-                    let o = self.teacher_o[i].as_ref().unwrap_or(&a.o);
-                    o.forward(&y.transpose(1, 2)?.reshape((b, t, ()))?)?
-                }
-            };
-            x = (x + h)?.detach();
-            let h = block.mlp.forward(&block.mlp_norm.forward(&x)?)?;
-            x = (x + h)?.detach();
+            let h = attend(i, &block.attn, &block.attn_norm.forward(&x, exec)?)?;
+            x = (x + h)?;
+            let h = block
+                .mlp
+                .forward(&block.mlp_norm.forward(&x, exec)?, exec)?;
+            x = (x + h)?;
         }
-        Ok(())
-    }
-
-    /// Attention transfer (LoLCATs stage 1). For each SUPRA layer, the mean squared error
-    /// between its per-head output (after GroupNorm, before Wo) and the teacher's softmax output
-    /// on the same input, GroupNorm'd the same way: the student can only produce per-head
-    /// normalized outputs, so the target is the teacher's output in that form. Each layer's loss
-    /// reaches only that layer's φ. Returns the mean over SUPRA layers.
-    pub fn transfer_loss(&self, tokens: &Tensor) -> Result<Tensor> {
-        let mut losses = Vec::new();
-        self.teacher_walk(tokens, |_, a, xn, y| {
-            let target = group_norm_heads(y, GROUP_NORM_EPS)?;
-            let student = a.heads_output(xn, &self.rope_features, 0, Mode::Chunked, None)?;
-            losses.push((student - target)?.sqr()?.mean_all()?);
-            Ok(())
-        })?;
-        if losses.is_empty() {
-            bail!("attention transfer needs SUPRA layers; this model has none (run `supra convert` first)");
-        }
-        let n = losses.len() as f64;
-        Ok((Tensor::stack(&losses, 0)?.sum_all()? / n)?)
-    }
-
-    /// For each SUPRA layer, the teacher's per-head attention output RMS (before Wo) averaged
-    /// over batch and tokens; `None` for softmax layers. GroupNorm removes this scale; the
-    /// transfer recipe puts it back into Wo.
-    pub fn teacher_head_rms(&self, tokens: &Tensor) -> Result<Vec<Option<Vec<f64>>>> {
-        let mut out = vec![None; self.blocks.len()];
-        self.teacher_walk(tokens, |i, _, _, y| {
-            // (b, h, t, d) → per-token RMS (b, h, t) → mean over batch and tokens (h).
-            let rms = y.sqr()?.mean(3)?.sqrt()?.mean(2)?.mean(0)?;
-            out[i] = Some(rms.to_vec1::<f32>()?.into_iter().map(f64::from).collect());
-            Ok(())
-        })?;
-        Ok(out)
+        self.norm.forward(&x, exec)
     }
 
     /// Logits (…, vocab) from final hidden states (…, hidden).
@@ -527,7 +390,7 @@ impl Llama {
         let flat = hidden.reshape((lead.iter().product::<usize>(), h[0]))?;
         let mut out_shape = lead.to_vec();
         out_shape.push(self.config.vocab_size);
-        Ok(self.lm_head.forward(&flat)?.reshape(out_shape)?)
+        Ok(self.lm_head.forward(&flat, self.exec)?.reshape(out_shape)?)
     }
 
     /// Logits of the last position only: what generation needs.
@@ -563,6 +426,39 @@ impl Llama {
             out.push(self.next_token_logprobs(&hidden.i(b)?, s)?);
         }
         Ok(out)
+    }
+
+    /// Log-probabilities of one sequence's next tokens (as [`Self::score_batch`]) through the
+    /// given form: a check that the forms agree, and what `supra score --mode` runs.
+    pub fn score_with(&self, ids: &[u32], form: Form) -> Result<Vec<f32>> {
+        match form {
+            Form::Chunked if self.exec == Exec::Infer => Ok(self
+                .score_batch(std::slice::from_ref(&ids.to_vec()))?
+                .remove(0)),
+            Form::Chunked => {
+                let mut m = self.clone();
+                m.exec = Exec::Infer;
+                m.score_with(ids, form)
+            }
+            Form::Parallel => {
+                let mut m = self.clone();
+                m.exec = Exec::Train;
+                m.set_chunk_size(usize::MAX);
+                Ok(m.score_batch(std::slice::from_ref(&ids.to_vec()))?
+                    .remove(0))
+            }
+            Form::Recurrent => {
+                let mut m = self.clone();
+                m.exec = Exec::Infer;
+                let mut cache = m.new_cache();
+                let mut hidden = Vec::with_capacity(ids.len());
+                for &id in ids {
+                    let x = Tensor::new(&[id], m.device())?.unsqueeze(0)?;
+                    hidden.push(m.forward_hidden(&x, Some(&mut cache))?.squeeze(0)?);
+                }
+                m.next_token_logprobs(&Tensor::cat(&hidden, 0)?, ids)
+            }
+        }
     }
 
     /// log p(ids[i+1] | ..) from one sequence's hidden states (seq, hidden). The vocabulary

@@ -1,5 +1,6 @@
 //! SwiGLU feed-forward: down(silu(gate(x)) ⊙ up(x)).
 
+use crate::attention::Exec;
 use crate::model::linear::Linear;
 use anyhow::Result;
 use candle_core::Tensor;
@@ -12,8 +13,8 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
+    pub fn forward(&self, x: &Tensor, exec: Exec) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate.forward(x, exec)?)?;
+        self.down.forward(&(g * self.up.forward(x, exec)?)?, exec)
     }
 }

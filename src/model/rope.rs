@@ -1,6 +1,7 @@
 //! Rotary position embeddings, HF "rotate-half" convention: the two halves of each head are the
 //! (x, y) of d/2 rotating pairs.
 
+use crate::attention::Exec;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 
@@ -76,7 +77,9 @@ impl Rope {
     }
 
     /// Rotates `x` of shape (batch, heads, seq, dim) whose first position is `offset`.
-    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+    /// Training composes it from differentiable ops (candle's fused rope has no backward);
+    /// inference takes the fused kernel for f32.
+    pub fn apply(&self, x: &Tensor, offset: usize, exec: Exec) -> Result<Tensor> {
         let t = x.dim(2)?;
         let (cos, sin) = if offset + t <= self.cos.dim(0)? {
             (
@@ -87,8 +90,7 @@ impl Rope {
             tables(self.dim, self.theta, offset, t, x.device())?
         };
         let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-        if x.track_op() || x.dtype() != DType::F32 {
-            // candle's fused rope has no backward (and is f32-only here).
+        if exec == Exec::Train || x.dtype() != DType::F32 {
             let half = self.dim / 2;
             let x1 = x.narrow(D::Minus1, 0, half)?;
             let x2 = x.narrow(D::Minus1, half, half)?;
@@ -110,17 +112,16 @@ mod tests {
         let dev = Device::Cpu;
         let rope = Rope::new(8, 10_000.0, 16, &dev).unwrap();
         let x = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev).unwrap();
-        let fused = rope.apply(&x, 3).unwrap();
-        let var = candle_core::Var::from_tensor(&x).unwrap();
-        let composed = rope.apply(var.as_tensor(), 3).unwrap();
+        let fused = rope.apply(&x, 3, Exec::Infer).unwrap();
+        let composed = rope.apply(&x, 3, Exec::Train).unwrap();
         let d = crate::testing::max_abs_diff(&fused, &composed);
         assert!(d < 1e-6);
         // Positions 14..19 cross the end of the 16-entry table.
         let long = Rope::new(8, 10_000.0, 64, &dev)
             .unwrap()
-            .apply(&x, 14)
+            .apply(&x, 14, Exec::Infer)
             .unwrap();
-        let d = crate::testing::max_abs_diff(&long, &rope.apply(&x, 14).unwrap());
+        let d = crate::testing::max_abs_diff(&long, &rope.apply(&x, 14, Exec::Infer).unwrap());
         assert!(d < 1e-6);
     }
 }

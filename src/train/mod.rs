@@ -9,3 +9,4 @@ pub mod plot;
 pub mod recipe;
 pub mod run;
 pub mod schedule;
+pub mod transfer;

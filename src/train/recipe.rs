@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::io::LoadedModel;
 use crate::model::llama::Llama;
 use crate::model::weights::Weights;
+use crate::train::transfer::Teacher;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -132,12 +133,18 @@ pub fn with_variables(
     Ok((weights, vars))
 }
 
-/// The objective's loss on a batch of windows (batch, seq_len + 1).
-pub fn loss(model: &Llama, objective: Objective, windows: &Tensor) -> Result<Tensor> {
+/// The objective's loss on a batch of windows (batch, seq_len + 1). `model` is built for
+/// training; `teacher` serves the transfer objective.
+pub fn loss(
+    model: &Llama,
+    teacher: &Teacher,
+    objective: Objective,
+    windows: &Tensor,
+) -> Result<Tensor> {
     let t = windows.dim(1)? - 1;
     let inputs = windows.narrow(1, 0, t)?;
     match objective {
-        Objective::Transfer => model.transfer_loss(&inputs),
+        Objective::Transfer => teacher.loss(model, &inputs),
         Objective::Ce => {
             let targets = windows.narrow(1, 1, t)?.flatten_all()?;
             let hidden = model.forward_hidden(&inputs, None)?;
@@ -148,54 +155,4 @@ pub fn loss(model: &Llama, objective: Objective, windows: &Tensor) -> Result<Ten
             )?)
         }
     }
-}
-
-/// Scales each SUPRA layer's Wo, per head, by the teacher's average per-head output RMS on
-/// `batches`. A SUPRA layer GroupNorms each head to unit RMS before Wo; the teacher's heads are
-/// far smaller, so without this even a perfect φ would feed the residual stream outputs of the
-/// wrong size (SmolLM2, 1k held-out tokens: teacher perplexity 20.5; teacher with GroupNorm'd
-/// heads 1.1e7; GroupNorm'd and rescaled 44.8). Returns the factors, per layer and head.
-pub fn calibrate_output_scale(
-    model: &mut LoadedModel,
-    batches: &[Tensor],
-) -> Result<Vec<Option<Vec<f32>>>> {
-    let llama = Llama::new(&model.config, &model.weights)?;
-    let mut sums: Vec<Option<Vec<f64>>> = vec![None; model.config.num_hidden_layers];
-    for tokens in batches {
-        for (acc, r) in sums.iter_mut().zip(llama.teacher_head_rms(tokens)?) {
-            match (acc.as_mut(), r) {
-                (Some(acc), Some(r)) => acc.iter_mut().zip(r).for_each(|(a, x)| *a += x),
-                (None, r) => *acc = r,
-                (Some(_), None) => {}
-            }
-        }
-    }
-    let scales: Vec<Option<Vec<f32>>> = sums
-        .into_iter()
-        .map(|s| {
-            s.map(|s| {
-                s.iter()
-                    .map(|x| (x / batches.len() as f64) as f32)
-                    .collect()
-            })
-        })
-        .collect();
-    for (layer, s) in scales.iter().enumerate() {
-        if let Some(s) = s {
-            let name = format!("model.layers.{layer}.self_attn.o_proj.weight");
-            let w = model.weights[&name].broadcast_mul(&head_columns(s, model.config.head_dim)?)?;
-            model.weights.insert(name, w);
-        }
-    }
-    Ok(scales)
-}
-
-/// Per-head factors spread over Wo's input columns: shape (1, heads · head_dim).
-pub fn head_columns(scales: &[f32], head_dim: usize) -> Result<Tensor> {
-    let cols: Vec<f32> = scales
-        .iter()
-        .flat_map(|&s| std::iter::repeat_n(s, head_dim))
-        .collect();
-    let n = cols.len();
-    Ok(Tensor::from_vec(cols, (1, n), &candle_core::Device::Cpu)?)
 }

@@ -15,6 +15,7 @@ use crate::train::data::{TokenStream, Windows};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::recipe::{self, Group, Objective, Recipe};
 use crate::train::schedule::Schedule;
+use crate::train::transfer::{self, Teacher};
 
 /// Everything that defines a run; a resumed run must match it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -144,6 +145,7 @@ fn batch(stream: &TokenStream, starts: &[usize], seq_len: usize) -> Result<Tenso
 
 fn evaluate(
     model: &Llama,
+    teacher: &Teacher,
     objective: Objective,
     stream: &TokenStream,
     cfg: &TrainConfig,
@@ -153,7 +155,12 @@ fn evaluate(
     let mut total = 0.0;
     for chunk in (0..n).collect::<Vec<_>>().chunks(cfg.micro_batch) {
         let starts: Vec<usize> = chunk.iter().map(|i| i * cfg.seq_len).collect();
-        let l = recipe::loss(model, objective, &batch(stream, &starts, cfg.seq_len)?)?;
+        let l = recipe::loss(
+            model,
+            teacher,
+            objective,
+            &batch(stream, &starts, cfg.seq_len)?,
+        )?;
         total += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
     }
     Ok(total / n as f64)
@@ -257,7 +264,7 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
                 Ok(batch(&stream, &[windows.start(i)], cfg.seq_len)?.narrow(1, 0, cfg.seq_len)?)
             })
             .collect::<Result<Vec<_>>>()?;
-        progress.wo_scales = recipe::calibrate_output_scale(&mut model, &batches)?;
+        progress.wo_scales = transfer::calibrate_output_scale(&mut model, &batches)?;
         let all: Vec<f32> = progress
             .wo_scales
             .iter()
@@ -284,13 +291,10 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
                 (n.clone(), t)
             })
             .collect();
-        let mut llama = Llama::new(&model.config, &view)?;
-        if cfg.recipe.uses_transfer() {
-            // The teacher's hidden states must not see the calibration.
-            llama.set_teacher_output_scales(&progress.wo_scales)?;
-        }
-        Ok(llama)
+        Llama::for_training(&model.config, &view)
     };
+    // The teacher's hidden states must not see the calibration.
+    let teacher = Teacher::new(&model.config, &progress.wo_scales)?;
     let transfer_model = phase_model(Objective::Transfer)?;
     let ce_model = phase_model(Objective::Ce)?;
     let mut opt = AdamW::new(
@@ -390,7 +394,8 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
             let starts: Vec<usize> = (0..n as u64)
                 .map(|i| windows.start(progress.cursor + i))
                 .collect();
-            let loss = recipe::loss(llama, objective, &batch(&stream, &starts, cfg.seq_len)?)?;
+            let windows = batch(&stream, &starts, cfg.seq_len)?;
+            let loss = recipe::loss(llama, &teacher, objective, &windows)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
             let grads = loss.backward()?;
             opt.accumulate(&grads, n as f32 / per_step as f32)?;
@@ -429,7 +434,7 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
         let last_step = progress.step == cfg.steps;
         let val_loss = match &valid {
             Some(v) if progress.step % cfg.eval_every == 0 || last_step => {
-                Some(evaluate(llama, objective, v, cfg)?)
+                Some(evaluate(llama, &teacher, objective, v, cfg)?)
             }
             _ => None,
         };

@@ -1,0 +1,634 @@
+//! SUPRA linear attention (Mercat et al. 2024, DESIGN.md §1.2).
+//!
+//! Per layer: q, k, v from the pretrained projections; a learned feature map
+//! φ(x) = ReLU(W x + b) over all heads at once (keys through their own φ under GQA); RoPE after
+//! φ; a fixed decay γ_h per head; no denominator; GroupNorm per head; then the pretrained Wo:
+//!
+//! ```text
+//! o_t = Σ_{i≤t} γ^(t−i) (q̃_t · k̃_i / √d') v_i          q̃ = RoPE(φ(q)), k̃ = RoPE(φ(k))
+//! S_t = γ S_{t−1} + k̃_tᵀ v_t / √d',  o_t = q̃_t S_t       (the same sum as a recurrence)
+//! ```
+//!
+//! Its forms, side by side:
+//! - [`naive`]: the definition in f64, the reference tests compare against;
+//! - [`chunk`]: the training form, differentiable (with one chunk, the parallel form);
+//! - [`scan`]: prefill and the single-token step on plain slices, with the one state update of
+//!   the inference side;
+//! - [`group_norm`]: the one GroupNorm, for both.
+//!
+//! The state has shape (B, H, d', d_v) and already includes the 1/√d' scale.
+
+pub mod chunk;
+pub mod group_norm;
+pub mod naive;
+pub mod scan;
+
+use crate::attention::softmax::SoftmaxAttention;
+use crate::attention::{repeat_kv, Exec};
+use crate::model::linear::Linear;
+use crate::model::rope::Rope;
+use anyhow::{bail, ensure, Result};
+use candle_core::{DType, Tensor};
+
+/// How the per-head decay γ_h is chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decay {
+    /// γ_h = exp(−2^(−8(h+1)/H)): ALiBi / Lightning-Attention slopes (the paper's choice).
+    Lightning,
+    /// γ_h = 1 − 2^(−5−h) (RetNet).
+    RetNet,
+    /// γ = 1: plain causal linear attention.
+    None,
+    /// One γ per head, each in (0, 1].
+    Explicit(Vec<f64>),
+}
+
+impl Decay {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "lightning" => Ok(Self::Lightning),
+            "retnet" => Ok(Self::RetNet),
+            "none" => Ok(Self::None),
+            other => bail!("unknown decay '{other}' (known: lightning, retnet, none, or a list of per-head values)"),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Lightning => "lightning",
+            Self::RetNet => "retnet",
+            Self::None => "none",
+            Self::Explicit(_) => "explicit",
+        }
+    }
+
+    pub fn gammas(&self, n_heads: usize) -> Result<Vec<f64>> {
+        let h = n_heads as f64;
+        let g: Vec<f64> = match self {
+            Self::Lightning => (0..n_heads)
+                .map(|i| (-(2f64.powf(-8.0 * (i as f64 + 1.0) / h))).exp())
+                .collect(),
+            Self::RetNet => (0..n_heads)
+                .map(|i| 1.0 - 2f64.powi(-5 - i as i32))
+                .collect(),
+            Self::None => vec![1.0; n_heads],
+            Self::Explicit(g) => {
+                ensure!(
+                    g.len() == n_heads,
+                    "explicit decay has {} values for {n_heads} heads",
+                    g.len()
+                );
+                g.clone()
+            }
+        };
+        if let Some(bad) = g.iter().find(|&&x| !(x > 0.0 && x <= 1.0)) {
+            bail!("decay {bad} is outside (0, 1]");
+        }
+        Ok(g)
+    }
+}
+
+impl std::str::FromStr for Decay {
+    type Err = anyhow::Error;
+
+    /// A name, or comma-separated per-head values ("0.9,0.95,0.99").
+    fn from_str(s: &str) -> Result<Self> {
+        if s.contains(',') || s.parse::<f64>().is_ok() {
+            let vals = s
+                .split(',')
+                .map(|x| {
+                    x.trim()
+                        .parse::<f64>()
+                        .map_err(|_| anyhow::anyhow!("'{x}' is not a number"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Self::Explicit(vals));
+        }
+        Self::parse(s)
+    }
+}
+
+/// A SUPRA attention layer: the teacher's projections plus φ.
+#[derive(Debug, Clone)]
+pub struct SupraAttention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub phi_q: Linear,
+    /// Keys' own φ under GQA (H_kv·d → H_kv·d'); `None` when keys share `phi_q`.
+    pub phi_k: Option<Linear>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub feature_dim: usize,
+    pub gammas: Vec<f64>,
+    /// Tokens per chunk of the chunked forms.
+    pub chunk_size: usize,
+    /// RoPE over φ's d' features.
+    pub rope: Rope,
+}
+
+impl SupraAttention {
+    /// q̃ (B, H, T, d'), and k̃ (B, H_kv, T, d') and v (B, H_kv, T, d) at the key/value heads,
+    /// for `x` (B, T, hidden) at positions offset.. .
+    pub fn features(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        exec: Exec,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let (h, hkv, f) = (self.n_heads, self.n_kv_heads, self.feature_dim);
+        let heads = |y: Tensor, n: usize, d: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let phi =
+            |lin: &Linear, y: Tensor| -> Result<Tensor> { Ok(lin.forward(&y, exec)?.relu()?) };
+        let q = heads(phi(&self.phi_q, self.q.forward(x, exec)?)?, h, f)?;
+        let phi_k = self.phi_k.as_ref().unwrap_or(&self.phi_q);
+        let k = heads(phi(phi_k, self.k.forward(x, exec)?)?, hkv, f)?;
+        let v = heads(self.v.forward(x, exec)?, hkv, self.head_dim)?;
+        // RoPE acts per head, so rotating keys before any GQA repeat is the same and cheaper.
+        Ok((
+            self.rope.apply(&q, offset, exec)?,
+            self.rope.apply(&k, offset, exec)?,
+            v,
+        ))
+    }
+
+    /// `x` (B, T, hidden) → (B, T, hidden). With a `state`, continues from it and leaves the
+    /// state after the last token there; without one, starts from zeros.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        state: Option<&mut Option<Tensor>>,
+        exec: Exec,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let o = match (exec, b, t, state) {
+            (Exec::Infer, 1, 1, Some(s)) => self.step(x, offset, s)?,
+            (_, _, _, state) => self
+                .heads_output(x, offset, state, exec)?
+                .transpose(1, 2)?
+                .reshape((b, t, self.n_heads * self.head_dim))?,
+        };
+        self.o.forward(&o, exec)
+    }
+
+    /// Per-head output after GroupNorm (B, H, T, d_v), before Wo.
+    pub fn heads_output(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        state: Option<&mut Option<Tensor>>,
+        exec: Exec,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.features(x, offset, exec)?;
+        let (b, h, t, f) = q.dims4()?;
+        let d = self.head_dim;
+        match exec {
+            Exec::Train => {
+                let (k, v) = (repeat_kv(&k, h)?, repeat_kv(&v, h)?);
+                let s0 = state.as_ref().and_then(|s| s.as_ref());
+                let (o, s) = chunk::chunked(&q, &k, &v, &self.gammas, self.chunk_size, s0)?;
+                if let Some(st) = state {
+                    *st = Some(s);
+                }
+                group_norm::group_norm(&o)
+            }
+            Exec::Infer => {
+                ensure!(
+                    q.dtype() == DType::F32,
+                    "SUPRA inference runs in f32 (got {:?})",
+                    q.dtype()
+                );
+                let flat =
+                    |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
+                let mut s = match state.as_ref().and_then(|s| s.as_ref()) {
+                    Some(s) => flat(s)?,
+                    None => vec![0f32; b * h * f * d],
+                };
+                let dims = scan::Dims {
+                    batch: b,
+                    heads: h,
+                    kv_heads: self.n_kv_heads,
+                    len: t,
+                    feature_dim: f,
+                    value_dim: d,
+                };
+                let mut o = scan::scan(
+                    &flat(&q)?,
+                    &flat(&k)?,
+                    &flat(&v)?,
+                    &mut s,
+                    &self.gammas,
+                    self.chunk_size,
+                    dims,
+                );
+                group_norm::normalize_rows(&mut o, d);
+                if let Some(st) = state {
+                    *st = Some(Tensor::from_vec(s, (b, h, f, d), x.device())?);
+                }
+                Ok(Tensor::from_vec(o, (b, h, t, d), x.device())?)
+            }
+        }
+    }
+
+    /// One token of one sequence, φ and RoPE on plain slices too: a decoding step would
+    /// otherwise spend more time in a dozen small tensor operations per layer than in the
+    /// products. Returns the per-head outputs (1, 1, H·d_v) before Wo.
+    fn step(&self, x: &Tensor, offset: usize, state: &mut Option<Tensor>) -> Result<Tensor> {
+        let (h, f, d) = (self.n_heads, self.feature_dim, self.head_dim);
+        let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let phi = |lin: &Linear, y: Tensor| -> Result<Vec<f32>> {
+            let mut out = flat(lin.forward(&y, Exec::Infer)?)?;
+            out.iter_mut().for_each(|a| *a = a.max(0.0));
+            Ok(out)
+        };
+        let mut q = phi(&self.phi_q, self.q.forward(x, Exec::Infer)?)?;
+        let phi_k = self.phi_k.as_ref().unwrap_or(&self.phi_q);
+        let mut k = phi(phi_k, self.k.forward(x, Exec::Infer)?)?;
+        let v = flat(self.v.forward(x, Exec::Infer)?)?;
+        let (cos, sin) = self.rope.row(offset)?;
+        for head in q.chunks_mut(f).chain(k.chunks_mut(f)) {
+            Rope::rotate(head, &cos, &sin);
+        }
+        let mut s = match state.take() {
+            Some(t) => flat(t)?,
+            None => vec![0f32; h * f * d],
+        };
+        let dims = scan::Dims {
+            batch: 1,
+            heads: h,
+            kv_heads: self.n_kv_heads,
+            len: 1,
+            feature_dim: f,
+            value_dim: d,
+        };
+        let mut o = scan::scan(&q, &k, &v, &mut s, &self.gammas, self.chunk_size, dims);
+        group_norm::normalize_rows(&mut o, d);
+        *state = Some(Tensor::from_vec(s, (1, h, f, d), x.device())?);
+        Ok(Tensor::from_vec(o, (1, 1, h * d), x.device())?)
+    }
+
+    /// The teacher's softmax attention on the same q, k, v and o projections.
+    pub fn teacher(&self, rope: &Rope) -> SoftmaxAttention {
+        SoftmaxAttention {
+            q: self.q.clone(),
+            k: self.k.clone(),
+            v: self.v.clone(),
+            o: self.o.clone(),
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            rope: rope.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn flat(x: &Tensor) -> Vec<f64> {
+        x.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn rel_err(got: &[f64], want: &[f64]) -> f64 {
+        assert_eq!(got.len(), want.len());
+        let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
+        let den: f64 = want.iter().map(|b| b * b).sum();
+        (num / den.max(1e-300)).sqrt()
+    }
+
+    /// Non-negative q̃ (B, H, T, d'), k̃ (B, H_kv, T, d') as φ produces them, and v.
+    fn inputs(d: naive::Dims, dtype: DType) -> (Tensor, Tensor, Tensor) {
+        let dev = Device::Cpu;
+        let relu = |shape: (usize, usize, usize, usize)| {
+            Tensor::randn(0f32, 1.0, shape, &dev)
+                .unwrap()
+                .relu()
+                .unwrap()
+        };
+        let q = relu((d.batch, d.heads, d.len, d.feature_dim));
+        let k = relu((d.batch, d.kv_heads, d.len, d.feature_dim));
+        let v = Tensor::randn(0f32, 1.0, (d.batch, d.kv_heads, d.len, d.value_dim), &dev).unwrap();
+        let to = |x: Tensor| x.to_dtype(dtype).unwrap();
+        (to(q), to(k), to(v))
+    }
+
+    fn dims(batch: usize, heads: usize, kv_heads: usize, len: usize) -> naive::Dims {
+        naive::Dims {
+            batch,
+            heads,
+            kv_heads,
+            len,
+            feature_dim: 16,
+            value_dim: 12,
+        }
+    }
+
+    #[test]
+    fn lightning_slopes_for_smollm2() {
+        let g = Decay::Lightning.gammas(9).unwrap();
+        assert!((g[0] - 0.58273).abs() < 1e-4, "{g:?}");
+        assert!((g[8] - 0.99610).abs() < 1e-4, "{g:?}");
+        assert!(g.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(
+            Decay::RetNet.gammas(2).unwrap(),
+            vec![1.0 - 1.0 / 32.0, 1.0 - 1.0 / 64.0]
+        );
+        assert!(Decay::Explicit(vec![0.5, 1.5]).gammas(2).is_err());
+        assert!(Decay::Explicit(vec![0.5]).gammas(2).is_err());
+    }
+
+    /// For a power-of-two head count the decays are exp(−slope) with the ALiBi slopes that the
+    /// reference code (Lightning Attention's `get_slopes_power_of_2`) computes: start = 2^(−8/n),
+    /// slope_i = start^(i+1). Written from that formula, not from ours.
+    #[test]
+    fn lightning_decays_for_power_of_two_heads_follow_get_slopes_power_of_2() {
+        for n in [1usize, 2, 4, 8, 16, 32] {
+            let start = 2f64.powf(-(2f64.powf(-((n as f64).log2() - 3.0))));
+            let want: Vec<f64> = (0..n).map(|i| (-start.powi(i as i32 + 1)).exp()).collect();
+            let got = Decay::Lightning.gammas(n).unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-12, "{n} heads: {got:?} vs {want:?}");
+            }
+        }
+    }
+
+    /// The training form, from zero and from a state, against the definition (GQA through
+    /// repeat_kv); its final state too.
+    #[test]
+    fn chunked_form_agrees_with_the_definition() {
+        for (h, hkv) in [(9, 3), (4, 4)] {
+            let gammas = Decay::Lightning.gammas(h).unwrap();
+            for t in [1, 7, 64, 65, 300] {
+                let d = dims(2, h, hkv, t);
+                let (q, k, v) = inputs(d, DType::F32);
+                let s0 = Tensor::randn(0f32, 1.0, (2, h, 16, 12), &Device::Cpu).unwrap();
+                for start in [None, Some(&s0)] {
+                    let s0_flat = start.map(flat).unwrap_or_default();
+                    let (want_o, want_s) =
+                        naive::naive(&flat(&q), &flat(&k), &flat(&v), &s0_flat, &gammas, d);
+                    let (kr, vr) = (repeat_kv(&k, h).unwrap(), repeat_kv(&v, h).unwrap());
+                    for c in [16, 64, usize::MAX] {
+                        let (o, s) = chunk::chunked(&q, &kr, &vr, &gammas, c, start).unwrap();
+                        let (eo, es) = (rel_err(&flat(&o), &want_o), rel_err(&flat(&s), &want_s));
+                        assert!(eo <= 1e-5 && es <= 1e-5, "H={h} T={t} C={c}: {eo} {es}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The slice form (prefill and step) against the definition: shared key/value heads read in
+    /// place, from zero and from a state, any chunk size.
+    #[test]
+    fn scan_agrees_with_the_definition() {
+        for (h, hkv) in [(9, 3), (6, 2), (4, 4)] {
+            let gammas = Decay::Lightning.gammas(h).unwrap();
+            for t in [1, 7, 64, 65, 300] {
+                let d = dims(2, h, hkv, t);
+                let (q, k, v) = inputs(d, DType::F32);
+                let s0 = Tensor::randn(0f32, 1.0, (2, h, 16, 12), &Device::Cpu).unwrap();
+                for start in [None, Some(&s0)] {
+                    let s0_flat = start.map(flat).unwrap_or_default();
+                    let (want_o, want_s) =
+                        naive::naive(&flat(&q), &flat(&k), &flat(&v), &s0_flat, &gammas, d);
+                    for c in [1, 16, 64] {
+                        let f32s = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                        let mut s = match start {
+                            Some(s) => f32s(s),
+                            None => vec![0.0; 2 * h * 16 * 12],
+                        };
+                        let sd = scan::Dims {
+                            batch: d.batch,
+                            heads: h,
+                            kv_heads: hkv,
+                            len: t,
+                            feature_dim: 16,
+                            value_dim: 12,
+                        };
+                        let o = scan::scan(&f32s(&q), &f32s(&k), &f32s(&v), &mut s, &gammas, c, sd);
+                        let widen = |x: &[f32]| x.iter().map(|&a| a as f64).collect::<Vec<_>>();
+                        let (eo, es) = (rel_err(&widen(&o), &want_o), rel_err(&widen(&s), &want_s));
+                        assert!(
+                            eo <= 1e-5 && es <= 1e-5,
+                            "H={h}/{hkv} T={t} C={c}: {eo} {es}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn no_decay_is_plain_causal_linear_attention() {
+        // γ = 1: o_t = Σ_{i≤t} (q̃_t·k̃_i/√d') v_i, summed here without any decay at all.
+        let gammas = Decay::None.gammas(1).unwrap();
+        let d = dims(1, 1, 1, 20);
+        let (q, k, v) = inputs(d, DType::F32);
+        let (q, k, v) = (flat(&q), flat(&k), flat(&v));
+        let (o, _) = naive::naive(&q, &k, &v, &[], &gammas, d);
+        for t in [0, 7, 19] {
+            for c in 0..12 {
+                let want: f64 = (0..=t)
+                    .map(|i| {
+                        let dot: f64 = (0..16).map(|j| q[t * 16 + j] * k[i * 16 + j]).sum();
+                        dot / 4.0 * v[i * 12 + c]
+                    })
+                    .sum();
+                assert!((o[t * 12 + c] - want).abs() < 1e-9);
+            }
+        }
+    }
+
+    /// Central differences in f64 against candle's backward.
+    fn check_grad(var: &Var, loss: impl Fn() -> Tensor, name: &str) {
+        let grads = loss().backward().unwrap();
+        let analytic = flat(
+            grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{name}: no gradient")),
+        );
+        let base = flat(var.as_tensor());
+        let shape = var.as_tensor().shape().clone();
+        let eps = 1e-6;
+        let mut max_err: f64 = 0.0;
+        for i in 0..base.len() {
+            let at = |delta: f64| {
+                let mut x = base.clone();
+                x[i] += delta;
+                var.set(&Tensor::from_vec(x, shape.clone(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss().to_scalar::<f64>().unwrap()
+            };
+            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+            let scale = numeric.abs().max(analytic[i].abs()).max(1e-3);
+            max_err = max_err.max((numeric - analytic[i]).abs() / scale);
+        }
+        var.set(&Tensor::from_vec(base, shape, &Device::Cpu).unwrap())
+            .unwrap();
+        assert!(max_err < 1e-5, "{name}: relative gradient error {max_err}");
+    }
+
+    #[test]
+    fn chunked_form_gradients_match_finite_differences() {
+        let gammas = Decay::Lightning.gammas(2).unwrap();
+        let (q, k, v) = inputs(
+            naive::Dims {
+                batch: 1,
+                heads: 2,
+                kv_heads: 2,
+                len: 11,
+                feature_dim: 4,
+                value_dim: 3,
+            },
+            DType::F64,
+        );
+        let (q, k, v) = (
+            Var::from_tensor(&q).unwrap(),
+            Var::from_tensor(&k).unwrap(),
+            Var::from_tensor(&v).unwrap(),
+        );
+        let r = Tensor::randn(0f64, 1.0, (1, 2, 11, 3), &Device::Cpu).unwrap();
+        let loss = || {
+            let (o, _) = chunk::chunked(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                &gammas,
+                4,
+                None,
+            )
+            .unwrap();
+            (o * &r).unwrap().sum_all().unwrap()
+        };
+        check_grad(&q, loss, "q");
+        check_grad(&k, loss, "k");
+        check_grad(&v, loss, "v");
+    }
+
+    fn random_layer(
+        shape: (usize, usize, usize, usize, usize),
+        dtype: DType,
+        var: &mut dyn FnMut(Tensor) -> Tensor,
+    ) -> SupraAttention {
+        let (h, hkv, d, f, hidden) = shape;
+        let dev = Device::Cpu;
+        let mut w = |r: usize, c: usize| {
+            let t = Tensor::randn(0f32, (1.0 / c as f64).sqrt() as f32, (r, c), &dev).unwrap();
+            var(t.to_dtype(dtype).unwrap())
+        };
+        let (q, k, v, o) = (
+            w(h * d, hidden),
+            w(hkv * d, hidden),
+            w(hkv * d, hidden),
+            w(hidden, h * d),
+        );
+        let (pq, pk) = (w(h * f, h * d), w(hkv * f, hkv * d));
+        let mut b = |r: usize| {
+            var(Tensor::randn(0f32, 0.1, r, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap())
+        };
+        let (bq, bk) = (b(h * f), b(hkv * f));
+        SupraAttention {
+            q: Linear::new(q, None),
+            k: Linear::new(k, None),
+            v: Linear::new(v, None),
+            o: Linear::new(o, None),
+            phi_q: Linear::new(pq, Some(bq)),
+            phi_k: (hkv != h).then(|| Linear::new(pk, Some(bk))),
+            n_heads: h,
+            n_kv_heads: hkv,
+            head_dim: d,
+            feature_dim: f,
+            gammas: Decay::Lightning.gammas(h).unwrap(),
+            chunk_size: 4,
+            rope: Rope::new(f, 10_000.0, 512, &dev).unwrap(),
+        }
+    }
+
+    /// The whole layer in f64: φ's weight and bias (queries' and keys' own, under GQA) get
+    /// the gradients finite differences measure, through RoPE, the decay and GroupNorm.
+    #[test]
+    fn layer_gradients_match_finite_differences_for_phi() {
+        let dev = Device::Cpu;
+        let mut vars = Vec::new();
+        let layer = random_layer((4, 2, 4, 6, 8), DType::F64, &mut |t| {
+            let v = Var::from_tensor(&t).unwrap();
+            vars.push(v.clone());
+            v.as_tensor().clone()
+        });
+        // q, k, v, o, φ_q, φ_k weights, then φ_q, φ_k biases.
+        let x = Tensor::randn(0f64, 1.0, (1, 9, 8), &dev).unwrap();
+        let r = Tensor::randn(0f64, 1.0, (1, 9, 8), &dev).unwrap();
+        let loss = || {
+            let y = layer.forward(&x, 0, None, Exec::Train).unwrap();
+            (y * &r).unwrap().sum_all().unwrap()
+        };
+        check_grad(&vars[4], loss, "phi_q.weight");
+        check_grad(&vars[6], loss, "phi_q.bias");
+        check_grad(&vars[5], loss, "phi_k.weight");
+        check_grad(&vars[7], loss, "phi_k.bias");
+    }
+
+    /// The layer (φ, GQA, RoPE, GroupNorm) in its training form (one chunk: the parallel form;
+    /// and chunks of 16) and its inference form, with GQA as in SmolLM2 and without; and an
+    /// inference prefill continued one step at a time at the right RoPE positions.
+    #[test]
+    fn layer_forms_agree_with_and_without_gqa() {
+        let dev = Device::Cpu;
+        for (h, hkv) in [(9, 3), (4, 4)] {
+            let mut layer = random_layer((h, hkv, 8, 8, 32), DType::F32, &mut |t| t);
+            for t in [1, 7, 64, 65, 300] {
+                let x = Tensor::randn(0f32, 1.0, (2, t, 32), &dev).unwrap();
+                layer.chunk_size = usize::MAX;
+                let want = flat(&layer.forward(&x, 0, None, Exec::Train).unwrap());
+                for c in [16, 64] {
+                    layer.chunk_size = c;
+                    for exec in [Exec::Train, Exec::Infer] {
+                        let got = flat(&layer.forward(&x, 0, None, exec).unwrap());
+                        let e = rel_err(&got, &want);
+                        assert!(e <= 1e-5, "H={h}/{hkv} T={t} C={c} {exec:?}: {e}");
+                    }
+                }
+                if t < 8 {
+                    continue;
+                }
+                // One sequence: the step form serves single tokens of a single sequence.
+                let x0 = x.narrow(0, 0, 1).unwrap();
+                let want0 = &want[..want.len() / 2];
+                let split = t * 2 / 3;
+                let mut state = None;
+                let prefix = x0.narrow(1, 0, split).unwrap();
+                let mut outs = vec![layer
+                    .forward(&prefix, 0, Some(&mut state), Exec::Infer)
+                    .unwrap()];
+                for i in split..t {
+                    let xi = x0.narrow(1, i, 1).unwrap();
+                    outs.push(
+                        layer
+                            .forward(&xi, i, Some(&mut state), Exec::Infer)
+                            .unwrap(),
+                    );
+                }
+                let cont = flat(&Tensor::cat(&outs, 1).unwrap());
+                let e = rel_err(&cont, want0);
+                assert!(e <= 1e-5, "H={h}/{hkv} T={t} prefill + steps: {e}");
+                assert_eq!(state.unwrap().dims(), &[1, h, 8, 8]);
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Attention transfer (LoLCATs stage 1): each SUPRA layer learns, through its φ alone, to give
+//! the per-head output that the teacher's softmax attention gives on the same input.
+//!
+//! The teacher is the model itself with each SUPRA layer run as softmax attention on its own
+//! q, k, v and Wo: it needs no second copy of the weights. The decoder knows nothing of this; it
+//! runs the teacher through [`Llama::forward_with`], its per-layer hook.
+
+use crate::attention::supra::{group_norm::group_norm, SupraAttention};
+use crate::attention::{Cell, Exec};
+use crate::config::ModelConfig;
+use crate::io::LoadedModel;
+use crate::model::linear::Linear;
+use crate::model::llama::Llama;
+use crate::model::rope::Rope;
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+
+/// What the teacher needs beyond the model: RoPE over the head dimension, and per layer the
+/// teacher's own Wo where calibration ([`calibrate_output_scale`]) changed the model's.
+pub struct Teacher {
+    rope: Rope,
+    /// Per layer, the per-head factors Wo was multiplied by (`None`: unchanged).
+    wo_scales: Vec<Option<Vec<f32>>>,
+}
+
+impl Teacher {
+    /// `wo_scales` as [`calibrate_output_scale`] returned them (empty: no calibration).
+    pub fn new(config: &ModelConfig, wo_scales: &[Option<Vec<f32>>]) -> Result<Self> {
+        Ok(Self {
+            rope: Rope::new(
+                config.head_dim,
+                config.rope_theta,
+                config.max_position_embeddings,
+                &Device::Cpu,
+            )?,
+            wo_scales: wo_scales.to_vec(),
+        })
+    }
+
+    /// Runs the teacher over `tokens` and shows every SUPRA layer (by index) its input and the
+    /// teacher's per-head output there. Nothing here needs gradients: the teacher runs in its
+    /// inference forms, and its outputs are detached.
+    fn walk(
+        &self,
+        model: &Llama,
+        tokens: &Tensor,
+        mut visit: impl FnMut(usize, &SupraAttention, &Tensor, &Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let (b, t) = tokens.dims2()?;
+        model.forward_with(tokens, Exec::Infer, |i, cell, xn| {
+            let xn = xn.detach();
+            Ok(match cell {
+                Cell::Softmax(a) => a.forward(&xn, 0, None, Exec::Infer)?,
+                Cell::Supra(a) => {
+                    let teacher = a.teacher(&self.rope);
+                    let y = teacher.heads_output(&xn, 0, None, Exec::Infer)?.detach();
+                    visit(i, a, &xn, &y)?;
+                    let y = y.transpose(1, 2)?.reshape((b, t, ()))?;
+                    match self.wo_scales.get(i).and_then(Option::as_ref) {
+                        Some(s) => {
+                            let w = a.o.weight()?.broadcast_div(&head_columns(s, a.head_dim)?)?;
+                            Linear::new(w, None).forward(&y, Exec::Infer)?
+                        }
+                        None => a.o.forward(&y, Exec::Infer)?,
+                    }
+                    .detach()
+                }
+            })
+        })?;
+        Ok(())
+    }
+
+    /// For each SUPRA layer, the mean squared error between its per-head output (after
+    /// GroupNorm, before Wo) and the teacher's softmax output on the same input, GroupNorm'd
+    /// the same way: the student can only produce per-head normalized outputs, so the target is
+    /// the teacher's output in that form. Each layer's loss reaches only that layer's φ.
+    /// Returns the mean over SUPRA layers.
+    pub fn loss(&self, model: &Llama, tokens: &Tensor) -> Result<Tensor> {
+        let mut losses = Vec::new();
+        self.walk(model, tokens, |_, a, xn, y| {
+            let target = group_norm(y)?;
+            let student = a.heads_output(xn, 0, None, Exec::Train)?;
+            losses.push((student - target)?.sqr()?.mean_all()?);
+            Ok(())
+        })?;
+        if losses.is_empty() {
+            bail!("attention transfer needs SUPRA layers; this model has none (run `supra convert` first)");
+        }
+        let n = losses.len() as f64;
+        Ok((Tensor::stack(&losses, 0)?.sum_all()? / n)?)
+    }
+
+    /// For each SUPRA layer, the teacher's per-head attention output RMS (before Wo) averaged
+    /// over batch and tokens; `None` for softmax layers.
+    pub fn head_rms(&self, model: &Llama, tokens: &Tensor) -> Result<Vec<Option<Vec<f64>>>> {
+        let mut out = vec![None; model.config.num_hidden_layers];
+        self.walk(model, tokens, |i, _, _, y| {
+            // (b, h, t, d) → per-token RMS (b, h, t) → mean over batch and tokens (h).
+            let rms = y.sqr()?.mean(3)?.sqrt()?.mean(2)?.mean(0)?;
+            out[i] = Some(rms.to_vec1::<f32>()?.into_iter().map(f64::from).collect());
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+/// Scales each SUPRA layer's Wo, per head, by the teacher's average per-head output RMS on
+/// `batches`. A SUPRA layer GroupNorms each head to unit RMS before Wo; the teacher's heads are
+/// far smaller, so without this even a perfect φ would feed the residual stream outputs of the
+/// wrong size (SmolLM2, 1k held-out tokens: teacher perplexity 20.5; teacher with GroupNorm'd
+/// heads 1.1e7; GroupNorm'd and rescaled 44.8). Returns the factors, per layer and head.
+pub fn calibrate_output_scale(
+    model: &mut LoadedModel,
+    batches: &[Tensor],
+) -> Result<Vec<Option<Vec<f32>>>> {
+    let llama = Llama::new(&model.config, &model.weights)?;
+    let teacher = Teacher::new(&model.config, &[])?;
+    let mut sums: Vec<Option<Vec<f64>>> = vec![None; model.config.num_hidden_layers];
+    for tokens in batches {
+        for (acc, r) in sums.iter_mut().zip(teacher.head_rms(&llama, tokens)?) {
+            match (acc.as_mut(), r) {
+                (Some(acc), Some(r)) => acc.iter_mut().zip(r).for_each(|(a, x)| *a += x),
+                (None, r) => *acc = r,
+                (Some(_), None) => {}
+            }
+        }
+    }
+    let scales: Vec<Option<Vec<f32>>> = sums
+        .into_iter()
+        .map(|s| {
+            s.map(|s| {
+                s.iter()
+                    .map(|x| (x / batches.len() as f64) as f32)
+                    .collect()
+            })
+        })
+        .collect();
+    for (layer, s) in scales.iter().enumerate() {
+        if let Some(s) = s {
+            let name = format!("model.layers.{layer}.self_attn.o_proj.weight");
+            let w = model.weights[&name].broadcast_mul(&head_columns(s, model.config.head_dim)?)?;
+            model.weights.insert(name, w);
+        }
+    }
+    Ok(scales)
+}
+
+/// Per-head factors spread over Wo's input columns: shape (1, heads · head_dim).
+fn head_columns(scales: &[f32], head_dim: usize) -> Result<Tensor> {
+    let cols: Vec<f32> = scales
+        .iter()
+        .flat_map(|&s| std::iter::repeat_n(s, head_dim))
+        .collect();
+    let n = cols.len();
+    Ok(Tensor::from_vec(cols, (1, n), &Device::Cpu)?)
+}
