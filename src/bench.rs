@@ -191,8 +191,8 @@ pub fn train_step(
     let model = &model;
     // Past the transfer phase: cross-entropy for supra and transfer+finetune.
     let objective = recipe.objective(u64::MAX, 0);
-    let names = recipe::trainable(model, recipe, &[])?;
-    let (weights, vars) = recipe::with_variables(model, &names)?;
+    let trained = recipe::trainable(model, recipe, &[])?;
+    let (weights, vars) = recipe::with_variables(model, &trained)?;
     let trained_params = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let llama = Llama::for_training(&model.config, &weights)?;
     let teacher = crate::train::transfer::Teacher::new(&model.config, &[])?;
@@ -203,7 +203,7 @@ pub fn train_step(
     let bar = indicatif::ProgressBar::new(steps as u64 + 1);
     for i in 0..=steps {
         let t0 = std::time::Instant::now();
-        let loss = recipe::loss(&llama, &teacher, objective, &window)?;
+        let loss = recipe::loss(&llama, &teacher, objective, &window, 0.0)?;
         let _ = loss.to_scalar::<f32>()?;
         let t1 = std::time::Instant::now();
         let grads = loss.backward()?;

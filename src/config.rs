@@ -45,7 +45,7 @@ impl Arch {
 }
 
 /// The attention of one layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttentionKind {
     /// Softmax attention with a KV cache (the teacher's).
@@ -72,13 +72,25 @@ impl AttentionKind {
 }
 
 /// How φ's parameters start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PhiInit {
     /// PyTorch's default `nn.Linear` init, U(−1/√fan_in, 1/√fan_in) for W and b (the paper's).
     Random,
     /// W = I, b = 0: φ(x) = ReLU(x). Needs feature dim = head dim.
     Identity,
+}
+
+impl std::str::FromStr for PhiInit {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "random" => Ok(Self::Random),
+            "identity" => Ok(Self::Identity),
+            other => bail!("unknown φ init '{other}' (known: random, identity)"),
+        }
+    }
 }
 
 /// Hyper-parameters of the SUPRA layers of a model (shared by all of them).
@@ -128,9 +140,6 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
-    /// The projections that carry adapters.
-    pub const TARGETS: [&'static str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
-
     pub fn scale(&self) -> f64 {
         self.alpha / self.rank as f64
     }

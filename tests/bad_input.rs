@@ -6,9 +6,9 @@ mod common;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use common::testing::{tiny_config, TinyGguf};
 use common::{assert_clean_error, supra_path};
 use std::path::{Path, PathBuf};
-use supra::testing::{tiny_config, TinyGguf};
 
 fn tiny() -> TinyGguf {
     TinyGguf::new(&tiny_config(), 1, GgmlDType::F32).unwrap()

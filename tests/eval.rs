@@ -2,11 +2,11 @@
 
 mod common;
 
+use common::testing::write_tiny_gguf;
 use supra::convert::{convert, ConvertOptions};
 use supra::eval::harness::{encode_pair, Engine, LogLikelihood, Request, MIN_SHARED_PREFIX};
 use supra::io::LoadedModel;
 use supra::model::llama::Llama;
-use supra::testing::write_tiny_gguf;
 
 /// A tiny random teacher written to DIR/teacher.gguf.
 fn tiny_gguf(dir: &std::path::Path) -> std::path::PathBuf {

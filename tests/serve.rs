@@ -1,6 +1,8 @@
 //! `supra serve` over real HTTP on 127.0.0.1 with tiny models: answers in OpenAI's shapes,
 //! streaming, errors, concurrency, overload, disconnects and the prompt cache.
 
+mod common;
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -98,8 +100,8 @@ impl Drop for Server {
 /// generations as long as a test needs) as an HF directory.
 fn models(dir: &Path) -> (PathBuf, PathBuf) {
     let teacher = dir.join("tiny.gguf");
-    supra::testing::write_tiny_gguf(&teacher, 11).unwrap();
-    let converted = supra::testing::tiny_loaded(dir, 11, Some(&[])).unwrap();
+    common::testing::write_tiny_gguf(&teacher, 11).unwrap();
+    let converted = common::testing::tiny_loaded(dir, 11, Some(&[])).unwrap();
     let linear = dir.join("tiny-supra");
     supra::io::hf_dir::save(&converted, &linear).unwrap();
     (teacher, linear)

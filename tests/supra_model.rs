@@ -3,11 +3,11 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
+use common::testing::write_tiny_gguf;
 use supra::config::{AttentionKind, PhiInit};
 use supra::convert::{convert, ConvertOptions};
 use supra::io::LoadedModel;
 use supra::model::llama::{Form, Llama};
-use supra::testing::write_tiny_gguf;
 
 fn tiny_teacher(dir: &std::path::Path, seed: u64) -> LoadedModel {
     let p = dir.join("teacher.gguf");
@@ -134,7 +134,7 @@ fn converted_model_saves_reloads_and_runs_in_every_mode() {
     );
     // The teacher's weights are kept as they were.
     for (name, t) in &teacher.weights {
-        let d = supra::testing::max_abs_diff(t, &loaded.weights[name]);
+        let d = common::testing::max_abs_diff(t, &loaded.weights[name]);
         assert_eq!(d, 0.0, "{name} changed");
     }
     // Same seed, same φ: the library path gives the CLI's model.
@@ -150,7 +150,7 @@ fn converted_model_saves_reloads_and_runs_in_every_mode() {
     assert_eq!(logits(&model, &ids), reference);
     let chunked = model.score_with(&ids, Form::Chunked).unwrap();
     for form in [Form::Parallel, Form::Recurrent] {
-        let d = supra::testing::max_diff(&model.score_with(&ids, form).unwrap(), &chunked);
+        let d = common::testing::max_diff(&model.score_with(&ids, form).unwrap(), &chunked);
         assert!(d < 1e-4, "{form:?} differs from chunked by {d}");
     }
     // The CLI modes agree too.
@@ -163,8 +163,8 @@ fn converted_model_saves_reloads_and_runs_in_every_mode() {
     };
     let p = lp("parallel");
     assert!(
-        supra::testing::max_diff(&p, &lp("chunked")) < 1e-4
-            && supra::testing::max_diff(&p, &lp("recurrent")) < 1e-4
+        common::testing::max_diff(&p, &lp("chunked")) < 1e-4
+            && common::testing::max_diff(&p, &lp("recurrent")) < 1e-4
     );
 }
 
@@ -264,8 +264,8 @@ fn converted_smollm2_modes_agree_on_1000_tokens() {
     let c = run(Form::Chunked);
     let r = run(Form::Recurrent);
     let (dc, dr) = (
-        supra::testing::max_diff(&p, &c),
-        supra::testing::max_diff(&p, &r),
+        common::testing::max_diff(&p, &c),
+        common::testing::max_diff(&p, &r),
     );
     println!(
         "1000 tokens: max |logprob diff| parallel-chunked {dc:.2e}, parallel-recurrent {dr:.2e}"
@@ -312,11 +312,182 @@ fn token_by_token_decoding_equals_one_pass() {
                     .to_vec1()
                     .unwrap();
                 let want = &whole[i * vocab..(i + 1) * vocab];
-                worst = worst.max(supra::testing::max_diff(&step, want));
+                worst = worst.max(common::testing::max_diff(&step, want));
             }
             assert!(
                 worst < tol * scale,
                 "softmax layers {keep:?}, {format:?}: differs by {worst} (logits up to {scale})"
+            );
+        }
+    }
+}
+
+fn cli_convert(teacher: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> LoadedModel {
+    let mut args = vec![
+        "convert",
+        teacher.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let run = common::supra(&args);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    supra::io::load(out).unwrap()
+}
+
+/// Every decay kind goes through `supra convert --decay`, config.json and back, and is the
+/// decay the layers then use.
+#[test]
+fn decay_kinds_travel_through_config_json() {
+    use supra::attention::supra::Decay;
+    let dir = tempfile::tempdir().unwrap();
+    tiny_teacher(dir.path(), 31);
+    let teacher = dir.path().join("teacher.gguf");
+    let ids: Vec<u32> = (0..60).map(|i| (i * 17 % 240 + 3) as u32).collect();
+    let mut scores = Vec::new();
+    for (flag, want) in [
+        ("lightning", Decay::Lightning),
+        ("retnet", Decay::RetNet),
+        ("none", Decay::None),
+        ("0.5,0.6,0.7,0.8", Decay::Explicit(vec![0.5, 0.6, 0.7, 0.8])),
+    ] {
+        let out = dir.path().join(format!("decay-{}", want.name()));
+        let m = cli_convert(&teacher, &out, &["--decay", flag]);
+        let text = std::fs::read_to_string(out.join("config.json")).unwrap();
+        assert_eq!(
+            m.config.supra.as_ref().unwrap().decay,
+            want,
+            "{flag}: {text}"
+        );
+        let model = Llama::new(&m.config, &m.weights).unwrap();
+        scores.push(model.score_with(&ids, Form::Chunked).unwrap());
+    }
+    // Same φ (same seed), different decays: different models.
+    for i in 1..scores.len() {
+        let d = common::testing::max_diff(&scores[0], &scores[i]);
+        assert!(d > 1e-3, "decay {i} scores like lightning (max diff {d})");
+    }
+    let bad = common::supra(&[
+        "convert",
+        teacher.to_str().unwrap(),
+        "--out",
+        dir.path().join("bad").to_str().unwrap(),
+        "--decay",
+        "0.5,1.5,0.7,0.8",
+    ]);
+    common::assert_clean_error(&bad, &["decay 1.5 is outside (0, 1]"]);
+}
+
+/// `--phi-init identity`: φ starts as ReLU alone (W = I, b = 0); it needs d' = d.
+#[test]
+fn phi_init_identity_is_relu() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_teacher(dir.path(), 32);
+    let teacher = dir.path().join("teacher.gguf");
+    let m = cli_convert(
+        &teacher,
+        &dir.path().join("id"),
+        &["--phi-init", "identity"],
+    );
+    let eye = |n: usize| Tensor::eye(n, candle_core::DType::F32, &Device::Cpu).unwrap();
+    for (name, t) in &m.weights {
+        if name.ends_with("phi_q.weight") || name.ends_with("phi_k.weight") {
+            let n = t.dim(0).unwrap();
+            assert_eq!(common::testing::max_abs_diff(t, &eye(n)), 0.0, "{name}");
+        } else if name.contains(".phi_") {
+            assert_eq!(
+                t.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+                0.0
+            );
+        }
+    }
+    assert!(m.weights.keys().any(|n| n.ends_with("phi_k.weight")));
+    let bad = common::supra(&[
+        "convert",
+        teacher.to_str().unwrap(),
+        "--out",
+        dir.path().join("bad").to_str().unwrap(),
+        "--phi-init",
+        "identity",
+        "--feature-dim",
+        "8",
+    ]);
+    common::assert_clean_error(&bad, &["--phi-init identity needs the feature dim (8)"]);
+}
+
+/// A whole model whose feature dim d' differs from the head dim (16): smaller and larger. The
+/// forms agree, the state is (heads, d', d) per layer, and training reaches φ.
+#[test]
+fn feature_dim_other_than_head_dim_runs_in_every_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = tiny_teacher(dir.path(), 33);
+    let ids: Vec<u32> = (0..70).map(|i| (i * 11 % 240 + 3) as u32).collect();
+    for f in [8, 24] {
+        let opts = ConvertOptions {
+            feature_dim: Some(f),
+            softmax_layers: vec![1],
+            chunk_size: 16,
+            ..Default::default()
+        };
+        let m = convert(&teacher, &opts).unwrap();
+        let model = Llama::new(&m.config, &m.weights).unwrap();
+        let chunked = model.score_with(&ids, Form::Chunked).unwrap();
+        for form in [Form::Parallel, Form::Recurrent] {
+            let d = common::testing::max_diff(&model.score_with(&ids, form).unwrap(), &chunked);
+            assert!(d < 1e-4, "d' = {f}, {form:?}: {d}");
+        }
+        let mut state = supra::infer::state::State::new(&model);
+        state.feed(&model, &ids[..1]).unwrap();
+        // Layer 0 is SUPRA ((1, 4, f, 16) f32); layer 1 keeps a KV cache of one position.
+        let kv = 2 * 2 * 16 * 4;
+        assert_eq!(state.cache.bytes(), 4 * f * 16 * 4 + kv, "d' = {f}");
+
+        let vars: Vec<(String, Var)> = m
+            .weights
+            .iter()
+            .filter(|(n, _)| n.contains(".phi_"))
+            .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
+            .collect();
+        let mut weights = m.weights.clone();
+        for (n, v) in &vars {
+            weights.insert(n.clone(), v.as_tensor().clone());
+        }
+        let train = Llama::for_training(&m.config, &weights).unwrap();
+        let x = Tensor::new(&ids[..69], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let y = Tensor::new(&ids[1..], &Device::Cpu).unwrap();
+        let logits = train
+            .logits(&train.forward_hidden(&x, None).unwrap())
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let loss = supra::train::cross_entropy::cross_entropy(&logits, &y).unwrap();
+        let grads = loss.backward().unwrap();
+        for (n, v) in &vars {
+            let g = grads
+                .get(v)
+                .unwrap_or_else(|| panic!("d' = {f}: no gradient for {n}"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "d' = {f}: {n} gradient {norm}"
             );
         }
     }

@@ -4,8 +4,8 @@ mod common;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
+use common::testing::{tiny_config, write_tiny_gguf, TinyGguf};
 use supra::model::llama::Llama;
-use supra::testing::{tiny_config, write_tiny_gguf, TinyGguf};
 
 fn load(path: &std::path::Path) -> (supra::io::LoadedModel, Llama) {
     let m = supra::io::load(path).unwrap();
@@ -44,7 +44,7 @@ fn kv_cache_decoding_equals_full_forward() {
         .unwrap();
     let last = model.forward_last(&x, &mut cache).unwrap();
     let last: Vec<f32> = last.squeeze(0).unwrap().to_vec1().unwrap();
-    assert!(supra::testing::max_diff(&last, &full[24]) < 1e-4);
+    assert!(common::testing::max_diff(&last, &full[24]) < 1e-4);
     for (t, &id) in ids.iter().enumerate().skip(25) {
         let x = Tensor::new(&[id], &Device::Cpu)
             .unwrap()
@@ -57,7 +57,7 @@ fn kv_cache_decoding_equals_full_forward() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let d = supra::testing::max_diff(&step, &full[t]);
+        let d = common::testing::max_diff(&step, &full[t]);
         assert!(d < 1e-4, "position {t}: cached decoding differs by {d}");
     }
     assert_eq!(cache.pos, ids.len());
@@ -122,7 +122,7 @@ fn quantized_gguf_tensors_load() {
             let d = a
                 .iter()
                 .zip(&b)
-                .map(|(x, y)| supra::testing::max_diff(x, y))
+                .map(|(x, y)| common::testing::max_diff(x, y))
                 .fold(0.0, f32::max);
             assert!(d > 0.0 && d < 0.1, "Q8_0 logits differ by {d}");
         }
@@ -222,7 +222,7 @@ fn generate_cli_is_deterministic_and_chats() {
 fn generate_saves_and_loads_states() {
     let dir = tempfile::tempdir().unwrap();
     let linear = dir.path().join("supra");
-    let m = supra::testing::tiny_loaded(dir.path(), 4, Some(&[])).unwrap();
+    let m = common::testing::tiny_loaded(dir.path(), 4, Some(&[])).unwrap();
     supra::io::hf_dir::save(&m, &linear).unwrap();
     let state = dir.path().join("s.safetensors");
     let st = state.to_str().unwrap();

@@ -2,10 +2,10 @@
 
 mod common;
 
+use common::testing::write_tiny_gguf;
 use std::path::{Path, PathBuf};
 use supra::convert::{convert, ConvertOptions};
 use supra::io::LoadedModel;
-use supra::testing::write_tiny_gguf;
 use supra::train::recipe::Recipe;
 use supra::train::run::{train, TrainConfig, TrainInputs};
 
@@ -44,6 +44,7 @@ fn corpus(dir: &Path) -> Vec<PathBuf> {
 fn config(recipe: Recipe) -> TrainConfig {
     TrainConfig {
         recipe,
+        preset: "test".into(),
         seq_len: 32,
         batch_tokens: 64,
         micro_batch: 1,
@@ -51,8 +52,12 @@ fn config(recipe: Recipe) -> TrainConfig {
         lr: 3e-3,
         min_lr: 3e-4,
         warmup_steps: 2,
+        beta1: 0.9,
+        beta2: 0.95,
+        adam_eps: 1e-8,
         weight_decay: 0.1,
         clip: 1.0,
+        z_loss: 0.0,
         eval_every: 5,
         eval_windows: 2,
         checkpoint_every: 4,
@@ -66,6 +71,8 @@ fn config(recipe: Recipe) -> TrainConfig {
             0
         },
         transfer_lr: 1e-2,
+        transfer_min_lr: 1e-3,
+        transfer_warmup_steps: 0,
         lora_rank: 4,
         lora_alpha: 8.0,
     }
@@ -178,7 +185,7 @@ fn resume_is_exact_for_every_recipe() {
         let f1 = supra::io::load(&straight.join("final")).unwrap();
         let f2 = supra::io::load(&split.join("final")).unwrap();
         for (name, t) in &f1.weights {
-            let d = supra::testing::max_abs_diff(t, &f2.weights[name]);
+            let d = common::testing::max_abs_diff(t, &f2.weights[name]);
             assert!(d <= 1e-6, "{recipe:?} {name} differs by {d}");
         }
     }
@@ -216,7 +223,7 @@ fn transfer_learns_phi_and_calibrates_wo() {
     );
     let after = supra::io::load(&out.join("final")).unwrap();
     for (name, t) in &before {
-        let d = supra::testing::max_abs_diff(t, &after.weights[name]);
+        let d = common::testing::max_abs_diff(t, &after.weights[name]);
         // φ trains; the SUPRA layer's Wo is rescaled once (calibration); nothing else moves.
         let expected = name.contains(".phi_") || name == "model.layers.1.self_attn.o_proj.weight";
         assert_eq!(d > 0.0, expected, "{name} changed by {d}");
@@ -398,11 +405,11 @@ fn calibration_leaves_the_teacher_trajectory_alone() {
     use candle_core::{Device, Tensor};
     use supra::model::llama::Llama;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = supra::testing::tiny_config();
+    let mut cfg = common::testing::tiny_config();
     cfg.num_hidden_layers = 3;
     cfg.layer_kinds = vec![supra::config::AttentionKind::Softmax; 3];
     let p = dir.path().join("t3.gguf");
-    supra::testing::TinyGguf::new(&cfg, 5, candle_core::quantized::GgmlDType::F32)
+    common::testing::TinyGguf::new(&cfg, 5, candle_core::quantized::GgmlDType::F32)
         .unwrap()
         .write(&p)
         .unwrap();
@@ -532,11 +539,242 @@ fn transfer_then_lora_finetune_changes_what_it_should() {
     );
     assert_eq!(after.weights.len(), before.len());
     for (name, t) in &before {
-        let d = supra::testing::max_abs_diff(t, &after.weights[name]);
+        let d = common::testing::max_abs_diff(t, &after.weights[name]);
         let attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
             .iter()
             .any(|p| name.contains(p));
         let expected = name.contains(".phi_") || attn;
         assert_eq!(d > 0.0, expected, "{name} changed by {d}");
+    }
+}
+
+fn metric(out: &Path, key: &str) -> Vec<Option<f64>> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[key].as_f64())
+        .collect()
+}
+
+fn final_weights(out: &Path) -> LoadedModel {
+    supra::io::load(&out.join("final")).unwrap()
+}
+
+/// Two windows per update read one at a time (micro-batch 1, gradients accumulated) or both in
+/// one pass (micro-batch 2): the same losses and gradient norms, and so the same updates
+/// (to float noise, which AdamW's normalization lifts for elements whose gradient is near 0).
+#[test]
+fn gradient_accumulation_equals_one_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let cache = dir.path().join("cache");
+    let mut cfg = config(Recipe::Supra);
+    cfg.steps = 4;
+    let mut outs = Vec::new();
+    for micro in [1, 2] {
+        cfg.micro_batch = micro;
+        let out = dir.path().join(format!("micro{micro}"));
+        run(
+            tiny_linear(dir.path()),
+            &cfg,
+            &data,
+            &out,
+            &cache,
+            false,
+            None,
+        );
+        outs.push(out);
+    }
+    for key in ["loss", "grad_norm"] {
+        let (a, b) = (metric(&outs[0], key), metric(&outs[1], key));
+        for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+            let (x, y) = (x.unwrap(), y.unwrap());
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs(),
+                "{key} at update {step}: {x} vs {y}"
+            );
+        }
+    }
+    let (a, b) = (final_weights(&outs[0]), final_weights(&outs[1]));
+    for (name, t) in &a.weights {
+        let d = common::testing::max_abs_diff(t, &b.weights[name]);
+        assert!(d as f64 <= 0.05 * cfg.lr, "{name} differs by {d}");
+    }
+}
+
+/// Clipping scales the gradient before AdamW: at a threshold of 1e-12 every element is far
+/// below AdamW's ε, so the weights hardly move; the metrics keep the norm before clipping.
+#[test]
+fn clipping_bounds_the_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let cache = dir.path().join("cache");
+    let start = tiny_linear(dir.path());
+    let mut cfg = config(Recipe::Supra);
+    (cfg.steps, cfg.weight_decay, cfg.warmup_steps) = (2, 0.0, 0);
+    let mut moved = Vec::new();
+    for clip in [1e-12, 1e9] {
+        cfg.clip = clip;
+        let out = dir.path().join(format!("clip{clip}"));
+        run(
+            tiny_linear(dir.path()),
+            &cfg,
+            &data,
+            &out,
+            &cache,
+            false,
+            None,
+        );
+        let w = "model.layers.1.mlp.up_proj.weight";
+        moved.push(common::testing::max_abs_diff(
+            &start.weights[w],
+            &final_weights(&out).weights[w],
+        ));
+        let norms = metric(&out, "grad_norm");
+        assert!(norms.iter().all(|n| n.unwrap() > 1e-3), "{norms:?}");
+    }
+    assert!(
+        moved[0] < 1e-5,
+        "clipped to 1e-12, the weights moved by {}",
+        moved[0]
+    );
+    assert!(
+        moved[1] > 1e-3,
+        "unclipped, the weights moved by only {}",
+        moved[1]
+    );
+}
+
+/// The learning rate of every update follows the schedules: warmup then cosine for the
+/// cross-entropy recipes; transfer+finetune runs its own schedule over the transfer updates,
+/// then starts the fine-tuning one from its warmup.
+#[test]
+fn learning_rates_follow_the_schedules() {
+    use supra::train::schedule::Schedule;
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let cache = dir.path().join("cache");
+    for recipe in [Recipe::Supra, Recipe::TransferFinetune] {
+        let cfg = config(recipe);
+        let out = dir.path().join(recipe.name());
+        run(
+            tiny_linear(dir.path()),
+            &cfg,
+            &data,
+            &out,
+            &cache,
+            false,
+            None,
+        );
+        let lrs: Vec<f64> = metric(&out, "lr").into_iter().map(Option::unwrap).collect();
+        let offset = cfg.transfer_steps;
+        let ce = Schedule {
+            max_lr: cfg.lr,
+            min_lr: cfg.min_lr,
+            warmup_steps: cfg.warmup_steps,
+            total_steps: cfg.steps - offset,
+        };
+        let transfer = Schedule {
+            max_lr: cfg.transfer_lr,
+            min_lr: cfg.transfer_min_lr,
+            warmup_steps: cfg.transfer_warmup_steps,
+            total_steps: cfg.transfer_steps,
+        };
+        for (step, lr) in lrs.iter().enumerate() {
+            let step = step as u64;
+            let want = if step < offset {
+                transfer.lr(step)
+            } else {
+                ce.lr(step - offset)
+            };
+            assert!(
+                (lr - want).abs() < 1e-12,
+                "{recipe:?} update {step}: {lr} vs {want}"
+            );
+        }
+        // Warmup from lr/2 at the first cross-entropy update, then down toward the floor.
+        assert!((lrs[offset as usize] - cfg.lr / 2.0).abs() < 1e-12);
+        let decay = &lrs[offset as usize + 2..];
+        assert!(decay.windows(2).all(|w| w[1] < w[0]) && decay[decay.len() - 1] > cfg.min_lr);
+    }
+}
+
+/// Validation reads the validation data, not the training data.
+#[test]
+fn validation_reads_its_own_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let cache = dir.path().join("cache");
+    let other = dir.path().join("valid");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(
+        other.join("v.txt"),
+        "zebras quietly juggle violet umbrellas beneath xylophones. ".repeat(12),
+    )
+    .unwrap();
+    let mut cfg = config(Recipe::Supra);
+    cfg.steps = 5;
+    let mut finals = Vec::new();
+    for (name, valid) in [("same", &data), ("other", &vec![other.clone()])] {
+        let out = dir.path().join(name);
+        let inputs = TrainInputs {
+            data: &data,
+            valid: Some(valid),
+            out: &out,
+            resume: false,
+            stop_after: None,
+            token_cache: &cache,
+        };
+        train(tiny_linear(dir.path()), &cfg, &inputs).unwrap();
+        finals.push(
+            metric(&out, "val_loss")
+                .into_iter()
+                .flatten()
+                .last()
+                .unwrap(),
+        );
+    }
+    // Same training, so the same model: only the text it is validated on differs.
+    assert!(
+        (finals[0] - finals[1]).abs() > 1e-3,
+        "validation loss {} on the training text and {} on other text",
+        finals[0],
+        finals[1]
+    );
+}
+
+/// `--freeze` holds whole parameter groups (by the parameter table) fixed in the supra recipe.
+#[test]
+fn frozen_groups_do_not_move() {
+    use supra::model::params::{self, ParamGroup};
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let cache = dir.path().join("cache");
+    let start = tiny_linear(dir.path());
+    let mut cfg = config(Recipe::Supra);
+    cfg.steps = 3;
+    cfg.freeze = ParamGroup::parse_list("embeddings,mlp,norms").unwrap();
+    let out = dir.path().join("frozen");
+    run(
+        tiny_linear(dir.path()),
+        &cfg,
+        &data,
+        &out,
+        &cache,
+        false,
+        None,
+    );
+    let end = final_weights(&out);
+    for p in params::table(&start.config) {
+        let d = common::testing::max_abs_diff(&start.weights[&p.name], &end.weights[&p.name]);
+        match p.group {
+            ParamGroup::Embedding | ParamGroup::Head | ParamGroup::Mlp | ParamGroup::Norm => {
+                assert_eq!(d, 0.0, "{} ({:?}) moved", p.name, p.group)
+            }
+            ParamGroup::Attention | ParamGroup::Phi if !p.name.ends_with("bias") => {
+                assert!(d > 0.0, "{} ({:?}) did not move", p.name, p.group)
+            }
+            _ => {}
+        }
     }
 }

@@ -4,7 +4,7 @@
 use crate::attention::softmax::SoftmaxAttention;
 use crate::attention::supra::SupraAttention;
 use crate::attention::{Cell, CellState, Exec};
-use crate::config::{AttentionKind, LoraConfig, ModelConfig};
+use crate::config::{AttentionKind, ModelConfig};
 use crate::model::linear::Linear;
 use crate::model::mlp::Mlp;
 use crate::model::norm::RmsNorm;
@@ -131,6 +131,7 @@ impl Llama {
                 .cloned()
                 .ok_or_else(|| anyhow!("missing tensor '{name}'"))
         };
+        let table = crate::model::params::by_name(config);
         let linear = |name: &str, bias: bool| -> Result<Linear> {
             let b = if bias {
                 Some(get(&format!("{name}.bias"))?)
@@ -138,7 +139,9 @@ impl Llama {
                 None
             };
             let lin = Linear::new(get(&format!("{name}.weight"))?, b);
-            let adapted = LoraConfig::TARGETS.iter().any(|t| name.ends_with(t));
+            let adapted = table
+                .get(&format!("{name}.weight"))
+                .is_some_and(|p| p.lora_target);
             Ok(match (&config.lora, adapted) {
                 (Some(l), true) => lin.with_lora(
                     get(&format!("{name}.lora_A"))?,
@@ -277,11 +280,6 @@ impl Llama {
 
     pub fn has_softmax_layers(&self) -> bool {
         self.blocks.iter().any(|b| b.attn.state_grows())
-    }
-
-    /// Each layer's cell (attention transfer reads the SUPRA layers' projections).
-    pub fn cells(&self) -> impl Iterator<Item = &Cell> {
-        self.blocks.iter().map(|b| &b.attn)
     }
 
     /// Sets the chunk size of every layer's chunked forms.

@@ -5,6 +5,7 @@ pub mod linear;
 pub mod llama;
 pub mod mlp;
 pub mod norm;
+pub mod params;
 pub mod quant;
 pub mod rope;
 pub mod spin;

@@ -19,20 +19,30 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 /// How a model's matrices are stored for inference.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightFormat {
     #[default]
-    #[value(name = "f32")]
     F32,
     /// 8-bit blocks of 32 (8.5 bits per weight in ggml, 9 here with f32 scales).
-    #[value(name = "q8_0")]
     Q8_0,
     /// 4-bit blocks of 32.
-    #[value(name = "q4_0")]
     Q4_0,
 }
 
+impl std::str::FromStr for WeightFormat {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| anyhow::anyhow!("unknown weight format '{s}' (known: f32, q8_0, q4_0)"))
+    }
+}
+
 impl WeightFormat {
+    pub const ALL: [WeightFormat; 3] = [Self::F32, Self::Q8_0, Self::Q4_0];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::F32 => "f32",

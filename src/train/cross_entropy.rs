@@ -1,6 +1,8 @@
-//! Mean next-token cross-entropy as one fused op.
+//! Mean next-token cross-entropy as one fused op, with an optional z-loss (PaLM; open_lm's
+//! `--z-loss-coefficient`, which the SUPRA paper trains with) that keeps log Z near 0:
 //!
-//! loss = (1/N) Σᵢ (logsumexp(xᵢ) − xᵢ[tᵢ]),   ∂loss/∂xᵢ = (softmax(xᵢ) − onehot(tᵢ)) / N
+//! loss = (1/N) Σᵢ (Lᵢ − xᵢ[tᵢ] + z·Lᵢ²),  Lᵢ = logsumexp(xᵢ)
+//! ∂loss/∂xᵢ = (softmax(xᵢ)·(1 + 2z·Lᵢ) − onehot(tᵢ)) / N
 //!
 //! candle-nn's `cross_entropy` (log_softmax, gather, mean) makes about five full passes over
 //! the (N, vocab) logits forward and as many backward, each into a fresh tensor: at seq 512 and
@@ -14,7 +16,20 @@ use std::sync::Mutex;
 
 /// Mean cross-entropy of `logits` (N, V) f32 against `targets` (N) u32.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    logits.apply_op2(targets, FusedCrossEntropy::default())
+    cross_entropy_z(logits, targets, 0.0)
+}
+
+/// [`cross_entropy`] plus `z_loss` · mean(logsumexp²).
+pub fn cross_entropy_z(
+    logits: &Tensor,
+    targets: &Tensor,
+    z_loss: f64,
+) -> candle_core::Result<Tensor> {
+    let op = FusedCrossEntropy {
+        z_loss: z_loss as f32,
+        lse: Mutex::default(),
+    };
+    logits.apply_op2(targets, op)
 }
 
 /// The reference: candle-nn's log_softmax / gather / mean.
@@ -22,8 +37,8 @@ pub fn naive(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
     candle_nn::loss::cross_entropy(logits, targets)
 }
 
-#[derive(Default)]
 struct FusedCrossEntropy {
+    z_loss: f32,
     /// Per-row log-sum-exp from the forward pass, reused by the backward pass.
     lse: Mutex<Vec<f32>>,
 }
@@ -76,7 +91,7 @@ impl CustomOp2 for FusedCrossEntropy {
         let total: f64 = lse
             .iter()
             .zip(x.chunks(v).zip(t))
-            .map(|(&l, (row, &t))| (l - row[t as usize]) as f64)
+            .map(|(&l, (row, &t))| (l - row[t as usize] + self.z_loss * l * l) as f64)
             .sum();
         *self.lse.lock().expect("lse lock") = lse;
         Ok((
@@ -107,8 +122,9 @@ impl CustomOp2 for FusedCrossEntropy {
             .zip(x.par_chunks(v))
             .zip(lse.par_iter().zip(targets.par_iter()))
             .for_each(|((g, row), (&l, &t))| {
+                let p_scale = scale * (1.0 + 2.0 * self.z_loss * l);
                 for (g, &x) in g.iter_mut().zip(row) {
-                    *g = (x - l).exp() * scale;
+                    *g = (x - l).exp() * p_scale;
                 }
                 g[t as usize] -= scale;
             });
@@ -133,6 +149,24 @@ mod tests {
         assert!(diff < 1e-5, "loss differs by {diff}");
         // Scaled, so the incoming gradient is not 1 and the op must use it.
         let (gf, gr) = ((fused * 3.0)?.backward()?, (reference * 3.0)?.backward()?);
+        let d = crate::testing::max_abs_diff(gf.get(&x).unwrap(), gr.get(&x).unwrap());
+        assert!(d < 1e-6, "gradients differ by {d}");
+        Ok(())
+    }
+
+    /// With a z-loss: the value and gradient of the composition CE + z·mean(logsumexp²).
+    #[test]
+    fn z_loss_matches_its_composition() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (5, 40), &dev)?))?;
+        let t = Tensor::new(&[0u32, 39, 5, 5, 17], &dev)?;
+        let z = 0.05;
+        let fused = cross_entropy_z(&x, &t, z)?;
+        let lse = x.as_tensor().exp()?.sum(1)?.log()?;
+        let reference = (naive(&x, &t)? + (lse.sqr()?.mean_all()? * z)?)?;
+        let diff = (fused.to_scalar::<f32>()? - reference.to_scalar::<f32>()?).abs();
+        assert!(diff < 1e-5, "loss differs by {diff}");
+        let (gf, gr) = (fused.backward()?, reference.backward()?);
         let d = crate::testing::max_abs_diff(gf.get(&x).unwrap(), gr.get(&x).unwrap());
         assert!(d < 1e-6, "gradients differ by {d}");
         Ok(())

@@ -8,13 +8,12 @@ use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// The layers that carry adapters, by the parameter table: `{name}.weight` is a LoRA target.
 fn targets(model: &LoadedModel) -> Vec<String> {
-    (0..model.config.num_hidden_layers)
-        .flat_map(|i| {
-            LoraConfig::TARGETS
-                .iter()
-                .map(move |t| format!("model.layers.{i}.self_attn.{t}"))
-        })
+    crate::model::params::table(&model.config)
+        .into_iter()
+        .filter(|p| p.lora_target)
+        .filter_map(|p| p.name.strip_suffix(".weight").map(str::to_string))
         .collect()
 }
 

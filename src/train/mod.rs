@@ -6,6 +6,7 @@ pub mod data;
 pub mod lora;
 pub mod optim;
 pub mod plot;
+pub mod preset;
 pub mod recipe;
 pub mod run;
 pub mod schedule;

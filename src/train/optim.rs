@@ -8,6 +8,8 @@ use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Tensor, Var};
 use rayon::prelude::*;
 use std::collections::HashMap;
 
+use crate::model::params::{Param as TableEntry, ParamGroup};
+
 const CHUNK: usize = 1 << 14;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -32,7 +34,8 @@ impl Default for AdamWConfig {
 pub struct Param {
     pub name: String,
     pub var: Var,
-    /// Norm weights and biases get no weight decay.
+    pub group: ParamGroup,
+    /// From the parameter table: norm weights and biases get no weight decay.
     decay: bool,
     /// Whether the current phase trains this parameter (see [`AdamW::set_active`]).
     active: bool,
@@ -60,16 +63,17 @@ fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 }
 
 impl AdamW {
-    pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Self {
+    /// The parameters with their entries of the parameter table.
+    pub fn new(params: Vec<(TableEntry, Var)>, cfg: AdamWConfig) -> Self {
         let params = params
             .into_iter()
-            .map(|(name, var)| {
+            .map(|(entry, var)| {
                 let n = var.elem_count();
-                let decay = !(name.contains("norm") || name.ends_with(".bias"));
                 Param {
-                    name,
+                    name: entry.name,
                     var,
-                    decay,
+                    group: entry.group,
+                    decay: entry.weight_decay,
                     active: true,
                     t: 0,
                     grad: vec![0.0; n],
@@ -83,9 +87,9 @@ impl AdamW {
 
     /// Restricts gradient accumulation and updates to the parameters `train` accepts (a
     /// training phase that trains a subset); the others keep their values and moments.
-    pub fn set_active(&mut self, train: impl Fn(&str) -> bool) {
+    pub fn set_active(&mut self, train: impl Fn(ParamGroup) -> bool) {
         for p in &mut self.params {
-            p.active = train(&p.name);
+            p.active = train(p.group);
         }
     }
 
@@ -278,8 +282,18 @@ mod tests {
         let w = Var::from_vec(init.clone(), 5, &dev).unwrap();
         let b = Var::from_vec(vec![0.1f32, 0.2], 2, &dev).unwrap();
         let cfg = AdamWConfig::default();
+        let entry = |name: &str, weight_decay| TableEntry {
+            name: name.into(),
+            shape: vec![5],
+            group: ParamGroup::Attention,
+            weight_decay,
+            lora_target: false,
+        };
         let mut opt = AdamW::new(
-            vec![("w".into(), w.clone()), ("l.bias".into(), b.clone())],
+            vec![
+                (entry("w", true), w.clone()),
+                (entry("l.bias", false), b.clone()),
+            ],
             cfg,
         );
         let (mut p, mut m, mut v) = (

@@ -6,10 +6,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::io::LoadedModel;
 use crate::model::llama::Llama;
+use crate::model::params::{self, Param, ParamGroup};
 use crate::model::weights::Weights;
 use crate::train::transfer::Teacher;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Recipe {
     /// The paper's: next-token cross-entropy through the whole model.
@@ -19,7 +20,6 @@ pub enum Recipe {
     /// Transfer for the first `--transfer-tokens`, then cross-entropy on LoRA adapters (q, k,
     /// v, o) plus φ, or on all parameters with `--lora-rank 0`.
     #[serde(rename = "transfer+finetune")]
-    #[value(name = "transfer+finetune")]
     TransferFinetune,
 }
 
@@ -31,6 +31,19 @@ pub enum Objective {
     Transfer,
     /// Next-token cross-entropy.
     Ce,
+}
+
+impl std::str::FromStr for Recipe {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        [Self::Supra, Self::Transfer, Self::TransferFinetune]
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| {
+                anyhow::anyhow!("unknown recipe '{s}' (known: supra, transfer, transfer+finetune)")
+            })
+    }
 }
 
 impl Recipe {
@@ -56,90 +69,61 @@ impl Recipe {
     }
 }
 
-/// Whether an update with `objective` changes parameter `name` (of those the recipe trains).
-pub fn phase_trains(objective: Objective, name: &str) -> bool {
-    objective == Objective::Ce || Group::of(name) == Group::Phi
+/// Whether an update with `objective` changes parameters of `group` (of those the recipe
+/// trains): transfer reaches only φ.
+pub fn phase_trains(objective: Objective, group: ParamGroup) -> bool {
+    objective == Objective::Ce || group == ParamGroup::Phi
 }
 
-/// Parameter groups that `--freeze` can hold fixed (the `supra` recipe).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Group {
-    /// Token embedding and LM head.
-    Embeddings,
-    /// Feed-forward blocks.
-    Mlp,
-    /// The pretrained attention projections q, k, v, o.
-    Attention,
-    /// The feature maps φ.
-    Phi,
-    /// RMSNorm weights.
-    Norms,
-}
-
-impl Group {
-    pub fn of(name: &str) -> Self {
-        if name.contains("embed_tokens") || name.starts_with("lm_head") {
-            Self::Embeddings
-        } else if name.contains(".mlp.") {
-            Self::Mlp
-        } else if name.contains(".phi_") {
-            Self::Phi
-        } else if name.contains("norm") {
-            Self::Norms
-        } else {
-            Self::Attention
-        }
-    }
-}
-
-/// The names of the parameters `recipe` trains, sorted.
-pub fn trainable(model: &LoadedModel, recipe: Recipe, frozen: &[Group]) -> Result<Vec<String>> {
-    let mut names: Vec<String> = model
-        .weights
-        .keys()
-        .filter(|n| match recipe {
-            Recipe::Transfer => Group::of(n) == Group::Phi,
+/// The parameters `recipe` trains (entries of the parameter table), sorted by name.
+pub fn trainable(model: &LoadedModel, recipe: Recipe, frozen: &[ParamGroup]) -> Result<Vec<Param>> {
+    let mut params: Vec<Param> = params::table(&model.config)
+        .into_iter()
+        .filter(|p| match recipe {
+            Recipe::Transfer => p.group == ParamGroup::Phi,
             Recipe::TransferFinetune if model.config.lora.is_some() => {
-                Group::of(n) == Group::Phi || n.contains(".lora_")
+                matches!(p.group, ParamGroup::Phi | ParamGroup::Lora)
             }
-            Recipe::Supra | Recipe::TransferFinetune => !frozen.contains(&Group::of(n)),
+            Recipe::Supra | Recipe::TransferFinetune => !frozen.contains(&p.group),
         })
-        .cloned()
         .collect();
-    names.sort();
-    if names.is_empty() {
+    params.sort_by(|a, b| a.name.cmp(&b.name));
+    if params.is_empty() {
         match recipe {
             Recipe::Transfer | Recipe::TransferFinetune => bail!("the transfer recipe trains φ, and this model has none: convert it first (`supra convert`)"),
             Recipe::Supra => bail!("--freeze leaves nothing to train"),
         }
     }
-    Ok(names)
+    Ok(params)
 }
 
-/// The model with `names` as variables (gradients tracked) and everything else constant.
+/// The model with `params` as variables (gradients tracked) and everything else constant.
 /// The returned weights share storage with the variables, so they always hold current values.
 pub fn with_variables(
     model: &LoadedModel,
-    names: &[String],
-) -> Result<(Weights, Vec<(String, Var)>)> {
+    params: &[Param],
+) -> Result<(Weights, Vec<(Param, Var)>)> {
     let mut weights = model.weights.clone();
-    let mut vars = Vec::with_capacity(names.len());
-    for n in names {
-        let var = Var::from_tensor(&model.weights[n])?;
-        weights.insert(n.clone(), var.as_tensor().clone());
-        vars.push((n.clone(), var));
+    let mut vars = Vec::with_capacity(params.len());
+    for p in params {
+        let Some(t) = model.weights.get(&p.name) else {
+            bail!("the model has no tensor '{}'", p.name);
+        };
+        let var = Var::from_tensor(t)?;
+        weights.insert(p.name.clone(), var.as_tensor().clone());
+        vars.push((p.clone(), var));
     }
     Ok((weights, vars))
 }
 
 /// The objective's loss on a batch of windows (batch, seq_len + 1). `model` is built for
-/// training; `teacher` serves the transfer objective.
+/// training; `teacher` serves the transfer objective; `z_loss` weighs the cross-entropy's.
 pub fn loss(
     model: &Llama,
     teacher: &Teacher,
     objective: Objective,
     windows: &Tensor,
+    z_loss: f64,
 ) -> Result<Tensor> {
     let t = windows.dim(1)? - 1;
     let inputs = windows.narrow(1, 0, t)?;
@@ -150,8 +134,8 @@ pub fn loss(
             let hidden = model.forward_hidden(&inputs, None)?;
             let logits = model.logits(&hidden)?;
             let logits = logits.reshape((targets.dim(0)?, ()))?;
-            Ok(crate::train::cross_entropy::cross_entropy(
-                &logits, &targets,
+            Ok(crate::train::cross_entropy::cross_entropy_z(
+                &logits, &targets, z_loss,
             )?)
         }
     }

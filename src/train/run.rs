@@ -4,16 +4,19 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::io::LoadedModel;
 use crate::model::llama::Llama;
+use crate::model::params::{self, Param, ParamGroup};
+use crate::model::weights::Weights;
 use crate::train::checkpoint::{self, Progress};
 use crate::train::data::{TokenStream, Windows};
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::recipe::{self, Group, Objective, Recipe};
+use crate::train::recipe::{self, Objective, Recipe};
 use crate::train::schedule::Schedule;
 use crate::train::transfer::{self, Teacher};
 
@@ -21,6 +24,9 @@ use crate::train::transfer::{self, Teacher};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainConfig {
     pub recipe: Recipe,
+    /// The preset the values started from ([`crate::train::preset`]).
+    #[serde(default)]
+    pub preset: String,
     pub seq_len: usize,
     /// Tokens per optimizer update (rounded down to whole windows).
     pub batch_tokens: usize,
@@ -30,26 +36,50 @@ pub struct TrainConfig {
     pub lr: f64,
     pub min_lr: f64,
     pub warmup_steps: u64,
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    #[serde(default = "default_adam_eps")]
+    pub adam_eps: f64,
     pub weight_decay: f64,
     pub clip: f64,
+    /// Weight of the z-loss added to the cross-entropy.
+    #[serde(default)]
+    pub z_loss: f64,
     pub eval_every: u64,
     pub eval_windows: usize,
     pub checkpoint_every: u64,
     pub keep: usize,
     pub seed: u64,
-    pub freeze: Vec<Group>,
+    pub freeze: Vec<ParamGroup>,
     pub max_bad_steps: usize,
     /// transfer+finetune: updates of attention transfer before cross-entropy starts.
     #[serde(default)]
     pub transfer_steps: u64,
-    /// transfer+finetune: peak learning rate of the transfer phase.
+    /// transfer+finetune: peak learning rate of the transfer phase, its floor and warmup.
     #[serde(default)]
     pub transfer_lr: f64,
+    #[serde(default)]
+    pub transfer_min_lr: f64,
+    #[serde(default)]
+    pub transfer_warmup_steps: u64,
     /// transfer+finetune: LoRA rank of the fine-tuning phase (0: all parameters).
     #[serde(default)]
     pub lora_rank: usize,
     #[serde(default)]
     pub lora_alpha: f64,
+}
+
+// AdamW's settings before run.json recorded them.
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.95
+}
+fn default_adam_eps() -> f64 {
+    1e-8
 }
 
 impl TrainConfig {
@@ -155,12 +185,8 @@ fn evaluate(
     let mut total = 0.0;
     for chunk in (0..n).collect::<Vec<_>>().chunks(cfg.micro_batch) {
         let starts: Vec<usize> = chunk.iter().map(|i| i * cfg.seq_len).collect();
-        let l = recipe::loss(
-            model,
-            teacher,
-            objective,
-            &batch(stream, &starts, cfg.seq_len)?,
-        )?;
+        let windows = batch(stream, &starts, cfg.seq_len)?;
+        let l = recipe::loss(model, teacher, objective, &windows, cfg.z_loss)?;
         total += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
     }
     Ok(total / n as f64)
@@ -168,6 +194,97 @@ fn evaluate(
 
 /// Trains `model` (a fresh start) or the latest checkpoint under `inputs.out` (`resume`).
 pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Result<Summary> {
+    check_settings(cfg, &model)?;
+    let run_config = serde_json::to_value(cfg)?;
+    let (mut model, opt_state, mut progress) = start_or_resume(model, cfg, inputs, &run_config)?;
+    if cfg.recipe == Recipe::TransferFinetune && cfg.lora_rank > 0 && !inputs.resume {
+        crate::train::lora::add(&mut model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)?;
+    }
+    let trained = recipe::trainable(&model, cfg.recipe, &cfg.freeze)?;
+    check_memory(&model, &trained, cfg)?;
+    std::fs::create_dir_all(inputs.out)
+        .with_context(|| format!("cannot create {}", inputs.out.display()))?;
+    let mut data = Data::open(cfg, inputs, &model, &mut progress)?;
+    if cfg.recipe.uses_transfer() && !inputs.resume {
+        progress.wo_scales = calibrate(&mut model, &mut data, cfg)?;
+    }
+    let mut trainer = Trainer::new(&model, &trained, cfg, &progress)?;
+    if let Some(state) = &opt_state {
+        trainer.opt.load_state(state)?;
+    }
+    eprintln!(
+        "training {:.2} M of {:.2} M parameters ({} recipe) on {} tokens ({} windows of {}), {} windows per update",
+        trained.iter().map(|p| p.shape.iter().product::<usize>()).sum::<usize>() as f64 / 1e6,
+        model.config.param_count() as f64 / 1e6,
+        cfg.recipe.name(),
+        data.stream.len(),
+        data.windows.count,
+        cfg.seq_len,
+        cfg.windows_per_step()
+    );
+    let snapshot = |weights: &Weights| LoadedModel {
+        config: model.config.clone(),
+        weights: weights.clone(),
+        tokenizer: model.tokenizer.clone(),
+    };
+    let mut log = MetricsLog::open(inputs, &progress, cfg)?;
+    let end = inputs
+        .stop_after
+        .map_or(cfg.steps, |n| (progress.step + n).min(cfg.steps));
+    let mut bad_in_a_row = 0;
+    while progress.step < end {
+        let mut m = trainer.update(&mut data, &mut progress)?;
+        if m.skipped {
+            bad_in_a_row += 1;
+            log.bar.println(format!(
+                "step {}: loss {}, gradient norm {}: update skipped",
+                m.step, m.loss, m.grad_norm
+            ));
+            if bad_in_a_row >= cfg.max_bad_steps {
+                let last = checkpoint::list(inputs.out)?.pop();
+                bail!(
+                    "{bad_in_a_row} updates in a row had a non-finite loss or gradient; stopping. Last good checkpoint: {}",
+                    last.map_or("none".to_string(), |p| p.display().to_string())
+                );
+            }
+        } else {
+            bad_in_a_row = 0;
+        }
+        if let Some(v) = &data.valid {
+            if progress.step % cfg.eval_every == 0 || progress.step == cfg.steps {
+                m.val_loss = Some(trainer.validate(v, m.objective)?);
+            }
+        }
+        log.record(m)?;
+        if progress.step % cfg.checkpoint_every == 0 || progress.step == end {
+            checkpoint::save(
+                inputs.out,
+                &snapshot(&trainer.weights),
+                &trainer.opt.state()?,
+                &progress,
+                &run_config,
+                cfg.keep,
+            )?;
+        }
+    }
+    log.bar.finish();
+    let final_dir = if progress.step == cfg.steps {
+        let dir = inputs.out.join("final");
+        let merged = crate::train::lora::merge(&snapshot(&trainer.weights))?;
+        crate::io::hf_dir::save(&merged, &dir)?;
+        Some(dir)
+    } else {
+        None
+    };
+    Ok(Summary {
+        steps_done: progress.step,
+        last: log.history.last().cloned(),
+        final_dir,
+        history: log.history,
+    })
+}
+
+fn check_settings(cfg: &TrainConfig, model: &LoadedModel) -> Result<()> {
     if cfg.seq_len == 0 || cfg.micro_batch == 0 || cfg.steps == 0 {
         bail!("--seq-len, --micro-batch and the number of steps must be positive");
     }
@@ -185,11 +302,23 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
             cfg.seq_len
         );
     }
-    let run_config = serde_json::to_value(cfg)?;
-    let existing = checkpoint::list(inputs.out)?;
-    let (model, opt_state, mut progress) = if inputs.resume {
+    Ok(())
+}
+
+/// AdamW's moments and step counts, by name, as a checkpoint holds them.
+type OptimizerState = HashMap<String, Tensor>;
+
+/// The model, optimizer state and progress to start from: `model` at step 0, or the latest
+/// checkpoint of the run (whose settings must be these).
+fn start_or_resume(
+    model: LoadedModel,
+    cfg: &TrainConfig,
+    inputs: &TrainInputs,
+    run_config: &serde_json::Value,
+) -> Result<(LoadedModel, Option<OptimizerState>, Progress)> {
+    if inputs.resume {
         let ck = checkpoint::load_latest(inputs.out)?;
-        if ck.run_config != run_config {
+        if ck.run_config != *run_config {
             bail!(
                 "--resume: the settings differ from the run's ({}); resume with the same settings",
                 ck.dir.join("run.json").display()
@@ -200,31 +329,31 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
             ck.dir.display(),
             ck.progress.step
         );
-        (ck.model, Some(ck.optimizer), ck.progress)
-    } else {
-        if !existing.is_empty() {
-            bail!(
-                "{} already holds checkpoints; pass --resume to continue that run, or choose another --out",
-                inputs.out.display()
-            );
-        }
-        let p = Progress {
-            step: 0,
-            cursor: 0,
-            tokens: 0,
-            seed: cfg.seed,
-            wo_scales: Vec::new(),
-            data: String::new(),
-        };
-        (model, None, p)
-    };
-    let mut model = model;
-    if cfg.recipe == Recipe::TransferFinetune && cfg.lora_rank > 0 && !inputs.resume {
-        crate::train::lora::add(&mut model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)?;
+        return Ok((ck.model, Some(ck.optimizer), ck.progress));
     }
-    let names = recipe::trainable(&model, cfg.recipe, &cfg.freeze)?;
-    let n_trained: usize = names.iter().map(|n| model.weights[n].elem_count()).sum();
-    let need = memory_estimate(&model, n_trained, cfg);
+    if !checkpoint::list(inputs.out)?.is_empty() {
+        bail!(
+            "{} already holds checkpoints; pass --resume to continue that run, or choose another --out",
+            inputs.out.display()
+        );
+    }
+    let progress = Progress {
+        step: 0,
+        cursor: 0,
+        tokens: 0,
+        seed: cfg.seed,
+        wo_scales: Vec::new(),
+        data: String::new(),
+    };
+    Ok((model, None, progress))
+}
+
+fn check_memory(model: &LoadedModel, trained: &[Param], cfg: &TrainConfig) -> Result<()> {
+    let n_trained: usize = trained
+        .iter()
+        .map(|p| p.shape.iter().product::<usize>())
+        .sum();
+    let need = memory_estimate(model, n_trained, cfg);
     if let Some(avail) = mem_available_bytes().filter(|&a| need > a) {
         bail!(
             "this run needs about {:.1} GiB of memory, only {:.1} GiB is available: lower --micro-batch or --seq-len",
@@ -232,261 +361,299 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
             avail as f64 / (1u64 << 30) as f64
         );
     }
-    std::fs::create_dir_all(inputs.out)
-        .with_context(|| format!("cannot create {}", inputs.out.display()))?;
+    Ok(())
+}
 
-    let stream = TokenStream::build(inputs.data, &model.tokenizer, inputs.token_cache)?;
-    let mut windows = Windows::new(&stream, cfg.seq_len, cfg.seed)?;
-    let data_key = stream.key();
-    if inputs.resume && progress.data != data_key {
-        bail!("--resume: the training data (or tokenizer) changed since the run started; resume with the same --data");
+/// The training windows in their seeded order, and the validation text.
+struct Data {
+    stream: TokenStream,
+    windows: Windows,
+    valid: Option<TokenStream>,
+    seq_len: usize,
+}
+
+impl Data {
+    fn open(
+        cfg: &TrainConfig,
+        inputs: &TrainInputs,
+        model: &LoadedModel,
+        progress: &mut Progress,
+    ) -> Result<Self> {
+        let stream = TokenStream::build(inputs.data, &model.tokenizer, inputs.token_cache)?;
+        let windows = Windows::new(&stream, cfg.seq_len, cfg.seed)?;
+        let data_key = stream.key();
+        if inputs.resume && progress.data != data_key {
+            bail!("--resume: the training data (or tokenizer) changed since the run started; resume with the same --data");
+        }
+        progress.data = data_key;
+        let valid = match inputs.valid {
+            Some(v) => Some(TokenStream::build(v, &model.tokenizer, inputs.token_cache)?),
+            None => None,
+        };
+        if let Some(v) = &valid {
+            if v.len() <= cfg.seq_len {
+                bail!(
+                    "the validation data has {} tokens, fewer than one window of --seq-len {}",
+                    v.len(),
+                    cfg.seq_len
+                );
+            }
+        }
+        Ok(Self {
+            stream,
+            windows,
+            valid,
+            seq_len: cfg.seq_len,
+        })
     }
-    progress.data = data_key;
-    let valid = match inputs.valid {
-        Some(v) => Some(TokenStream::build(v, &model.tokenizer, inputs.token_cache)?),
-        None => None,
-    };
-    if let Some(v) = &valid {
-        if v.len() <= cfg.seq_len {
-            bail!(
-                "the validation data has {} tokens, fewer than one window of --seq-len {}",
-                v.len(),
-                cfg.seq_len
-            );
+
+    /// Windows number `cursor..cursor + n` of the data order, as one batch.
+    fn batch(&mut self, cursor: u64, n: usize) -> Result<Tensor> {
+        let starts: Vec<usize> = (0..n as u64)
+            .map(|i| self.windows.start(cursor + i))
+            .collect();
+        batch(&self.stream, &starts, self.seq_len)
+    }
+}
+
+/// Scales Wo to the teacher's per-head output (the transfer recipes), measured on the first
+/// windows of the data order: deterministic, before any update.
+fn calibrate(
+    model: &mut LoadedModel,
+    data: &mut Data,
+    cfg: &TrainConfig,
+) -> Result<Vec<Option<Vec<f32>>>> {
+    let n = CALIBRATION_WINDOWS.min(data.windows.count);
+    let batches = (0..n as u64)
+        .map(|i| Ok(data.batch(i, 1)?.narrow(1, 0, cfg.seq_len)?))
+        .collect::<Result<Vec<_>>>()?;
+    let scales = transfer::calibrate_output_scale(model, &batches)?;
+    let all: Vec<f32> = scales.iter().flatten().flatten().copied().collect();
+    let mean = all.iter().sum::<f32>() / all.len().max(1) as f32;
+    eprintln!("calibrated Wo to the teacher's per-head output scale on {n} windows (mean factor {mean:.3})");
+    Ok(scales)
+}
+
+/// The trained weights, the model built over them for each objective, the optimizer and the
+/// schedules.
+struct Trainer<'a> {
+    cfg: &'a TrainConfig,
+    /// Every weight; the trained ones share storage with the optimizer's variables.
+    weights: Weights,
+    opt: AdamW,
+    teacher: Teacher,
+    transfer_model: Llama,
+    ce_model: Llama,
+    /// transfer+finetune runs two schedules: one over the transfer updates, one over the rest.
+    transfer_schedule: Schedule,
+    schedule: Schedule,
+    /// Updates of the transfer schedule before the cross-entropy one starts.
+    offset: u64,
+}
+
+impl<'a> Trainer<'a> {
+    fn new(
+        model: &LoadedModel,
+        trained: &[Param],
+        cfg: &'a TrainConfig,
+        progress: &Progress,
+    ) -> Result<Self> {
+        let (weights, vars) = recipe::with_variables(model, trained)?;
+        let table = params::by_name(&model.config);
+        // One view of the weights per objective, in which only what that phase trains is a
+        // variable: in the transfer phase of transfer+finetune the LoRA adapters (trained
+        // later) would otherwise drag the backward pass through every layer's value path.
+        let phase_model = |objective| -> Result<Llama> {
+            let view: Weights = weights
+                .iter()
+                .map(|(n, t)| {
+                    let trains = table
+                        .get(n)
+                        .is_some_and(|p| recipe::phase_trains(objective, p.group));
+                    (n.clone(), if trains { t.clone() } else { t.detach() })
+                })
+                .collect();
+            Llama::for_training(&model.config, &view)
+        };
+        let opt = AdamW::new(
+            vars,
+            AdamWConfig {
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.adam_eps,
+                weight_decay: cfg.weight_decay,
+            },
+        );
+        let offset = if cfg.recipe == Recipe::TransferFinetune {
+            cfg.transfer_steps.min(cfg.steps)
+        } else {
+            0
+        };
+        Ok(Self {
+            cfg,
+            opt,
+            // The teacher's hidden states must not see the calibration.
+            teacher: Teacher::new(&model.config, &progress.wo_scales)?,
+            transfer_model: phase_model(Objective::Transfer)?,
+            ce_model: phase_model(Objective::Ce)?,
+            weights,
+            transfer_schedule: Schedule {
+                max_lr: cfg.transfer_lr,
+                min_lr: cfg.transfer_min_lr,
+                warmup_steps: cfg.transfer_warmup_steps,
+                total_steps: cfg.transfer_steps,
+            },
+            schedule: Schedule {
+                max_lr: cfg.lr,
+                min_lr: cfg.min_lr,
+                warmup_steps: cfg.warmup_steps,
+                total_steps: cfg.steps - offset,
+            },
+            offset,
+        })
+    }
+
+    fn model(&self, objective: Objective) -> &Llama {
+        match objective {
+            Objective::Transfer => &self.transfer_model,
+            Objective::Ce => &self.ce_model,
         }
     }
 
-    if cfg.recipe.uses_transfer() && !inputs.resume {
-        // Deterministic: the first windows of the data order, before any update.
-        let n = CALIBRATION_WINDOWS.min(windows.count);
-        let batches = (0..n as u64)
-            .map(|i| {
-                Ok(batch(&stream, &[windows.start(i)], cfg.seq_len)?.narrow(1, 0, cfg.seq_len)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        progress.wo_scales = transfer::calibrate_output_scale(&mut model, &batches)?;
-        let all: Vec<f32> = progress
-            .wo_scales
-            .iter()
-            .flatten()
-            .flatten()
-            .copied()
-            .collect();
-        let mean = all.iter().sum::<f32>() / all.len().max(1) as f32;
-        eprintln!("calibrated Wo to the teacher's per-head output scale on {n} windows (mean factor {mean:.3})");
-    }
-    let (weights, vars) = recipe::with_variables(&model, &names)?;
-    // One view of the weights per objective, in which only what that phase trains is a
-    // variable: in the transfer phase of transfer+finetune the LoRA adapters (trained later)
-    // would otherwise drag the backward pass through every layer's value path.
-    let phase_model = |objective| -> Result<Llama> {
-        let view: crate::model::weights::Weights = weights
-            .iter()
-            .map(|(n, t)| {
-                let t = if recipe::phase_trains(objective, n) {
-                    t.clone()
-                } else {
-                    t.detach()
-                };
-                (n.clone(), t)
-            })
-            .collect();
-        Llama::for_training(&model.config, &view)
-    };
-    // The teacher's hidden states must not see the calibration.
-    let teacher = Teacher::new(&model.config, &progress.wo_scales)?;
-    let transfer_model = phase_model(Objective::Transfer)?;
-    let ce_model = phase_model(Objective::Ce)?;
-    let mut opt = AdamW::new(
-        vars,
-        AdamWConfig {
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
-    );
-    if let Some(state) = &opt_state {
-        opt.load_state(state)?;
-    }
-    eprintln!(
-        "training {:.2} M of {:.2} M parameters ({} recipe) on {} tokens ({} windows of {}), {} windows per update",
-        n_trained as f64 / 1e6,
-        model.config.param_count() as f64 / 1e6,
-        cfg.recipe.name(),
-        stream.len(),
-        windows.count,
-        cfg.seq_len,
-        cfg.windows_per_step()
-    );
-    let snapshot = |weights: &crate::model::weights::Weights| LoadedModel {
-        config: model.config.clone(),
-        weights: weights.clone(),
-        tokenizer: model.tokenizer.clone(),
-    };
-
-    let metrics_path = inputs.out.join("metrics.jsonl");
-    // Lines after the resumed step belong to work that the checkpoint does not hold.
-    let kept: Vec<String> = match std::fs::read_to_string(&metrics_path) {
-        Ok(text) if inputs.resume => text
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s <= progress.step)
-            })
-            .map(|l| format!("{l}\n"))
-            .collect(),
-        _ => Vec::new(),
-    };
-    crate::io::atomic_write(&metrics_path, kept.concat().as_bytes())?;
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)?;
-
-    // transfer+finetune runs two schedules: one over the transfer updates, one over the rest.
-    let offset = if cfg.recipe == Recipe::TransferFinetune {
-        cfg.transfer_steps.min(cfg.steps)
-    } else {
-        0
-    };
-    let schedule = Schedule {
-        max_lr: cfg.lr,
-        min_lr: cfg.min_lr,
-        warmup_steps: cfg.warmup_steps,
-        total_steps: cfg.steps - offset,
-    };
-    let transfer_schedule = Schedule {
-        max_lr: cfg.transfer_lr,
-        min_lr: cfg.transfer_lr / 10.0,
-        warmup_steps: cfg.transfer_steps / 20,
-        total_steps: cfg.transfer_steps,
-    };
-    let per_step = cfg.windows_per_step();
-    let bar = indicatif::ProgressBar::new(cfg.steps).with_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps {msg} [{elapsed}<{eta}]",
-        )
-        .expect("valid template"),
-    );
-    bar.set_position(progress.step);
-    let mut history = Vec::new();
-    let mut bad_in_a_row = 0;
-    let end = inputs
-        .stop_after
-        .map_or(cfg.steps, |n| (progress.step + n).min(cfg.steps));
-    while progress.step < end {
-        let t0 = Instant::now();
+    /// One optimizer update: forward and backward over the update's windows, micro-batch by
+    /// micro-batch, then the clipped step (or none, when the loss or gradient is not finite).
+    fn update(&mut self, data: &mut Data, progress: &mut Progress) -> Result<Metrics> {
+        let (cfg, t0) = (self.cfg, Instant::now());
         let objective = cfg.recipe.objective(progress.step, cfg.transfer_steps);
-        opt.set_active(|n| recipe::phase_trains(objective, n));
-        let llama = match objective {
-            Objective::Transfer => &transfer_model,
-            Objective::Ce => &ce_model,
-        };
-        let lr = if progress.step < offset {
-            transfer_schedule.lr(progress.step)
+        self.opt
+            .set_active(|group| recipe::phase_trains(objective, group));
+        let lr = if progress.step < self.offset {
+            self.transfer_schedule.lr(progress.step)
         } else {
-            schedule.lr(progress.step - offset)
+            self.schedule.lr(progress.step - self.offset)
         };
-        let mut loss_sum = 0.0;
-        let mut done = 0;
+        let per_step = cfg.windows_per_step();
+        let (mut loss_sum, mut done) = (0.0, 0);
         while done < per_step {
             let n = cfg.micro_batch.min(per_step - done);
-            let starts: Vec<usize> = (0..n as u64)
-                .map(|i| windows.start(progress.cursor + i))
-                .collect();
-            let windows = batch(&stream, &starts, cfg.seq_len)?;
-            let loss = recipe::loss(llama, &teacher, objective, &windows)?;
+            let windows = data.batch(progress.cursor, n)?;
+            let model = self.model(objective);
+            let loss = recipe::loss(model, &self.teacher, objective, &windows, cfg.z_loss)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
             let grads = loss.backward()?;
-            opt.accumulate(&grads, n as f32 / per_step as f32)?;
+            self.opt.accumulate(&grads, n as f32 / per_step as f32)?;
             progress.cursor += n as u64;
             done += n;
         }
         let loss = loss_sum / per_step as f64;
-        let grad_norm = opt.grad_norm();
+        let grad_norm = self.opt.grad_norm();
         let skipped = !loss.is_finite() || !grad_norm.is_finite();
         if skipped {
-            opt.zero_grad();
-            bad_in_a_row += 1;
-            bar.println(format!(
-                "step {}: loss {loss}, gradient norm {grad_norm}: update skipped",
-                progress.step + 1
-            ));
-            if bad_in_a_row >= cfg.max_bad_steps {
-                let last = checkpoint::list(inputs.out)?.pop();
-                bail!(
-                    "{bad_in_a_row} updates in a row had a non-finite loss or gradient; stopping. Last good checkpoint: {}",
-                    last.map_or("none".to_string(), |p| p.display().to_string())
-                );
-            }
+            self.opt.zero_grad();
         } else {
-            bad_in_a_row = 0;
-            let scale = if grad_norm > cfg.clip {
-                cfg.clip / grad_norm
-            } else {
-                1.0
-            };
-            opt.step(lr, scale)?;
+            self.opt.step(lr, clip_scale(grad_norm, cfg.clip))?;
         }
         progress.step += 1;
         progress.tokens += (per_step * cfg.seq_len) as u64;
-        let tokens_per_s = (per_step * cfg.seq_len) as f64 / t0.elapsed().as_secs_f64();
-        let last_step = progress.step == cfg.steps;
-        let val_loss = match &valid {
-            Some(v) if progress.step % cfg.eval_every == 0 || last_step => {
-                Some(evaluate(llama, &teacher, objective, v, cfg)?)
-            }
-            _ => None,
-        };
-        let m = Metrics {
+        Ok(Metrics {
             step: progress.step,
             tokens: progress.tokens,
             objective,
             loss,
-            val_loss,
+            val_loss: None,
             lr,
             grad_norm,
-            tokens_per_s,
+            tokens_per_s: (per_step * cfg.seq_len) as f64 / t0.elapsed().as_secs_f64(),
             skipped,
+        })
+    }
+
+    /// The objective's mean loss over the first `eval_windows` windows of `valid`.
+    fn validate(&self, valid: &TokenStream, objective: Objective) -> Result<f64> {
+        evaluate(
+            self.model(objective),
+            &self.teacher,
+            objective,
+            valid,
+            self.cfg,
+        )
+    }
+}
+
+/// The factor that brings a gradient of norm `grad_norm` within `clip`.
+fn clip_scale(grad_norm: f64, clip: f64) -> f64 {
+    if grad_norm > clip {
+        clip / grad_norm
+    } else {
+        1.0
+    }
+}
+
+/// metrics.jsonl (kept up to the resumed step), the loss plot and the progress bar.
+struct MetricsLog<'a> {
+    file: std::fs::File,
+    path: PathBuf,
+    out: &'a Path,
+    cfg: &'a TrainConfig,
+    bar: indicatif::ProgressBar,
+    history: Vec<Metrics>,
+}
+
+impl<'a> MetricsLog<'a> {
+    fn open(inputs: &'a TrainInputs, progress: &Progress, cfg: &'a TrainConfig) -> Result<Self> {
+        let path = inputs.out.join("metrics.jsonl");
+        // Lines after the resumed step belong to work that the checkpoint does not hold.
+        let kept: Vec<String> = match std::fs::read_to_string(&path) {
+            Ok(text) if inputs.resume => text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s <= progress.step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect(),
+            _ => Vec::new(),
         };
-        writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
-        metrics_file.flush()?;
+        crate::io::atomic_write(&path, kept.concat().as_bytes())?;
+        let file = std::fs::OpenOptions::new().append(true).open(&path)?;
+        let bar = indicatif::ProgressBar::new(cfg.steps).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps {msg} [{elapsed}<{eta}]",
+            )
+            .expect("valid template"),
+        );
         bar.set_position(progress.step);
-        bar.set_message(format!(
-            "loss {loss:.4}{} lr {lr:.1e} {tokens_per_s:.0} tok/s",
-            val_loss.map_or(String::new(), |v| format!(" val {v:.4}"))
+        Ok(Self {
+            file,
+            path,
+            out: inputs.out,
+            cfg,
+            bar,
+            history: Vec::new(),
+        })
+    }
+
+    fn record(&mut self, m: Metrics) -> Result<()> {
+        writeln!(self.file, "{}", serde_json::to_string(&m)?)?;
+        self.file.flush()?;
+        self.bar.set_position(m.step);
+        self.bar.set_message(format!(
+            "loss {:.4}{} lr {:.1e} {:.0} tok/s",
+            m.loss,
+            m.val_loss.map_or(String::new(), |v| format!(" val {v:.4}")),
+            m.lr,
+            m.tokens_per_s
         ));
-        let evaluated = m.val_loss.is_some();
-        history.push(m);
-        if evaluated {
+        if m.val_loss.is_some() {
             // A plot is a convenience: never stop a run for it.
-            if let Err(e) = plot_all(inputs.out, &metrics_path, cfg) {
-                bar.println(format!("warning: loss plot not updated: {e:#}"));
+            if let Err(e) = plot_all(self.out, &self.path, self.cfg) {
+                self.bar
+                    .println(format!("warning: loss plot not updated: {e:#}"));
             }
         }
-        if progress.step % cfg.checkpoint_every == 0 || progress.step == end {
-            checkpoint::save(
-                inputs.out,
-                &snapshot(&weights),
-                &opt.state()?,
-                &progress,
-                &run_config,
-                cfg.keep,
-            )?;
-        }
+        self.history.push(m);
+        Ok(())
     }
-    bar.finish();
-    let final_dir = if progress.step == cfg.steps {
-        let dir = inputs.out.join("final");
-        crate::io::hf_dir::save(&crate::train::lora::merge(&snapshot(&weights))?, &dir)?;
-        Some(dir)
-    } else {
-        None
-    };
-    Ok(Summary {
-        steps_done: progress.step,
-        last: history.last().cloned(),
-        final_dir,
-        history,
-    })
 }

@@ -1,6 +1,8 @@
 #![allow(dead_code)]
 //! Shared helpers for integration tests.
 
+pub mod testing;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -3,27 +3,58 @@
 //! forms call it directly, the training form through a candle op with its own backward.
 
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType, D};
 
 pub const EPS: f64 = 1e-5;
 
-/// Normalizes every row of `d` values in place. In the element type, with the operations in
-/// the order candle's composed form took them (the mean as a sum times 1/d, the division last),
-/// so that models score exactly as they did before this kernel.
+/// A row's mean and σ = sqrt(var + ε), in the element type, with the operations in the order
+/// candle's composed form took them (the mean as a sum times 1/d), so that models score
+/// exactly as they did before this kernel. The forward and the backward both use it.
+fn stats<T: WithDType>(row: &[T]) -> (T, T) {
+    let inv_d = T::from_f64(1.0 / row.len() as f64);
+    let mut sum = T::from_f64(0.0);
+    row.iter().for_each(|&a| sum += a);
+    let mean = sum * inv_d;
+    let mut squares = T::from_f64(0.0);
+    row.iter().for_each(|&a| squares += (a - mean) * (a - mean));
+    // sqrt through f64 rounds to the same f32 as an f32 sqrt would.
+    let sigma = T::from_f64((squares * inv_d + T::from_f64(EPS)).to_f64().sqrt());
+    (mean, sigma)
+}
+
+/// Normalizes every row of `d` values in place: (x − mean) / σ, the division last.
 pub fn normalize_rows<T: WithDType>(x: &mut [T], d: usize) {
-    let inv_d = T::from_f64(1.0 / d as f64);
-    let eps = T::from_f64(EPS);
     for row in x.chunks_exact_mut(d) {
-        let mut sum = T::from_f64(0.0);
-        row.iter().for_each(|&a| sum += a);
-        let mean = sum * inv_d;
-        row.iter_mut().for_each(|a| *a -= mean);
-        let mut squares = T::from_f64(0.0);
-        row.iter().for_each(|&a| squares += a * a);
-        // sqrt through f64 rounds to the same f32 as an f32 sqrt would.
-        let sigma = T::from_f64((squares * inv_d + eps).to_f64().sqrt());
-        row.iter_mut().for_each(|a| *a /= sigma);
+        let (mean, sigma) = stats(row);
+        row.iter_mut().for_each(|a| *a = (*a - mean) / sigma);
     }
+}
+
+/// The gradient of [`normalize_rows`]: for y = (x − μ)/σ and incoming g,
+/// dx = (g − mean(g) − y·mean(g·y)) / σ, row by row in one pass.
+fn normalize_rows_grad<T: WithDType>(x: &[T], y: &[T], g: &[T], d: usize) -> Vec<T> {
+    let mut dx = Vec::with_capacity(x.len());
+    for ((xr, yr), gr) in x
+        .chunks_exact(d)
+        .zip(y.chunks_exact(d))
+        .zip(g.chunks_exact(d))
+    {
+        let (_, sigma) = stats(xr);
+        let sigma = sigma.to_f64();
+        let g_mean = gr.iter().map(|a| a.to_f64()).sum::<f64>() / d as f64;
+        let gy_mean = gr
+            .iter()
+            .zip(yr)
+            .map(|(a, b)| a.to_f64() * b.to_f64())
+            .sum::<f64>()
+            / d as f64;
+        dx.extend(
+            gr.iter()
+                .zip(yr)
+                .map(|(a, b)| T::from_f64((a.to_f64() - g_mean - b.to_f64() * gy_mean) / sigma)),
+        );
+    }
+    dx
 }
 
 /// [`normalize_rows`] over the last dimension of `x`, differentiable.
@@ -60,15 +91,23 @@ impl CustomOp1 for GroupNorm {
         Ok((out, layout.shape().clone()))
     }
 
-    /// y = (x − μ)/σ ⇒ dx = (g − mean(g) − y·mean(g·y)) / σ.
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv_sigma = (var + EPS)?.sqrt()?.recip()?;
-        let g_mean = g.mean_keepdim(D::Minus1)?;
-        let gy_mean = (g * y)?.mean_keepdim(D::Minus1)?;
-        let dx = (g.broadcast_sub(&g_mean)? - y.broadcast_mul(&gy_mean)?)?;
-        Ok(Some(dx.broadcast_mul(&inv_sigma)?))
+        let d = x.dim(D::Minus1)?;
+        fn flat<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
+            t.flatten_all()?.to_vec1::<T>()
+        }
+        let dx = match x.dtype() {
+            DType::F32 => {
+                let dx = normalize_rows_grad(&flat::<f32>(x)?, &flat(y)?, &flat(g)?, d);
+                Tensor::from_vec(dx, x.shape(), x.device())?
+            }
+            DType::F64 => {
+                let dx = normalize_rows_grad(&flat::<f64>(x)?, &flat(y)?, &flat(g)?, d);
+                Tensor::from_vec(dx, x.shape(), x.device())?
+            }
+            other => candle_core::bail!("group norm: unsupported dtype {other:?}"),
+        };
+        Ok(Some(dx))
     }
 }
 

@@ -30,6 +30,18 @@ use crate::model::rope::Rope;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Tensor};
 
+/// Sizes of one call of the sums: B sequences, H query heads over H_kv key/value heads, T
+/// tokens, feature dim d', value dim d_v.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub len: usize,
+    pub feature_dim: usize,
+    pub value_dim: usize,
+}
+
 /// How the per-head decay γ_h is chosen.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decay {
@@ -186,7 +198,7 @@ impl SupraAttention {
         exec: Exec,
     ) -> Result<Tensor> {
         let (q, k, v) = self.features(x, offset, exec)?;
-        let (b, h, t, f) = q.dims4()?;
+        let (b, h, t, _) = q.dims4()?;
         let d = self.head_dim;
         match exec {
             Exec::Train => {
@@ -204,33 +216,10 @@ impl SupraAttention {
                     "SUPRA inference runs in f32 (got {:?})",
                     q.dtype()
                 );
-                let flat =
-                    |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
-                let mut s = match state.as_ref().and_then(|s| s.as_ref()) {
-                    Some(s) => flat(s)?,
-                    None => vec![0f32; b * h * f * d],
-                };
-                let dims = scan::Dims {
-                    batch: b,
-                    heads: h,
-                    kv_heads: self.n_kv_heads,
-                    len: t,
-                    feature_dim: f,
-                    value_dim: d,
-                };
-                let mut o = scan::scan(
-                    &flat(&q)?,
-                    &flat(&k)?,
-                    &flat(&v)?,
-                    &mut s,
-                    &self.gammas,
-                    self.chunk_size,
-                    dims,
-                );
-                group_norm::normalize_rows(&mut o, d);
-                if let Some(st) = state {
-                    *st = Some(Tensor::from_vec(s, (b, h, f, d), x.device())?);
-                }
+                let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1()?) };
+                let mut scratch = None;
+                let state = state.unwrap_or(&mut scratch);
+                let o = self.scan(&flat(&q)?, &flat(&k)?, &flat(&v)?, (b, t), state)?;
                 Ok(Tensor::from_vec(o, (b, h, t, d), x.device())?)
             }
         }
@@ -240,8 +229,7 @@ impl SupraAttention {
     /// otherwise spend more time in a dozen small tensor operations per layer than in the
     /// products. Returns the per-head outputs (1, 1, H·d_v) before Wo.
     fn step(&self, x: &Tensor, offset: usize, state: &mut Option<Tensor>) -> Result<Tensor> {
-        let (h, f, d) = (self.n_heads, self.feature_dim, self.head_dim);
-        let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
         let phi = |lin: &Linear, y: Tensor| -> Result<Vec<f32>> {
             let mut out = flat(lin.forward(&y, Exec::Infer)?)?;
             out.iter_mut().for_each(|a| *a = a.max(0.0));
@@ -252,25 +240,49 @@ impl SupraAttention {
         let mut k = phi(phi_k, self.k.forward(x, Exec::Infer)?)?;
         let v = flat(self.v.forward(x, Exec::Infer)?)?;
         let (cos, sin) = self.rope.row(offset)?;
-        for head in q.chunks_mut(f).chain(k.chunks_mut(f)) {
+        for head in q
+            .chunks_mut(self.feature_dim)
+            .chain(k.chunks_mut(self.feature_dim))
+        {
             Rope::rotate(head, &cos, &sin);
         }
+        let o = self.scan(&q, &k, &v, (1, 1), state)?;
+        Ok(Tensor::from_vec(
+            o,
+            (1, 1, self.n_heads * self.head_dim),
+            x.device(),
+        )?)
+    }
+
+    /// The inference side's sums over q̃ (B, H, T, d'), k̃ and v (B, H_kv, T, ·) on slices,
+    /// from `state` (zeros when `None`), then GroupNorm; leaves the state after the last token
+    /// in `state`. Returns the per-head outputs (B, H, T, d_v).
+    fn scan(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        (batch, len): (usize, usize),
+        state: &mut Option<Tensor>,
+    ) -> Result<Vec<f32>> {
+        let (h, f, d) = (self.n_heads, self.feature_dim, self.head_dim);
+        let shape = (batch, h, f, d);
         let mut s = match state.take() {
-            Some(t) => flat(t)?,
-            None => vec![0f32; h * f * d],
+            Some(t) => t.flatten_all()?.to_vec1::<f32>()?,
+            None => vec![0f32; batch * h * f * d],
         };
-        let dims = scan::Dims {
-            batch: 1,
+        let dims = Dims {
+            batch,
             heads: h,
             kv_heads: self.n_kv_heads,
-            len: 1,
+            len,
             feature_dim: f,
             value_dim: d,
         };
-        let mut o = scan::scan(&q, &k, &v, &mut s, &self.gammas, self.chunk_size, dims);
+        let mut o = scan::scan(q, k, v, &mut s, &self.gammas, self.chunk_size, dims);
         group_norm::normalize_rows(&mut o, d);
-        *state = Some(Tensor::from_vec(s, (1, h, f, d), x.device())?);
-        Ok(Tensor::from_vec(o, (1, 1, h * d), x.device())?)
+        *state = Some(Tensor::from_vec(s, shape, &candle_core::Device::Cpu)?);
+        Ok(o)
     }
 
     /// The teacher's softmax attention on the same q, k, v and o projections.
@@ -310,7 +322,7 @@ mod tests {
     }
 
     /// Non-negative q̃ (B, H, T, d'), k̃ (B, H_kv, T, d') as φ produces them, and v.
-    fn inputs(d: naive::Dims, dtype: DType) -> (Tensor, Tensor, Tensor) {
+    fn inputs(d: Dims, dtype: DType) -> (Tensor, Tensor, Tensor) {
         let dev = Device::Cpu;
         let relu = |shape: (usize, usize, usize, usize)| {
             Tensor::randn(0f32, 1.0, shape, &dev)
@@ -325,8 +337,8 @@ mod tests {
         (to(q), to(k), to(v))
     }
 
-    fn dims(batch: usize, heads: usize, kv_heads: usize, len: usize) -> naive::Dims {
-        naive::Dims {
+    fn dims(batch: usize, heads: usize, kv_heads: usize, len: usize) -> Dims {
+        Dims {
             batch,
             heads,
             kv_heads,
@@ -365,35 +377,14 @@ mod tests {
         }
     }
 
-    /// The training form, from zero and from a state, against the definition (GQA through
-    /// repeat_kv); its final state too.
+    /// Both forms against the definition, from zero and from a state, with and without GQA,
+    /// at lengths around the chunk sizes: the training form (keys and values repeated per
+    /// query head; one chunk is the parallel form) and the slice form of prefill and step
+    /// (shared key/value heads read in place), outputs and final states.
     #[test]
-    fn chunked_form_agrees_with_the_definition() {
-        for (h, hkv) in [(9, 3), (4, 4)] {
-            let gammas = Decay::Lightning.gammas(h).unwrap();
-            for t in [1, 7, 64, 65, 300] {
-                let d = dims(2, h, hkv, t);
-                let (q, k, v) = inputs(d, DType::F32);
-                let s0 = Tensor::randn(0f32, 1.0, (2, h, 16, 12), &Device::Cpu).unwrap();
-                for start in [None, Some(&s0)] {
-                    let s0_flat = start.map(flat).unwrap_or_default();
-                    let (want_o, want_s) =
-                        naive::naive(&flat(&q), &flat(&k), &flat(&v), &s0_flat, &gammas, d);
-                    let (kr, vr) = (repeat_kv(&k, h).unwrap(), repeat_kv(&v, h).unwrap());
-                    for c in [16, 64, usize::MAX] {
-                        let (o, s) = chunk::chunked(&q, &kr, &vr, &gammas, c, start).unwrap();
-                        let (eo, es) = (rel_err(&flat(&o), &want_o), rel_err(&flat(&s), &want_s));
-                        assert!(eo <= 1e-5 && es <= 1e-5, "H={h} T={t} C={c}: {eo} {es}");
-                    }
-                }
-            }
-        }
-    }
-
-    /// The slice form (prefill and step) against the definition: shared key/value heads read in
-    /// place, from zero and from a state, any chunk size.
-    #[test]
-    fn scan_agrees_with_the_definition() {
+    fn forms_agree_with_the_definition() {
+        let f32s = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let widen = |x: &[f32]| x.iter().map(|&a| a as f64).collect::<Vec<_>>();
         for (h, hkv) in [(9, 3), (6, 2), (4, 4)] {
             let gammas = Decay::Lightning.gammas(h).unwrap();
             for t in [1, 7, 64, 65, 300] {
@@ -404,27 +395,22 @@ mod tests {
                     let s0_flat = start.map(flat).unwrap_or_default();
                     let (want_o, want_s) =
                         naive::naive(&flat(&q), &flat(&k), &flat(&v), &s0_flat, &gammas, d);
-                    for c in [1, 16, 64] {
-                        let f32s = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                        let mut s = match start {
-                            Some(s) => f32s(s),
-                            None => vec![0.0; 2 * h * 16 * 12],
-                        };
-                        let sd = scan::Dims {
-                            batch: d.batch,
-                            heads: h,
-                            kv_heads: hkv,
-                            len: t,
-                            feature_dim: 16,
-                            value_dim: 12,
-                        };
-                        let o = scan::scan(&f32s(&q), &f32s(&k), &f32s(&v), &mut s, &gammas, c, sd);
-                        let widen = |x: &[f32]| x.iter().map(|&a| a as f64).collect::<Vec<_>>();
-                        let (eo, es) = (rel_err(&widen(&o), &want_o), rel_err(&widen(&s), &want_s));
+                    let check = |o: &[f64], s: &[f64], form: &str| {
+                        let (eo, es) = (rel_err(o, &want_o), rel_err(s, &want_s));
                         assert!(
                             eo <= 1e-5 && es <= 1e-5,
-                            "H={h}/{hkv} T={t} C={c}: {eo} {es}"
+                            "H={h}/{hkv} T={t} {form}: {eo} {es}"
                         );
+                    };
+                    let (kr, vr) = (repeat_kv(&k, h).unwrap(), repeat_kv(&v, h).unwrap());
+                    for c in [16, 64, usize::MAX] {
+                        let (o, s) = chunk::chunked(&q, &kr, &vr, &gammas, c, start).unwrap();
+                        check(&flat(&o), &flat(&s), &format!("training C={c}"));
+                    }
+                    for c in [1, 16, 64] {
+                        let mut s = start.map_or(vec![0.0; 2 * h * 16 * 12], f32s);
+                        let o = scan::scan(&f32s(&q), &f32s(&k), &f32s(&v), &mut s, &gammas, c, d);
+                        check(&widen(&o), &widen(&s), &format!("slices C={c}"));
                     }
                 }
             }
@@ -485,7 +471,7 @@ mod tests {
     fn chunked_form_gradients_match_finite_differences() {
         let gammas = Decay::Lightning.gammas(2).unwrap();
         let (q, k, v) = inputs(
-            naive::Dims {
+            Dims {
                 batch: 1,
                 heads: 2,
                 kv_heads: 2,

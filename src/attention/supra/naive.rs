@@ -3,18 +3,8 @@
 //! o_t = Σ_{i≤t} γ^(t−i) (q̃_t · k̃_i / √d') v_i, for query head h reading key/value head
 //! [`kv_head`](crate::attention::kv_head)(h).
 
+use super::Dims;
 use crate::attention::kv_head;
-
-/// Dimensions of [`naive`]'s flat row-major inputs.
-#[derive(Debug, Clone, Copy)]
-pub struct Dims {
-    pub batch: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub len: usize,
-    pub feature_dim: usize,
-    pub value_dim: usize,
-}
 
 /// q̃ (B, H, T, d'), k̃ (B, H_kv, T, d'), v (B, H_kv, T, d_v), `s0` (B, H, d', d_v) or empty
 /// → (O (B, H, T, d_v), S after the last token).

@@ -4,21 +4,10 @@
 //! At evaluation's shapes (tens of rows of ~100 tokens) and in decoding, a dozen small candle
 //! operations per chunk cost more than the products themselves.
 
+use super::Dims;
 use crate::attention::kv_head;
 use crate::model::gemm::{gemm, Strided};
 use rayon::prelude::*;
-
-/// Sizes of one call: B sequences, H query heads over H_kv key/value heads, T tokens, feature
-/// dim d', value dim d_v.
-#[derive(Debug, Clone, Copy)]
-pub struct Dims {
-    pub batch: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub len: usize,
-    pub feature_dim: usize,
-    pub value_dim: usize,
-}
 
 /// q̃ (B, H, T, d'), k̃ (B, H_kv, T, d'), v (B, H_kv, T, d_v), row-major; `state` (B, H, d', d_v)
 /// holds S before the first token and is left holding S after the last. Returns O (B, H, T, d_v).

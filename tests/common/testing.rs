@@ -2,14 +2,14 @@
 //! (byte-level BPE vocabulary, ChatML template, llama.cpp tensor names and Wq/Wk layout) small
 //! enough to build in milliseconds.
 
-use crate::config::{Arch, AttentionKind, ModelConfig};
-use crate::io::gguf::{gguf_name, permute_rope_rows};
-use crate::model::weights::expected_tensors;
 use anyhow::Result;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use std::path::Path;
+use supra::config::{Arch, AttentionKind, ModelConfig};
+use supra::io::gguf::{gguf_name, permute_rope_rows};
+use supra::model::weights::expected_tensors;
 
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a tiny test model<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
@@ -234,15 +234,15 @@ pub fn tiny_loaded(
     dir: &Path,
     seed: u64,
     softmax_layers: Option<&[usize]>,
-) -> Result<crate::io::LoadedModel> {
+) -> Result<supra::io::LoadedModel> {
     let path = dir.join(format!("tiny-{seed}.gguf"));
     write_tiny_gguf(&path, seed)?;
-    let teacher = crate::io::load(&path)?;
+    let teacher = supra::io::load(&path)?;
     match softmax_layers {
         None => Ok(teacher),
-        Some(keep) => crate::convert::convert(
+        Some(keep) => supra::convert::convert(
             &teacher,
-            &crate::convert::ConvertOptions {
+            &supra::convert::ConvertOptions {
                 softmax_layers: keep.to_vec(),
                 ..Default::default()
             },

@@ -1,0 +1,329 @@
+//! `supra bench`: throughput of inference, generation, training and one attention layer.
+
+use anyhow::{bail, Result};
+use clap::Subcommand;
+use std::path::PathBuf;
+use supra::convert::ConvertOptions;
+use supra::io::{self, fetch, LoadedModel};
+use supra::model::llama::{Form, Llama};
+use supra::model::quant::WeightFormat;
+use supra::train::recipe::Recipe;
+
+use super::model::{store_weights_as, InferModelArg, ModelArg};
+use super::parse_tokens;
+
+#[derive(Subcommand)]
+pub(crate) enum BenchCommand {
+    /// One SUPRA layer (SmolLM2-135M shapes) forward + backward: parallel vs chunked form,
+    /// time and peak memory.
+    Attention {
+        /// Sequence length.
+        #[arg(long, default_value_t = 2048)]
+        seq: usize,
+        /// Runs per form; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
+    /// Training throughput of each recipe on a converted model: tokens/s, the split between
+    /// forward, backward and optimizer, and achieved GFLOP/s against this machine's matmul peak.
+    Train {
+        /// A converted model (SUPRA layers) [default: the default model, converted in memory].
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// Timed steps per recipe (after one warm-up step); the median is reported.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Recipes to time (supra, transfer, transfer+finetune); transfer+finetune times its
+        /// fine-tuning phase (LoRA rank 16 + φ).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "supra,transfer,transfer+finetune"
+        )]
+        recipes: Vec<Recipe>,
+    },
+    /// Inference speed against context length, teacher and linear side by side: prefill and
+    /// decode tokens/s and peak memory at each context, for each weight format; a markdown
+    /// table, optionally CSV and a PNG of decode speed. Softmax models run past their trained
+    /// context here on purpose.
+    Infer {
+        /// GGUF files or HF directories [default: SmolLM2-135M-Instruct and its SUPRA
+        /// conversion, made in memory (untrained φ: the speed is the same)].
+        models: Vec<PathBuf>,
+        /// Names for the models in the table and plot, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        names: Vec<String>,
+        /// Contexts to measure at (a k suffix multiplies by 1024).
+        #[arg(long, value_delimiter = ',', value_parser = parse_tokens, default_value = "512,2k,8k,32k,64k")]
+        contexts: Vec<usize>,
+        /// Models with softmax layers stop at this context (their KV cache and attention grow
+        /// with it).
+        #[arg(long, value_parser = parse_tokens, default_value = "32k")]
+        softmax_max: usize,
+        #[arg(long, value_delimiter = ',', default_value = "f32,q8_0", value_parser = super::model::weight_format())]
+        weights: Vec<WeightFormat>,
+        /// Tokens decoded at each context.
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(2..))]
+        gen: u64,
+        /// Decode runs at each context; the median rate is reported.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+        repeats: u64,
+        /// Also write the rows as CSV.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// Also plot decode tokens/s against context.
+        #[arg(long)]
+        png: Option<PathBuf>,
+    },
+    /// Prompt processing and generation speed, and peak memory, of `supra generate`.
+    Generate {
+        #[command(flatten)]
+        model: InferModelArg,
+        /// Tokens of context to prefill before generating (a comma-separated list runs each).
+        #[arg(long, value_delimiter = ',', default_value = "512")]
+        context: Vec<usize>,
+        /// Tokens to generate after the context.
+        #[arg(long, default_value_t = 128)]
+        gen: usize,
+    },
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bench_infer(
+    models: &[PathBuf],
+    names: &[String],
+    mut contexts: Vec<usize>,
+    softmax_max: usize,
+    weights: &[WeightFormat],
+    (gen, repeats): (usize, usize),
+    csv: Option<PathBuf>,
+    png: Option<PathBuf>,
+) -> Result<()> {
+    contexts.sort_unstable();
+    contexts.dedup();
+    let paths: Vec<Option<PathBuf>> = if models.is_empty() {
+        vec![None, None]
+    } else {
+        models.iter().cloned().map(Some).collect()
+    };
+    if !names.is_empty() && names.len() != paths.len() {
+        bail!(
+            "--names gives {} names for {} models",
+            names.len(),
+            paths.len()
+        );
+    }
+    let name = |i: usize, p: &Option<PathBuf>| match (names.get(i), p) {
+        (Some(n), _) => n.clone(),
+        (None, Some(p)) => p
+            .file_name()
+            .map_or("model".into(), |s| s.to_string_lossy().into_owned()),
+        (None, None) if i == 0 => "teacher".to_string(),
+        (None, None) => "supra".to_string(),
+    };
+    // Loads model `i` afresh for each format (quantizing drops the f32 weights).
+    let load = |i: usize, p: &Option<PathBuf>| -> Result<(LoadedModel, Llama)> {
+        let (loaded, model) = ModelArg { model: p.clone() }.load()?;
+        if p.is_some() || i == 0 {
+            return Ok((loaded, model));
+        }
+        let converted = supra::convert::convert(&loaded, &ConvertOptions::default())?;
+        let model = Llama::new(&converted.config, &converted.weights)?;
+        Ok((converted, model))
+    };
+    println!("| model | weights | context | prefill tokens/s | decode tokens/s | state (MiB) | peak RSS (MiB) |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        for &w in weights {
+            let (mut loaded, mut model) = load(i, p)?;
+            model.past_context = true;
+            store_weights_as(&mut loaded, &mut model, w)?;
+            let limit = if model.has_softmax_layers() {
+                softmax_max
+            } else {
+                usize::MAX
+            };
+            let these: Vec<usize> = contexts.iter().copied().filter(|&c| c <= limit).collect();
+            supra::bench::infer(
+                &model,
+                &loaded.tokenizer,
+                &name(i, p),
+                w.name(),
+                &these,
+                (gen, repeats),
+                |r: &supra::bench::InferPoint| {
+                    println!(
+                        "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {} |",
+                        r.model,
+                        r.weights,
+                        r.context,
+                        r.prefill_tps,
+                        r.decode_tps,
+                        r.state_mib,
+                        r.peak_rss_mib.map_or("n/a".into(), |m| format!("{m:.0}"))
+                    );
+                    rows.push(r.clone());
+                    Ok(())
+                },
+            )?;
+        }
+    }
+    if let Some(path) = &csv {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        for r in &rows {
+            w.serialize(r)?;
+        }
+        io::atomic_write(path, &w.into_inner()?)?;
+    }
+    if let Some(path) = &png {
+        let mut series: Vec<supra::plot::Series> = Vec::new();
+        for r in &rows {
+            let key = format!("{} {}", r.model, r.weights);
+            let point = (r.context as f64, r.decode_tps);
+            match series.iter_mut().find(|s| s.name == key) {
+                Some(s) => s.points.push(point),
+                None => series.push(supra::plot::Series::points(key, vec![point])),
+            }
+        }
+        let spec = supra::plot::Lines {
+            title: "decode speed against context",
+            x_desc: "tokens of context",
+            y_desc: "decode tokens/s",
+            x_scale: supra::plot::Scale::Log2,
+            y_scale: supra::plot::Scale::Log10,
+            marker: None,
+            y_range: None,
+        };
+        supra::plot::lines(&spec, &series, path)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Generate {
+            model,
+            context,
+            gen,
+        } => generate(&model, &context, gen),
+        BenchCommand::Train {
+            model,
+            seq_len,
+            steps,
+            recipes,
+        } => train(model, seq_len, steps, &recipes),
+        BenchCommand::Infer {
+            models,
+            names,
+            contexts,
+            softmax_max,
+            weights,
+            gen,
+            repeats,
+            csv,
+            png,
+        } => bench_infer(
+            &models,
+            &names,
+            contexts,
+            softmax_max,
+            &weights,
+            (gen as usize, repeats as usize),
+            csv,
+            png,
+        ),
+        BenchCommand::Attention { seq, repeats } => attention(seq, repeats),
+    }
+}
+
+fn generate(model: &InferModelArg, context: &[usize], gen: usize) -> Result<()> {
+    let (loaded, llama) = model.load()?;
+    println!(
+        "| context | prefill tokens/s | decode tokens/s | state at end (MiB) | peak RSS (MiB) |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for &ctx in context {
+        if let Some(limit) = llama.context_limit().filter(|&l| ctx + gen > l) {
+            println!("| {ctx} | beyond the model's context ({limit}) | | | |");
+            continue;
+        }
+        supra::bench::reset_peak_rss();
+        let s = supra::bench::generate(&llama, &loaded.tokenizer, ctx, gen)?;
+        let rss = supra::bench::peak_rss_bytes().map_or("n/a".to_string(), |b| {
+            format!("{:.0}", supra::bench::mib(b))
+        });
+        println!(
+            "| {ctx} | {:.1} | {:.1} | {:.1} | {rss} |",
+            s.prefill_tps(),
+            s.decode_tps(),
+            supra::bench::mib(s.state_bytes as u64)
+        );
+    }
+    Ok(())
+}
+
+fn train(model: Option<PathBuf>, seq_len: usize, steps: usize, recipes: &[Recipe]) -> Result<()> {
+    let loaded = match model {
+        Some(p) => io::load(&p)?,
+        None => supra::convert::convert(
+            &io::load(&fetch::ensure_default_model()?)?,
+            &ConvertOptions::default(),
+        )?,
+    };
+    let peak = supra::bench::matmul_peak_gflops()?;
+    let n = loaded.config.param_count() as f64;
+    println!(
+        "matmul peak (f32, 1024³): {peak:.1} GFLOP/s; model: {:.2} M parameters; seq {seq_len}",
+        n / 1e6
+    );
+    println!("| recipe | trained params | tokens/s | forward (s) | backward (s) | optimizer (s) | GFLOP/s (6·N per token) | % of peak |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for &recipe in recipes {
+        let b = supra::bench::train_step(&loaded, recipe, seq_len, steps.max(1))?;
+        // 6·N FLOPs per token is the full forward + backward of cross-entropy training;
+        // transfer runs a forward and backpropagates only into φ, so it has no such figure.
+        let flops = match recipe {
+            Recipe::Supra => {
+                let g = 6.0 * n * b.tokens_per_s / 1e9;
+                format!("{g:.1} | {:.0} %", 100.0 * g / peak)
+            }
+            Recipe::Transfer | Recipe::TransferFinetune => "— | —".to_string(),
+        };
+        println!(
+            "| {} | {:.2} M | {:.1} | {:.2} | {:.2} | {:.2} | {flops} |",
+            match recipe {
+                Recipe::TransferFinetune => "transfer+finetune (LoRA 16 + φ)",
+                r => r.name(),
+            },
+            b.trained_params as f64 / 1e6,
+            b.tokens_per_s,
+            b.forward_s,
+            b.backward_s,
+            b.optimizer_s,
+        );
+    }
+    Ok(())
+}
+
+fn attention(seq: usize, repeats: usize) -> Result<()> {
+    println!("| form | T | forward (s) | backward (s) | peak RSS (MiB) |");
+    println!("|---|---:|---:|---:|---:|");
+    if repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    // Chunked first: memory the parallel form frees may stay resident.
+    for form in [Form::Chunked, Form::Parallel] {
+        let b = supra::bench::attention(seq, form, repeats)?;
+        let rss = b.peak_rss.map_or("n/a".to_string(), |x| {
+            format!("{:.0}", supra::bench::mib(x))
+        });
+        println!(
+            "| {form:?} | {seq} | {:.3} | {:.3} | {rss} |",
+            b.forward.as_secs_f64(),
+            b.backward.as_secs_f64()
+        );
+    }
+    Ok(())
+}

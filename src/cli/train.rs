@@ -1,0 +1,289 @@
+//! `supra train` and `supra linearize`.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+use supra::io::fetch;
+use supra::train::preset;
+use supra::train::run::{TrainConfig, TrainInputs};
+
+use super::data_dir;
+use super::model::ModelArg;
+
+#[derive(Args)]
+pub(crate) struct TrainArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArg,
+    /// Training text: .txt, .txt.gz or .jsonl files, or directories of them.
+    #[arg(long, required = true, num_args = 1..)]
+    pub(crate) data: Vec<PathBuf>,
+    /// Run directory (checkpoints, metrics, final model).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// The recipe's preset (listed below): what trains, on which loss, and every
+    /// hyperparameter the flags below do not set.
+    #[arg(long, default_value = "transfer", value_parser = PRESET_NAMES)]
+    pub(crate) recipe: String,
+    /// Validation text [default: DATA_DIR/text/valid when it exists].
+    #[arg(long, num_args = 1..)]
+    pub(crate) valid: Vec<PathBuf>,
+    /// Do not validate.
+    #[arg(long, conflicts_with = "valid")]
+    pub(crate) no_valid: bool,
+    /// Shared data directory [default: $SUPRA_DATA_DIR or ../shared/data].
+    #[arg(long)]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// Tokens per training window [default: the recipe's].
+    #[arg(long)]
+    pub(crate) seq_len: Option<usize>,
+    /// Tokens per optimizer update (whole windows; gradients accumulate) [default: the
+    /// recipe's].
+    #[arg(long)]
+    pub(crate) batch_tokens: Option<usize>,
+    /// Windows per forward/backward pass.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) micro_batch: usize,
+    /// Training tokens in all, both phases of transfer+finetune included (sets the number of
+    /// updates) [default: the recipe's, 262,144].
+    #[arg(long, conflicts_with = "steps")]
+    pub(crate) tokens: Option<u64>,
+    /// transfer+finetune: tokens of the transfer phase [default: half of the run].
+    #[arg(long)]
+    pub(crate) transfer_tokens: Option<u64>,
+    /// transfer+finetune: peak learning rate of the transfer phase [default: the recipe's].
+    #[arg(long)]
+    pub(crate) transfer_lr: Option<f64>,
+    /// transfer+finetune: LoRA rank on q, k, v, o for the fine-tuning phase; 0 fine-tunes all
+    /// parameters instead. Adapters merge into the weights of the final model [default: 16].
+    #[arg(long)]
+    pub(crate) lora_rank: Option<usize>,
+    /// LoRA alpha (the adapter is scaled by alpha / rank) [default: the rank].
+    #[arg(long)]
+    pub(crate) lora_alpha: Option<f64>,
+    /// Number of updates (instead of --tokens).
+    #[arg(long)]
+    pub(crate) steps: Option<u64>,
+    /// Peak learning rate [default: the recipe's].
+    #[arg(long)]
+    pub(crate) lr: Option<f64>,
+    /// Final learning rate of the cosine schedule [default: the recipe's ratio to its peak].
+    #[arg(long)]
+    pub(crate) min_lr: Option<f64>,
+    /// Linear warmup updates [default: the recipe's].
+    #[arg(long)]
+    pub(crate) warmup_steps: Option<u64>,
+    /// AdamW's decoupled weight decay (norms, biases and the embedding are exempt)
+    /// [default: the recipe's].
+    #[arg(long)]
+    pub(crate) weight_decay: Option<f64>,
+    /// Global gradient-norm clipping threshold [default: the recipe's].
+    #[arg(long)]
+    pub(crate) clip: Option<f64>,
+    /// Weight of the z-loss mean(log Z)² added to the cross-entropy [default: the recipe's].
+    #[arg(long)]
+    pub(crate) z_loss: Option<f64>,
+    /// Validate every N updates (and at the end).
+    #[arg(long, default_value_t = 25)]
+    pub(crate) eval_every: u64,
+    /// Validation windows.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) eval_windows: usize,
+    /// Checkpoint every N updates (and at the end).
+    #[arg(long, default_value_t = 50)]
+    pub(crate) checkpoint_every: u64,
+    /// Checkpoints kept.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) keep: usize,
+    /// Seed of the data order.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Parameter groups held fixed in full fine-tuning, comma-separated: embeddings
+    /// (embedding and head), embedding, head, attention, phi, mlp, norms.
+    #[arg(long)]
+    pub(crate) freeze: Option<String>,
+    /// Non-finite updates in a row before the run stops.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) max_bad_steps: usize,
+    /// Continue the run in --out from its latest checkpoint (same settings).
+    #[arg(long)]
+    pub(crate) resume: bool,
+    /// Stop after this many updates in this invocation (resume later with --resume).
+    #[arg(long)]
+    pub(crate) stop_after: Option<u64>,
+}
+
+const PRESET_NAMES: [&str; 4] = ["supra-paper", "supra", "transfer", "transfer+finetune"];
+
+impl TrainArgs {
+    /// Every hyperparameter: the preset's, with the flags on top.
+    fn config(&self) -> Result<TrainConfig> {
+        let o = preset::Overrides {
+            seq_len: self.seq_len,
+            batch_tokens: self.batch_tokens,
+            tokens: self.tokens,
+            steps: self.steps,
+            lr: self.lr,
+            min_lr: self.min_lr,
+            warmup_steps: self.warmup_steps,
+            weight_decay: self.weight_decay,
+            clip: self.clip,
+            z_loss: self.z_loss,
+            transfer_tokens: self.transfer_tokens,
+            transfer_lr: self.transfer_lr,
+            lora_rank: self.lora_rank,
+            lora_alpha: self.lora_alpha,
+            freeze: match &self.freeze {
+                Some(s) => supra::model::params::ParamGroup::parse_list(s)?,
+                None => Vec::new(),
+            },
+        };
+        let run = preset::RunSettings {
+            micro_batch: self.micro_batch,
+            eval_every: self.eval_every,
+            eval_windows: self.eval_windows,
+            checkpoint_every: self.checkpoint_every,
+            keep: self.keep,
+            seed: self.seed,
+            max_bad_steps: self.max_bad_steps,
+        };
+        preset::find(&self.recipe)?.resolve(&o, &run)
+    }
+}
+
+pub(crate) fn train(a: &TrainArgs) -> Result<()> {
+    let cfg = a.config()?;
+    let (loaded, _) = a.model.load()?;
+    let default_valid = data_dir(&a.data_dir).join("text/valid");
+    let valid: Option<Vec<PathBuf>> = if a.no_valid {
+        None
+    } else if !a.valid.is_empty() {
+        Some(a.valid.clone())
+    } else if default_valid.exists() {
+        Some(vec![default_valid])
+    } else {
+        eprintln!(
+            "no validation data ({} does not exist; use --valid or --data-dir)",
+            default_valid.display()
+        );
+        None
+    };
+    let token_cache = fetch::cache_dir().join("tokens");
+    let inputs = TrainInputs {
+        data: &a.data,
+        valid: valid.as_deref(),
+        out: &a.out,
+        resume: a.resume,
+        stop_after: a.stop_after,
+        token_cache: &token_cache,
+    };
+    let summary = supra::train::run::train(loaded, &cfg, &inputs)?;
+    if let Some(m) = &summary.last {
+        eprintln!(
+            "step {}/{}: loss {:.4}{}",
+            summary.steps_done,
+            cfg.steps,
+            m.loss,
+            m.val_loss
+                .map_or(String::new(), |v| format!(", validation loss {v:.4}"))
+        );
+    }
+    match &summary.final_dir {
+        Some(d) => eprintln!("final model: {}", d.display()),
+        None => eprintln!(
+            "stopped at step {}; continue with --resume",
+            summary.steps_done
+        ),
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub(crate) struct LinearizeArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArg,
+    /// Output directory: converted/, run/ (checkpoints, metrics), run/final (the linear model),
+    /// report.json. Running again continues an unfinished run.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Attention-transfer tokens (the whole job takes about 11 minutes on 2 cores at the default).
+    #[arg(long, default_value_t = 65_536)]
+    pub(crate) tokens: u64,
+    /// Training text [default: DATA_DIR/text/train].
+    #[arg(long, num_args = 1..)]
+    pub(crate) data: Vec<PathBuf>,
+    /// Shared data directory [default: $SUPRA_DATA_DIR or ../shared/data].
+    #[arg(long)]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// Tokens per window (training and perplexity).
+    #[arg(long, default_value_t = 512)]
+    pub(crate) seq_len: usize,
+    /// Tokens per optimizer update.
+    #[arg(long, default_value_t = 4096)]
+    pub(crate) batch_tokens: usize,
+    /// Held-out tokens for perplexity (from DATA_DIR/text/test).
+    #[arg(long, default_value_t = 8192)]
+    pub(crate) eval_tokens: usize,
+    /// Prompt for the sample.
+    #[arg(long, default_value = "The old house at the end of the lane")]
+    pub(crate) prompt: String,
+}
+
+pub(crate) fn linearize(a: &LinearizeArgs) -> Result<()> {
+    let dir = data_dir(&a.data_dir);
+    let data = if a.data.is_empty() {
+        vec![dir.join("text/train")]
+    } else {
+        a.data.clone()
+    };
+    let valid = dir.join("text/valid");
+    let test = dir.join("text/test");
+    for p in data.iter().chain([&test]) {
+        if !p.exists() {
+            bail!("{} does not exist (give --data-dir, or set SUPRA_DATA_DIR, to the shared data directory)", p.display());
+        }
+    }
+    // The transfer preset at this command's budget, validated and checkpointed four times.
+    let o = preset::Overrides {
+        seq_len: Some(a.seq_len),
+        batch_tokens: Some(a.batch_tokens),
+        tokens: Some(a.tokens),
+        ..Default::default()
+    };
+    let transfer = preset::find("transfer")?;
+    let mut run = preset::RunSettings {
+        eval_windows: 4,
+        ..Default::default()
+    };
+    let quarter = (transfer.resolve(&o, &run)?.steps / 4).max(1);
+    (run.eval_every, run.checkpoint_every) = (quarter, quarter);
+    let cfg = transfer.resolve(&o, &run)?;
+    eprintln!("loading the teacher");
+    let (teacher, _) = a.model.load()?;
+    let opts = supra::linearize::LinearizeOptions {
+        out: a.out.clone(),
+        train: cfg,
+        data,
+        valid: valid.exists().then(|| vec![valid]),
+        test,
+        eval_tokens: a.eval_tokens,
+        prompt: a.prompt.clone(),
+        token_cache: fetch::cache_dir().join("tokens"),
+    };
+    let r = supra::linearize::linearize(teacher, &opts)?;
+    println!("| model | held-out perplexity | tokens scored |");
+    println!("|---|---:|---:|");
+    println!(
+        "| teacher (softmax attention) | {:.2} | {} |",
+        r.teacher.ppl, r.teacher.tokens
+    );
+    println!(
+        "| converted, untrained φ | {:.2} | {} |",
+        r.converted.ppl, r.converted.tokens
+    );
+    println!(
+        "| linear, after transfer on {} tokens | {:.2} | {} |",
+        r.train_tokens, r.linear.ppl, r.linear.tokens
+    );
+    println!("\nlinear model: {}", a.out.join("run/final").display());
+    Ok(())
+}
