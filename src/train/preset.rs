@@ -217,6 +217,21 @@ impl Preset {
             }
             _ => 0,
         };
+        // Settings a recipe has no use for are refused, not silently ignored.
+        let finetune_only = [
+            ("--transfer-lr", o.transfer_lr.is_some()),
+            ("--lora-rank", o.lora_rank.is_some()),
+            ("--lora-alpha", o.lora_alpha.is_some()),
+        ];
+        if let Some((flag, _)) = finetune_only
+            .iter()
+            .find(|(_, set)| *set && self.recipe != Recipe::TransferFinetune)
+        {
+            bail!("{flag} applies to --recipe transfer+finetune");
+        }
+        if self.recipe == Recipe::Transfer && (o.z_loss.is_some() || !o.freeze.is_empty()) {
+            bail!("--recipe transfer trains φ alone on the transfer loss: --z-loss and --freeze apply to the cross-entropy recipes");
+        }
         let lora_rank = o.lora_rank.unwrap_or(self.lora_rank);
         if self.recipe == Recipe::TransferFinetune && lora_rank > 0 && !o.freeze.is_empty() {
             bail!("--freeze applies to full fine-tuning; with LoRA only the adapters and φ train (use --lora-rank 0)");
@@ -330,5 +345,18 @@ mod tests {
             ..Default::default()
         };
         assert!(p.resolve(&too_much, &RunSettings::default()).is_err());
+        // What a recipe would not use is refused.
+        let lora = Overrides {
+            lora_rank: Some(8),
+            ..Default::default()
+        };
+        let z = Overrides {
+            z_loss: Some(1e-4),
+            ..Default::default()
+        };
+        let run = RunSettings::default();
+        assert!(find("supra").unwrap().resolve(&lora, &run).is_err());
+        assert!(find("transfer").unwrap().resolve(&z, &run).is_err());
+        assert!(find("supra").unwrap().resolve(&z, &run).is_ok());
     }
 }
