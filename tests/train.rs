@@ -41,6 +41,14 @@ fn corpus(dir: &Path) -> Vec<PathBuf> {
     vec![d]
 }
 
+/// A temporary directory with the corpus and a token cache in it.
+fn workspace() -> (tempfile::TempDir, Vec<PathBuf>, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let cache = dir.path().join("cache");
+    (dir, data, cache)
+}
+
 fn config(recipe: Recipe) -> TrainConfig {
     TrainConfig {
         recipe,
@@ -548,6 +556,13 @@ fn transfer_then_lora_finetune_changes_what_it_should() {
     }
 }
 
+/// A whole run of a fresh tiny model in `dir/name`; returns the run directory.
+fn fresh_run(dir: &Path, cfg: &TrainConfig, data: &[PathBuf], cache: &Path, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    run(tiny_linear(dir), cfg, data, &out, cache, false, None);
+    out
+}
+
 fn metric(out: &Path, key: &str) -> Vec<Option<f64>> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
@@ -565,24 +580,13 @@ fn final_weights(out: &Path) -> LoadedModel {
 /// (to float noise, which AdamW's normalization lifts for elements whose gradient is near 0).
 #[test]
 fn gradient_accumulation_equals_one_pass() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = corpus(dir.path());
-    let cache = dir.path().join("cache");
+    let (dir, data, cache) = workspace();
     let mut cfg = config(Recipe::Supra);
     cfg.steps = 4;
     let mut outs = Vec::new();
     for micro in [1, 2] {
         cfg.micro_batch = micro;
-        let out = dir.path().join(format!("micro{micro}"));
-        run(
-            tiny_linear(dir.path()),
-            &cfg,
-            &data,
-            &out,
-            &cache,
-            false,
-            None,
-        );
+        let out = fresh_run(dir.path(), &cfg, &data, &cache, &format!("micro{micro}"));
         outs.push(out);
     }
     for key in ["loss", "grad_norm"] {
@@ -606,25 +610,14 @@ fn gradient_accumulation_equals_one_pass() {
 /// below AdamW's ε, so the weights hardly move; the metrics keep the norm before clipping.
 #[test]
 fn clipping_bounds_the_update() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = corpus(dir.path());
-    let cache = dir.path().join("cache");
+    let (dir, data, cache) = workspace();
     let start = tiny_linear(dir.path());
     let mut cfg = config(Recipe::Supra);
     (cfg.steps, cfg.weight_decay, cfg.warmup_steps) = (2, 0.0, 0);
     let mut moved = Vec::new();
     for clip in [1e-12, 1e9] {
         cfg.clip = clip;
-        let out = dir.path().join(format!("clip{clip}"));
-        run(
-            tiny_linear(dir.path()),
-            &cfg,
-            &data,
-            &out,
-            &cache,
-            false,
-            None,
-        );
+        let out = fresh_run(dir.path(), &cfg, &data, &cache, &format!("clip{clip}"));
         let w = "model.layers.1.mlp.up_proj.weight";
         moved.push(common::testing::max_abs_diff(
             &start.weights[w],
@@ -651,21 +644,10 @@ fn clipping_bounds_the_update() {
 #[test]
 fn learning_rates_follow_the_schedules() {
     use supra::train::schedule::Schedule;
-    let dir = tempfile::tempdir().unwrap();
-    let data = corpus(dir.path());
-    let cache = dir.path().join("cache");
+    let (dir, data, cache) = workspace();
     for recipe in [Recipe::Supra, Recipe::TransferFinetune] {
         let cfg = config(recipe);
-        let out = dir.path().join(recipe.name());
-        run(
-            tiny_linear(dir.path()),
-            &cfg,
-            &data,
-            &out,
-            &cache,
-            false,
-            None,
-        );
+        let out = fresh_run(dir.path(), &cfg, &data, &cache, recipe.name());
         let lrs: Vec<f64> = metric(&out, "lr").into_iter().map(Option::unwrap).collect();
         let offset = cfg.transfer_steps;
         let ce = Schedule {
@@ -702,9 +684,7 @@ fn learning_rates_follow_the_schedules() {
 /// Validation reads the validation data, not the training data.
 #[test]
 fn validation_reads_its_own_data() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = corpus(dir.path());
-    let cache = dir.path().join("cache");
+    let (dir, data, cache) = workspace();
     let other = dir.path().join("valid");
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(
@@ -747,9 +727,7 @@ fn validation_reads_its_own_data() {
 #[test]
 fn frozen_groups_do_not_move() {
     use supra::model::params::{self, ParamGroup};
-    let dir = tempfile::tempdir().unwrap();
-    let data = corpus(dir.path());
-    let cache = dir.path().join("cache");
+    let (dir, data, cache) = workspace();
     let start = tiny_linear(dir.path());
     let mut cfg = config(Recipe::Supra);
     cfg.steps = 3;
