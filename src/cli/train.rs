@@ -205,7 +205,7 @@ pub(crate) struct LinearizeArgs {
     /// report.json. Running again continues an unfinished run.
     #[arg(long)]
     pub(crate) out: PathBuf,
-    /// Attention-transfer tokens (the whole job takes about 11 minutes on 2 cores at the default).
+    /// Attention-transfer tokens (the whole job takes 6-11 minutes on 2 cores at the default).
     #[arg(long, default_value_t = 65_536)]
     pub(crate) tokens: u64,
     /// Training text [default: DATA_DIR/text/train].
