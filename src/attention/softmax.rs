@@ -1,10 +1,11 @@
 //! Softmax attention (the teacher): o_t = Σ_{i≤t} softmax_i(q_t·k_i/√d) v_i, with GQA and RoPE.
 //!
-//! Two forms: the score matrix in candle ops (differentiable; the reference), and for inference
-//! a blockwise form with an online softmax (FlashAttention's loop on the CPU) that never holds
-//! more than a block of scores: at 32k tokens of context a 1,024-token chunk's scores are
-//! 400 MB per layer, which the candle form writes and rereads four times (mask, softmax,
-//! product).
+//! Forms, side by side: [`naive`] (the definition in f64, for tests); the score matrix in candle
+//! ops (differentiable: training, and tensors other than f32); and for inference, prefill and
+//! the single-token step alike, [`blockwise`]: an online softmax (FlashAttention's loop on the
+//! CPU) that never holds more than a block of scores. At 32k tokens of context a 1,024-token
+//! chunk's scores are 400 MB per layer, which the candle form writes and rereads four times
+//! (mask, softmax, product).
 
 use crate::attention::{kv_head, repeat_kv, Exec};
 use crate::model::gemm::{gemm, Strided};
@@ -340,49 +341,46 @@ fn exp(x: f32) -> f32 {
     y * f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23)
 }
 
+/// The definition, in f64: the output of the queries `q` (b, h, t, d) at the last t positions
+/// of the keys and values `k`, `v` (b, h_kv, len, d), each query head reading key/value head
+/// h / (h / h_kv) — written out here, not through [`kv_head`], so that tests check the mapping
+/// too. The reference the tests hold both forms to.
+pub fn naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Vec<f64>> {
+    let (b, h, t, d) = q.dims4()?;
+    let (_, hkv, len, _) = k.dims4()?;
+    let data = |x: &Tensor| -> Result<Vec<f64>> {
+        Ok(x.to_dtype(candle_core::DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?)
+    };
+    let (q, k, v) = (data(q)?, data(k)?, data(v)?);
+    let mut out = Vec::with_capacity(b * h * t * d);
+    for bi in 0..b {
+        for hi in 0..h {
+            let g = hi / (h / hkv);
+            let kv = |x: &[f64], j: usize, c: usize| x[((bi * hkv + g) * len + j) * d + c];
+            for i in 0..t {
+                let qi = &q[((bi * h + hi) * t + i) * d..][..d];
+                let own = len - t + i;
+                let scores: Vec<f64> = (0..=own)
+                    .map(|j| (0..d).map(|c| qi[c] * kv(&k, j, c)).sum::<f64>() / (d as f64).sqrt())
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let z: f64 = w.iter().sum();
+                for c in 0..d {
+                    out.push((0..=own).map(|j| w[j] * kv(&v, j, c)).sum::<f64>() / z);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    /// o for queries at the last t positions, straight from the definition, in f64.
-    fn naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Vec<f64> {
-        let (b, h, t, d) = q.dims4().unwrap();
-        let (_, hkv, len, _) = k.dims4().unwrap();
-        let data = |x: &Tensor| -> Vec<f64> {
-            x.flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|&x| x as f64)
-                .collect()
-        };
-        let (q, k, v) = (data(q), data(k), data(v));
-        let mut out = Vec::new();
-        for bi in 0..b {
-            for hi in 0..h {
-                let g = hi / (h / hkv);
-                let kv = |x: &[f64], j: usize, c: usize| x[((bi * hkv + g) * len + j) * d + c];
-                for i in 0..t {
-                    let qi = &q[((bi * h + hi) * t + i) * d..][..d];
-                    let own = len - t + i;
-                    let scores: Vec<f64> = (0..=own)
-                        .map(|j| {
-                            (0..d).map(|c| qi[c] * kv(&k, j, c)).sum::<f64>() / (d as f64).sqrt()
-                        })
-                        .collect();
-                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
-                    let z: f64 = w.iter().sum();
-                    for c in 0..d {
-                        out.push((0..=own).map(|j| w[j] * kv(&v, j, c)).sum::<f64>() / z);
-                    }
-                }
-            }
-        }
-        out
-    }
 
     fn max_err(got: &Tensor, want: &[f64]) -> f64 {
         let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -406,7 +404,7 @@ mod tests {
             let k = randn((b, hkv, offset + t, d));
             let v = randn((b, hkv, offset + t, d));
             let got = blockwise(&q, &k, &v).unwrap().expect("f32 CPU tensors");
-            let err = max_err(&got, &naive(&q, &k, &v));
+            let err = max_err(&got, &naive(&q, &k, &v).unwrap());
             assert!(err < 1e-5, "offset {offset}: max error {err}");
         }
     }
@@ -423,9 +421,68 @@ mod tests {
         assert!(!k.is_contiguous(), "the test wants a strided view");
         let q = randn((1, h, 45, d));
         let got = blockwise(&q, &k, &v).unwrap().unwrap();
-        let want = naive(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap());
+        let want = naive(&q, &k, &v).unwrap();
         let err = max_err(&got, &want);
         assert!(err < 1e-5, "max error {err}");
+    }
+
+    /// The layer's training form and its inference form (one pass, and a prefill continued
+    /// one token at a time through a KV cache) give the same output, with GQA.
+    #[test]
+    fn layer_forms_agree() {
+        let dev = Device::Cpu;
+        let (h, hkv, d, hidden, t) = (6, 2, 8, 24, 40);
+        let w = |r: usize, c: usize| {
+            Linear::new(
+                Tensor::randn(0f32, (1.0 / c as f32).sqrt(), (r, c), &dev).unwrap(),
+                None,
+            )
+        };
+        let layer = SoftmaxAttention {
+            q: w(h * d, hidden),
+            k: w(hkv * d, hidden),
+            v: w(hkv * d, hidden),
+            o: w(hidden, h * d),
+            n_heads: h,
+            n_kv_heads: hkv,
+            head_dim: d,
+            rope: Rope::new(d, 10_000.0, 64, &dev).unwrap(),
+        };
+        let x = Tensor::randn(0f32, 1.0, (2, t, hidden), &dev).unwrap();
+        let train = layer.forward(&x, 0, None, Exec::Train).unwrap();
+        let infer = layer.forward(&x, 0, None, Exec::Infer).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(diff(&train, &infer) < 1e-5, "{}", diff(&train, &infer));
+        let mut cache = KvCache::new(2, 8);
+        let x0 = x.narrow(0, 0, 1).unwrap();
+        let mut outs = vec![layer
+            .forward(
+                &x0.narrow(1, 0, 25).unwrap(),
+                0,
+                Some(&mut cache),
+                Exec::Infer,
+            )
+            .unwrap()];
+        for i in 25..t {
+            let xi = x0.narrow(1, i, 1).unwrap();
+            outs.push(
+                layer
+                    .forward(&xi, i, Some(&mut cache), Exec::Infer)
+                    .unwrap(),
+            );
+        }
+        let stepped = Tensor::cat(&outs, 1).unwrap();
+        let d = diff(&stepped, &train.narrow(0, 0, 1).unwrap());
+        assert!(d < 1e-5, "prefill + steps: {d}");
     }
 
     #[test]

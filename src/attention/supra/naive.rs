@@ -1,10 +1,10 @@
 //! The definition, literally, in f64: the reference every other form is tested against.
 //!
 //! o_t = Σ_{i≤t} γ^(t−i) (q̃_t · k̃_i / √d') v_i, for query head h reading key/value head
-//! [`kv_head`](crate::attention::kv_head)(h).
+//! h / (H / H_kv) — written out here, not through [`kv_head`](crate::attention::kv_head), so
+//! that tests check the mapping too.
 
 use super::Dims;
-use crate::attention::kv_head;
 
 /// q̃ (B, H, T, d'), k̃ (B, H_kv, T, d'), v (B, H_kv, T, d_v), `s0` (B, H, d', d_v) or empty
 /// → (O (B, H, T, d_v), S after the last token).
@@ -23,7 +23,7 @@ pub fn naive(
     for b in 0..d.batch {
         for (h, &g) in gammas.iter().enumerate().take(d.heads) {
             let bh = b * d.heads + h;
-            let kv = b * d.kv_heads + kv_head(h, d.heads, d.kv_heads);
+            let kv = b * d.kv_heads + h / (d.heads / d.kv_heads);
             let qrow = |i: usize| &q[(bh * t + i) * dk..][..dk];
             let krow = |i: usize| &k[(kv * t + i) * dk..][..dk];
             let vrow = |i: usize| &v[(kv * t + i) * dv..][..dv];
