@@ -11,23 +11,17 @@ cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/supra-llamacpp}
 CONTEXT=${2:-2048}
 THREADS=$(nproc)
+LLAMA_CPP_PYTHON=0.3.36
 mkdir -p "$WORK"
 
 if [ ! -x "$WORK/build/bin/llama-bench" ]; then
   command -v cmake >/dev/null || pip install --quiet cmake
   if [ ! -d "$WORK/src" ]; then
-    python3 - "$WORK" <<'EOF'
-import json, sys, tarfile, urllib.parse, urllib.request
-work = sys.argv[1]
-base = "https://pypi.org/pypi/llama-cpp-python/json"
-meta = json.load(urllib.request.urlopen(base))
-sdist = next(f for f in meta["urls"] if f["packagetype"] == "sdist")
-path = f"{work}/{sdist['filename']}"
-print(f"llama-cpp-python {meta['info']['version']}: {sdist['filename']}", flush=True)
-urllib.request.urlretrieve(urllib.parse.urljoin(base, sdist["url"]), path)
-with tarfile.open(path) as t:
-    t.extractall(f"{work}/sdist", filter="data")
-EOF
+    # The source distribution, by name through pip (the version pinned for repeatable figures).
+    pip download --quiet --no-deps --no-binary llama-cpp-python \
+      "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$WORK/dist"
+    mkdir -p "$WORK/sdist"
+    tar -xzf "$WORK"/dist/llama_cpp_python-*.tar.gz -C "$WORK/sdist"
     mv "$WORK"/sdist/*/vendor/llama.cpp "$WORK/src"
   fi
   cmake -S "$WORK/src" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \

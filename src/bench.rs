@@ -195,7 +195,7 @@ pub fn train_step(
     let (weights, vars) = recipe::with_variables(model, &trained)?;
     let trained_params = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let llama = Llama::for_training(&model.config, &weights)?;
-    let teacher = crate::train::transfer::Teacher::new(&model.config, &[])?;
+    let teacher = crate::train::transfer::Teacher::new(model, &[])?;
     let mut opt = AdamW::new(vars, AdamWConfig::default());
     let ids = prose_tokens(&model.tokenizer, seq_len + 1)?;
     let window = Tensor::from_vec(ids, (1, seq_len + 1), &Device::Cpu)?;

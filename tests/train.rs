@@ -424,7 +424,7 @@ fn calibration_leaves_the_teacher_trajectory_alone() {
     let mut model = convert(&supra::io::load(&p).unwrap(), &ConvertOptions::default()).unwrap();
     let tokens = Tensor::new(&[[3u32, 9, 27, 81, 243, 5, 15, 45, 135, 100]], &Device::Cpu).unwrap();
     use supra::train::transfer::{calibrate_output_scale, Teacher};
-    let plain = Teacher::new(&model.config, &[]).unwrap();
+    let plain = Teacher::new(&model, &[]).unwrap();
     let before = plain
         .head_rms(&Llama::new(&model.config, &model.weights).unwrap(), &tokens)
         .unwrap();
@@ -432,7 +432,7 @@ fn calibration_leaves_the_teacher_trajectory_alone() {
     assert!(scales.iter().all(Option::is_some));
     let calibrated = Llama::new(&model.config, &model.weights).unwrap();
     let naive = plain.head_rms(&calibrated, &tokens).unwrap();
-    let declared = Teacher::new(&model.config, &scales).unwrap();
+    let declared = Teacher::new(&model, &scales).unwrap();
     let after = declared.head_rms(&calibrated, &tokens).unwrap();
     let diff = |a: &[Option<Vec<f64>>], b: &[Option<Vec<f64>>]| -> f64 {
         a.iter()

@@ -165,7 +165,10 @@ pub fn blockwise(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
     else {
         return Ok(None);
     };
-    let n_rep = h / hkv;
+    // The query heads of each key/value head, once per call.
+    let groups: Vec<Vec<usize>> = (0..hkv)
+        .map(|g| (0..h).filter(|&i| kv_head(i, h, hkv) == g).collect())
+        .collect();
     let blocks = t.div_ceil(BLOCK_QUERIES);
     let scale = 1.0 / (d as f32).sqrt();
     let items: Vec<(usize, usize, usize)> = (0..b)
@@ -181,7 +184,7 @@ pub fn blockwise(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
                 k: &kv,
                 v: &vv,
                 b: bi,
-                heads: (0..h).filter(|&i| kv_head(i, h, hkv) == g).collect(),
+                heads: &groups[g],
                 kv_head: g,
                 d,
                 offset: len - t,
@@ -193,9 +196,8 @@ pub fn blockwise(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
     let mut out = vec![0f32; b * h * t * d];
     for (&(bi, g, blk), o) in items.iter().zip(&outputs) {
         let p0 = blk * BLOCK_QUERIES;
-        let tq = o.len() / (n_rep * d);
-        let heads = (0..h).filter(|&i| kv_head(i, h, hkv) == g);
-        for (head, row) in heads.zip(o.chunks_exact(tq * d)) {
+        let tq = o.len() / (groups[g].len() * d);
+        for (&head, row) in groups[g].iter().zip(o.chunks_exact(tq * d)) {
             let at = ((bi * h + head) * t + p0) * d;
             out[at..at + tq * d].copy_from_slice(row);
         }
@@ -210,7 +212,7 @@ struct Group<'a> {
     v: &'a View<'a>,
     b: usize,
     /// The query heads that read `kv_head`.
-    heads: Vec<usize>,
+    heads: &'a [usize],
     kv_head: usize,
     d: usize,
     /// Position of the first query.
@@ -223,7 +225,7 @@ impl Group<'_> {
         let (d, tq) = (self.d, positions.len());
         let rows = self.heads.len() * tq;
         let mut q = Vec::with_capacity(rows * d);
-        for &h in &self.heads {
+        for &h in self.heads {
             for p in positions.clone() {
                 let at = self.q.at(self.b, h, p);
                 q.extend(self.q.data[at..at + d].iter().map(|x| x * scale));

@@ -493,7 +493,7 @@ impl<'a> Trainer<'a> {
             cfg,
             opt,
             // The teacher's hidden states must not see the calibration.
-            teacher: Teacher::new(&model.config, &progress.wo_scales)?,
+            teacher: Teacher::new(model, &progress.wo_scales)?,
             transfer_model: phase_model(Objective::Transfer)?,
             ce_model: phase_model(Objective::Ce)?,
             weights,

@@ -7,7 +7,6 @@
 
 use crate::attention::supra::{group_norm::group_norm, SupraAttention};
 use crate::attention::{Cell, Exec};
-use crate::config::ModelConfig;
 use crate::io::LoadedModel;
 use crate::model::linear::Linear;
 use crate::model::llama::Llama;
@@ -19,21 +18,34 @@ use candle_core::{Device, Tensor};
 /// teacher's own Wo where calibration ([`calibrate_output_scale`]) changed the model's.
 pub struct Teacher {
     rope: Rope,
-    /// Per layer, the per-head factors Wo was multiplied by (`None`: unchanged).
-    wo_scales: Vec<Option<Vec<f32>>>,
+    /// Per layer, the teacher's Wo: the model's divided by the calibration's per-head factors
+    /// (`None`: the layer's Wo is the teacher's).
+    wo: Vec<Option<Linear>>,
 }
 
 impl Teacher {
-    /// `wo_scales` as [`calibrate_output_scale`] returned them (empty: no calibration).
-    pub fn new(config: &ModelConfig, wo_scales: &[Option<Vec<f32>>]) -> Result<Self> {
+    /// For `model` as calibrated with `wo_scales` (what [`calibrate_output_scale`] returned;
+    /// empty: no calibration).
+    pub fn new(model: &LoadedModel, wo_scales: &[Option<Vec<f32>>]) -> Result<Self> {
+        let c = &model.config;
+        let wo = wo_scales
+            .iter()
+            .enumerate()
+            .map(|(layer, s)| {
+                let Some(s) = s else { return Ok(None) };
+                let w = &model.weights[&format!("model.layers.{layer}.self_attn.o_proj.weight")];
+                let w = w.detach().broadcast_div(&head_columns(s, c.head_dim)?)?;
+                Ok(Some(Linear::new(w, None)))
+            })
+            .collect::<Result<_>>()?;
         Ok(Self {
             rope: Rope::new(
-                config.head_dim,
-                config.rope_theta,
-                config.max_position_embeddings,
+                c.head_dim,
+                c.rope_theta,
+                c.max_position_embeddings,
                 &Device::Cpu,
             )?,
-            wo_scales: wo_scales.to_vec(),
+            wo,
         })
     }
 
@@ -56,14 +68,8 @@ impl Teacher {
                     let y = teacher.heads_output(&xn, 0, None, Exec::Infer)?.detach();
                     visit(i, a, &xn, &y)?;
                     let y = y.transpose(1, 2)?.reshape((b, t, ()))?;
-                    match self.wo_scales.get(i).and_then(Option::as_ref) {
-                        Some(s) => {
-                            let w = a.o.weight()?.broadcast_div(&head_columns(s, a.head_dim)?)?;
-                            Linear::new(w, None).forward(&y, Exec::Infer)?
-                        }
-                        None => a.o.forward(&y, Exec::Infer)?,
-                    }
-                    .detach()
+                    let wo = self.wo.get(i).and_then(Option::as_ref).unwrap_or(&a.o);
+                    wo.forward(&y, Exec::Infer)?.detach()
                 }
             })
         })?;
@@ -114,7 +120,7 @@ pub fn calibrate_output_scale(
     batches: &[Tensor],
 ) -> Result<Vec<Option<Vec<f32>>>> {
     let llama = Llama::new(&model.config, &model.weights)?;
-    let teacher = Teacher::new(&model.config, &[])?;
+    let teacher = Teacher::new(model, &[])?;
     let mut sums: Vec<Option<Vec<f64>>> = vec![None; model.config.num_hidden_layers];
     for tokens in batches {
         for (acc, r) in sums.iter_mut().zip(teacher.head_rms(&llama, tokens)?) {
