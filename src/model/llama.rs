@@ -249,10 +249,6 @@ impl Llama {
         self.embed.device()
     }
 
-    pub fn exec(&self) -> Exec {
-        self.exec
-    }
-
     /// Stores every projection (attention and φ; the MLP; the LM head) as `format` for
     /// inference. The embedding table stays f32 (a lookup reads one row per token).
     pub fn quantize(&mut self, format: WeightFormat) -> Result<()> {
