@@ -105,17 +105,21 @@ pub fn attention(
     ];
     let lin = |v: &Var| Linear::new(v.as_tensor().clone(), None);
     let layer = SupraAttention {
-        q: lin(&vars[0]),
-        k: lin(&vars[1]),
-        v: lin(&vars[2]),
-        o: lin(&vars[3]),
-        phi_q: lin(&vars[4]),
-        phi_k: Some(lin(&vars[5])),
-        n_heads: h,
-        n_kv_heads: hkv,
-        head_dim: d,
+        proj: crate::attention::Projections {
+            q: lin(&vars[0]),
+            k: lin(&vars[1]),
+            v: lin(&vars[2]),
+            o: lin(&vars[3]),
+            n_heads: h,
+            n_kv_heads: hkv,
+            head_dim: d,
+        },
+        phi: crate::attention::feature_map::FeatureMap::Relu {
+            q: lin(&vars[4]),
+            k: Some(lin(&vars[5])),
+        },
         feature_dim: d,
-        gammas: Decay::Lightning.gammas(h)?,
+        gammas: crate::attention::supra::HeadDecays::Fixed(Decay::Lightning.gammas(h)?),
         // The training form; in one chunk it is the parallel form.
         chunk_size: match form {
             crate::model::llama::Form::Parallel => usize::MAX,

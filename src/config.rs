@@ -52,6 +52,9 @@ pub enum AttentionKind {
     Softmax,
     /// SUPRA linear attention with a constant-size recurrent state.
     Supra,
+    /// Exact softmax over a sliding window and the first few tokens, linear attention over
+    /// everything older ([`WindowConfig`]); also a constant-size state.
+    Window,
 }
 
 impl AttentionKind {
@@ -59,7 +62,8 @@ impl AttentionKind {
         match name {
             "softmax" => Ok(Self::Softmax),
             "supra" => Ok(Self::Supra),
-            other => bail!("unknown attention kind '{other}' (known: softmax, supra)"),
+            "window" => Ok(Self::Window),
+            other => bail!("unknown attention kind '{other}' (known: softmax, supra, window)"),
         }
     }
 
@@ -67,8 +71,91 @@ impl AttentionKind {
         match self {
             Self::Softmax => "softmax",
             Self::Supra => "supra",
+            Self::Window => "window",
         }
     }
+
+    /// Whether the layer has a linear branch (and so the SUPRA hyper-parameters apply).
+    pub fn is_linear(self) -> bool {
+        matches!(self, Self::Supra | Self::Window)
+    }
+}
+
+/// The feature map φ of the linear branches ([`crate::attention::feature_map`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FeatureKind {
+    /// SUPRA's ReLU(W x + b), RoPE after it.
+    #[default]
+    Relu,
+    /// Hedgehog's [softmax(xW), softmax(−xW)] per head on the RoPE'd q and k; d' = 2d.
+    Hedgehog,
+}
+
+impl std::str::FromStr for FeatureKind {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "relu" => Ok(Self::Relu),
+            "hedgehog" => Ok(Self::Hedgehog),
+            other => bail!("unknown feature map '{other}' (known: relu, hedgehog)"),
+        }
+    }
+}
+
+impl FeatureKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Relu => "relu",
+            Self::Hedgehog => "hedgehog",
+        }
+    }
+}
+
+/// How a window layer combines its two branches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mix {
+    /// One normaliser over both (LoLCATs): the linear branch's weights, scaled by a learned
+    /// per-head α, sit beside the window's exp-scores in one softmax-like sum.
+    #[default]
+    Shared,
+    /// Each branch normalised on its own (the window's softmax; the linear branch GroupNorm'd,
+    /// as SUPRA does) and blended by a learned per-head gate (as Liger does).
+    Gated,
+}
+
+impl Mix {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Shared => "shared",
+            Self::Gated => "gated",
+        }
+    }
+}
+
+impl std::str::FromStr for Mix {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "shared" => Ok(Self::Shared),
+            "gated" => Ok(Self::Gated),
+            other => bail!("unknown mix '{other}' (known: shared, gated)"),
+        }
+    }
+}
+
+/// The window of the window layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    /// w: each token attends exactly to itself and the w − 1 tokens before it.
+    pub window: usize,
+    /// s: and to the first s tokens of the sequence (attention sinks).
+    pub sinks: usize,
+    pub mix: Mix,
 }
 
 /// How φ's parameters start.
@@ -103,6 +190,9 @@ pub struct SupraConfig {
     pub phi_init: PhiInit,
     /// Chunk length C of the chunked form.
     pub chunk_size: usize,
+    pub feature_map: FeatureKind,
+    /// Present when some layer is [`AttentionKind::Window`].
+    pub window: Option<WindowConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -182,6 +272,10 @@ struct HfSupra {
     decay: HfDecay,
     phi_init: PhiInit,
     chunk_size: usize,
+    #[serde(default)]
+    feature_map: FeatureKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    window: Option<WindowConfig>,
 }
 
 /// `"lightning" | "retnet" | "none"` or an explicit list of per-head decays.
@@ -261,6 +355,8 @@ impl ModelConfig {
                     decay,
                     phi_init: sp.phi_init,
                     chunk_size: sp.chunk_size,
+                    feature_map: sp.feature_map,
+                    window: sp.window,
                 };
                 (kinds, Some(sc))
             }
@@ -323,10 +419,23 @@ impl ModelConfig {
                 self.num_hidden_layers
             );
         }
-        let has_supra = self.layer_kinds.contains(&AttentionKind::Supra);
+        let has_supra = self.layer_kinds.iter().any(|k| k.is_linear());
         match (&self.supra, has_supra) {
             (None, true) => bail!("SUPRA layers without SUPRA hyper-parameters"),
             (Some(s), _) => {
+                if self.layer_kinds.contains(&AttentionKind::Window) && s.window.is_none() {
+                    bail!("window layers without supra.window (window, sinks, mix)");
+                }
+                if s.window.is_some_and(|w| w.window == 0) {
+                    bail!("supra.window.window must be at least 1 (the token itself)");
+                }
+                if s.feature_map == FeatureKind::Hedgehog && s.feature_dim != 2 * self.head_dim {
+                    bail!(
+                        "the hedgehog feature map has 2 × head_dim = {} features, not feature_dim {}",
+                        2 * self.head_dim,
+                        s.feature_dim
+                    );
+                }
                 if s.feature_dim == 0 || !s.feature_dim.is_multiple_of(2) {
                     bail!(
                         "supra feature_dim {} must be positive and even (RoPE rotates pairs)",
@@ -385,6 +494,8 @@ impl ModelConfig {
                 decay,
                 phi_init: sc.phi_init,
                 chunk_size: sc.chunk_size,
+                feature_map: sc.feature_map,
+                window: sc.window,
             };
             v["supra"] = serde_json::to_value(sp).expect("serializable");
         }
@@ -421,27 +532,22 @@ impl ModelConfig {
         embed + head + self.num_hidden_layers * layer + h
     }
 
-    /// Parameters added by conversion: the φ layers of the SUPRA layers.
+    /// Parameters added by conversion (φ, and the window layers' mix), from the table.
     pub fn new_param_count(&self) -> usize {
-        let Some(sc) = &self.supra else { return 0 };
-        let (d, f) = (self.head_dim, sc.feature_dim);
-        let (hq, hk) = (self.num_attention_heads, self.num_key_value_heads);
-        let phi_q = hq * d * hq * f + hq * f;
-        let phi_k = if hk != hq {
-            hk * d * hk * f + hk * f
-        } else {
-            0
-        };
-        let n = self
-            .layer_kinds
+        crate::model::params::table(self)
             .iter()
-            .filter(|k| **k == AttentionKind::Supra)
-            .count();
-        n * (phi_q + phi_k)
+            .filter(|p| p.group == crate::model::params::ParamGroup::Phi)
+            .map(|p| p.shape.iter().product::<usize>())
+            .sum()
     }
 
-    /// A SUPRA layer has its own φ for keys only under GQA; otherwise q and k share φ.
+    /// Keys have their own φ under GQA, and always with hedgehog (LoLCATs learns separate
+    /// query and key maps); otherwise q and k share φ.
     pub fn separate_key_phi(&self) -> bool {
         self.num_key_value_heads != self.num_attention_heads
+            || self
+                .supra
+                .as_ref()
+                .is_some_and(|s| s.feature_map == FeatureKind::Hedgehog)
     }
 }

@@ -1,7 +1,7 @@
 //! Teacher → linear model: keep every pretrained weight, switch the chosen layers to SUPRA
-//! attention and add their φ parameters.
+//! attention (or window + linear attention) and add their φ parameters (and mix).
 
-use crate::config::{AttentionKind, Decay, PhiInit, SupraConfig};
+use crate::config::{AttentionKind, Decay, FeatureKind, PhiInit, SupraConfig, WindowConfig};
 use crate::io::LoadedModel;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -15,10 +15,20 @@ pub struct ConvertOptions {
     pub decay: Decay,
     pub phi_init: PhiInit,
     pub chunk_size: usize,
-    /// Layers that keep softmax attention (a hybrid); all others become SUPRA.
+    /// Layers that keep softmax attention (a hybrid); all others become SUPRA (or window
+    /// layers, with `window`).
     pub softmax_layers: Vec<usize>,
+    pub feature_map: FeatureKind,
+    /// With a window, every converted layer is a window + linear layer, except `supra_layers`.
+    pub window: Option<WindowConfig>,
+    /// Layers that become pure SUPRA layers when the others get a window.
+    pub supra_layers: Vec<usize>,
     pub seed: u64,
 }
+
+/// θ of a new window layer's mix: the linear branch's share sigmoid(θ) starts at 0.1, so an
+/// untrained hybrid is nearly its window (LoLCATs also starts its linear factor small).
+pub const MIX_INIT: f64 = -2.197_224_577_336_219_6; // ln(0.1 / 0.9)
 
 impl Default for ConvertOptions {
     fn default() -> Self {
@@ -28,6 +38,9 @@ impl Default for ConvertOptions {
             phi_init: PhiInit::Random,
             chunk_size: 64,
             softmax_layers: Vec::new(),
+            feature_map: FeatureKind::Relu,
+            window: None,
+            supra_layers: Vec::new(),
             seed: 0,
         }
     }
@@ -78,19 +91,47 @@ pub fn convert(teacher: &LoadedModel, opts: &ConvertOptions) -> Result<LoadedMod
         bail!("this model is already converted (its config has SUPRA layers); convert the teacher instead");
     }
     let n = cfg.num_hidden_layers;
-    if let Some(bad) = opts.softmax_layers.iter().find(|&&l| l >= n) {
-        bail!(
-            "--softmax-layers: layer {bad} does not exist (the model has layers 0..{})",
-            n - 1
-        );
+    for (flag, layers) in [
+        ("--softmax-layers", &opts.softmax_layers),
+        ("--supra-layers", &opts.supra_layers),
+    ] {
+        if let Some(bad) = layers.iter().find(|&&l| l >= n) {
+            bail!(
+                "{flag}: layer {bad} does not exist (the model has layers 0..{})",
+                n - 1
+            );
+        }
+    }
+    if let Some(both) = opts
+        .supra_layers
+        .iter()
+        .find(|l| opts.softmax_layers.contains(l))
+    {
+        bail!("layer {both} is in both --softmax-layers and --supra-layers");
+    }
+    if !opts.supra_layers.is_empty() && opts.window.is_none() {
+        bail!("--supra-layers picks the layers without a window; it needs --window");
+    }
+    if opts.window.is_some_and(|w| w.window == 0) {
+        bail!("--window must be at least 1 (the token itself)");
     }
     let d = cfg.head_dim;
-    let f = opts.feature_dim.unwrap_or(d);
+    let f = match (opts.feature_map, opts.feature_dim) {
+        (FeatureKind::Relu, f) => f.unwrap_or(d),
+        (FeatureKind::Hedgehog, None) => 2 * d,
+        (FeatureKind::Hedgehog, Some(f)) if f == 2 * d => f,
+        (FeatureKind::Hedgehog, Some(f)) => bail!(
+            "--feature-dim {f}: the hedgehog map has 2 × head dim = {} features",
+            2 * d
+        ),
+    };
     let mut out_cfg = cfg.clone();
     out_cfg.layer_kinds = (0..n)
         .map(|i| {
             if opts.softmax_layers.contains(&i) {
                 AttentionKind::Softmax
+            } else if opts.window.is_some() && !opts.supra_layers.contains(&i) {
+                AttentionKind::Window
             } else {
                 AttentionKind::Supra
             }
@@ -101,19 +142,50 @@ pub fn convert(teacher: &LoadedModel, opts: &ConvertOptions) -> Result<LoadedMod
         decay: opts.decay.clone(),
         phi_init: opts.phi_init,
         chunk_size: opts.chunk_size,
+        feature_map: opts.feature_map,
+        window: opts.window,
     });
     out_cfg.validate()?;
     let mut weights = teacher.weights.clone();
     let mut rng = StdRng::seed_from_u64(opts.seed);
-    for i in (0..n).filter(|i| out_cfg.layer_kinds[*i] == AttentionKind::Supra) {
+    for i in (0..n).filter(|i| out_cfg.layer_kinds[*i].is_linear()) {
         let p = format!("model.layers.{i}.self_attn");
-        let (w, b) = phi_params(opts.phi_init, cfg.num_attention_heads, d, f, &mut rng)?;
-        weights.insert(format!("{p}.phi_q.weight"), w);
-        weights.insert(format!("{p}.phi_q.bias"), b);
-        if out_cfg.separate_key_phi() {
-            let (w, b) = phi_params(opts.phi_init, cfg.num_key_value_heads, d, f, &mut rng)?;
-            weights.insert(format!("{p}.phi_k.weight"), w);
-            weights.insert(format!("{p}.phi_k.bias"), b);
+        let key_heads = [
+            ("phi_q", cfg.num_attention_heads),
+            ("phi_k", cfg.num_key_value_heads),
+        ];
+        for (role, heads) in
+            key_heads
+                .into_iter()
+                .take(if out_cfg.separate_key_phi() { 2 } else { 1 })
+        {
+            match opts.feature_map {
+                FeatureKind::Relu => {
+                    let (w, b) = phi_params(opts.phi_init, heads, d, f, &mut rng)?;
+                    weights.insert(format!("{p}.{role}.weight"), w);
+                    weights.insert(format!("{p}.{role}.bias"), b);
+                }
+                FeatureKind::Hedgehog => {
+                    let eye = Tensor::eye(d, candle_core::DType::F32, &Device::Cpu)?;
+                    weights.insert(
+                        format!("{p}.{role}.weight"),
+                        eye.unsqueeze(0)?.repeat((heads, 1, 1))?,
+                    );
+                }
+            }
+        }
+        if opts.decay == Decay::Learnable {
+            let gammas = opts.decay.gammas(cfg.num_attention_heads)?;
+            let theta = crate::attention::supra::decay_logits(&gammas);
+            let theta = Tensor::from_vec(theta, cfg.num_attention_heads, &Device::Cpu)?;
+            weights.insert(
+                format!("{p}.decay_logit"),
+                theta.to_dtype(candle_core::DType::F32)?,
+            );
+        }
+        if out_cfg.layer_kinds[i] == AttentionKind::Window {
+            let theta = Tensor::full(MIX_INIT as f32, cfg.num_attention_heads, &Device::Cpu)?;
+            weights.insert(format!("{p}.window_mix"), theta);
         }
     }
     crate::model::weights::check_weights(&out_cfg, &weights, "converted model", str::to_string)?;

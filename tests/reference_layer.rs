@@ -6,8 +6,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
-use supra::attention::supra::{Decay, SupraAttention};
-use supra::attention::Exec;
+use supra::attention::feature_map::FeatureMap;
+use supra::attention::supra::{Decay, HeadDecays, SupraAttention};
+use supra::attention::{Exec, Projections};
 use supra::model::linear::Linear;
 use supra::model::rope::Rope;
 
@@ -61,17 +62,21 @@ fn layer(f: &Value, dtype: DType, chunk: usize) -> SupraAttention {
         );
     }
     SupraAttention {
-        q: lin("q_proj", false),
-        k: lin("k_proj", false),
-        v: lin("v_proj", false),
-        o: lin("o_proj", false),
-        phi_q: lin("phi_q", true),
-        phi_k: Some(lin("phi_k", true)),
-        n_heads: h,
-        n_kv_heads: dim(f, "kv_heads"),
-        head_dim: dim(f, "head_dim"),
+        proj: Projections {
+            q: lin("q_proj", false),
+            k: lin("k_proj", false),
+            v: lin("v_proj", false),
+            o: lin("o_proj", false),
+            n_heads: h,
+            n_kv_heads: dim(f, "kv_heads"),
+            head_dim: dim(f, "head_dim"),
+        },
+        phi: FeatureMap::Relu {
+            q: lin("phi_q", true),
+            k: Some(lin("phi_k", true)),
+        },
         feature_dim: dim(f, "feature_dim"),
-        gammas,
+        gammas: HeadDecays::Fixed(gammas),
         chunk_size: chunk,
         rope: Rope::new(
             dim(f, "feature_dim"),

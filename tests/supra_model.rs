@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
-use common::testing::write_tiny_gguf;
+use common::testing::{logits, write_tiny_gguf};
 use supra::config::{AttentionKind, PhiInit};
 use supra::convert::{convert, ConvertOptions};
 use supra::io::LoadedModel;
@@ -13,21 +13,6 @@ fn tiny_teacher(dir: &std::path::Path, seed: u64) -> LoadedModel {
     let p = dir.join("teacher.gguf");
     write_tiny_gguf(&p, seed).unwrap();
     supra::io::load(&p).unwrap()
-}
-
-fn logits(model: &Llama, ids: &[u32]) -> Vec<f32> {
-    let x = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let h = model.forward_hidden(&x, None).unwrap();
-    model
-        .logits(&h)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 /// The fused cross-entropy that training uses reaches every parameter of a hybrid (softmax
@@ -45,16 +30,7 @@ fn every_parameter_of_a_hybrid_gets_a_gradient() {
         model.config.layer_kinds,
         vec![AttentionKind::Softmax, AttentionKind::Supra]
     );
-    let vars: Vec<(String, Var)> = model
-        .weights
-        .iter()
-        .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
-        .collect();
-    let weights = vars
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    let llama = Llama::for_training(&model.config, &weights).unwrap();
+    let (vars, llama) = common::testing::training_model(&model);
     let ids: Vec<u32> = (0..40).map(|i| (i * 29 % 250 + 3) as u32).collect();
     let x = Tensor::new(&ids[..39], &Device::Cpu)
         .unwrap()
@@ -293,27 +269,13 @@ fn token_by_token_decoding_equals_one_pass() {
         let mut model = Llama::new(&m.config, &m.weights).unwrap();
         let whole = logits(&model, &ids);
         let scale = whole.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let vocab = m.config.vocab_size;
         for (format, tol) in [
             (supra::model::quant::WeightFormat::F32, 1e-5),
             (supra::model::quant::WeightFormat::Q8_0, 0.05),
         ] {
             model.quantize(format).unwrap();
-            let mut state = supra::infer::state::State::new(&model);
-            let mut worst = 0f32;
-            for (i, &id) in ids.iter().enumerate() {
-                state.feed(&model, &[id]).unwrap();
-                let step: Vec<f32> = state
-                    .logits
-                    .as_ref()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let want = &whole[i * vocab..(i + 1) * vocab];
-                worst = worst.max(common::testing::max_diff(&step, want));
-            }
+            let steps = common::testing::stepwise_logits(&model, &ids);
+            let worst = common::testing::max_diff(&steps, &whole);
             assert!(
                 worst < tol * scale,
                 "softmax layers {keep:?}, {format:?}: differs by {worst} (logits up to {scale})"

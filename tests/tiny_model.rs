@@ -14,18 +14,10 @@ fn load(path: &std::path::Path) -> (supra::io::LoadedModel, Llama) {
 }
 
 fn full_logits(model: &Llama, ids: &[u32]) -> Vec<Vec<f32>> {
-    let x = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let h = model.forward_hidden(&x, None).unwrap();
-    model
-        .logits(&h)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap()
+    let all = common::testing::logits(model, ids);
+    all.chunks(all.len() / ids.len())
+        .map(<[f32]>::to_vec)
+        .collect()
 }
 
 #[test]

@@ -5,16 +5,19 @@
 //!
 //! A new kind is one more module and one more variant here; the decoder does not change.
 
+pub mod feature_map;
 pub mod softmax;
 pub mod supra;
+pub mod window;
 
 use crate::model::linear::Linear;
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::Tensor;
 use candle_nn::kv_cache::KvCache;
 use softmax::SoftmaxAttention;
 use std::collections::HashMap;
 use supra::SupraAttention;
+use window::{WindowAttention, WindowState};
 
 /// Whether a pass trains or infers, chosen once by the command and passed down. Training takes
 /// the differentiable forms (candle ops with a backward); inference takes the fused kernels on
@@ -45,11 +48,62 @@ pub fn repeat_kv(x: &Tensor, n_heads: usize) -> Result<Tensor> {
         .reshape((b, n_heads, t, d))?)
 }
 
+/// The teacher's attention projections, which every kind of cell keeps, and their heads.
+#[derive(Debug, Clone)]
+pub struct Projections {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Projections {
+    /// q (B, H, T, d), k and v (B, H_kv, T, d) for `x` (B, T, hidden), before RoPE.
+    pub fn heads(&self, x: &Tensor, exec: Exec) -> Result<(Tensor, Tensor, Tensor)> {
+        let (h, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        Ok((
+            split_heads(&self.q.forward(x, exec)?, h, d)?,
+            split_heads(&self.k.forward(x, exec)?, hkv, d)?,
+            split_heads(&self.v.forward(x, exec)?, hkv, d)?,
+        ))
+    }
+
+    /// One token's q, k and v (all heads side by side) on slices, for decoding steps: a
+    /// dozen small tensor operations per layer would cost more than the products.
+    pub fn token(&self, x: &Tensor) -> Result<[Vec<f32>; 3]> {
+        let row = |lin: &Linear| -> Result<Vec<f32>> {
+            Ok(lin.forward(x, Exec::Infer)?.flatten_all()?.to_vec1()?)
+        };
+        Ok([row(&self.q)?, row(&self.k)?, row(&self.v)?])
+    }
+
+    /// Per-head outputs (B, H, T, d) through Wo: (B, T, hidden).
+    pub fn output(&self, y: &Tensor, exec: Exec) -> Result<Tensor> {
+        let (b, h, t, d) = y.dims4()?;
+        self.o
+            .forward(&y.transpose(1, 2)?.reshape((b, t, h * d))?, exec)
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        vec![&mut self.q, &mut self.k, &mut self.v, &mut self.o]
+    }
+}
+
+/// (B, T, n·d) → (B, n, T, d), contiguous.
+pub fn split_heads(y: &Tensor, n: usize, d: usize) -> Result<Tensor> {
+    let (b, t, _) = y.dims3()?;
+    Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+}
+
 /// One layer's attention, of any kind.
 #[derive(Debug, Clone)]
 pub enum Cell {
     Softmax(SoftmaxAttention),
     Supra(SupraAttention),
+    Window(WindowAttention),
 }
 
 /// What one layer keeps between calls.
@@ -59,6 +113,8 @@ pub enum CellState {
     Kv(KvCache),
     /// SUPRA: the (B, H, d', d_v) state, of constant size; `None` before the first token.
     Rnn(Option<Tensor>),
+    /// Window + linear: sinks, window and the linear state; `None` before the first token.
+    Window(Option<WindowState>),
 }
 
 impl Cell {
@@ -76,6 +132,8 @@ impl Cell {
             (Cell::Softmax(a), Some(CellState::Kv(kv))) => a.forward(x, offset, Some(kv), exec),
             (Cell::Supra(a), None) => a.forward(x, offset, None, exec),
             (Cell::Supra(a), Some(CellState::Rnn(s))) => a.forward(x, offset, Some(s), exec),
+            (Cell::Window(a), None) => a.forward(x, offset, None, exec),
+            (Cell::Window(a), Some(CellState::Window(s))) => a.forward(x, offset, Some(s), exec),
             _ => bail!("the state does not belong to this kind of attention layer"),
         }
     }
@@ -85,6 +143,7 @@ impl Cell {
         match self {
             Cell::Softmax(_) => CellState::Kv(KvCache::new(2, capacity)),
             Cell::Supra(_) => CellState::Rnn(None),
+            Cell::Window(_) => CellState::Window(None),
         }
     }
 
@@ -93,10 +152,26 @@ impl Cell {
         matches!(self, Cell::Softmax(_))
     }
 
+    /// Bytes of one sequence's state after `len` tokens (f32), as [`CellState::bytes`] counts
+    /// them: a KV cache grows with `len`; the others are the same size from the first token.
+    pub fn state_bytes(&self, len: usize) -> usize {
+        4 * match self {
+            Cell::Softmax(a) => 2 * a.proj.n_kv_heads * len * a.proj.head_dim,
+            Cell::Supra(a) => a.proj.n_heads * a.feature_dim * a.proj.head_dim,
+            Cell::Window(a) => {
+                let (span, p) = (a.span(), &a.proj);
+                (span.sinks + span.window) * p.n_kv_heads * (2 * p.head_dim + a.feature_dim)
+                    + p.n_heads * a.feature_dim * (p.head_dim + 1)
+            }
+        }
+    }
+
     /// Tokens per chunk of the chunked forms (no effect on softmax attention).
     pub fn set_chunk_size(&mut self, chunk: usize) {
-        if let Cell::Supra(a) = self {
-            a.chunk_size = chunk;
+        match self {
+            Cell::Supra(a) => a.chunk_size = chunk,
+            Cell::Window(a) => a.chunk_size = chunk,
+            Cell::Softmax(_) => {}
         }
     }
 
@@ -124,7 +199,7 @@ impl Cell {
         };
         match self {
             Cell::Softmax(a) => {
-                let want = [1, a.n_kv_heads, pos, a.head_dim];
+                let want = [1, a.proj.n_kv_heads, pos, a.proj.head_dim];
                 let mut kv = KvCache::new(2, pos.max(1));
                 match (get("k", &want)?, get("v", &want)?) {
                     (Some(k), Some(v)) => {
@@ -136,11 +211,38 @@ impl Cell {
                 Ok(CellState::Kv(kv))
             }
             Cell::Supra(a) => {
-                let s = get("state", &[1, a.n_heads, a.feature_dim, a.head_dim])?;
+                let (h, d) = (a.proj.n_heads, a.proj.head_dim);
+                let s = get("state", &[1, h, a.feature_dim, d])?;
                 if s.is_none() && pos > 0 {
                     bail!("{prefix} (SUPRA) needs '{prefix}.state'");
                 }
                 Ok(CellState::Rnn(s))
+            }
+            Cell::Window(a) => {
+                if pos == 0 {
+                    return Ok(CellState::Window(None));
+                }
+                let sd = a.state_dims();
+                let (h, hkv, d, f) = (sd.heads, sd.kv_heads, sd.head_dim, sd.feature_dim);
+                let kept = sd.span.kept(pos).len();
+                let need = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+                    match get(name, shape)? {
+                        Some(t) => Ok(t.flatten_all()?.to_vec1()?),
+                        None => bail!("{prefix} (window) needs '{prefix}.{name}'"),
+                    }
+                };
+                let (k, v) = (
+                    need("k", &[1, hkv, kept, d])?,
+                    need("v", &[1, hkv, kept, d])?,
+                );
+                let features = need("features", &[1, hkv, kept, f])?;
+                let linear = need("linear", &[1, h, f, d + 1])?;
+                Ok(CellState::Window(Some(WindowState::from_kept_rows(
+                    sd,
+                    pos,
+                    [&k, &v, &features],
+                    linear,
+                ))))
             }
         }
     }
@@ -148,10 +250,15 @@ impl Cell {
     /// Every projection, for quantization.
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         match self {
-            Cell::Softmax(a) => vec![&mut a.q, &mut a.k, &mut a.v, &mut a.o],
+            Cell::Softmax(a) => a.proj.linears_mut(),
             Cell::Supra(a) => {
-                let mut l = vec![&mut a.q, &mut a.k, &mut a.v, &mut a.o, &mut a.phi_q];
-                l.extend(a.phi_k.as_mut());
+                let mut l = a.proj.linears_mut();
+                l.extend(a.phi.linears_mut());
+                l
+            }
+            Cell::Window(a) => {
+                let mut l = a.proj.linears_mut();
+                l.extend(a.phi.linears_mut());
                 l
             }
         }
@@ -177,11 +284,30 @@ impl CellState {
                 CellState::Kv(kv)
             }
             CellState::Rnn(s) => CellState::Rnn(s.as_ref().map(rows).transpose()?),
+            CellState::Window(s) => CellState::Window(match s {
+                None => None,
+                Some(s) => {
+                    if s.batch != 1 {
+                        bail!("only a single-sequence state repeats (batch {})", s.batch);
+                    }
+                    let rep = |x: &Vec<f32>| x.repeat(n);
+                    Some(WindowState {
+                        batch: n,
+                        keys: rep(&s.keys),
+                        values: rep(&s.values),
+                        features: rep(&s.features),
+                        linear: rep(&s.linear),
+                        ..s.clone()
+                    })
+                }
+            }),
         })
     }
 
     /// The tensors by name (under `prefix`), for saving: `k` and `v` (1, kv heads, pos, head
-    /// dim) of a KV cache, `state` (1, heads, d', d_v) of a SUPRA layer.
+    /// dim) of a KV cache, `state` (1, heads, d', d_v) of a SUPRA layer; of a window layer `k`,
+    /// `v` and `features` of its kept tokens (1, kv heads, kept, ·) and `linear` (1, heads, d',
+    /// d_v + 1), S with z as its last column.
     pub fn named_tensors(&self, prefix: &str) -> Result<Vec<(String, Tensor)>> {
         Ok(match self {
             CellState::Kv(c) => match (c.k()?, c.v()?) {
@@ -190,6 +316,27 @@ impl CellState {
             },
             CellState::Rnn(Some(s)) => vec![(format!("{prefix}.state"), s.clone())],
             CellState::Rnn(None) => Vec::new(),
+            CellState::Window(None) => Vec::new(),
+            CellState::Window(Some(s)) => {
+                ensure!(s.batch == 1, "only a single-sequence state is saved");
+                let sd = s.dims;
+                let kept = sd.span.kept(s.len).len();
+                let [k, v, features] = s.kept_rows();
+                let t = |x: Vec<f32>, c: usize| {
+                    Tensor::from_vec(x, (1, sd.kv_heads, kept, c), &candle_core::Device::Cpu)
+                };
+                let linear = Tensor::from_vec(
+                    s.linear.clone(),
+                    (1, sd.heads, sd.feature_dim, sd.head_dim + 1),
+                    &candle_core::Device::Cpu,
+                )?;
+                vec![
+                    (format!("{prefix}.k"), t(k, sd.head_dim)?),
+                    (format!("{prefix}.v"), t(v, sd.head_dim)?),
+                    (format!("{prefix}.features"), t(features, sd.feature_dim)?),
+                    (format!("{prefix}.linear"), linear),
+                ]
+            }
         })
     }
 
@@ -201,6 +348,7 @@ impl CellState {
         match self {
             CellState::Kv(c) => cached(c.k()) + cached(c.v()),
             CellState::Rnn(s) => s.as_ref().map_or(0, bytes),
+            CellState::Window(s) => s.as_ref().map_or(0, WindowState::bytes),
         }
     }
 }

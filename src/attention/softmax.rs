@@ -7,9 +7,8 @@
 //! chunk's scores are 400 MB per layer, which the candle form writes and rereads four times
 //! (mask, softmax, product).
 
-use crate::attention::{kv_head, repeat_kv, Exec};
+use crate::attention::{kv_head, repeat_kv, Exec, Projections};
 use crate::model::gemm::{gemm, Strided};
-use crate::model::linear::Linear;
 use crate::model::rope::Rope;
 use anyhow::{ensure, Result};
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
@@ -18,13 +17,7 @@ use rayon::prelude::*;
 
 #[derive(Debug, Clone)]
 pub struct SoftmaxAttention {
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub o: Linear,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
+    pub proj: Projections,
     pub rope: Rope,
 }
 
@@ -55,12 +48,8 @@ impl SoftmaxAttention {
         cache: Option<&mut KvCache>,
         exec: Exec,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
         let y = self.heads_output(x, offset, cache, exec)?;
-        let y = y
-            .transpose(1, 2)?
-            .reshape((b, t, self.n_heads * self.head_dim))?;
-        self.o.forward(&y, exec)
+        self.proj.output(&y, exec)
     }
 
     /// Per-head attention output (batch, heads, seq, head_dim), before Wo.
@@ -71,18 +60,13 @@ impl SoftmaxAttention {
         cache: Option<&mut KvCache>,
         exec: Exec,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (h, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = self
-            .rope
-            .apply(&heads(self.q.forward(x, exec)?, h)?, offset, exec)?;
-        let k = self
-            .rope
-            .apply(&heads(self.k.forward(x, exec)?, hkv)?, offset, exec)?;
-        let v = heads(self.v.forward(x, exec)?, hkv)?;
+        let t = x.dim(1)?;
+        let (h, d) = (self.proj.n_heads, self.proj.head_dim);
+        let (q, k, v) = self.proj.heads(x, exec)?;
+        let (q, k) = (
+            self.rope.apply(&q, offset, exec)?,
+            self.rope.apply(&k, offset, exec)?,
+        );
         // The cache hands back views into its buffer; both forms read them strided.
         let (k, v) = match cache {
             Some(c) => c.append(&k, &v)?,
@@ -284,7 +268,7 @@ impl Group<'_> {
 
 /// x ← exp(x − m) over `row`, returning Σ. The scores are most of the work at long contexts,
 /// and libm's exp one at a time cost as much as the two products.
-fn exp_shifted(row: &mut [f32], m: f32) -> f32 {
+pub(crate) fn exp_shifted(row: &mut [f32], m: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports the features the function is compiled for.
@@ -382,6 +366,7 @@ pub fn naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Vec<f64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::linear::Linear;
     use candle_core::Device;
 
     fn max_err(got: &Tensor, want: &[f64]) -> f64 {
@@ -441,13 +426,15 @@ mod tests {
             )
         };
         let layer = SoftmaxAttention {
-            q: w(h * d, hidden),
-            k: w(hkv * d, hidden),
-            v: w(hkv * d, hidden),
-            o: w(hidden, h * d),
-            n_heads: h,
-            n_kv_heads: hkv,
-            head_dim: d,
+            proj: Projections {
+                q: w(h * d, hidden),
+                k: w(hkv * d, hidden),
+                v: w(hkv * d, hidden),
+                o: w(hidden, h * d),
+                n_heads: h,
+                n_kv_heads: hkv,
+                head_dim: d,
+            },
             rope: Rope::new(d, 10_000.0, 64, &dev).unwrap(),
         };
         let x = Tensor::randn(0f32, 1.0, (2, t, hidden), &dev).unwrap();

@@ -1,9 +1,9 @@
 //! `supra convert`, `supra export` and `supra fetch`: model files in and out.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
-use supra::config::AttentionKind;
+use supra::config::{FeatureKind, PhiInit, WindowConfig};
 use supra::convert::ConvertOptions;
 use supra::io::{self, fetch};
 
@@ -22,12 +22,33 @@ pub(crate) struct ConvertArgs {
     /// Per-head decay: lightning (ALiBi slopes, the paper's), retnet, none, or comma-separated values.
     #[arg(long, default_value = "lightning")]
     pub(crate) decay: supra::config::Decay,
-    /// Initial φ: random (PyTorch's Linear init, the paper's) or identity (W = I, b = 0).
-    #[arg(long, default_value = "random", value_parser = ["random", "identity"])]
-    pub(crate) phi_init: String,
+    /// Initial relu φ: random (PyTorch's Linear init, the paper's) or identity (W = I, b = 0).
+    /// Hedgehog's maps always start as the identity.
+    #[arg(long, value_parser = ["random", "identity"])]
+    pub(crate) phi_init: Option<String>,
+    /// Feature map of the linear branches: relu (SUPRA's ReLU(Wx + b), RoPE after it) or
+    /// hedgehog ([softmax(xW), softmax(−xW)] per head on the RoPE'd q and k, W = I at first;
+    /// feature dim 2 × head dim).
+    #[arg(long, default_value = "relu")]
+    pub(crate) feature_map: supra::config::FeatureKind,
+    /// Give every converted layer exact softmax attention over its last W tokens beside the
+    /// linear state (window + linear attention, LoLCATs); the state stays constant in the
+    /// context. Without it, layers become pure SUPRA layers.
+    #[arg(long)]
+    pub(crate) window: Option<usize>,
+    /// With --window: the first S tokens of a sequence stay in every window (attention sinks).
+    #[arg(long, default_value_t = 4, requires = "window")]
+    pub(crate) sinks: usize,
+    /// With --window: shared (one normaliser over both branches, LoLCATs) or gated (each
+    /// normalised on its own, the linear one GroupNorm'd, blended by a learned per-head gate).
+    #[arg(long, default_value = "shared", requires = "window")]
+    pub(crate) mix: supra::config::Mix,
     /// Layers that keep softmax attention, e.g. 0,15 (a hybrid).
     #[arg(long, value_delimiter = ',')]
     pub(crate) softmax_layers: Vec<usize>,
+    /// With --window: layers that become pure SUPRA layers (no window), e.g. 3,7.
+    #[arg(long, value_delimiter = ',', requires = "window")]
+    pub(crate) supra_layers: Vec<usize>,
     /// Chunk length of the chunked form (training and prefill).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) chunk_size: u64,
@@ -47,23 +68,35 @@ pub(crate) struct ExportArgs {
 
 pub(crate) fn convert(a: &ConvertArgs) -> Result<()> {
     let (teacher, _) = a.model.load()?;
+    let phi_init = match (a.feature_map, a.phi_init.as_deref()) {
+        (FeatureKind::Hedgehog, Some("random")) => {
+            bail!("--phi-init random: hedgehog's maps start as the identity")
+        }
+        (FeatureKind::Hedgehog, _) => PhiInit::Identity,
+        (FeatureKind::Relu, init) => init.unwrap_or("random").parse()?,
+    };
     let opts = ConvertOptions {
         feature_dim: a.feature_dim,
         decay: a.decay.clone(),
-        phi_init: a.phi_init.parse()?,
+        phi_init,
         chunk_size: a.chunk_size as usize,
         softmax_layers: a.softmax_layers.clone(),
+        feature_map: a.feature_map,
+        window: a.window.map(|window| WindowConfig {
+            window,
+            sinks: a.sinks,
+            mix: a.mix,
+        }),
+        supra_layers: a.supra_layers.clone(),
         seed: a.seed,
     };
     let converted = supra::convert::convert(&teacher, &opts)?;
     io::hf_dir::save(&converted, &a.out)?;
     let c = &converted.config;
-    let count = |kind| c.layer_kinds.iter().filter(|k| **k == kind).count();
     eprintln!(
-        "wrote {}: {} SUPRA and {} softmax layers, {:.2} M new parameters",
+        "wrote {}: {}; {:.2} M new parameters",
         a.out.display(),
-        count(AttentionKind::Supra),
-        count(AttentionKind::Softmax),
+        super::info::layer_kinds_summary(&c.layer_kinds),
         c.new_param_count() as f64 / 1e6
     );
     Ok(())

@@ -5,13 +5,15 @@ use clap::Args;
 use std::path::PathBuf;
 use supra::io::{self};
 
-use super::model::ModelArg;
+use super::model::{BranchesArg, ModelArg};
 use super::{data_dir, read_text};
 
 #[derive(Args)]
 pub(crate) struct EvalArgs {
     #[command(flatten)]
     pub(crate) model: ModelArg,
+    #[command(flatten)]
+    pub(crate) branches: BranchesArg,
     /// Tasks: hellaswag, piqa, winogrande, arc_easy, arc_challenge, lambada_openai, mmlu (5-shot),
     /// mmlu_0shot, wikitext, all; or paths: .jsonl files of {"query": str, "choices": [str, ...],
     /// "gold": int} lines (multiple choice), .txt files (word and byte perplexity).
@@ -56,7 +58,8 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
         }
     }
     let dir = data_dir(&a.data_dir);
-    let (loaded, model) = a.model.load()?;
+    let (loaded, mut model) = a.model.load()?;
+    a.branches.apply(&mut model)?;
     let engine = Engine {
         model: &model,
         tokenizer: &loaded.tokenizer,
@@ -76,7 +79,14 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
     let mut journal = match &a.json {
         Some(path) => Some(Journal::open(
             &Journal::path_for(path),
-            &serde_json::json!({"model": model_name, "limit": a.limit, "max_length": engine.max_length}).to_string(),
+            &{
+                let mut header = serde_json::json!({"model": model_name, "limit": a.limit, "max_length": engine.max_length});
+                // Only for a control, so that journals written before --branches still resume.
+                if a.branches.branches != "both" {
+                    header["branches"] = a.branches.branches.clone().into();
+                }
+                header.to_string()
+            },
             a.resume,
         )?),
         None => None,
@@ -93,6 +103,7 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
     if let Some(path) = &a.json {
         let v = serde_json::json!({
             "model": model_name,
+            "branches": a.branches.branches,
             "config": loaded.config.to_hf_json(),
             "supra_version": env!("CARGO_PKG_VERSION"),
             "limit": a.limit,

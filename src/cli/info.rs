@@ -28,15 +28,56 @@ pub(crate) fn info(m: &ModelArg) -> Result<()> {
     if let Some(sc) = &c.supra {
         let gammas = sc.decay.gammas(c.num_attention_heads)?;
         println!(
-            "supra               feature dim {}, decay {} (γ {:.4}..{:.4}), φ init {:?}, chunk {}",
+            "linear branch       φ {} (init {:?}), feature dim {}, decay {} (γ {:.4}..{:.4}), chunk {}",
+            sc.feature_map.name(),
+            sc.phi_init,
             sc.feature_dim,
             sc.decay.name(),
             gammas.iter().copied().fold(f64::INFINITY, f64::min),
             gammas.iter().copied().fold(0.0, f64::max),
-            sc.phi_init,
             sc.chunk_size
         );
+        if let Some(w) = &sc.window {
+            println!(
+                "window              {} tokens + {} sinks, {} mix",
+                w.window,
+                w.sinks,
+                w.mix.name()
+            );
+        }
     }
+    let llama = supra::model::llama::Llama::new(c, &loaded.weights)?;
+    let lens = [1, 1 << 10, 1 << 15];
+    let states = llama.state_bytes_by_layer(&lens);
+    println!("state per sequence  at 1 token / 1k / 32k tokens of context:");
+    // Runs of consecutive layers of one kind and size, one line each.
+    let mut i = 0;
+    while i < states.len() {
+        let j = (i..states.len())
+            .find(|&j| c.layer_kinds[j] != c.layer_kinds[i] || states[j] != states[i])
+            .unwrap_or(states.len());
+        let mib = |b: usize| format!("{:.2} MiB", b as f64 / (1 << 20) as f64);
+        let layers = if j - i == 1 {
+            format!("layer {i}")
+        } else {
+            format!("layers {i}-{}", j - 1)
+        };
+        println!(
+            "  {layers:<14} {:<8} {} / {} / {} per layer",
+            c.layer_kinds[i].name(),
+            mib(states[i][0]),
+            mib(states[i][1]),
+            mib(states[i][2])
+        );
+        i = j;
+    }
+    let total = |k: usize| states.iter().map(|s| s[k]).sum::<usize>() as f64 / (1 << 20) as f64;
+    println!(
+        "  all layers              {:.2} MiB / {:.2} MiB / {:.2} MiB",
+        total(0),
+        total(1),
+        total(2)
+    );
     println!("hidden size         {}", c.hidden_size);
     println!("intermediate size   {}", c.intermediate_size);
     println!(
@@ -66,24 +107,33 @@ pub(crate) fn info(m: &ModelArg) -> Result<()> {
     Ok(())
 }
 
-/// "supra ×28, softmax at 0, 15" or "softmax (all 30)".
+/// "supra (all 30)", "window ×28, softmax at layers 0, 15", "softmax (all 30)".
 pub(crate) fn layer_kinds_summary(kinds: &[AttentionKind]) -> String {
-    let at = |k: AttentionKind| -> Vec<String> {
-        kinds
+    let kinds_present: Vec<AttentionKind> = [
+        AttentionKind::Window,
+        AttentionKind::Supra,
+        AttentionKind::Softmax,
+    ]
+    .into_iter()
+    .filter(|k| kinds.contains(k))
+    .collect();
+    if let [only] = kinds_present[..] {
+        return format!("{} (all {})", only.name(), kinds.len());
+    }
+    let (first, rest) = kinds_present.split_first().expect("a model has layers");
+    let mut out = format!(
+        "{} ×{}",
+        first.name(),
+        kinds.iter().filter(|k| *k == first).count()
+    );
+    for k in rest {
+        let at: Vec<String> = kinds
             .iter()
             .enumerate()
-            .filter(|(_, x)| **x == k)
+            .filter(|(_, x)| *x == k)
             .map(|(i, _)| i.to_string())
-            .collect()
-    };
-    let (soft, lin) = (at(AttentionKind::Softmax), at(AttentionKind::Supra));
-    match (soft.is_empty(), lin.is_empty()) {
-        (_, true) => format!("softmax (all {})", kinds.len()),
-        (true, false) => format!("supra (all {})", kinds.len()),
-        (false, false) => format!(
-            "supra ×{}, softmax at layers {}",
-            lin.len(),
-            soft.join(", ")
-        ),
+            .collect();
+        out += &format!(", {} at layers {}", k.name(), at.join(", "));
     }
+    out
 }

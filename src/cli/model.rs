@@ -1,8 +1,10 @@
 //! The MODEL argument: which model a command loads, and in what weight format.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
+use supra::attention::window::Branches;
+use supra::config::AttentionKind;
 use supra::io::{self, fetch, LoadedModel};
 use supra::model::llama::Llama;
 use supra::model::quant::WeightFormat;
@@ -24,6 +26,36 @@ impl ModelArg {
             .with_context(|| format!("building the model from {}", path.display()))?;
         Ok((loaded, model))
     }
+}
+
+/// Which branches the window layers run (`--branches`): a control for hybrids.
+#[derive(Args)]
+pub(crate) struct BranchesArg {
+    /// Window + linear layers only: run both branches (the model), the window and sinks alone
+    /// (`window`; for an untrained model, the teacher restricted to its window) or the linear
+    /// branch alone over every earlier token (`linear`). The single-branch runs are controls.
+    #[arg(long, default_value = "both", value_parser = ["both", "window", "linear"])]
+    pub(crate) branches: String,
+}
+
+impl BranchesArg {
+    /// Sets the branches of `model`'s window layers; refuses a control on a model without any.
+    pub(crate) fn apply(&self, model: &mut Llama) -> Result<()> {
+        set_branches(model, self.branches.parse()?)
+    }
+}
+
+/// Sets the branches of `model`'s window layers; refuses a control on a model without any.
+pub(crate) fn set_branches(model: &mut Llama, branches: Branches) -> Result<()> {
+    let has_window = model.config.layer_kinds.contains(&AttentionKind::Window);
+    if branches != Branches::Both && !has_window {
+        bail!(
+            "--branches {branches:?}: the model has no window layers",
+            branches = branches
+        );
+    }
+    model.set_branches(branches);
+    Ok(())
 }
 
 /// A model to run (not train), with the format of its weight matrices.

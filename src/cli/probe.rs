@@ -3,9 +3,10 @@
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
+use supra::eval::long_context::Buckets;
 use supra::io::{self};
 
-use super::model::ModelArg;
+use super::model::{set_branches, ModelArg};
 use super::{data_dir, parse_tokens};
 
 #[derive(Args)]
@@ -13,6 +14,11 @@ pub(crate) struct ProbeModels {
     /// GGUF files or HF directories [default: SmolLM2-135M-Instruct, fetched if missing].
     /// Softmax models run past their trained context here on purpose.
     pub(crate) models: Vec<PathBuf>,
+    /// Window + linear models only: which branches each model runs (both, window or linear;
+    /// one for all models or one per model, comma-separated). Give one model several times
+    /// with different branches to report it window-only, linear-only and whole.
+    #[arg(long, value_delimiter = ',', value_parser = ["both", "window", "linear"])]
+    pub(crate) branches: Vec<String>,
     /// Names for the models in tables and plots, comma-separated [default: file or directory
     /// names].
     #[arg(long, value_delimiter = ',')]
@@ -78,6 +84,10 @@ pub(crate) enum ProbeCommand {
         /// Positions per bucket (a k suffix multiplies by 1024).
         #[arg(long, value_parser = parse_tokens, default_value = "1k")]
         bucket: usize,
+        /// Buckets at these positions instead, e.g. 128,512,1k,2k: 0–128, 128–512, 512–1k,
+        /// 1k–2k, 2k–end.
+        #[arg(long, value_delimiter = ',', value_parser = parse_tokens, conflicts_with = "bucket")]
+        edges: Vec<usize>,
     },
     /// Multi-query associative recall: key-value pairs, then queries; accuracy against the
     /// number of pairs.
@@ -134,7 +144,16 @@ pub(crate) fn probe(cmd: ProbeCommand) -> Result<()> {
             length,
             sequences,
             bucket,
+            edges,
         } => {
+            if !edges.windows(2).all(|w| w[0] < w[1]) {
+                bail!("--edges must increase: {edges:?}");
+            }
+            let buckets = if edges.is_empty() {
+                Buckets::Every(*bucket)
+            } else {
+                Buckets::Edges(edges.clone())
+            };
             let texts = if text.is_empty() {
                 vec![data_dir(&models.data_dir).join("text/longctx")]
             } else {
@@ -146,7 +165,7 @@ pub(crate) fn probe(cmd: ProbeCommand) -> Result<()> {
                     texts,
                     length: *length,
                     sequences: (*sequences).max(1),
-                    bucket: *bucket,
+                    buckets,
                 },
             )
         }
@@ -178,10 +197,20 @@ pub(crate) fn probe(cmd: ProbeCommand) -> Result<()> {
             paths.len()
         );
     }
+    if m.branches.len() > 1 && m.branches.len() != paths.len() {
+        bail!(
+            "--branches gives {} settings for {} models (give one, or one per model)",
+            m.branches.len(),
+            paths.len()
+        );
+    }
     let mut loaded = Vec::new();
     for (i, p) in paths.iter().enumerate() {
         let (l, mut model) = ModelArg { model: p.clone() }.load()?;
         model.past_context = true;
+        if let Some(b) = m.branches.get(i).or(m.branches.first()) {
+            set_branches(&mut model, b.parse()?)?;
+        }
         let name = m.names.get(i).cloned().unwrap_or_else(|| match p {
             Some(p) => p.file_stem().map_or(p.display().to_string(), |s| {
                 s.to_string_lossy().into_owned()
@@ -202,7 +231,14 @@ pub(crate) fn probe(cmd: ProbeCommand) -> Result<()> {
     let mut journal = match &m.json {
         Some(path) => Some(Journal::open(
             &Journal::path_for(path),
-            &serde_json::json!({"probe": format!("{probe:?}"), "models": format!("{paths:?}"), "names": names}).to_string(),
+            &{
+                let mut header = serde_json::json!({"probe": format!("{probe:?}"), "models": format!("{paths:?}"), "names": names});
+                // Only when given, so journals written before --branches still resume.
+                if !m.branches.is_empty() {
+                    header["branches"] = serde_json::json!(m.branches);
+                }
+                header.to_string()
+            },
             m.resume,
         )?),
         None => None,
@@ -219,6 +255,7 @@ pub(crate) fn probe(cmd: ProbeCommand) -> Result<()> {
         let v = serde_json::json!({
             "probe": format!("{probe:?}"),
             "models": paths.iter().map(|p| p.as_ref().map_or("SmolLM2-135M-Instruct (default)".to_string(), |p| p.display().to_string())).collect::<Vec<_>>(),
+            "branches": m.branches,
             "supra_version": env!("CARGO_PKG_VERSION"),
             "seconds": t0.elapsed().as_secs_f64(),
             "results": outcome.json,

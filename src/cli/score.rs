@@ -5,7 +5,7 @@ use clap::Args;
 use std::path::PathBuf;
 use supra::model::llama::Form;
 
-use super::model::ModelArg;
+use super::model::{BranchesArg, ModelArg};
 use super::read_text;
 
 #[derive(Args)]
@@ -24,7 +24,7 @@ pub(crate) struct ScoreArgs {
     pub(crate) json: bool,
     /// How the sequence is read: parallel (the training form in one chunk), chunked (the
     /// inference form) or recurrent (one token at a time through the state). All three agree;
-    /// only SUPRA layers compute differently.
+    /// only SUPRA and window layers compute differently.
     #[arg(long, default_value = "chunked", value_parser = ["parallel", "chunked", "recurrent"])]
     pub(crate) mode: String,
     /// Held-out perplexity: score each document in non-overlapping windows of this many tokens
@@ -35,6 +35,8 @@ pub(crate) struct ScoreArgs {
     /// With --window: score at most the first N tokens of each document.
     #[arg(long, requires = "window")]
     pub(crate) max_tokens: Option<usize>,
+    #[command(flatten)]
+    pub(crate) branches: BranchesArg,
 }
 
 pub(crate) fn score(a: &ScoreArgs) -> Result<()> {
@@ -51,7 +53,8 @@ pub(crate) fn score(a: &ScoreArgs) -> Result<()> {
         ),
     };
     let form: Form = a.mode.parse()?;
-    let (loaded, model) = a.model.load()?;
+    let (loaded, mut model) = a.model.load()?;
+    a.branches.apply(&mut model)?;
     let ids = loaded.tokenizer.encode(&text)?;
     if ids.len() < 2 {
         bail!(
@@ -66,7 +69,8 @@ pub(crate) fn score(a: &ScoreArgs) -> Result<()> {
     spinner.finish_and_clear();
     let nll = -logprobs.iter().map(|&x| x as f64).sum::<f64>() / logprobs.len() as f64;
     if a.json {
-        let v = serde_json::json!({ "token_ids": ids, "logprobs": logprobs, "nll": nll, "ppl": nll.exp() });
+        let v = serde_json::json!({ "token_ids": ids, "logprobs": logprobs, "nll": nll, "ppl": nll.exp(),
+            "branches": a.branches.branches });
         println!("{v}");
     } else {
         println!("tokens      {}", ids.len());
@@ -93,7 +97,8 @@ pub(crate) fn score_windows(a: &ScoreArgs, window: usize) -> Result<()> {
         (files, docs)
     };
     let form: Form = a.mode.parse()?;
-    let (loaded, model) = a.model.load()?;
+    let (loaded, mut model) = a.model.load()?;
+    a.branches.apply(&mut model)?;
     let limit = a.max_tokens.unwrap_or(usize::MAX);
     let docs: Vec<Vec<u32>> = docs
         .iter()
@@ -130,7 +135,7 @@ pub(crate) fn score_windows(a: &ScoreArgs, window: usize) -> Result<()> {
     if a.json {
         let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         let v = serde_json::json!({ "files": files, "documents": docs.len(), "window": window,
-            "tokens": tokens, "nll": nll, "ppl": nll.exp() });
+            "tokens": tokens, "nll": nll, "ppl": nll.exp(), "branches": a.branches.branches });
         println!("{v}");
     } else {
         println!("documents   {}", docs.len());

@@ -229,20 +229,43 @@ pub fn nll_by_position(model: &Llama, ids: &[u32], chunk: usize) -> Result<Vec<f
     Ok(out)
 }
 
-/// Perplexity per bucket of `bucket` positions (the last may be shorter), averaged over
-/// sequences: (first position of the bucket, perplexity).
-pub fn bucketed_perplexity(nlls: &[Vec<f32>], bucket: usize) -> Vec<(usize, f64)> {
+/// Perplexity per bucket of positions, averaged over sequences: (first position of the bucket,
+/// perplexity). Bucket i holds positions starts[i] .. starts[i + 1] (the last, to the end).
+pub fn bucketed_perplexity(nlls: &[Vec<f32>], starts: &[usize]) -> Vec<(usize, f64)> {
     let longest = nlls.iter().map(Vec::len).max().unwrap_or(0);
-    (0..longest)
-        .step_by(bucket.max(1))
-        .map(|start| {
+    starts
+        .iter()
+        .enumerate()
+        .take_while(|&(_, &start)| start < longest)
+        .map(|(i, &start)| {
+            let end = starts.get(i + 1).copied().unwrap_or(usize::MAX);
             let (sum, n) = nlls
                 .iter()
-                .flat_map(|s| s.iter().skip(start).take(bucket))
+                .flat_map(|s| s.iter().skip(start).take(end - start))
                 .fold((0.0f64, 0usize), |(s, n), &x| (s + x as f64, n + 1));
             (start, (sum / n as f64).exp())
         })
         .collect()
+}
+
+/// How positions are grouped: every `n` tokens, or at given edges.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Buckets {
+    Every(usize),
+    /// Bucket boundaries after 0, increasing: 128,512 gives 0–128, 128–512, 512–end.
+    Edges(Vec<usize>),
+}
+
+impl Buckets {
+    /// First position of each bucket, for sequences of `len` positions.
+    pub fn starts(&self, len: usize) -> Vec<usize> {
+        match self {
+            Buckets::Every(n) => (0..len).step_by((*n).max(1)).collect(),
+            Buckets::Edges(e) => std::iter::once(0)
+                .chain(e.iter().copied().filter(|&x| x > 0 && x < len))
+                .collect(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -253,10 +276,15 @@ mod tests {
     fn first_number_and_buckets_by_hand() {
         assert_eq!(first_number(" 12345. Remember"), Some(12345));
         assert_eq!(first_number("no digits"), None);
-        let b = bucketed_perplexity(&[vec![1.0, 1.0, 3.0], vec![1.0, 1.0, 1.0]], 2);
+        let nlls = [vec![1.0, 1.0, 3.0], vec![1.0, 1.0, 1.0]];
+        let b = bucketed_perplexity(&nlls, &Buckets::Every(2).starts(3));
         assert_eq!(b.len(), 2);
         assert_eq!(b[0].0, 0);
         assert!((b[0].1 - 1f64.exp()).abs() < 1e-9);
         assert!((b[1].1 - 2f64.exp()).abs() < 1e-9);
+        // Edges: 0–1, 1–end.
+        let b = bucketed_perplexity(&nlls, &Buckets::Edges(vec![1, 9]).starts(3));
+        assert_eq!(b.iter().map(|x| x.0).collect::<Vec<_>>(), [0, 1]);
+        assert!((b[1].1 - (6.0f64 / 4.0).exp()).abs() < 1e-9);
     }
 }

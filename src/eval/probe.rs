@@ -29,7 +29,7 @@ pub enum Probe {
         texts: Vec<PathBuf>,
         length: usize,
         sequences: usize,
-        bucket: usize,
+        buckets: long_context::Buckets,
     },
     /// Associative-recall accuracy per number of pairs.
     Recall {
@@ -133,7 +133,7 @@ pub fn run(
             texts,
             length,
             sequences,
-            bucket,
+            buckets,
         } => {
             let mut series = Vec::new();
             let mut rows = Vec::new();
@@ -166,13 +166,19 @@ pub fn run(
                     pb.inc(1);
                 }
                 pb.finish_and_clear();
-                let buckets = long_context::bucketed_perplexity(&nlls, *bucket);
-                rows.push((s.name.clone(), buckets.clone()));
+                let starts = buckets.starts(nlls.iter().map(Vec::len).max().unwrap_or(0));
+                let by_bucket = long_context::bucketed_perplexity(&nlls, &starts);
+                rows.push((s.name.clone(), by_bucket.clone()));
+                let longest = nlls.iter().map(Vec::len).max().unwrap_or(0);
                 series.push(Series::points(
                     s.name.clone(),
-                    buckets
+                    by_bucket
                         .iter()
-                        .map(|&(p, ppl)| ((p + bucket / 2).max(1) as f64, ppl))
+                        .enumerate()
+                        .map(|(i, &(p, ppl))| {
+                            let end = starts.get(i + 1).copied().unwrap_or(longest);
+                            ((p + end) as f64 / 2.0, ppl)
+                        })
                         .collect(),
                 ));
             }
@@ -198,11 +204,11 @@ pub fn run(
                 png,
             )?;
             Ok(Outcome {
-                markdown: position_table(&rows, *bucket),
+                markdown: position_table(&rows, *length),
                 json: serde_json::json!(rows
                     .iter()
-                    .map(|(n, b)| serde_json::json!({"model": n, "bucket": bucket,
-                        "buckets": b.iter().map(|(p, ppl)| serde_json::json!({"start": p, "perplexity": ppl})).collect::<Vec<_>>()}))
+                    .map(|(n, b)| serde_json::json!({"model": n, "buckets": format!("{buckets:?}"),
+                        "rows": b.iter().map(|(p, ppl)| serde_json::json!({"start": p, "perplexity": ppl})).collect::<Vec<_>>()}))
                     .collect::<Vec<_>>()),
             })
         }
@@ -333,7 +339,7 @@ fn retrieval_table(panels: &[(String, Vec<Cell>)]) -> String {
     md
 }
 
-fn position_table(rows: &[(String, Vec<(usize, f64)>)], bucket: usize) -> String {
+fn position_table(rows: &[(String, Vec<(usize, f64)>)], length: usize) -> String {
     let mut md = String::from("| positions |");
     for (n, _) in rows {
         md.push_str(&format!(" {n} |"));
@@ -341,10 +347,14 @@ fn position_table(rows: &[(String, Vec<(usize, f64)>)], bucket: usize) -> String
     md.push_str("\n|---|");
     md.push_str(&"---:|".repeat(rows.len()));
     md.push('\n');
-    let buckets = rows.iter().map(|(_, b)| b.len()).max().unwrap_or(0);
-    for i in 0..buckets {
-        let start = i * bucket;
-        md.push_str(&format!("| {start}–{} |", start + bucket));
+    let starts: Vec<usize> = rows
+        .iter()
+        .max_by_key(|(_, b)| b.len())
+        .map(|(_, b)| b.iter().map(|x| x.0).collect())
+        .unwrap_or_default();
+    for (i, start) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).copied().unwrap_or(length);
+        md.push_str(&format!("| {start}–{end} |"));
         for (_, b) in rows {
             md.push_str(
                 &b.get(i)

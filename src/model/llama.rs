@@ -1,10 +1,13 @@
 //! The llama-family decoder in f32: embedding → N × [RMSNorm → attention → residual; RMSNorm →
 //! SwiGLU → residual] → RMSNorm → LM head. Covers llama, mistral and qwen2 checkpoints.
 
+use crate::attention::feature_map::FeatureMap;
 use crate::attention::softmax::SoftmaxAttention;
+use crate::attention::supra::HeadDecays;
 use crate::attention::supra::SupraAttention;
-use crate::attention::{Cell, CellState, Exec};
-use crate::config::{AttentionKind, ModelConfig};
+use crate::attention::window::{Branches, Span, WindowAttention};
+use crate::attention::{Cell, CellState, Exec, Projections};
+use crate::config::{AttentionKind, Decay, FeatureKind, ModelConfig, SupraConfig};
 use crate::model::linear::Linear;
 use crate::model::mlp::Mlp;
 use crate::model::norm::RmsNorm;
@@ -164,54 +167,96 @@ impl Llama {
             Some(sc) if sc.feature_dim != config.head_dim => rope(sc.feature_dim)?,
             _ => head_rope.clone(),
         };
+        let feature_map = |p: &str| -> Result<FeatureMap> {
+            let sc = config
+                .supra
+                .as_ref()
+                .ok_or_else(|| anyhow!("no SUPRA parameters"))?;
+            let a = format!("{p}.self_attn");
+            Ok(match sc.feature_map {
+                FeatureKind::Relu => FeatureMap::Relu {
+                    q: linear(&format!("{a}.phi_q"), true)?,
+                    k: if config.separate_key_phi() {
+                        Some(linear(&format!("{a}.phi_k"), true)?)
+                    } else {
+                        None
+                    },
+                },
+                FeatureKind::Hedgehog => FeatureMap::Hedgehog {
+                    q: get(&format!("{a}.phi_q.weight"))?,
+                    k: get(&format!("{a}.phi_k.weight"))?,
+                },
+            })
+        };
+        let decays = |p: &str| -> Result<HeadDecays> {
+            let sc = config
+                .supra
+                .as_ref()
+                .ok_or_else(|| anyhow!("no SUPRA parameters"))?;
+            Ok(match sc.decay {
+                Decay::Learnable => {
+                    HeadDecays::Learned(get(&format!("{p}.self_attn.decay_logit"))?)
+                }
+                ref fixed => HeadDecays::Fixed(fixed.gammas(config.num_attention_heads)?),
+            })
+        };
         let eps = config.rms_norm_eps;
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let bias = config.attention_bias;
-            let (q, k, v, o) = (
-                linear(&format!("{p}.self_attn.q_proj"), bias)?,
-                linear(&format!("{p}.self_attn.k_proj"), bias)?,
-                linear(&format!("{p}.self_attn.v_proj"), bias)?,
-                linear(&format!("{p}.self_attn.o_proj"), false)?,
-            );
-            let (n_heads, n_kv_heads, head_dim) = (
-                config.num_attention_heads,
-                config.num_key_value_heads,
-                config.head_dim,
-            );
+            let proj = Projections {
+                q: linear(&format!("{p}.self_attn.q_proj"), bias)?,
+                k: linear(&format!("{p}.self_attn.k_proj"), bias)?,
+                v: linear(&format!("{p}.self_attn.v_proj"), bias)?,
+                o: linear(&format!("{p}.self_attn.o_proj"), false)?,
+                n_heads: config.num_attention_heads,
+                n_kv_heads: config.num_key_value_heads,
+                head_dim: config.head_dim,
+            };
             let attn = match (config.layer_kinds[i], &config.supra) {
                 (AttentionKind::Softmax, _) => Cell::Softmax(SoftmaxAttention {
-                    q,
-                    k,
-                    v,
-                    o,
-                    n_heads,
-                    n_kv_heads,
-                    head_dim,
+                    proj,
                     rope: head_rope.clone(),
                 }),
                 (AttentionKind::Supra, Some(sc)) => Cell::Supra(SupraAttention {
-                    q,
-                    k,
-                    v,
-                    o,
-                    phi_q: linear(&format!("{p}.self_attn.phi_q"), true)?,
-                    phi_k: if config.separate_key_phi() {
-                        Some(linear(&format!("{p}.self_attn.phi_k"), true)?)
-                    } else {
-                        None
-                    },
-                    n_heads,
-                    n_kv_heads,
-                    head_dim,
+                    proj,
+                    phi: feature_map(&p)?,
                     feature_dim: sc.feature_dim,
-                    gammas: sc.decay.gammas(n_heads)?,
+                    gammas: decays(&p)?,
                     chunk_size: sc.chunk_size,
-                    rope: feature_rope.clone(),
+                    rope: match sc.feature_map {
+                        FeatureKind::Relu => feature_rope.clone(),
+                        FeatureKind::Hedgehog => head_rope.clone(),
+                    },
                 }),
-                (AttentionKind::Supra, None) => {
-                    bail!("layer {i} is SUPRA but the config has no SUPRA parameters")
+                (
+                    AttentionKind::Window,
+                    Some(
+                        sc @ SupraConfig {
+                            window: Some(w), ..
+                        },
+                    ),
+                ) => Cell::Window(WindowAttention {
+                    proj,
+                    phi: feature_map(&p)?,
+                    mix_logit: get(&format!("{p}.self_attn.window_mix"))?,
+                    mix: w.mix,
+                    feature_dim: sc.feature_dim,
+                    gammas: decays(&p)?,
+                    chunk_size: sc.chunk_size,
+                    span: Span {
+                        window: w.window,
+                        sinks: w.sinks,
+                    },
+                    rope: head_rope.clone(),
+                    branches: Branches::Both,
+                }),
+                (kind, _) => {
+                    bail!(
+                        "layer {i} is {} but the config has no parameters for it",
+                        kind.name()
+                    )
                 }
             };
             blocks.push(Block {
@@ -276,6 +321,24 @@ impl Llama {
 
     pub fn has_softmax_layers(&self) -> bool {
         self.blocks.iter().any(|b| b.attn.state_grows())
+    }
+
+    /// Per layer, the bytes of one sequence's state after each of `lens` tokens.
+    pub fn state_bytes_by_layer(&self, lens: &[usize]) -> Vec<Vec<usize>> {
+        self.blocks
+            .iter()
+            .map(|b| lens.iter().map(|&n| b.attn.state_bytes(n)).collect())
+            .collect()
+    }
+
+    /// Runs every window layer with only some of its branches (controls); no effect on other
+    /// layers.
+    pub fn set_branches(&mut self, branches: Branches) {
+        for b in &mut self.blocks {
+            if let Cell::Window(a) = &mut b.attn {
+                a.branches = branches;
+            }
+        }
     }
 
     /// Sets the chunk size of every layer's chunked forms.

@@ -2,7 +2,7 @@
 //! it is for. Freezing (`--freeze`), the optimizer's weight decay and LoRA's targets all read
 //! it; nothing decides a parameter's role from its name elsewhere.
 
-use crate::config::{AttentionKind, ModelConfig};
+use crate::config::{AttentionKind, FeatureKind, ModelConfig};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -92,10 +92,11 @@ pub fn table(cfg: &ModelConfig) -> Vec<Param> {
     let kv_dim = cfg.num_key_value_heads * d;
     let mut out = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, group: ParamGroup| {
-        let is_bias = name.ends_with(".bias");
-        let lora_target = group == ParamGroup::Attention && !is_bias;
+        // Vectors are norms' gains, biases and per-head scalars: never decayed.
+        let vector = shape.len() == 1;
+        let lora_target = group == ParamGroup::Attention && !vector;
         out.push(Param {
-            weight_decay: !matches!(group, ParamGroup::Norm | ParamGroup::Embedding) && !is_bias,
+            weight_decay: group != ParamGroup::Embedding && !vector,
             lora_target,
             name,
             shape,
@@ -131,14 +132,31 @@ pub fn table(cfg: &ModelConfig) -> Vec<Param> {
                 );
             }
         }
-        if let (AttentionKind::Supra, Some(sc)) = (cfg.layer_kinds[i], &cfg.supra) {
-            let fq = cfg.num_attention_heads * sc.feature_dim;
-            add(format!("{p}.self_attn.phi_q.weight"), vec![fq, q_dim], Phi);
-            add(format!("{p}.self_attn.phi_q.bias"), vec![fq], Phi);
+        if let (true, Some(sc)) = (cfg.layer_kinds[i].is_linear(), &cfg.supra) {
+            let (hq, hk) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+            let mut phi = |role: &str, heads: usize, in_dim: usize| match sc.feature_map {
+                FeatureKind::Relu => {
+                    let f = heads * sc.feature_dim;
+                    add(format!("{p}.self_attn.{role}.weight"), vec![f, in_dim], Phi);
+                    add(format!("{p}.self_attn.{role}.bias"), vec![f], Phi);
+                }
+                FeatureKind::Hedgehog => add(
+                    format!("{p}.self_attn.{role}.weight"),
+                    vec![heads, d, d],
+                    Phi,
+                ),
+            };
+            phi("phi_q", hq, q_dim);
             if cfg.separate_key_phi() {
-                let fk = cfg.num_key_value_heads * sc.feature_dim;
-                add(format!("{p}.self_attn.phi_k.weight"), vec![fk, kv_dim], Phi);
-                add(format!("{p}.self_attn.phi_k.bias"), vec![fk], Phi);
+                phi("phi_k", hk, kv_dim);
+            }
+            if sc.decay == crate::config::Decay::Learnable {
+                // Per head: θ of the decay, γ = sigmoid(θ).
+                add(format!("{p}.self_attn.decay_logit"), vec![hq], Phi);
+            }
+            if cfg.layer_kinds[i] == AttentionKind::Window {
+                // Per head: θ of the linear branch's share, α = sigmoid(θ).
+                add(format!("{p}.self_attn.window_mix"), vec![hq], Phi);
             }
         }
         if let Some(l) = &cfg.lora {
@@ -188,6 +206,8 @@ mod tests {
             decay: crate::attention::supra::Decay::Lightning,
             phi_init: crate::config::PhiInit::Random,
             chunk_size: 64,
+            feature_map: crate::config::FeatureKind::Relu,
+            window: None,
         });
         c.lora = Some(LoraConfig {
             rank: 2,

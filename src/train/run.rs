@@ -423,6 +423,14 @@ fn calibrate(
     data: &mut Data,
     cfg: &TrainConfig,
 ) -> Result<Vec<Option<Vec<f32>>>> {
+    if !model
+        .config
+        .layer_kinds
+        .contains(&crate::config::AttentionKind::Supra)
+    {
+        // Window layers normalise as softmax does: their output is at the teacher's scale.
+        return Ok(vec![None; model.config.num_hidden_layers]);
+    }
     let n = CALIBRATION_WINDOWS.min(data.windows.count);
     let batches = (0..n as u64)
         .map(|i| Ok(data.batch(i, 1)?.narrow(1, 0, cfg.seq_len)?))

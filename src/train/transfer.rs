@@ -5,7 +5,7 @@
 //! q, k, v and Wo: it needs no second copy of the weights. The decoder knows nothing of this; it
 //! runs the teacher through [`Llama::forward_with`], its per-layer hook.
 
-use crate::attention::supra::{group_norm::group_norm, SupraAttention};
+use crate::attention::supra::group_norm::group_norm;
 use crate::attention::{Cell, Exec};
 use crate::io::LoadedModel;
 use crate::model::linear::Linear;
@@ -49,58 +49,69 @@ impl Teacher {
         })
     }
 
-    /// Runs the teacher over `tokens` and shows every SUPRA layer (by index) its input and the
-    /// teacher's per-head output there. Nothing here needs gradients: the teacher runs in its
-    /// inference forms, and its outputs are detached.
+    /// Runs the teacher over `tokens` and shows every layer with a linear branch (by index) its
+    /// input and the teacher's per-head output there. Nothing here needs gradients: the teacher
+    /// runs in its inference forms, and its outputs are detached.
     fn walk(
         &self,
         model: &Llama,
         tokens: &Tensor,
-        mut visit: impl FnMut(usize, &SupraAttention, &Tensor, &Tensor) -> Result<()>,
+        mut visit: impl FnMut(usize, &Cell, &Tensor, &Tensor) -> Result<()>,
     ) -> Result<()> {
         let (b, t) = tokens.dims2()?;
         model.forward_with(tokens, Exec::Infer, |i, cell, xn| {
             let xn = xn.detach();
-            Ok(match cell {
-                Cell::Softmax(a) => a.forward(&xn, 0, None, Exec::Infer)?,
-                Cell::Supra(a) => {
-                    let teacher = a.teacher(&self.rope);
-                    let y = teacher.heads_output(&xn, 0, None, Exec::Infer)?.detach();
-                    visit(i, a, &xn, &y)?;
-                    let y = y.transpose(1, 2)?.reshape((b, t, ()))?;
-                    let wo = self.wo.get(i).and_then(Option::as_ref).unwrap_or(&a.o);
-                    wo.forward(&y, Exec::Infer)?.detach()
-                }
-            })
+            let teacher = match cell {
+                Cell::Softmax(a) => return a.forward(&xn, 0, None, Exec::Infer),
+                Cell::Supra(a) => a.teacher(&self.rope),
+                Cell::Window(a) => a.teacher(),
+            };
+            let y = teacher.heads_output(&xn, 0, None, Exec::Infer)?.detach();
+            visit(i, cell, &xn, &y)?;
+            let y = y.transpose(1, 2)?.reshape((b, t, ()))?;
+            let wo = self
+                .wo
+                .get(i)
+                .and_then(Option::as_ref)
+                .unwrap_or(&teacher.proj.o);
+            Ok(wo.forward(&y, Exec::Infer)?.detach())
         })?;
         Ok(())
     }
 
-    /// For each SUPRA layer, the mean squared error between its per-head output (after
-    /// GroupNorm, before Wo) and the teacher's softmax output on the same input, GroupNorm'd
-    /// the same way: the student can only produce per-head normalized outputs, so the target is
-    /// the teacher's output in that form. Each layer's loss reaches only that layer's φ.
-    /// Returns the mean over SUPRA layers.
+    /// For each layer with a linear branch, the mean squared error between its per-head output
+    /// (before Wo) and the teacher's softmax output on the same input. A SUPRA layer can only
+    /// produce per-head normalized outputs (GroupNorm), so its target is the teacher's output
+    /// GroupNorm'd the same way; a window layer's output is normalised like softmax's and
+    /// matches the teacher's as it is. Each layer's loss reaches only that layer's φ (and mix).
+    /// Returns the mean over those layers.
     pub fn loss(&self, model: &Llama, tokens: &Tensor) -> Result<Tensor> {
         let mut losses = Vec::new();
-        self.walk(model, tokens, |_, a, xn, y| {
-            let target = group_norm(y)?;
-            let student = a.heads_output(xn, 0, None, Exec::Train)?;
+        self.walk(model, tokens, |_, cell, xn, y| {
+            let (student, target) = match cell {
+                Cell::Supra(a) => (a.heads_output(xn, 0, None, Exec::Train)?, group_norm(y)?),
+                Cell::Window(a) => (a.heads_output(xn, 0, None, Exec::Train)?, y.clone()),
+                Cell::Softmax(_) => unreachable!("walk visits layers with a linear branch"),
+            };
             losses.push((student - target)?.sqr()?.mean_all()?);
             Ok(())
         })?;
         if losses.is_empty() {
-            bail!("attention transfer needs SUPRA layers; this model has none (run `supra convert` first)");
+            bail!("attention transfer needs SUPRA or window layers; this model has none (run `supra convert` first)");
         }
         let n = losses.len() as f64;
         Ok((Tensor::stack(&losses, 0)?.sum_all()? / n)?)
     }
 
     /// For each SUPRA layer, the teacher's per-head attention output RMS (before Wo) averaged
-    /// over batch and tokens; `None` for softmax layers.
+    /// over batch and tokens; `None` for other layers (a window layer's output is at the
+    /// teacher's scale already).
     pub fn head_rms(&self, model: &Llama, tokens: &Tensor) -> Result<Vec<Option<Vec<f64>>>> {
         let mut out = vec![None; model.config.num_hidden_layers];
-        self.walk(model, tokens, |i, _, _, y| {
+        self.walk(model, tokens, |i, cell, _, y| {
+            if !matches!(cell, Cell::Supra(_)) {
+                return Ok(());
+            }
             // (b, h, t, d) → per-token RMS (b, h, t) → mean over batch and tokens (h).
             let rms = y.sqr()?.mean(3)?.sqrt()?.mean(2)?.mean(0)?;
             out[i] = Some(rms.to_vec1::<f32>()?.into_iter().map(f64::from).collect());

@@ -5,7 +5,7 @@
 use anyhow::Result;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use std::path::Path;
 use supra::config::{Arch, AttentionKind, ModelConfig};
 use supra::io::gguf::{gguf_name, permute_rope_rows};
@@ -248,4 +248,99 @@ pub fn tiny_loaded(
             },
         ),
     }
+}
+
+/// ‖got − want‖ / ‖want‖.
+pub fn rel_err(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
+    let den: f64 = want.iter().map(|b| b * b).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// Every element of `x` as f64.
+pub fn flat_f64(x: &Tensor) -> Vec<f64> {
+    x.to_dtype(DType::F64)
+        .and_then(|x| x.flatten_all())
+        .and_then(|x| x.to_vec1())
+        .expect("a tensor")
+}
+
+/// Central differences in f64 against candle's backward, for every element of `var`.
+pub fn check_grad(var: &Var, loss: impl Fn() -> Tensor, name: &str) {
+    let grads = loss().backward().unwrap();
+    let analytic = flat_f64(
+        grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name}: no gradient")),
+    );
+    let base = flat_f64(var.as_tensor());
+    let shape = var.as_tensor().shape().clone();
+    let eps = 1e-6;
+    // Central differences cancel to about 1e-16·|loss|/eps absolute: elements far smaller
+    // than the largest are held to the largest's scale, not their own.
+    let floor = 1e-3 * analytic.iter().fold(1.0f64, |m, a| m.max(a.abs()));
+    let mut max_err: f64 = 0.0;
+    for i in 0..base.len() {
+        let at = |delta: f64| {
+            let mut x = base.clone();
+            x[i] += delta;
+            var.set(&Tensor::from_vec(x, shape.clone(), &Device::Cpu).unwrap())
+                .unwrap();
+            loss().to_scalar::<f64>().unwrap()
+        };
+        let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+        let scale = numeric.abs().max(analytic[i].abs()).max(floor);
+        max_err = max_err.max((numeric - analytic[i]).abs() / scale);
+    }
+    var.set(&Tensor::from_vec(base, shape, &Device::Cpu).unwrap())
+        .unwrap();
+    assert!(max_err < 1e-5, "{name}: relative gradient error {max_err}");
+}
+
+/// Logits of one whole-sequence pass (no state) over `ids`: (len, vocab), flattened.
+pub fn logits(model: &supra::model::llama::Llama, ids: &[u32]) -> Vec<f32> {
+    let x = Tensor::new(ids, &Device::Cpu)
+        .and_then(|x| x.unsqueeze(0))
+        .expect("token ids");
+    let h = model.forward_hidden(&x, None).expect("a forward pass");
+    model
+        .logits(&h)
+        .and_then(|l| Ok(l.flatten_all()?.to_vec1()?))
+        .expect("logits")
+}
+
+/// Logits after each token of `ids` fed one at a time through a decoding state (the step
+/// forms), (len, vocab) flattened as [`logits`] lays them out.
+pub fn stepwise_logits(model: &supra::model::llama::Llama, ids: &[u32]) -> Vec<f32> {
+    let mut state = supra::infer::state::State::new(model);
+    let mut out = Vec::new();
+    for &id in ids {
+        state.feed(model, &[id]).expect("a decoding step");
+        let l = state.logits.as_ref().expect("logits after a token");
+        out.extend(
+            l.flatten_all()
+                .and_then(|l| l.to_vec1::<f32>())
+                .expect("logits"),
+        );
+    }
+    out
+}
+
+/// The model built for training with every weight a variable: the variables by name, and the
+/// model reading them.
+pub fn training_model(
+    m: &supra::io::LoadedModel,
+) -> (Vec<(String, Var)>, supra::model::llama::Llama) {
+    let vars: Vec<(String, Var)> = m
+        .weights
+        .iter()
+        .map(|(n, t)| (n.clone(), Var::from_tensor(t).expect("a weight")))
+        .collect();
+    let weights = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let llama = supra::model::llama::Llama::for_training(&m.config, &weights).expect("a model");
+    (vars, llama)
 }

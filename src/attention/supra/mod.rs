@@ -23,8 +23,9 @@ pub mod group_norm;
 pub mod naive;
 pub mod scan;
 
+use crate::attention::feature_map::{FeatureMap, Role};
 use crate::attention::softmax::SoftmaxAttention;
-use crate::attention::{repeat_kv, Exec};
+use crate::attention::{repeat_kv, split_heads, Exec, Projections};
 use crate::model::linear::Linear;
 use crate::model::rope::Rope;
 use anyhow::{bail, ensure, Result};
@@ -53,15 +54,20 @@ pub enum Decay {
     None,
     /// One γ per head, each in (0, 1].
     Explicit(Vec<f64>),
+    /// Learned per head, γ_h = sigmoid(θ_h), starting at the Lightning values and trained with
+    /// φ (the parameter `self_attn.decay_logit`).
+    Learnable,
 }
 
 impl Decay {
     pub fn parse(name: &str) -> Result<Self> {
         match name {
-            "lightning" => Ok(Self::Lightning),
+            // "fixed": the paper's fixed decays.
+            "lightning" | "fixed" => Ok(Self::Lightning),
             "retnet" => Ok(Self::RetNet),
             "none" => Ok(Self::None),
-            other => bail!("unknown decay '{other}' (known: lightning, retnet, none, or a list of per-head values)"),
+            "learnable" => Ok(Self::Learnable),
+            other => bail!("unknown decay '{other}' (known: lightning (= fixed), retnet, none, learnable, or a list of per-head values)"),
         }
     }
 
@@ -71,13 +77,14 @@ impl Decay {
             Self::RetNet => "retnet",
             Self::None => "none",
             Self::Explicit(_) => "explicit",
+            Self::Learnable => "learnable",
         }
     }
 
     pub fn gammas(&self, n_heads: usize) -> Result<Vec<f64>> {
         let h = n_heads as f64;
         let g: Vec<f64> = match self {
-            Self::Lightning => (0..n_heads)
+            Self::Lightning | Self::Learnable => (0..n_heads)
                 .map(|i| (-(2f64.powf(-8.0 * (i as f64 + 1.0) / h))).exp())
                 .collect(),
             Self::RetNet => (0..n_heads)
@@ -120,24 +127,53 @@ impl std::str::FromStr for Decay {
     }
 }
 
+/// The decays a layer runs with: fixed values, or learned per head as γ_h = sigmoid(θ_h).
+#[derive(Debug, Clone)]
+pub enum HeadDecays {
+    Fixed(Vec<f64>),
+    /// θ (H): a parameter, differentiable in the training form.
+    Learned(Tensor),
+}
+
+impl HeadDecays {
+    pub fn heads(&self) -> Result<usize> {
+        Ok(match self {
+            Self::Fixed(g) => g.len(),
+            Self::Learned(theta) => theta.dim(0)?,
+        })
+    }
+
+    /// γ per head now, for the forms on slices (read from θ at each call: a training run
+    /// updates θ in place between its validations).
+    pub fn gammas(&self) -> Result<Vec<f64>> {
+        Ok(match self {
+            Self::Fixed(g) => g.clone(),
+            Self::Learned(theta) => theta
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?
+                .into_iter()
+                .map(|t| 1.0 / (1.0 + (-t).exp()))
+                .collect(),
+        })
+    }
+}
+
+/// θ = logit(γ): the learned decays' parameters that start at `gammas`.
+pub fn decay_logits(gammas: &[f64]) -> Vec<f64> {
+    gammas.iter().map(|g| (g / (1.0 - g)).ln()).collect()
+}
+
 /// A SUPRA attention layer: the teacher's projections plus φ.
 #[derive(Debug, Clone)]
 pub struct SupraAttention {
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub o: Linear,
-    pub phi_q: Linear,
-    /// Keys' own φ under GQA (H_kv·d → H_kv·d'); `None` when keys share `phi_q`.
-    pub phi_k: Option<Linear>,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
+    pub proj: Projections,
+    pub phi: FeatureMap,
     pub feature_dim: usize,
-    pub gammas: Vec<f64>,
+    pub gammas: HeadDecays,
     /// Tokens per chunk of the chunked forms.
     pub chunk_size: usize,
-    /// RoPE over φ's d' features.
+    /// RoPE over φ's d' features (relu: RoPE after φ), or over the head dim (hedgehog: φ
+    /// reads the RoPE'd q and k).
     pub rope: Rope,
 }
 
@@ -150,23 +186,32 @@ impl SupraAttention {
         offset: usize,
         exec: Exec,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t, _) = x.dims3()?;
-        let (h, hkv, f) = (self.n_heads, self.n_kv_heads, self.feature_dim);
-        let heads = |y: Tensor, n: usize, d: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+        let p = &self.proj;
+        let (h, hkv, d, f) = (p.n_heads, p.n_kv_heads, p.head_dim, self.feature_dim);
+        let v = split_heads(&p.v.forward(x, exec)?, hkv, d)?;
+        let phi = |y: &Tensor, role: Role, n: usize| -> Result<Tensor> {
+            split_heads(&self.phi.apply(y, role, exec)?, n, f)
         };
-        let phi =
-            |lin: &Linear, y: Tensor| -> Result<Tensor> { Ok(lin.forward(&y, exec)?.relu()?) };
-        let q = heads(phi(&self.phi_q, self.q.forward(x, exec)?)?, h, f)?;
-        let phi_k = self.phi_k.as_ref().unwrap_or(&self.phi_q);
-        let k = heads(phi(phi_k, self.k.forward(x, exec)?)?, hkv, f)?;
-        let v = heads(self.v.forward(x, exec)?, hkv, self.head_dim)?;
-        // RoPE acts per head, so rotating keys before any GQA repeat is the same and cheaper.
-        Ok((
-            self.rope.apply(&q, offset, exec)?,
-            self.rope.apply(&k, offset, exec)?,
-            v,
-        ))
+        if self.phi.rope_after() {
+            // RoPE acts per head, so rotating keys before any GQA repeat is the same and cheaper.
+            let q = phi(&p.q.forward(x, exec)?, Role::Query, h)?;
+            let k = phi(&p.k.forward(x, exec)?, Role::Key, hkv)?;
+            return Ok((
+                self.rope.apply(&q, offset, exec)?,
+                self.rope.apply(&k, offset, exec)?,
+                v,
+            ));
+        }
+        let (b, t, _) = x.dims3()?;
+        let roped = |lin: &Linear, n: usize| -> Result<Tensor> {
+            let r = self
+                .rope
+                .apply(&split_heads(&lin.forward(x, exec)?, n, d)?, offset, exec)?;
+            Ok(r.transpose(1, 2)?.reshape((b, t, n * d))?)
+        };
+        let q = phi(&roped(&p.q, h)?, Role::Query, h)?;
+        let k = phi(&roped(&p.k, hkv)?, Role::Key, hkv)?;
+        Ok((q, k, v))
     }
 
     /// `x` (B, T, hidden) → (B, T, hidden). With a `state`, continues from it and leaves the
@@ -179,14 +224,12 @@ impl SupraAttention {
         exec: Exec,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let o = match (exec, b, t, state) {
-            (Exec::Infer, 1, 1, Some(s)) => self.step(x, offset, s)?,
+        match (exec, b, t, state) {
+            (Exec::Infer, 1, 1, Some(s)) => self.proj.o.forward(&self.step(x, offset, s)?, exec),
             (_, _, _, state) => self
-                .heads_output(x, offset, state, exec)?
-                .transpose(1, 2)?
-                .reshape((b, t, self.n_heads * self.head_dim))?,
-        };
-        self.o.forward(&o, exec)
+                .proj
+                .output(&self.heads_output(x, offset, state, exec)?, exec),
+        }
     }
 
     /// Per-head output after GroupNorm (B, H, T, d_v), before Wo.
@@ -199,7 +242,7 @@ impl SupraAttention {
     ) -> Result<Tensor> {
         let (q, k, v) = self.features(x, offset, exec)?;
         let (b, h, t, _) = q.dims4()?;
-        let d = self.head_dim;
+        let d = self.proj.head_dim;
         match exec {
             Exec::Train => {
                 let (k, v) = (repeat_kv(&k, h)?, repeat_kv(&v, h)?);
@@ -229,29 +272,26 @@ impl SupraAttention {
     /// otherwise spend more time in a dozen small tensor operations per layer than in the
     /// products. Returns the per-head outputs (1, 1, H·d_v) before Wo.
     fn step(&self, x: &Tensor, offset: usize, state: &mut Option<Tensor>) -> Result<Tensor> {
-        let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
-        let phi = |lin: &Linear, y: Tensor| -> Result<Vec<f32>> {
-            let mut out = flat(lin.forward(&y, Exec::Infer)?)?;
-            out.iter_mut().for_each(|a| *a = a.max(0.0));
-            Ok(out)
-        };
-        let mut q = phi(&self.phi_q, self.q.forward(x, Exec::Infer)?)?;
-        let phi_k = self.phi_k.as_ref().unwrap_or(&self.phi_q);
-        let mut k = phi(phi_k, self.k.forward(x, Exec::Infer)?)?;
-        let v = flat(self.v.forward(x, Exec::Infer)?)?;
+        let [mut q, mut k, v] = self.proj.token(x)?;
         let (cos, sin) = self.rope.row(offset)?;
-        for head in q
-            .chunks_mut(self.feature_dim)
-            .chain(k.chunks_mut(self.feature_dim))
-        {
-            Rope::rotate(head, &cos, &sin);
+        let rotate = |q: &mut [f32], k: &mut [f32], width: usize| {
+            for head in q.chunks_mut(width).chain(k.chunks_mut(width)) {
+                Rope::rotate(head, &cos, &sin);
+            }
+        };
+        if !self.phi.rope_after() {
+            rotate(&mut q, &mut k, self.proj.head_dim);
+        }
+        let (mut q, mut k) = (
+            self.phi.apply_row(&q, Role::Query)?,
+            self.phi.apply_row(&k, Role::Key)?,
+        );
+        if self.phi.rope_after() {
+            rotate(&mut q, &mut k, self.feature_dim);
         }
         let o = self.scan(&q, &k, &v, (1, 1), state)?;
-        Ok(Tensor::from_vec(
-            o,
-            (1, 1, self.n_heads * self.head_dim),
-            x.device(),
-        )?)
+        let width = o.len();
+        Ok(Tensor::from_vec(o, (1, 1, width), x.device())?)
     }
 
     /// The inference side's sums over q̃ (B, H, T, d'), k̃ and v (B, H_kv, T, ·) on slices,
@@ -265,7 +305,7 @@ impl SupraAttention {
         (batch, len): (usize, usize),
         state: &mut Option<Tensor>,
     ) -> Result<Vec<f32>> {
-        let (h, f, d) = (self.n_heads, self.feature_dim, self.head_dim);
+        let (h, f, d) = (self.proj.n_heads, self.feature_dim, self.proj.head_dim);
         let shape = (batch, h, f, d);
         let mut s = match state.take() {
             Some(t) => t.flatten_all()?.to_vec1::<f32>()?,
@@ -274,12 +314,20 @@ impl SupraAttention {
         let dims = Dims {
             batch,
             heads: h,
-            kv_heads: self.n_kv_heads,
+            kv_heads: self.proj.n_kv_heads,
             len,
             feature_dim: f,
             value_dim: d,
         };
-        let mut o = scan::scan(q, k, v, &mut s, &self.gammas, self.chunk_size, dims);
+        let mut o = scan::scan(
+            q,
+            k,
+            v,
+            &mut s,
+            &self.gammas.gammas()?,
+            self.chunk_size,
+            dims,
+        );
         group_norm::normalize_rows(&mut o, d);
         *state = Some(Tensor::from_vec(s, shape, &candle_core::Device::Cpu)?);
         Ok(o)
@@ -288,13 +336,7 @@ impl SupraAttention {
     /// The teacher's softmax attention on the same q, k, v and o projections.
     pub fn teacher(&self, rope: &Rope) -> SoftmaxAttention {
         SoftmaxAttention {
-            q: self.q.clone(),
-            k: self.k.clone(),
-            v: self.v.clone(),
-            o: self.o.clone(),
-            n_heads: self.n_heads,
-            n_kv_heads: self.n_kv_heads,
-            head_dim: self.head_dim,
+            proj: self.proj.clone(),
             rope: rope.clone(),
         }
     }
@@ -303,23 +345,8 @@ impl SupraAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{check_grad, flat_f64 as flat, rel_err};
     use candle_core::{Device, Var};
-
-    fn flat(x: &Tensor) -> Vec<f64> {
-        x.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
-
-    fn rel_err(got: &[f64], want: &[f64]) -> f64 {
-        assert_eq!(got.len(), want.len());
-        let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
-        let den: f64 = want.iter().map(|b| b * b).sum();
-        (num / den.max(1e-300)).sqrt()
-    }
 
     /// Non-negative q̃ (B, H, T, d'), k̃ (B, H_kv, T, d') as φ produces them, and v.
     fn inputs(d: Dims, dtype: DType) -> (Tensor, Tensor, Tensor) {
@@ -404,7 +431,8 @@ mod tests {
                     };
                     let (kr, vr) = (repeat_kv(&k, h).unwrap(), repeat_kv(&v, h).unwrap());
                     for c in [16, 64, usize::MAX] {
-                        let (o, s) = chunk::chunked(&q, &kr, &vr, &gammas, c, start).unwrap();
+                        let fixed = HeadDecays::Fixed(gammas.clone());
+                        let (o, s) = chunk::chunked(&q, &kr, &vr, &fixed, c, start).unwrap();
                         check(&flat(&o), &flat(&s), &format!("training C={c}"));
                     }
                     for c in [1, 16, 64] {
@@ -438,35 +466,6 @@ mod tests {
         }
     }
 
-    /// Central differences in f64 against candle's backward.
-    fn check_grad(var: &Var, loss: impl Fn() -> Tensor, name: &str) {
-        let grads = loss().backward().unwrap();
-        let analytic = flat(
-            grads
-                .get(var)
-                .unwrap_or_else(|| panic!("{name}: no gradient")),
-        );
-        let base = flat(var.as_tensor());
-        let shape = var.as_tensor().shape().clone();
-        let eps = 1e-6;
-        let mut max_err: f64 = 0.0;
-        for i in 0..base.len() {
-            let at = |delta: f64| {
-                let mut x = base.clone();
-                x[i] += delta;
-                var.set(&Tensor::from_vec(x, shape.clone(), &Device::Cpu).unwrap())
-                    .unwrap();
-                loss().to_scalar::<f64>().unwrap()
-            };
-            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-            let scale = numeric.abs().max(analytic[i].abs()).max(1e-3);
-            max_err = max_err.max((numeric - analytic[i]).abs() / scale);
-        }
-        var.set(&Tensor::from_vec(base, shape, &Device::Cpu).unwrap())
-            .unwrap();
-        assert!(max_err < 1e-5, "{name}: relative gradient error {max_err}");
-    }
-
     #[test]
     fn chunked_form_gradients_match_finite_differences() {
         let gammas = Decay::Lightning.gammas(2).unwrap();
@@ -492,7 +491,7 @@ mod tests {
                 q.as_tensor(),
                 k.as_tensor(),
                 v.as_tensor(),
-                &gammas,
+                &HeadDecays::Fixed(gammas.clone()),
                 4,
                 None,
             )
@@ -530,17 +529,21 @@ mod tests {
         };
         let (bq, bk) = (b(h * f), b(hkv * f));
         SupraAttention {
-            q: Linear::new(q, None),
-            k: Linear::new(k, None),
-            v: Linear::new(v, None),
-            o: Linear::new(o, None),
-            phi_q: Linear::new(pq, Some(bq)),
-            phi_k: (hkv != h).then(|| Linear::new(pk, Some(bk))),
-            n_heads: h,
-            n_kv_heads: hkv,
-            head_dim: d,
+            proj: Projections {
+                q: Linear::new(q, None),
+                k: Linear::new(k, None),
+                v: Linear::new(v, None),
+                o: Linear::new(o, None),
+                n_heads: h,
+                n_kv_heads: hkv,
+                head_dim: d,
+            },
+            phi: FeatureMap::Relu {
+                q: Linear::new(pq, Some(bq)),
+                k: (hkv != h).then(|| Linear::new(pk, Some(bk))),
+            },
             feature_dim: f,
-            gammas: Decay::Lightning.gammas(h).unwrap(),
+            gammas: HeadDecays::Fixed(Decay::Lightning.gammas(h).unwrap()),
             chunk_size: 4,
             rope: Rope::new(f, 10_000.0, 512, &dev).unwrap(),
         }
@@ -596,25 +599,134 @@ mod tests {
                 // One sequence: the step form serves single tokens of a single sequence.
                 let x0 = x.narrow(0, 0, 1).unwrap();
                 let want0 = &want[..want.len() / 2];
-                let split = t * 2 / 3;
-                let mut state = None;
-                let prefix = x0.narrow(1, 0, split).unwrap();
-                let mut outs = vec![layer
-                    .forward(&prefix, 0, Some(&mut state), Exec::Infer)
-                    .unwrap()];
-                for i in split..t {
-                    let xi = x0.narrow(1, i, 1).unwrap();
-                    outs.push(
-                        layer
-                            .forward(&xi, i, Some(&mut state), Exec::Infer)
-                            .unwrap(),
-                    );
-                }
-                let cont = flat(&Tensor::cat(&outs, 1).unwrap());
+                let (cont, state) = prefill_then_steps(&layer, &x0, t * 2 / 3);
                 let e = rel_err(&cont, want0);
                 assert!(e <= 1e-5, "H={h}/{hkv} T={t} prefill + steps: {e}");
                 assert_eq!(state.unwrap().dims(), &[1, h, 8, 8]);
             }
         }
+    }
+
+    /// One sequence `x0` (1, T, hidden) read as a prefill of `split` tokens, then one token at a
+    /// time at the right positions (the step form); the outputs, and the state at the end.
+    fn prefill_then_steps(
+        layer: &SupraAttention,
+        x0: &Tensor,
+        split: usize,
+    ) -> (Vec<f64>, Option<Tensor>) {
+        let t = x0.dim(1).unwrap();
+        let mut state = None;
+        let prefix = x0.narrow(1, 0, split).unwrap();
+        let mut outs = vec![layer
+            .forward(&prefix, 0, Some(&mut state), Exec::Infer)
+            .unwrap()];
+        for i in split..t {
+            let xi = x0.narrow(1, i, 1).unwrap();
+            outs.push(
+                layer
+                    .forward(&xi, i, Some(&mut state), Exec::Infer)
+                    .unwrap(),
+            );
+        }
+        (flat(&Tensor::cat(&outs, 1).unwrap()), state)
+    }
+
+    /// `layer` with hedgehog maps (per-head matrices from `w`) in place of its relu φ: d' = 2d,
+    /// RoPE before φ.
+    fn with_hedgehog(
+        mut layer: SupraAttention,
+        w: &mut dyn FnMut(&[usize]) -> Tensor,
+    ) -> SupraAttention {
+        let p = &layer.proj;
+        let (h, hkv, d) = (p.n_heads, p.n_kv_heads, p.head_dim);
+        layer.phi = FeatureMap::Hedgehog {
+            q: w(&[h, d, d]),
+            k: w(&[hkv, d, d]),
+        };
+        layer.feature_dim = 2 * d;
+        layer.rope = Rope::new(d, 10_000.0, 512, &Device::Cpu).unwrap();
+        layer
+    }
+
+    /// A SUPRA layer with hedgehog φ: its training form in one chunk and in chunks, prefill,
+    /// and prefill continued token by token agree; φ's matrices get finite differences'
+    /// gradients.
+    #[test]
+    fn hedgehog_layer_forms_agree_and_its_gradients_are_right() {
+        let dev = Device::Cpu;
+        let mut randn = |s: &[usize]| Tensor::randn(0f32, 0.5, s, &dev).unwrap();
+        let mut layer = with_hedgehog(
+            random_layer((9, 3, 8, 8, 32), DType::F32, &mut |t| t),
+            &mut randn,
+        );
+        let t = 70;
+        let x = Tensor::randn(0f32, 1.0, (2, t, 32), &dev).unwrap();
+        layer.chunk_size = usize::MAX;
+        let want = flat(&layer.forward(&x, 0, None, Exec::Train).unwrap());
+        for c in [16, 64] {
+            layer.chunk_size = c;
+            for exec in [Exec::Train, Exec::Infer] {
+                let e = rel_err(&flat(&layer.forward(&x, 0, None, exec).unwrap()), &want);
+                assert!(e <= 1e-5, "C={c} {exec:?}: {e}");
+            }
+        }
+        let (cont, _) = prefill_then_steps(&layer, &x.narrow(0, 0, 1).unwrap(), 40);
+        let e = rel_err(&cont, &want[..want.len() / 2]);
+        assert!(e <= 1e-5, "prefill + steps: {e}");
+
+        let mut vars = Vec::new();
+        let mut var = |s: &[usize]| {
+            let v = Var::from_tensor(&Tensor::randn(0f64, 0.5, s, &dev).unwrap()).unwrap();
+            vars.push(v.clone());
+            v.as_tensor().clone()
+        };
+        let layer = with_hedgehog(
+            random_layer((4, 2, 4, 6, 8), DType::F64, &mut |t| t),
+            &mut var,
+        );
+        let x = Tensor::randn(0f64, 1.0, (1, 9, 8), &dev).unwrap();
+        let r = Tensor::randn(0f64, 1.0, (1, 9, 8), &dev).unwrap();
+        let loss = || {
+            let y = layer.forward(&x, 0, None, Exec::Train).unwrap();
+            (y * &r).unwrap().sum_all().unwrap()
+        };
+        check_grad(&vars[0], loss, "hedgehog q");
+        check_grad(&vars[1], loss, "hedgehog k");
+    }
+
+    /// Learned decays: θ = logit(γ) runs exactly as the fixed γ in every form, and θ gets the
+    /// gradient finite differences measure.
+    #[test]
+    fn learned_decays_equal_fixed_ones_and_get_gradients() {
+        let gammas = Decay::Lightning.gammas(3).unwrap();
+        let theta = Tensor::new(decay_logits(&gammas), &Device::Cpu).unwrap();
+        let learned = HeadDecays::Learned(theta.clone());
+        for (a, b) in learned.gammas().unwrap().iter().zip(&gammas) {
+            assert!((a - b).abs() < 1e-12);
+        }
+        let d = Dims {
+            batch: 1,
+            heads: 3,
+            kv_heads: 3,
+            len: 13,
+            feature_dim: 4,
+            value_dim: 3,
+        };
+        let (q, k, v) = inputs(d, DType::F64);
+        for c in [4, usize::MAX] {
+            let (fixed, s1) =
+                chunk::chunked(&q, &k, &v, &HeadDecays::Fixed(gammas.clone()), c, None).unwrap();
+            let (ours, s2) = chunk::chunked(&q, &k, &v, &learned, c, None).unwrap();
+            assert!(rel_err(&flat(&ours), &flat(&fixed)) < 1e-12);
+            assert!(rel_err(&flat(&s2), &flat(&s1)) < 1e-12);
+        }
+        let theta = Var::from_tensor(&theta).unwrap();
+        let r = Tensor::randn(0f64, 1.0, (1, 3, 13, 3), &Device::Cpu).unwrap();
+        let loss = || {
+            let decays = HeadDecays::Learned(theta.as_tensor().clone());
+            let (o, s) = chunk::chunked(&q, &k, &v, &decays, 4, None).unwrap();
+            ((o * &r).unwrap().sum_all().unwrap() + s.sum_all().unwrap()).unwrap()
+        };
+        check_grad(&theta, loss, "decay θ");
     }
 }

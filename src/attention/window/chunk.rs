@@ -1,0 +1,130 @@
+//! The training form, differentiable: queries in chunks of C, each chunk's exact part over the
+//! keys its windows and the sinks can reach (C × (C + w − 1 + s) scores, never T × T), and the
+//! linear part as SUPRA's chunked form over the keys *shifted by w*: token n reads the state
+//! that holds keys up to n − w, which is plain causal linear attention between q_n and
+//! k'_n = k_{n−w} (zero where n − w is a sink or before the start). With C ≥ T it is the
+//! parallel form.
+
+use super::{Span, EPS};
+use crate::attention::supra::{
+    chunk::chunked as linear_chunked, group_norm::group_norm, HeadDecays,
+};
+use crate::config::Mix;
+use anyhow::Result;
+use candle_core::{Tensor, D};
+
+/// Rows n of `x` (B, H, T, c) moved to n + w, the sinks' rows dropped: row n of the result is
+/// x[n − w] when n − w ≥ s, else zeros.
+fn shifted(x: &Tensor, span: Span) -> Result<Tensor> {
+    let (b, h, t, c) = x.dims4()?;
+    let lead = (span.sinks + span.window).min(t);
+    let zeros = Tensor::zeros((b, h, lead, c), x.dtype(), x.device())?;
+    if lead == t {
+        return Ok(zeros);
+    }
+    let moved = x.narrow(2, span.sinks, t - lead)?;
+    Ok(Tensor::cat(&[&zeros, &moved], 2)?)
+}
+
+/// q, k, v (B, H, T, d) with keys and values at their query heads, RoPE'd as the teacher's;
+/// φq, φk (B, H, T, d'); `weights` (1, H, 1, 1) the mix (α or g). Returns y (B, H, T, d).
+pub fn chunked(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (fq, fk): (&Tensor, &Tensor),
+    weights: &Tensor,
+    decays: &HeadDecays,
+    span: Span,
+    mix: Mix,
+    chunk: usize,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let (dtype, dev) = (q.dtype(), q.device());
+    // The linear branch: B and, for the shared normaliser, b as one more value column of ones.
+    let lin = match mix {
+        Mix::Shared => {
+            let ones = Tensor::ones((b, h, t, 1), dtype, dev)?;
+            let v1 = Tensor::cat(&[v, &ones], 3)?;
+            let (o, _) = linear_chunked(
+                fq,
+                &shifted(fk, span)?,
+                &shifted(&v1, span)?,
+                decays,
+                chunk,
+                None,
+            )?;
+            o
+        }
+        Mix::Gated => {
+            linear_chunked(
+                fq,
+                &shifted(fk, span)?,
+                &shifted(v, span)?,
+                decays,
+                chunk,
+                None,
+            )?
+            .0
+        }
+    };
+    let scale = 1.0 / (d as f64).sqrt();
+    let chunk = chunk.min(t).max(1);
+    let mut outs = Vec::with_capacity(t.div_ceil(chunk));
+    for c0 in (0..t).step_by(chunk) {
+        let len = chunk.min(t - c0);
+        // Keys any query of the chunk may see exactly: the sinks, then c0 − w + 1 .. c0 + len.
+        let lo = (c0 + 1).saturating_sub(span.window).min(c0 + len);
+        let sinks = span.sinks.min(lo);
+        let positions: Vec<usize> = (0..sinks).chain(lo..c0 + len).collect();
+        let keys = positions.len();
+        let (big_a, a) = if keys == 0 {
+            (
+                Tensor::zeros((b, h, len, d), dtype, dev)?,
+                Tensor::zeros((b, h, len, 1), dtype, dev)?,
+            )
+        } else {
+            let pick = |x: &Tensor| -> Result<Tensor> {
+                let win = x.narrow(2, lo, c0 + len - lo)?;
+                Ok(if sinks > 0 {
+                    Tensor::cat(&[&x.narrow(2, 0, sinks)?, &win], 2)?
+                } else {
+                    win
+                })
+            };
+            let (kc, vc) = (pick(k)?, pick(v)?.contiguous()?);
+            let qc = q.narrow(2, c0, len)?.contiguous()?;
+            let allowed: Vec<f64> = (c0..c0 + len)
+                .flat_map(|n| {
+                    positions
+                        .iter()
+                        .map(move |&m| f64::from(u8::from(span.exact(n, m))))
+                })
+                .collect();
+            let allowed = Tensor::from_vec(allowed, (1, 1, len, keys), dev)?.to_dtype(dtype)?;
+            // Masked logits far below any real one, so the max is over allowed keys only; the
+            // exp is multiplied by the mask as well, for rows that allow none.
+            let masked = ((qc.matmul(&kc.contiguous()?.t()?)? * scale)?
+                .broadcast_add(&((&allowed - 1.0)? * 1e30)?))?;
+            let c = masked.max_keepdim(D::Minus1)?;
+            let e = masked.broadcast_sub(&c)?.exp()?.broadcast_mul(&allowed)?;
+            (e.matmul(&vc)?, e.sum_keepdim(D::Minus1)?)
+        };
+        let lc = lin.narrow(2, c0, len)?;
+        let y = match mix {
+            Mix::Shared => {
+                let (big_b, lb) = (lc.narrow(3, 0, d)?, lc.narrow(3, d, 1)?);
+                let num = (big_a + big_b.broadcast_mul(weights)?)?;
+                let den = ((a + lb.broadcast_mul(weights)?)? + EPS)?;
+                num.broadcast_div(&den)?
+            }
+            Mix::Gated => {
+                // a ≥ 1 wherever a key is allowed (its largest term is exp(0)); the tiny
+                // addend only turns rows with none into 0 rather than 0/0.
+                let win = big_a.broadcast_div(&(a + 1e-30)?)?;
+                let keep = weights.affine(-1.0, 1.0)?;
+                (win.broadcast_mul(&keep)? + group_norm(&lc)?.broadcast_mul(weights)?)?
+            }
+        };
+        outs.push(y);
+    }
+    Ok(Tensor::cat(&outs, 2)?)
+}

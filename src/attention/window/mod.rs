@@ -1,0 +1,303 @@
+//! Sliding-window softmax + linear attention in one layer (LoLCATs, Zhang et al. 2024,
+//! arXiv 2410.10254, with StreamingLLM's attention sinks).
+//!
+//! Token n attends exactly (softmax over q·k/√d with the teacher's RoPE'd q and k) to the last
+//! w tokens (itself included) and to the first s tokens of the sequence, and through a linear
+//! state to every other earlier token. [`naive`] spells the sums out. Two ways to combine them
+//! ([`Mix`]): one shared normaliser, the linear branch's weights scaled by α_h = sigmoid(θ_h);
+//! or each branch normalised on its own (the linear one GroupNorm'd, as SUPRA) and blended by a
+//! gate g_h = sigmoid(θ_h). Either way one parameter θ per head, the linear branch's share.
+//!
+//! φ reads the RoPE'd q and k with either feature map, so the linear branch's weights
+//! φ(q)·φ(k) are never negative and can share a normaliser with exp-scores (RoPE after a ReLU
+//! map, SUPRA's order, would make them signed).
+//!
+//! The linear state decays per head as SUPRA's does (fixed, none or learned γ); it holds what
+//! has left the window, S = Σ γ^(n−w−m) φ(k_m) v_mᵀ/√d' and z = Σ γ^(n−w−m) φ(k_m)/√d' (the
+//! scale as SUPRA's state has it; α absorbs it).
+//!
+//! The state is s + w keys, values and key features per key/value head and S, z per head:
+//! constant in the context. Forms side by side: [`naive`] (f64 definition), [`chunk`]
+//! (training), [`scan`] (prefill and step on slices).
+
+pub mod chunk;
+pub mod naive;
+pub mod scan;
+
+use crate::attention::feature_map::{FeatureMap, Role};
+use crate::attention::softmax::SoftmaxAttention;
+use crate::attention::supra::{Dims, HeadDecays};
+use crate::attention::{repeat_kv, split_heads, Exec, Projections};
+use crate::config::Mix;
+use crate::model::rope::Rope;
+use anyhow::{bail, ensure, Result};
+use candle_core::{DType, Tensor};
+pub use scan::{StateDims, WindowState};
+
+/// ε of the shared normaliser: keeps a row with no exact key and a zero linear part at 0.
+pub const EPS: f64 = 1e-12;
+
+/// Which earlier tokens a query reaches exactly and which through the state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// w: the query itself and the w − 1 tokens before it.
+    pub window: usize,
+    /// s: the first s tokens (attention sinks).
+    pub sinks: usize,
+}
+
+impl Span {
+    /// Whether query n attends exactly to key m.
+    pub fn exact(self, n: usize, m: usize) -> bool {
+        m <= n && (m < self.sinks || m + self.window > n)
+    }
+
+    /// Whether query n reads key m through the linear state.
+    pub fn linear(self, n: usize, m: usize) -> bool {
+        m >= self.sinks && m + self.window <= n
+    }
+
+    /// The positions a state keeps after `len` tokens: the sinks, and the tokens past them that
+    /// have not yet entered the linear state (the next query takes in position len − w).
+    pub fn kept(self, len: usize) -> Vec<usize> {
+        let from = self.sinks.max(len.saturating_sub(self.window));
+        (0..self.sinks.min(len)).chain(from..len).collect()
+    }
+}
+
+/// Which branches a window layer runs. The two single-branch settings are controls: a hybrid
+/// can learn to lean on its window, which short-context scores hide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Branches {
+    #[default]
+    Both,
+    /// Window and sinks only (the linear share set to 0): for an untrained model, the teacher
+    /// restricted to its window.
+    Window,
+    /// The linear branch alone over every earlier token (no window, no sinks).
+    Linear,
+}
+
+impl std::str::FromStr for Branches {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "both" => Ok(Self::Both),
+            "window" => Ok(Self::Window),
+            "linear" => Ok(Self::Linear),
+            other => bail!("unknown branches '{other}' (known: both, window, linear)"),
+        }
+    }
+}
+
+/// A window + linear layer: the teacher's projections, φ and the per-head mix.
+#[derive(Debug, Clone)]
+pub struct WindowAttention {
+    pub proj: Projections,
+    pub phi: FeatureMap,
+    /// θ (H): the linear branch's share is sigmoid(θ).
+    pub mix_logit: Tensor,
+    pub mix: Mix,
+    pub feature_dim: usize,
+    pub gammas: HeadDecays,
+    pub chunk_size: usize,
+    pub span: Span,
+    /// The teacher's RoPE, over the head dimension.
+    pub rope: Rope,
+    pub branches: Branches,
+}
+
+impl WindowAttention {
+    /// The per-head mix (α or g) the branches setting gives, (H,): sigmoid(θ), differentiable
+    /// in θ, when both branches run.
+    fn mix_weights(&self) -> Result<Tensor> {
+        let theta = &self.mix_logit;
+        Ok(match self.branches {
+            Branches::Both => (theta.neg()?.exp()? + 1.0)?.recip()?,
+            Branches::Window => theta.zeros_like()?,
+            Branches::Linear => theta.ones_like()?,
+        })
+    }
+
+    /// The shapes of this layer's state (under the branches setting).
+    pub fn state_dims(&self) -> StateDims {
+        StateDims {
+            heads: self.proj.n_heads,
+            kv_heads: self.proj.n_kv_heads,
+            head_dim: self.proj.head_dim,
+            feature_dim: self.feature_dim,
+            span: self.span(),
+        }
+    }
+
+    /// The span the branches setting runs: the layer's, or none for the linear branch alone.
+    pub fn span(&self) -> Span {
+        match self.branches {
+            Branches::Linear => Span {
+                window: 0,
+                sinks: 0,
+            },
+            _ => self.span,
+        }
+    }
+
+    /// q (B, H, T, d), k and v (B, H_kv, T, d) RoPE'd as the teacher's, φq (B, H, T, d') and
+    /// φk (B, H_kv, T, d'), for `x` (B, T, hidden) at positions offset.. .
+    pub fn features(&self, x: &Tensor, offset: usize, exec: Exec) -> Result<[Tensor; 5]> {
+        let (b, t, _) = x.dims3()?;
+        let p = &self.proj;
+        let (h, hkv, d, f) = (p.n_heads, p.n_kv_heads, p.head_dim, self.feature_dim);
+        let (q, k, v) = p.heads(x, exec)?;
+        let (q, k) = (
+            self.rope.apply(&q, offset, exec)?,
+            self.rope.apply(&k, offset, exec)?,
+        );
+        // φ reads all heads of a row side by side.
+        let phi = |y: &Tensor, role: Role, n: usize| -> Result<Tensor> {
+            let rows = y.transpose(1, 2)?.reshape((b, t, n * d))?;
+            split_heads(&self.phi.apply(&rows, role, exec)?, n, f)
+        };
+        let (fq, fk) = (phi(&q, Role::Query, h)?, phi(&k, Role::Key, hkv)?);
+        Ok([q, k, v, fq, fk])
+    }
+
+    /// `x` (B, T, hidden) → (B, T, hidden). With a `state`, continues from it (inference only)
+    /// and leaves the state after the last token there.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        state: Option<&mut Option<WindowState>>,
+        exec: Exec,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        match (exec, b, t, state) {
+            (Exec::Infer, 1, 1, Some(s)) => self.proj.o.forward(&self.step(x, offset, s)?, exec),
+            (_, _, _, state) => self
+                .proj
+                .output(&self.heads_output(x, offset, state, exec)?, exec),
+        }
+    }
+
+    /// Per-head output (B, H, T, d), before Wo.
+    pub fn heads_output(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        state: Option<&mut Option<WindowState>>,
+        exec: Exec,
+    ) -> Result<Tensor> {
+        let [q, k, v, fq, fk] = self.features(x, offset, exec)?;
+        let (b, h, t, d) = q.dims4()?;
+        match exec {
+            Exec::Train => {
+                ensure!(
+                    state.is_none() && offset == 0,
+                    "a window layer trains on whole sequences, without a state"
+                );
+                let r = |x: &Tensor| repeat_kv(x, h);
+                chunk::chunked(
+                    (&q, &r(&k)?, &r(&v)?),
+                    (&fq, &r(&fk)?),
+                    &self
+                        .mix_weights()?
+                        .to_dtype(q.dtype())?
+                        .reshape((1, h, 1, 1))?,
+                    &self.gammas,
+                    self.span(),
+                    self.mix,
+                    self.chunk_size,
+                )
+            }
+            Exec::Infer => {
+                ensure!(
+                    q.dtype() == DType::F32,
+                    "window attention inference runs in f32 (got {:?})",
+                    q.dtype()
+                );
+                let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1()?) };
+                let rows = [&q, &k, &v, &fq, &fk].map(flat);
+                let [q, k, v, fq, fk] = rows;
+                let y = self.scan([&q?, &k?, &v?, &fq?, &fk?], (b, t), offset, state)?;
+                Ok(Tensor::from_vec(y, (b, h, t, d), x.device())?)
+            }
+        }
+    }
+
+    /// One token of one sequence with q, k, RoPE and φ on plain slices: a decoding step would
+    /// otherwise spend more time in a dozen small tensor operations per layer than in the
+    /// sums. Returns the per-head outputs (1, 1, H·d) before Wo.
+    fn step(&self, x: &Tensor, offset: usize, state: &mut Option<WindowState>) -> Result<Tensor> {
+        let [mut q, mut k, v] = self.proj.token(x)?;
+        let (cos, sin) = self.rope.row(offset)?;
+        let d = self.proj.head_dim;
+        for head in q.chunks_mut(d).chain(k.chunks_mut(d)) {
+            Rope::rotate(head, &cos, &sin);
+        }
+        let fq = self.phi.apply_row(&q, Role::Query)?;
+        let fk = self.phi.apply_row(&k, Role::Key)?;
+        let y = self.scan([&q, &k, &v, &fq, &fk], (1, 1), offset, Some(state))?;
+        let width = y.len();
+        Ok(Tensor::from_vec(y, (1, 1, width), x.device())?)
+    }
+
+    /// The inference side's sums on slices (q, k, v, φq, φk as [`scan::Inputs`] lays them
+    /// out) for `batch` sequences of `len` tokens at `offset`, continuing `state` (from the
+    /// start when `None`). Returns y (B, H, T, d).
+    fn scan(
+        &self,
+        [q, k, v, fq, fk]: [&[f32]; 5],
+        (batch, len): (usize, usize),
+        offset: usize,
+        state: Option<&mut Option<WindowState>>,
+    ) -> Result<Vec<f32>> {
+        let mut scratch = None;
+        let state = state.unwrap_or(&mut scratch);
+        let sd = self.state_dims();
+        let st = state.get_or_insert_with(|| WindowState::empty(batch, sd));
+        ensure!(
+            st.batch == batch && st.len == offset && st.dims == sd,
+            "window state holds {} sequences at position {} ({:?}); this call has {batch} at {offset} ({sd:?})",
+            st.batch,
+            st.len,
+            st.dims
+        );
+        // The mix per head from θ, on the slice: sigmoid as `mix_weights` takes it.
+        let theta: Vec<f32> = self.mix_logit.to_dtype(DType::F32)?.to_vec1()?;
+        let weights: Vec<f32> = match self.branches {
+            Branches::Both => theta.iter().map(|t| 1.0 / (1.0 + (-t).exp())).collect(),
+            Branches::Window => vec![0.0; theta.len()],
+            Branches::Linear => vec![1.0; theta.len()],
+        };
+        let dims = Dims {
+            batch,
+            heads: self.proj.n_heads,
+            kv_heads: self.proj.n_kv_heads,
+            len,
+            feature_dim: self.feature_dim,
+            value_dim: self.proj.head_dim,
+        };
+        let inputs = scan::Inputs { q, k, v, fq, fk };
+        Ok(scan::prefill(
+            &inputs,
+            st,
+            &self.gammas.gammas()?,
+            &weights,
+            self.mix,
+            self.chunk_size,
+            dims,
+        ))
+    }
+
+    /// The teacher's softmax attention on the same q, k, v and o projections.
+    pub fn teacher(&self) -> SoftmaxAttention {
+        SoftmaxAttention {
+            proj: self.proj.clone(),
+            rope: self.rope.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

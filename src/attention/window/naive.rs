@@ -1,0 +1,91 @@
+//! The definition, literally, in f64: the reference every other form is tested against.
+//!
+//! For token n of query head h (reading key/value head h / (H / H_kv), written out here):
+//!
+//! ```text
+//! exact keys  E(n) = { m ≤ n : m < s  or  m > n − w }          logits l_m = q_n·k_m/√d
+//! linear keys L(n) = { s ≤ m ≤ n − w }                        c_n = max_{m∈E(n)} l_m
+//! A = Σ_{E} exp(l_m − c_n) v_m        a = Σ_{E} exp(l_m − c_n)
+//! B = Σ_{L} γ^(n−w−m) (φq_n·φk_m/√d') v_m     b = Σ_{L} γ^(n−w−m) φq_n·φk_m/√d'
+//! shared: y = (A + α B) / (a + α b + ε)
+//! gated:  y = (1 − g) A/a + g GroupNorm(B)      (A/a = 0 when E(n) is empty)
+//! ```
+
+use super::{Span, EPS};
+use crate::attention::supra::naive::group_norm;
+use crate::attention::supra::{group_norm::EPS as GN_EPS, Dims};
+use crate::config::Mix;
+
+/// One call's inputs: q (B, H, T, d), k and v (B, H_kv, T, d) RoPE'd as the teacher's;
+/// φq (B, H, T, d'), φk (B, H_kv, T, d'); per head γ and the mix weight (α or g).
+pub struct Inputs<'a> {
+    pub q: &'a [f64],
+    pub k: &'a [f64],
+    pub v: &'a [f64],
+    pub fq: &'a [f64],
+    pub fk: &'a [f64],
+    pub gammas: &'a [f64],
+    pub weights: &'a [f64],
+}
+
+/// Returns y (B, H, T, d). `d.feature_dim` is d', `d.value_dim` the head dim d.
+pub fn naive(x: &Inputs, span: Span, mix: Mix, d: Dims) -> Vec<f64> {
+    let (t, f, dv) = (d.len, d.feature_dim, d.value_dim);
+    let mut out = vec![0.0; d.batch * d.heads * t * dv];
+    for b in 0..d.batch {
+        for h in 0..d.heads {
+            let bh = b * d.heads + h;
+            let kv = b * d.kv_heads + h / (d.heads / d.kv_heads);
+            let row = |x: &'_ [f64], head: usize, i: usize, n: usize| -> Vec<f64> {
+                x[(head * t + i) * n..][..n].to_vec()
+            };
+            let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+            for n in 0..t {
+                let q = row(x.q, bh, n, dv);
+                let exact: Vec<usize> = (0..=n).filter(|&m| span.exact(n, m)).collect();
+                let logits: Vec<f64> = exact
+                    .iter()
+                    .map(|&m| dot(&q, &row(x.k, kv, m, dv)) / (dv as f64).sqrt())
+                    .collect();
+                let c = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let (mut big_a, mut a) = (vec![0.0; dv], 0.0);
+                for (&m, l) in exact.iter().zip(&logits) {
+                    let e = (l - c).exp();
+                    a += e;
+                    for (o, vv) in big_a.iter_mut().zip(row(x.v, kv, m, dv)) {
+                        *o += e * vv;
+                    }
+                }
+                let fq = row(x.fq, bh, n, f);
+                let (mut big_b, mut lin_b) = (vec![0.0; dv], 0.0);
+                for m in (0..=n).filter(|&m| span.linear(n, m)) {
+                    let w = x.gammas[h].powi((n - span.window - m) as i32)
+                        * dot(&fq, &row(x.fk, kv, m, f))
+                        / (f as f64).sqrt();
+                    lin_b += w;
+                    for (o, vv) in big_b.iter_mut().zip(row(x.v, kv, m, dv)) {
+                        *o += w * vv;
+                    }
+                }
+                let wgt = x.weights[h];
+                let y = &mut out[(bh * t + n) * dv..][..dv];
+                match mix {
+                    Mix::Shared => {
+                        let den = a + wgt * lin_b + EPS;
+                        for ((y, p), q) in y.iter_mut().zip(&big_a).zip(&big_b) {
+                            *y = (p + wgt * q) / den;
+                        }
+                    }
+                    Mix::Gated => {
+                        let norm = group_norm(&big_b, dv, GN_EPS);
+                        for ((y, p), q) in y.iter_mut().zip(&big_a).zip(&norm) {
+                            let win = if a > 0.0 { p / a } else { 0.0 };
+                            *y = (1.0 - wgt) * win + wgt * q;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,374 @@
+use super::*;
+use crate::attention::Cell;
+use crate::config::Decay;
+use crate::model::linear::Linear;
+use crate::testing::{check_grad, flat_f64 as flat, rel_err};
+use candle_core::{Device, Var};
+
+const W: usize = 8;
+const S: usize = 3;
+const SPAN: Span = Span {
+    window: W,
+    sinks: S,
+};
+
+fn dims(heads: usize, kv_heads: usize, len: usize) -> Dims {
+    Dims {
+        batch: 2,
+        heads,
+        kv_heads,
+        len,
+        feature_dim: 6,
+        value_dim: 8,
+    }
+}
+
+/// Random q, k, v (B, ·, T, d) and non-negative φq, φk (B, ·, T, d'), in f64.
+fn inputs(d: Dims) -> [Tensor; 5] {
+    let dev = Device::Cpu;
+    let n = |heads: usize, c: usize| {
+        Tensor::randn(0f64, 1.0, (d.batch, heads, d.len, c), &dev).unwrap()
+    };
+    let (h, hkv, dv, f) = (d.heads, d.kv_heads, d.value_dim, d.feature_dim);
+    [
+        n(h, dv),
+        n(hkv, dv),
+        n(hkv, dv),
+        n(h, f).relu().unwrap(),
+        n(hkv, f).relu().unwrap(),
+    ]
+}
+
+/// The mix weights under test: random shares in (0, 1), the window alone (0) and, over no
+/// span, the linear branch alone (1).
+fn settings(h: usize) -> Vec<(Vec<f64>, Span, &'static str)> {
+    let random: Vec<f64> = (0..h).map(|i| 0.1 + 0.8 * i as f64 / h as f64).collect();
+    vec![
+        (random, SPAN, "both"),
+        (vec![0.0; h], SPAN, "window only"),
+        (
+            vec![1.0; h],
+            Span {
+                window: 0,
+                sinks: 0,
+            },
+            "linear only",
+        ),
+    ]
+}
+
+/// The training form and the slice forms (one prefill; a prefill split into pieces and single
+/// steps, state carried across) against the definition: lengths around the window, chunks
+/// below and above it, GQA 9/3 and none, both mixes, both branches alone.
+#[test]
+fn forms_agree_with_the_definition() {
+    let f32s = |x: &Tensor| -> Vec<f32> {
+        x.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    for (h, hkv) in [(9, 3), (4, 4)] {
+        let gammas = Decay::Lightning.gammas(h).unwrap();
+        for t in [1, W - 1, W, W + 1, 3 * W + 5, 300] {
+            let d = dims(h, hkv, t);
+            let [q, k, v, fq, fk] = inputs(d);
+            let (qf, kf, vf, fqf, fkf) = (flat(&q), flat(&k), flat(&v), flat(&fq), flat(&fk));
+            for mix in [Mix::Shared, Mix::Gated] {
+                for (weights, span, what) in settings(h) {
+                    let x = naive::Inputs {
+                        q: &qf,
+                        k: &kf,
+                        v: &vf,
+                        fq: &fqf,
+                        fk: &fkf,
+                        gammas: &gammas,
+                        weights: &weights,
+                    };
+                    let want = naive::naive(&x, span, mix, d);
+                    let label = format!("H={h}/{hkv} T={t} {mix:?} {what}");
+                    let r = |x: &Tensor| repeat_kv(x, h).unwrap();
+                    let wt = Tensor::from_vec(weights.clone(), (1, h, 1, 1), &Device::Cpu).unwrap();
+                    let decays = HeadDecays::Fixed(gammas.clone());
+                    for c in [5, 16, usize::MAX] {
+                        let got = chunk::chunked(
+                            (&q, &r(&k), &r(&v)),
+                            (&fq, &r(&fk)),
+                            &wt,
+                            &decays,
+                            span,
+                            mix,
+                            c,
+                        )
+                        .unwrap();
+                        let e = rel_err(&flat(&got), &want);
+                        assert!(e < 1e-10, "{label} training C={c}: {e}");
+                    }
+                    let w32: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
+                    // Prefill in pieces: all at once, and a third, then a piece, then steps.
+                    let cuts: Vec<Vec<usize>> = vec![
+                        vec![0, t],
+                        [0, t / 3, 2 * t / 3]
+                            .into_iter()
+                            .chain(2 * t / 3 + 1..=t)
+                            .collect(),
+                    ];
+                    for cut in cuts {
+                        let sd = StateDims {
+                            heads: h,
+                            kv_heads: hkv,
+                            head_dim: 8,
+                            feature_dim: 6,
+                            span,
+                        };
+                        let mut state = WindowState::empty(2, sd);
+                        let mut pieces: Vec<Vec<f32>> = Vec::new();
+                        for piece in cut.windows(2).filter(|p| p[1] > p[0]) {
+                            let (a, n) = (piece[0], piece[1] - piece[0]);
+                            let part = |x: &Tensor| f32s(&x.narrow(2, a, n).unwrap());
+                            let (pq, pk, pv, pfq, pfk) =
+                                (part(&q), part(&k), part(&v), part(&fq), part(&fk));
+                            let xs = scan::Inputs {
+                                q: &pq,
+                                k: &pk,
+                                v: &pv,
+                                fq: &pfq,
+                                fk: &pfk,
+                            };
+                            let dp = Dims { len: n, ..d };
+                            pieces.push(scan::prefill(&xs, &mut state, &gammas, &w32, mix, 4, dp));
+                        }
+                        // Reassemble (B, H, T, d) from the pieces' (B, H, n, d).
+                        let mut got = vec![0f64; want.len()];
+                        let mut at = 0;
+                        for p in &pieces {
+                            let n = p.len() / (2 * h * 8);
+                            for bh in 0..2 * h {
+                                for i in 0..n * 8 {
+                                    got[bh * t * 8 + at * 8 + i] = p[bh * n * 8 + i] as f64;
+                                }
+                            }
+                            at += n;
+                        }
+                        let e = rel_err(&got, &want);
+                        assert!(e < 1e-5, "{label} slices in {} pieces: {e}", pieces.len());
+                        assert_eq!(state.len, t);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The span's bookkeeping: every earlier token is reached exactly once, exactly or linearly,
+/// and a state keeps what the next token needs and no more.
+#[test]
+fn every_token_is_read_once() {
+    for span in [
+        SPAN,
+        Span {
+            window: 1,
+            sinks: 0,
+        },
+        Span {
+            window: 0,
+            sinks: 0,
+        },
+    ] {
+        for n in 0..40 {
+            for m in 0..=n {
+                assert!(span.exact(n, m) ^ span.linear(n, m), "{span:?} n={n} m={m}");
+            }
+            assert!(!span.exact(n, n + 1) && !span.linear(n, n + 1));
+            let kept = span.kept(n);
+            assert!(kept.len() <= span.sinks + span.window);
+            // The next query (n) reads exactly the kept ones that are exact for it, plus itself,
+            // and takes the one at n − w into its state.
+            for m in 0..n {
+                let needed = span.exact(n, m) || (span.linear(n, m) && m + span.window == n);
+                assert_eq!(kept.contains(&m), needed, "{span:?} len={n} m={m}");
+            }
+        }
+    }
+}
+
+/// A random layer: the teacher's projections, φ of the given kind, the mix.
+fn random_layer(
+    (h, hkv, d, hidden): (usize, usize, usize, usize),
+    kind: crate::config::FeatureKind,
+    mix: Mix,
+    dtype: DType,
+    var: &mut dyn FnMut(Tensor) -> Tensor,
+) -> WindowAttention {
+    use crate::config::FeatureKind;
+    let dev = Device::Cpu;
+    let mut w = |shape: &[usize], std: f64| {
+        let t = Tensor::randn(0f32, std as f32, shape, &dev).unwrap();
+        var(t.to_dtype(dtype).unwrap())
+    };
+    let lin = |w: Tensor| Linear::new(w, None);
+    let (q, k, v, o) = (
+        lin(w(&[h * d, hidden], 0.5)),
+        lin(w(&[hkv * d, hidden], 0.5)),
+        lin(w(&[hkv * d, hidden], 0.5)),
+        lin(w(&[hidden, h * d], 0.3)),
+    );
+    let (phi, f) = match kind {
+        FeatureKind::Relu => (
+            FeatureMap::Relu {
+                q: Linear::new(w(&[h * d, h * d], 0.2), Some(w(&[h * d], 0.1))),
+                k: (hkv != h)
+                    .then(|| Linear::new(w(&[hkv * d, hkv * d], 0.2), Some(w(&[hkv * d], 0.1)))),
+            },
+            d,
+        ),
+        FeatureKind::Hedgehog => (
+            FeatureMap::Hedgehog {
+                q: w(&[h, d, d], 0.5),
+                k: w(&[hkv, d, d], 0.5),
+            },
+            2 * d,
+        ),
+    };
+    let mix_logit = w(&[h], 1.0);
+    // Learned decays: the training form reads θ, the slice forms sigmoid(θ).
+    let theta = crate::attention::supra::decay_logits(&Decay::Lightning.gammas(h).unwrap());
+    let theta = var(Tensor::new(theta, &dev).unwrap().to_dtype(dtype).unwrap());
+    WindowAttention {
+        proj: crate::attention::Projections {
+            q,
+            k,
+            v,
+            o,
+            n_heads: h,
+            n_kv_heads: hkv,
+            head_dim: d,
+        },
+        phi,
+        mix_logit,
+        mix,
+        feature_dim: f,
+        gammas: HeadDecays::Learned(theta),
+        chunk_size: 5,
+        span: SPAN,
+        rope: crate::model::rope::Rope::new(d, 10_000.0, 512, &dev).unwrap(),
+        branches: Branches::Both,
+    }
+}
+
+/// The whole layer (φ of each kind, RoPE, GQA, both mixes): training form in one chunk and in
+/// chunks, inference prefill, and a prefill continued token by token, whose state is saved and
+/// restored midway.
+#[test]
+fn layer_forms_agree_and_states_round_trip() {
+    use crate::config::FeatureKind;
+    let dev = Device::Cpu;
+    for kind in [FeatureKind::Relu, FeatureKind::Hedgehog] {
+        for mix in [Mix::Shared, Mix::Gated] {
+            for (h, hkv) in [(9, 3), (4, 4)] {
+                let mut layer = random_layer((h, hkv, 8, 24), kind, mix, DType::F32, &mut |t| t);
+                let t = 3 * W + 5;
+                let x = Tensor::randn(0f32, 1.0, (2, t, 24), &dev).unwrap();
+                layer.chunk_size = usize::MAX;
+                let want = flat(&layer.forward(&x, 0, None, Exec::Train).unwrap());
+                let label = format!("{kind:?} {mix:?} H={h}/{hkv}");
+                for c in [4, 16] {
+                    layer.chunk_size = c;
+                    for exec in [Exec::Train, Exec::Infer] {
+                        let got = flat(&layer.forward(&x, 0, None, exec).unwrap());
+                        let e = rel_err(&got, &want);
+                        assert!(e < 1e-5, "{label} C={c} {exec:?}: {e}");
+                    }
+                }
+                let cell = Cell::Window(layer.clone());
+                let x0 = x.narrow(0, 0, 1).unwrap();
+                let split = W + 2;
+                let mut state = cell.new_state(0);
+                let mut outs = vec![cell
+                    .forward(
+                        &x0.narrow(1, 0, split).unwrap(),
+                        0,
+                        Some(&mut state),
+                        Exec::Infer,
+                    )
+                    .unwrap()];
+                for i in split..t {
+                    if i == 2 * W + 1 {
+                        // Saved and restored: the continuation cannot tell.
+                        let mut named: std::collections::HashMap<_, _> =
+                            state.named_tensors("l").unwrap().into_iter().collect();
+                        state = cell.state_from_tensors(&named, "l", i).unwrap();
+                        // Before the window is full, another position keeps another count.
+                        assert!(cell.state_from_tensors(&named, "l", W).is_err());
+                        named.remove("l.linear");
+                        assert!(cell.state_from_tensors(&named, "l", i).is_err());
+                    }
+                    let xi = x0.narrow(1, i, 1).unwrap();
+                    outs.push(cell.forward(&xi, i, Some(&mut state), Exec::Infer).unwrap());
+                }
+                let cont = flat(&Tensor::cat(&outs, 1).unwrap());
+                let e = rel_err(&cont, &want[..want.len() / 2]);
+                assert!(e < 1e-5, "{label} prefill + steps: {e}");
+                assert_eq!(state.bytes(), cell.state_bytes(t), "{label}");
+            }
+        }
+    }
+}
+
+/// The state stops growing once the window is full.
+#[test]
+fn state_size_is_constant_in_the_context() {
+    let layer = random_layer(
+        (4, 2, 8, 16),
+        crate::config::FeatureKind::Relu,
+        Mix::Shared,
+        DType::F32,
+        &mut |t| t,
+    );
+    let cell = Cell::Window(layer);
+    let mut state = cell.new_state(0);
+    let mut sizes = Vec::new();
+    let mut pos = 0;
+    for n in [W + S, 50, 200] {
+        let x = Tensor::randn(0f32, 1.0, (1, n, 16), &Device::Cpu).unwrap();
+        cell.forward(&x, pos, Some(&mut state), Exec::Infer)
+            .unwrap();
+        pos += n;
+        sizes.push(state.bytes());
+    }
+    assert!(sizes.windows(2).all(|w| w[0] == w[1]), "{sizes:?}");
+    assert_eq!(sizes[0], cell.state_bytes(1_000_000));
+}
+
+/// Finite differences in f64 for every new parameter: φ (relu weight and bias, queries' and
+/// keys' own under GQA; hedgehog's per-head matrices), the mix θ and the decay θ, through both
+/// mixes.
+#[test]
+fn gradients_match_finite_differences_for_every_new_parameter() {
+    use crate::config::FeatureKind;
+    let dev = Device::Cpu;
+    for kind in [FeatureKind::Relu, FeatureKind::Hedgehog] {
+        for mix in [Mix::Shared, Mix::Gated] {
+            let mut vars = Vec::new();
+            let layer = random_layer((4, 2, 4, 8), kind, mix, DType::F64, &mut |t| {
+                let v = Var::from_tensor(&t).unwrap();
+                vars.push(v.clone());
+                v.as_tensor().clone()
+            });
+            let x = Tensor::randn(0f64, 1.0, (1, 2 * W + 3, 8), &dev).unwrap();
+            let r = Tensor::randn(0f64, 1.0, (1, 2 * W + 3, 8), &dev).unwrap();
+            let loss = || {
+                let y = layer.forward(&x, 0, None, Exec::Train).unwrap();
+                (y * &r).unwrap().sum_all().unwrap()
+            };
+            // q, k, v, o, then φ's (relu: q weight, q bias, k weight, k bias; hedgehog: q, k),
+            // then the mix θ, then the decay θ.
+            let label = format!("{kind:?} {mix:?}");
+            for (i, v) in vars.iter().enumerate().skip(4) {
+                check_grad(v, loss, &format!("{label} parameter {i}"));
+            }
+        }
+    }
+}
