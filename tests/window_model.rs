@@ -297,7 +297,7 @@ fn training_reaches_phi_the_mix_and_the_decays() {
 /// give the same log-probs on 1,000 tokens of a held-out book. Hedgehog's within 1e-3 (4e-5
 /// measured). The random relu map is not: its untrained linear branch outweighs the window
 /// (perplexity ~1,300) and f32 rounding, which moves SUPRA's log-probs here by 5e-4, moves its
-/// by 2.4e-3 (by 9e-4 between two chunk sizes of the same prefill); held to 3e-3 until that is
+/// by 1.7e-3 (by 6e-4 between two chunk sizes of the same prefill); held to 3e-3 until that is
 /// understood (docs/results/window.md).
 #[test]
 fn window_smollm2_modes_agree_on_1000_tokens() {

@@ -3,7 +3,7 @@
 # windows, the first 8,192 tokens of each book) and perplexity by position with the whole
 # history (the first 8k tokens of each test book; the first 2k of three, as the issue's
 # control figures) for the teacher, window(+sinks)-only controls and the untrained hybrids.
-# Restartable: every figure is one JSON file, skipped when it exists. About 40 minutes on two
+# Restartable: every figure is one JSON file, skipped when it exists. About 45 minutes on two
 # cores; it only scores, so it may share the machine (not with benchmarks).
 #
 #   scripts/results/window.sh [OUT=runs/window]
@@ -62,3 +62,12 @@ position() { # file, length, sequences, edges
 }
 position position-2k 2k 3 1k
 position position-8k 8k 5 128,512,1k,2k
+# The control figures: the first 2k tokens of pg1342, pg13423 and pg2701 (the three books
+# whose teacher perplexity at 1k-2k is the 13.77).
+if [ ! -f "$OUT/position-2k-three.json" ]; then
+  "$S" probe position "$TEACHER" "$OUT/w64" "$OUT/w128" --branches both,window,window \
+    --names teacher,w64+4-only,w128+4-only --text "$DATA/text/test/pg1342.txt" \
+    --text "$DATA/text/test/pg13423.txt" --text "$DATA/text/test/pg2701.txt" --length 2k \
+    --sequences 3 --edges 1k --png "$OUT/position-2k-three.png" \
+    --json "$OUT/position-2k-three.json" | tee "$OUT/position-2k-three.md"
+fi
