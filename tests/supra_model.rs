@@ -284,23 +284,6 @@ fn token_by_token_decoding_equals_one_pass() {
     }
 }
 
-fn cli_convert(teacher: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> LoadedModel {
-    let mut args = vec![
-        "convert",
-        teacher.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let run = common::supra(&args);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    supra::io::load(out).unwrap()
-}
-
 /// Every decay kind goes through `supra convert --decay`, config.json and back, and is the
 /// decay the layers then use.
 #[test]
@@ -318,7 +301,7 @@ fn decay_kinds_travel_through_config_json() {
         ("0.5,0.6,0.7,0.8", Decay::Explicit(vec![0.5, 0.6, 0.7, 0.8])),
     ] {
         let out = dir.path().join(format!("decay-{}", want.name()));
-        let m = cli_convert(&teacher, &out, &["--decay", flag]);
+        let m = common::cli_convert(&teacher, &out, &["--decay", flag]);
         let text = std::fs::read_to_string(out.join("config.json")).unwrap();
         assert_eq!(
             m.config.supra.as_ref().unwrap().decay,
@@ -350,7 +333,7 @@ fn phi_init_identity_is_relu() {
     let dir = tempfile::tempdir().unwrap();
     tiny_teacher(dir.path(), 32);
     let teacher = dir.path().join("teacher.gguf");
-    let m = cli_convert(
+    let m = common::cli_convert(
         &teacher,
         &dir.path().join("id"),
         &["--phi-init", "identity"],

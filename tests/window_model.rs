@@ -50,11 +50,7 @@ fn window_models_convert_reload_and_agree_in_every_form() {
         ("hedgehog", "gated", "none"),
     ] {
         let out = dir.path().join(format!("{fm}-{mix}-{decay}"));
-        let run = common::supra(&[
-            "convert",
-            teacher_path.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
+        let flags = [
             "--window",
             "8",
             "--sinks",
@@ -63,16 +59,9 @@ fn window_models_convert_reload_and_agree_in_every_form() {
             fm,
             "--mix",
             mix,
-            "--supra-layers",
-            "1",
-            "--decay",
-            decay,
-        ]);
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
+        ];
+        let more = ["--supra-layers", "1", "--decay", decay];
+        let m = common::cli_convert(&teacher_path, &out, &[&flags[..], &more[..]].concat());
         let info = common::supra_path("info", &out, &[]);
         let info = String::from_utf8_lossy(&info.stdout).to_string();
         assert!(
@@ -81,7 +70,6 @@ fn window_models_convert_reload_and_agree_in_every_form() {
                 && info.contains(&format!("φ {fm}")),
             "{info}"
         );
-        let m = supra::io::load(&out).unwrap();
         assert_eq!(
             m.config.layer_kinds,
             vec![AttentionKind::Window, AttentionKind::Supra]

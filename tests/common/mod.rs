@@ -81,3 +81,21 @@ pub fn rel_err(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     };
     norm(&(a - b).unwrap()) / norm(b)
 }
+
+/// `supra convert TEACHER --out OUT EXTRA...`, which must succeed; the converted model.
+pub fn cli_convert(teacher: &Path, out: &Path, extra: &[&str]) -> supra::io::LoadedModel {
+    let mut args = vec![
+        "convert",
+        teacher.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let run = supra(&args);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    supra::io::load(out).unwrap()
+}
