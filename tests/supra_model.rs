@@ -32,17 +32,7 @@ fn every_parameter_of_a_hybrid_gets_a_gradient() {
     );
     let (vars, llama) = common::testing::training_model(&model);
     let ids: Vec<u32> = (0..40).map(|i| (i * 29 % 250 + 3) as u32).collect();
-    let x = Tensor::new(&ids[..39], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let y = Tensor::new(&ids[1..], &Device::Cpu).unwrap();
-    let logits = llama
-        .logits(&llama.forward_hidden(&x, None).unwrap())
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
-    let loss = supra::train::cross_entropy::cross_entropy(&logits, &y).unwrap();
+    let loss = common::testing::next_token_loss(&llama, &ids);
     let grads = loss.backward().unwrap();
     assert!(
         vars.iter().any(|(n, _)| n.contains("phi_k")),
@@ -50,19 +40,9 @@ fn every_parameter_of_a_hybrid_gets_a_gradient() {
     );
     let mut bad: Vec<String> = vars
         .iter()
-        .filter_map(|(name, var)| {
-            let norm = grads.get(var).map(|g| {
-                g.abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            });
-            match norm {
-                Some(n) if n > 0.0 && n.is_finite() => None,
-                other => Some(format!("{name} ({other:?})")),
-            }
+        .filter_map(|(name, var)| match common::testing::grad_l1(&grads, var) {
+            Some(n) if n > 0.0 && n.is_finite() => None,
+            other => Some(format!("{name} ({other:?})")),
         })
         .collect();
     bad.sort();
@@ -407,17 +387,7 @@ fn feature_dim_other_than_head_dim_runs_in_every_form() {
             weights.insert(n.clone(), v.as_tensor().clone());
         }
         let train = Llama::for_training(&m.config, &weights).unwrap();
-        let x = Tensor::new(&ids[..69], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let y = Tensor::new(&ids[1..], &Device::Cpu).unwrap();
-        let logits = train
-            .logits(&train.forward_hidden(&x, None).unwrap())
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        let loss = supra::train::cross_entropy::cross_entropy(&logits, &y).unwrap();
+        let loss = common::testing::next_token_loss(&train, &ids[..70]);
         let grads = loss.backward().unwrap();
         for (n, v) in &vars {
             let g = grads

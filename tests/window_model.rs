@@ -251,27 +251,13 @@ fn training_reaches_phi_the_mix_and_the_decays() {
             .unwrap();
         let teacher_walk = supra::train::transfer::Teacher::new(&m, &[]).unwrap();
         let transfer = teacher_walk.loss(&llama, &tokens).unwrap();
-        let x = tokens.narrow(1, 0, 23).unwrap();
-        let y = tokens.narrow(1, 1, 23).unwrap().squeeze(0).unwrap();
-        let logits = llama
-            .logits(&llama.forward_hidden(&x, None).unwrap())
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        let ce = supra::train::cross_entropy::cross_entropy(&logits, &y).unwrap();
+        let ce = common::testing::next_token_loss(&llama, &ids(24));
         for (what, loss) in [("transfer", transfer), ("cross-entropy", ce)] {
             let grads = loss.backward().unwrap();
             for (name, var) in vars.iter().filter(|(n, _)| {
                 n.contains("phi_") || n.contains("window_mix") || n.contains("decay_logit")
             }) {
-                let g = grads.get(var).map(|g| {
-                    g.abs()
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap()
-                });
+                let g = common::testing::grad_l1(&grads, var);
                 assert!(
                     g.is_some_and(|g| g > 0.0 && g.is_finite()),
                     "{fm:?} {what}: {name} gets {g:?}"

@@ -344,3 +344,27 @@ pub fn training_model(
     let llama = supra::model::llama::Llama::for_training(&m.config, &weights).expect("a model");
     (vars, llama)
 }
+
+/// Mean next-token cross-entropy of one sequence `ids` (a differentiable scalar).
+pub fn next_token_loss(model: &supra::model::llama::Llama, ids: &[u32]) -> Tensor {
+    let n = ids.len() - 1;
+    let x = Tensor::new(&ids[..n], &Device::Cpu)
+        .and_then(|x| x.unsqueeze(0))
+        .expect("token ids");
+    let y = Tensor::new(&ids[1..], &Device::Cpu).expect("token ids");
+    let logits = model
+        .logits(&model.forward_hidden(&x, None).expect("a forward pass"))
+        .and_then(|l| Ok(l.squeeze(0)?))
+        .expect("logits");
+    supra::train::cross_entropy::cross_entropy(&logits, &y).expect("a loss")
+}
+
+/// Σ|gradient| of `var`, `None` when it got none.
+pub fn grad_l1(grads: &candle_core::backprop::GradStore, var: &Var) -> Option<f32> {
+    grads.get(var).map(|g| {
+        g.abs()
+            .and_then(|g| g.sum_all())
+            .and_then(|g| g.to_scalar::<f32>())
+            .expect("a gradient")
+    })
+}
