@@ -248,6 +248,10 @@ pub struct InferPoint {
     pub prefill_tps: f64,
     /// Tokens generated per second with `context` tokens before them.
     pub decode_tps: f64,
+    /// Tokens generated per second from the first context's state, each run right after one of
+    /// `decode_tps`'s: the machine's speed at that moment, so `decode_tps / decode_tps_first`
+    /// is the context's own effect with the machine's drift between contexts taken out.
+    pub decode_tps_first: f64,
     /// Peak resident memory of the process so far, MiB.
     pub peak_rss_mib: Option<f64>,
     /// The generation state (KV cache or recurrent state), MiB.
@@ -258,7 +262,9 @@ pub struct InferPoint {
 /// `gen` tokens greedily at each, `repeats` times: the prefill rate counts every prompt token
 /// read so far, the decode rate (median over the repeats) the steps after the first token. The
 /// decoded tokens stay in the context (a few among thousands), so one pass serves every
-/// context.
+/// context. Each repeat is paired with a decode from a copy of the first context's state, run
+/// right after it: a shared machine's speed drifts by more than 10 % over the minutes a long
+/// prefill takes, and the pair compares the two contexts at the same moment.
 pub fn infer(
     model: &Llama,
     tokenizer: &TextTokenizer,
@@ -282,6 +288,7 @@ pub fn infer(
     bar.set_message(format!("{name} {weights}"));
     reset_peak_rss();
     let mut state = State::new(model);
+    let mut first: Option<State> = None;
     let (mut read, mut read_time) = (0usize, std::time::Duration::ZERO);
     for &context in contexts {
         while state.tokens.len() < context {
@@ -295,26 +302,38 @@ pub fn infer(
         }
         // Decode rates are noisy on a shared machine: the median of `repeats` runs, one after
         // another (each adds `gen` tokens of context).
-        let mut rates = Vec::with_capacity(repeats);
-        let mut state_bytes = 0;
-        for _ in 0..repeats.max(1) {
-            let mut g = Generation {
+        let first = match &first {
+            Some(f) => f,
+            None => first.insert(state.fork()?),
+        };
+        let decode = |state: &mut State| {
+            Generation {
                 model,
                 sampler: Sampler::new(SamplingParams::greedy(), 0),
                 stop_ids: Vec::new(),
                 max_tokens: gen,
-            };
-            let stats = g.resume(&mut state, &[], |_| Ok(true))?;
+            }
+            .resume(state, &[], |_| Ok(true))
+        };
+        let (mut rates, mut rates_first) = (Vec::new(), Vec::new());
+        let mut state_bytes = 0;
+        for _ in 0..repeats.max(1) {
+            let stats = decode(&mut state)?;
             rates.push(stats.decode_tps());
             state_bytes = stats.state_bytes;
+            rates_first.push(decode(&mut first.fork()?)?.decode_tps());
         }
-        rates.sort_by(f64::total_cmp);
+        let median = |mut r: Vec<f64>| {
+            r.sort_by(f64::total_cmp);
+            r[r.len() / 2]
+        };
         let point = InferPoint {
             model: name.to_string(),
             weights,
             context,
             prefill_tps: read as f64 / read_time.as_secs_f64().max(1e-9),
-            decode_tps: rates[rates.len() / 2],
+            decode_tps: median(rates),
+            decode_tps_first: median(rates_first),
             peak_rss_mib: peak_rss_bytes().map(mib),
             state_mib: mib(state_bytes as u64),
         };

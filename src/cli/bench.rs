@@ -66,7 +66,9 @@ pub(crate) enum BenchCommand {
         /// Tokens decoded at each context.
         #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(2..))]
         gen: u64,
-        /// Decode runs at each context; the median rate is reported.
+        /// Decode runs at each context; the median rate is reported. Each is paired with a run
+        /// from the first context's state right after it (the ratio column: the context's own
+        /// effect on decode speed, with the machine's drift over a long prefill taken out).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
         repeats: u64,
         /// Also write the rows as CSV.
@@ -132,8 +134,8 @@ pub(crate) fn bench_infer(
         let model = Llama::new(&converted.config, &converted.weights)?;
         Ok((converted, model))
     };
-    println!("| model | weights | context | prefill tokens/s | decode tokens/s | state (MiB) | peak RSS (MiB) |");
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    println!("| model | weights | context | prefill tokens/s | decode tokens/s | decode at the first context, same moment | ratio | state (MiB) | peak RSS (MiB) |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     for (i, p) in paths.iter().enumerate() {
         for &w in weights {
@@ -155,12 +157,14 @@ pub(crate) fn bench_infer(
                 (gen, repeats),
                 |r: &supra::bench::InferPoint| {
                     println!(
-                        "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {} |",
+                        "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {} |",
                         r.model,
                         r.weights,
                         r.context,
                         r.prefill_tps,
                         r.decode_tps,
+                        r.decode_tps_first,
+                        r.decode_tps / r.decode_tps_first,
                         r.state_mib,
                         r.peak_rss_mib.map_or("n/a".into(), |m| format!("{m:.0}"))
                     );
