@@ -756,3 +756,78 @@ fn frozen_groups_do_not_move() {
         }
     }
 }
+
+/// `supra bench train --against-pytorch PYTHON` runs the PyTorch side right after each recipe on
+/// the same model directory, sequence length, steps and threads, and prints both with their
+/// ratio; a failing PyTorch side is a clear error. The side here is a stand-in script that
+/// checks what it is given (the real one needs torch; its figures are in docs/results/train.md).
+#[test]
+fn bench_train_runs_the_pytorch_side_after_each_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    supra::io::hf_dir::save(&tiny_linear(dir.path()), &model).unwrap();
+    let script = dir.path().join("side.py");
+    std::fs::write(
+        &script,
+        r#"import json, os, sys
+a = sys.argv[1:]
+opt = {a[i]: a[i + 1] for i in range(1, len(a) - 1) if a[i].startswith("--") and not a[i + 1].startswith("--")}
+assert os.path.exists(os.path.join(a[0], "model.safetensors")), a
+assert opt["--seq-len"] == "16" and opt["--steps"] == "1" and int(opt["--threads"]) >= 1 and "--json" in a, a
+if opt["--recipes"] == "transfer":
+    sys.exit("no torch here")
+print("| table |")
+print(json.dumps({"recipe": opt["--recipes"], "tokens_per_s": 1e-3, "forward_s": 1.0, "backward_s": 2.0, "optimizer_s": 3.0}))
+"#,
+    )
+    .unwrap();
+    let run = |recipes: &str| {
+        common::supra(&[
+            "bench",
+            "train",
+            model.to_str().unwrap(),
+            "--seq-len",
+            "16",
+            "--steps",
+            "1",
+            "--recipes",
+            recipes,
+            "--against-pytorch",
+            "python3",
+            "--pytorch-script",
+            script.to_str().unwrap(),
+        ])
+    };
+    let out = run("supra,transfer+finetune");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for recipe in ["| supra |", "| transfer+finetune"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(recipe))
+            .expect(&stdout);
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        // ... | PyTorch tokens/s | PyTorch split | supra / PyTorch |
+        let n = cells.len();
+        assert_eq!(cells[n - 4], "0.0", "{row}");
+        assert_eq!(cells[n - 3], "1.00 / 2.00 / 3.00", "{row}");
+        let ours: f64 = cells[3].parse().unwrap();
+        let ratio: f64 = cells[n - 2].parse().unwrap();
+        assert!((ratio / (ours / 1e-3) - 1.0).abs() < 0.01, "{row}");
+    }
+    common::assert_clean_error(&run("transfer"), &["side.py", "no torch here"]);
+    let missing = common::supra(&[
+        "bench",
+        "train",
+        model.to_str().unwrap(),
+        "--against-pytorch",
+        "python3",
+        "--pytorch-script",
+        dir.path().join("nope.py").to_str().unwrap(),
+    ]);
+    common::assert_clean_error(&missing, &["nope.py", "does not exist"]);
+}

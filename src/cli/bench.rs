@@ -1,6 +1,6 @@
 //! `supra bench`: throughput of inference, generation, training and one attention layer.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use std::path::PathBuf;
 use supra::convert::ConvertOptions;
@@ -42,6 +42,14 @@ pub(crate) enum BenchCommand {
             default_value = "supra,transfer,transfer+finetune"
         )]
         recipes: Vec<Recipe>,
+        /// Time each recipe in PyTorch too, right after supra's, with this Python (torch and
+        /// safetensors installed) running scripts/bench/train_torch.py on the same model,
+        /// shapes and threads; prints both and their ratio.
+        #[arg(long, value_name = "PYTHON")]
+        against_pytorch: Option<PathBuf>,
+        /// The PyTorch side's script [default: scripts/bench/train_torch.py of this checkout].
+        #[arg(long, requires = "against_pytorch")]
+        pytorch_script: Option<PathBuf>,
     },
     /// Inference speed against context length, teacher and linear side by side: prefill and
     /// decode tokens/s and peak memory at each context, for each weight format; a markdown
@@ -217,7 +225,17 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
             seq_len,
             steps,
             recipes,
-        } => train(model, seq_len, steps, &recipes),
+            against_pytorch,
+            pytorch_script,
+        } => {
+            let torch = against_pytorch.map(|python| TorchSide {
+                python,
+                script: pytorch_script.unwrap_or_else(|| {
+                    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench/train_torch.py")
+                }),
+            });
+            train(model, seq_len, steps, &recipes, torch.as_ref())
+        }
         BenchCommand::Infer {
             models,
             names,
@@ -268,22 +286,123 @@ fn generate(model: &InferModelArg, context: &[usize], gen: usize) -> Result<()> 
     Ok(())
 }
 
-fn train(model: Option<PathBuf>, seq_len: usize, steps: usize, recipes: &[Recipe]) -> Result<()> {
-    let loaded = match model {
-        Some(p) => io::load(&p)?,
+/// How to run the PyTorch side of `bench train`.
+struct TorchSide {
+    python: PathBuf,
+    script: PathBuf,
+}
+
+/// One recipe's figures from scripts/bench/train_torch.py --json.
+#[derive(serde::Deserialize)]
+struct TorchRow {
+    recipe: String,
+    tokens_per_s: f64,
+    forward_s: f64,
+    backward_s: f64,
+    optimizer_s: f64,
+}
+
+impl TorchSide {
+    /// Times `recipe` on the model in `dir` with the same sequence length, steps and threads.
+    fn time(
+        &self,
+        dir: &std::path::Path,
+        recipe: Recipe,
+        seq_len: usize,
+        steps: usize,
+    ) -> Result<TorchRow> {
+        let out = std::process::Command::new(&self.python)
+            .arg(&self.script)
+            .arg(dir)
+            .args([
+                "--seq-len",
+                &seq_len.to_string(),
+                "--steps",
+                &steps.to_string(),
+            ])
+            .args(["--recipes", recipe.name(), "--json"])
+            .args(["--threads", &rayon::current_num_threads().to_string()])
+            .output()
+            .with_context(|| format!("cannot run {}", self.python.display()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let tail: Vec<&str> = err.lines().rev().take(8).collect();
+            bail!(
+                "{} {} failed ({}):\n{}",
+                self.python.display(),
+                self.script.display(),
+                out.status,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        stdout
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str::<TorchRow>(l).ok())
+            .find(|r| r.recipe == recipe.name())
+            .with_context(|| {
+                format!(
+                    "{} printed no figures for {}:\n{stdout}",
+                    self.script.display(),
+                    recipe.name()
+                )
+            })
+    }
+}
+
+fn train(
+    model: Option<PathBuf>,
+    seq_len: usize,
+    steps: usize,
+    recipes: &[Recipe],
+    torch: Option<&TorchSide>,
+) -> Result<()> {
+    if let Some(t) = torch.filter(|t| !t.script.exists()) {
+        bail!(
+            "the PyTorch side's script {} does not exist (give --pytorch-script)",
+            t.script.display()
+        );
+    }
+    let loaded = match &model {
+        Some(p) => io::load(p)?,
         None => supra::convert::convert(
             &io::load(&fetch::ensure_default_model()?)?,
             &ConvertOptions::default(),
         )?,
     };
+    // The PyTorch side reads an HF directory: the one given, or this model written to a
+    // temporary one.
+    let tmp;
+    let dir = match (torch, &model) {
+        (None, _) => None,
+        (Some(_), Some(p)) if p.join("model.safetensors").exists() => Some(p.clone()),
+        (Some(_), _) => {
+            tmp = tempfile::tempdir()?;
+            io::hf_dir::save(&loaded, tmp.path())?;
+            Some(tmp.path().to_path_buf())
+        }
+    };
     let peak = supra::bench::matmul_peak_gflops()?;
     let n = loaded.config.param_count() as f64;
     println!(
-        "matmul peak (f32, 1024³): {peak:.1} GFLOP/s; model: {:.2} M parameters; seq {seq_len}",
-        n / 1e6
+        "matmul peak (f32, 1024³): {peak:.1} GFLOP/s; model: {:.2} M parameters; seq {seq_len}; {} threads",
+        n / 1e6,
+        rayon::current_num_threads()
     );
-    println!("| recipe | trained params | tokens/s | forward (s) | backward (s) | optimizer (s) | GFLOP/s (6·N per token) | % of peak |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let split = |f: f64, b: f64, o: f64| format!("{f:.2} / {b:.2} / {o:.2}");
+    match torch {
+        None => println!("| recipe | trained params | tokens/s | forward / backward / optimizer (s) | GFLOP/s (6·N per token) | % of peak |"),
+        Some(_) => println!("| recipe | trained params | tokens/s | forward / backward / optimizer (s) | GFLOP/s (6·N per token) | % of peak | PyTorch tokens/s | PyTorch forward / backward / optimizer (s) | supra / PyTorch |"),
+    }
+    println!(
+        "|---|---:|---:|---:|---:|---:|{}",
+        if torch.is_some() {
+            "---:|---:|---:|"
+        } else {
+            ""
+        }
+    );
     for &recipe in recipes {
         let b = supra::bench::train_step(&loaded, recipe, seq_len, steps.max(1))?;
         // 6·N FLOPs per token is the full forward + backward of cross-entropy training;
@@ -295,17 +414,27 @@ fn train(model: Option<PathBuf>, seq_len: usize, steps: usize, recipes: &[Recipe
             }
             Recipe::Transfer | Recipe::TransferFinetune => "— | —".to_string(),
         };
+        let theirs = match (torch, &dir) {
+            (Some(t), Some(dir)) => {
+                let r = t.time(dir, recipe, seq_len, steps.max(1))?;
+                format!(
+                    " {:.1} | {} | {:.2} |",
+                    r.tokens_per_s,
+                    split(r.forward_s, r.backward_s, r.optimizer_s),
+                    b.tokens_per_s / r.tokens_per_s
+                )
+            }
+            _ => String::new(),
+        };
         println!(
-            "| {} | {:.2} M | {:.1} | {:.2} | {:.2} | {:.2} | {flops} |",
+            "| {} | {:.2} M | {:.1} | {} | {flops} |{theirs}",
             match recipe {
                 Recipe::TransferFinetune => "transfer+finetune (LoRA 16 + φ)",
                 r => r.name(),
             },
             b.trained_params as f64 / 1e6,
             b.tokens_per_s,
-            b.forward_s,
-            b.backward_s,
-            b.optimizer_s,
+            split(b.forward_s, b.backward_s, b.optimizer_s),
         );
     }
     Ok(())

@@ -5,6 +5,7 @@
 //! independent dot products over memory read once: split them across cores.
 
 use crate::attention::Exec;
+use crate::model::linear_grad::matmul_wt;
 use crate::model::quant::{QMatrix, WeightFormat};
 use crate::model::spin;
 use anyhow::Result;
@@ -78,17 +79,33 @@ impl Linear {
             anyhow::ensure!(exec == Exec::Infer, "a quantized layer cannot be trained");
             return self.forward_quantized(q, x, rows);
         }
+        if exec == Exec::Train {
+            return self.train_forward(x);
+        }
         if let Some((a, b, scale)) = &self.lora {
             let base = self.inner.forward(x)?;
             let low = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
             return Ok((base + (low * *scale)?)?);
         }
-        if exec == Exec::Infer && rows <= GEMV_MAX_ROWS {
+        if rows <= GEMV_MAX_ROWS {
             if let Some(y) = self.gemv(x, rows)? {
                 return Ok(y);
             }
         }
         Ok(self.inner.forward(x)?)
+    }
+
+    /// The differentiable form: products whose backward computes only the gradients that
+    /// reach a variable, each in its weight's own layout ([`matmul_wt`]).
+    fn train_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = matmul_wt(x, self.inner.weight())?;
+        if let Some((a, b, scale)) = &self.lora {
+            y = (y + (matmul_wt(&matmul_wt(x, a)?, b)? * *scale)?)?;
+        }
+        Ok(match self.inner.bias() {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        })
     }
 
     fn forward_quantized(&self, q: &QMatrix, x: &Tensor, rows: usize) -> Result<Tensor> {

@@ -2,6 +2,7 @@
 
 pub mod gemm;
 pub mod linear;
+pub mod linear_grad;
 pub mod llama;
 pub mod mlp;
 pub mod norm;
