@@ -10,11 +10,13 @@
 //!
 //! Both take and give rows of all heads side by side, (B, T, n·d) → (B, T, n·d').
 
+use crate::attention::signed_softmax::{signed_softmax, signed_softmax_row};
+use crate::attention::softmax::exp_shifted;
 use crate::attention::Exec;
 use crate::config::FeatureKind;
 use crate::model::linear::Linear;
 use anyhow::Result;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 /// The query map and the key map of one layer.
 #[derive(Debug, Clone)]
@@ -67,14 +69,7 @@ impl FeatureMap {
                     .matmul(w)?
                     .transpose(0, 1)?
                     .contiguous()?;
-                let softmax = |y: &Tensor| -> Result<Tensor> {
-                    Ok(match exec {
-                        Exec::Train => candle_nn::ops::softmax(y, D::Minus1)?,
-                        Exec::Infer => candle_nn::ops::softmax_last_dim(y)?,
-                    })
-                };
-                let phi = Tensor::cat(&[softmax(&y)?, softmax(&y.neg()?)?], 2)?;
-                Ok(phi.reshape((b, t, n * 2 * d))?)
+                Ok(signed_softmax(&y)?.reshape((b, t, n * 2 * d))?)
             }
         }
     }
@@ -100,23 +95,16 @@ impl FeatureMap {
                     anyhow::bail!("hedgehog weights are not a contiguous CPU tensor");
                 };
                 let w = &cpu.as_slice::<f32>()?[start..end];
-                let mut out = Vec::with_capacity(2 * x.len());
+                let mut out = vec![0f32; 2 * x.len()];
                 let mut y = vec![0f32; d];
-                for h in 0..n {
+                for (h, o) in out.chunks_exact_mut(2 * d).enumerate().take(n) {
                     let (xh, wh) = (&x[h * d..][..d], &w[h * d * d..][..d * d]);
                     y.fill(0.0);
                     // y = x W_h, row by row of W_h.
                     for (xi, wrow) in xh.iter().zip(wh.chunks_exact(d)) {
                         y.iter_mut().zip(wrow).for_each(|(a, b)| *a += xi * b);
                     }
-                    for sign in [1f32, -1.0] {
-                        let at = out.len();
-                        out.extend(y.iter().map(|a| sign * a));
-                        let row = &mut out[at..];
-                        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let sum = crate::attention::softmax::exp_shifted(row, m);
-                        row.iter_mut().for_each(|a| *a /= sum);
-                    }
+                    signed_softmax_row(&y, o, exp_shifted);
                 }
                 Ok(out)
             }
@@ -204,7 +192,8 @@ mod tests {
         };
         let y = id.apply(&x, Role::Key, Exec::Infer).unwrap();
         let first = y.narrow(2, 0, d).unwrap();
-        let want = candle_nn::ops::softmax(&x.narrow(2, 0, d).unwrap(), D::Minus1).unwrap();
+        let want =
+            candle_nn::ops::softmax(&x.narrow(2, 0, d).unwrap(), candle_core::D::Minus1).unwrap();
         let diff = (first - want)
             .unwrap()
             .abs()

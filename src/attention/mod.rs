@@ -6,6 +6,7 @@
 //! A new kind is one more module and one more variant here; the decoder does not change.
 
 pub mod feature_map;
+pub mod signed_softmax;
 pub mod softmax;
 pub mod supra;
 pub mod window;
