@@ -47,13 +47,11 @@ const ROWS_PER_TASK: usize = 64;
 
 struct SignedSoftmax;
 
-fn rows<'a>(
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<(usize, &'a CpuStorage, (usize, usize))> {
+/// The last dimension and the element range of a contiguous input.
+fn rows(l: &Layout) -> candle_core::Result<(usize, (usize, usize))> {
     let d = *l.shape().dims().last().unwrap_or(&0);
     match l.contiguous_offsets() {
-        Some(range) if d > 0 => Ok((d, s, range)),
+        Some(range) if d > 0 => Ok((d, range)),
         _ => {
             candle_core::bail!("signed_softmax: a contiguous input with a non-empty last dimension")
         }
@@ -78,7 +76,7 @@ impl CustomOp1 for SignedSoftmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (d, s, (a, b)) = rows(s, l)?;
+        let (d, (a, b)) = rows(l)?;
         let out = match s {
             CpuStorage::F32(y) => CpuStorage::F32(forward(&y[a..b], d, exp_shifted)),
             CpuStorage::F64(y) => CpuStorage::F64(forward(&y[a..b], d, exp_sum_f64)),
@@ -132,8 +130,8 @@ impl CustomOp2 for Backward {
         g: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (two_d, s, (a, b)) = rows(s, sl)?;
-        let (_, g, (c, e)) = rows(g, gl)?;
+        let (two_d, (a, b)) = rows(sl)?;
+        let (_, (c, e)) = rows(gl)?;
         if sl.shape() != gl.shape() || two_d % 2 != 0 {
             candle_core::bail!(
                 "signed_softmax backward: s {:?}, g {:?}",
@@ -164,6 +162,7 @@ impl CustomOp2 for Backward {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::tensor_rel_err as err;
     use candle_core::{DType, Device, Var, D};
 
     /// Values and gradients against candle's composed softmaxes, f32 and f64, with rows that
@@ -187,9 +186,6 @@ mod tests {
             let sm = |t: &Tensor| candle_nn::ops::softmax(t, D::Minus1).unwrap();
             let theirs =
                 Tensor::cat(&[sm(y.as_tensor()), sm(&y.as_tensor().neg().unwrap())], 2).unwrap();
-            let err = |a: &Tensor, b: &Tensor| {
-                crate::testing::rel_err(&crate::testing::flat_f64(a), &crate::testing::flat_f64(b))
-            };
             let tol = if dtype == DType::F32 { 1e-6 } else { 1e-13 };
             assert!(
                 err(&ours, &theirs) < tol,

@@ -1,23 +1,26 @@
-//! One matrix product on plain slices, on the calling thread (the gemm crate that candle's CPU
-//! matmul uses): for kernels that split their work into tasks of their own and would only
-//! oversubscribe the cores with a threaded product inside each.
+//! One matrix product on plain slices (the gemm crate that candle's CPU matmul uses). [`gemm`]
+//! runs on the calling thread, for kernels that split their work into tasks of their own and
+//! would only oversubscribe the cores with a threaded product inside each; [`gemm_threaded`]
+//! splits one product across rayon's threads, for an op whose whole work it is.
+
+use candle_core::WithDType;
 
 /// A read-only matrix: element (i, j) at `data[i·rs + j·cs]`.
 #[derive(Clone, Copy)]
-pub struct Strided<'a> {
-    pub data: &'a [f32],
+pub struct Strided<'a, T = f32> {
+    pub data: &'a [T],
     pub rs: usize,
     pub cs: usize,
 }
 
-impl<'a> Strided<'a> {
+impl<'a, T> Strided<'a, T> {
     /// Rows `rs` apart, each contiguous.
-    pub fn rows(data: &'a [f32], rs: usize) -> Self {
+    pub fn rows(data: &'a [T], rs: usize) -> Self {
         Strided { data, rs, cs: 1 }
     }
 
     /// The transpose of [`Self::rows`]: element (i, j) is row j's element i.
-    pub fn transposed_rows(data: &'a [f32], rs: usize) -> Self {
+    pub fn transposed_rows(data: &'a [T], rs: usize) -> Self {
         Strided {
             data,
             rs: 1,
@@ -32,13 +35,39 @@ impl<'a> Strided<'a> {
 
 /// dst (m × n, row-major) ← keep·dst + scale·lhs·rhs for lhs m × k and rhs k × n; `keep: None`
 /// overwrites dst without reading it.
-pub fn gemm(
-    dst: &mut [f32],
+pub fn gemm<T: WithDType>(
+    dst: &mut [T],
+    dims: (usize, usize, usize),
+    lhs: Strided<T>,
+    rhs: Strided<T>,
+    keep: Option<T>,
+    scale: T,
+) {
+    product(dst, dims, lhs, rhs, keep, scale, gemm::Parallelism::None)
+}
+
+/// dst ← lhs·rhs as [`gemm`] computes it, split across rayon's threads.
+pub fn gemm_threaded<T: WithDType>(
+    dst: &mut [T],
+    dims: (usize, usize, usize),
+    lhs: Strided<T>,
+    rhs: Strided<T>,
+) {
+    let par = match rayon::current_num_threads() {
+        1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    };
+    product(dst, dims, lhs, rhs, None, T::one(), par)
+}
+
+fn product<T: WithDType>(
+    dst: &mut [T],
     (m, n, k): (usize, usize, usize),
-    lhs: Strided,
-    rhs: Strided,
-    keep: Option<f32>,
-    scale: f32,
+    lhs: Strided<T>,
+    rhs: Strided<T>,
+    keep: Option<T>,
+    scale: T,
+    par: gemm::Parallelism,
 ) {
     assert!(
         dst.len() >= m * n && lhs.fits(m, k) && rhs.fits(k, n),
@@ -60,12 +89,12 @@ pub fn gemm(
             rhs.data.as_ptr(),
             rhs.cs as isize,
             rhs.rs as isize,
-            keep.unwrap_or(0.0),
+            keep.unwrap_or(T::zero()),
             scale,
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            par,
         )
     }
 }

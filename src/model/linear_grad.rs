@@ -6,8 +6,9 @@
 //! when W is frozen (every base weight under LoRA). Here the backward writes dW = dyᵀ·x straight
 //! in W's (out, in) layout and computes only the gradients that reach a variable.
 
+use crate::model::gemm::{gemm_threaded, Strided};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
 
 struct MatmulWt;
 
@@ -17,45 +18,10 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> anyhow::Result<Tensor> {
 }
 
 /// y (rows × out) = x (rows × in) · Wᵀ for W (out × in), both row-major, on rayon's threads.
-fn product<T: candle_core::WithDType>(
-    x: &[T],
-    w: &[T],
-    (rows, out, inp): (usize, usize, usize),
-) -> Vec<T> {
-    assert!(
-        x.len() == rows * inp && w.len() == out * inp,
-        "matmul_wt: operand sizes"
-    );
+fn product<T: WithDType>(x: &[T], w: &[T], (rows, out, inp): (usize, usize, usize)) -> Vec<T> {
     let mut y = vec![T::zero(); rows * out];
-    let par = match rayon::current_num_threads() {
-        1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    };
-    // SAFETY: the assert above keeps every element the strides reach inside its slice; y has
-    // rows × out elements, written with row stride out.
-    unsafe {
-        gemm::gemm(
-            rows,
-            out,
-            inp,
-            y.as_mut_ptr(),
-            1,
-            out as isize,
-            false,
-            x.as_ptr(),
-            1,
-            inp as isize,
-            w.as_ptr(),
-            inp as isize,
-            1,
-            T::zero(),
-            T::one(),
-            false,
-            false,
-            false,
-            par,
-        )
-    };
+    let (lhs, rhs) = (Strided::rows(x, inp), Strided::transposed_rows(w, inp));
+    gemm_threaded(&mut y, (rows, out, inp), lhs, rhs);
     y
 }
 
@@ -125,6 +91,7 @@ impl CustomOp2 for MatmulWt {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::tensor_rel_err as err;
     use candle_core::{DType, Device, Var};
 
     /// Forward and both gradients against candle's composed product, f32 and f64, on a
@@ -157,9 +124,6 @@ mod tests {
                 .broadcast_matmul(&w.as_tensor().t().unwrap())
                 .unwrap();
             let tol = if dtype == DType::F32 { 1e-6 } else { 1e-13 };
-            let err = |a: &Tensor, b: &Tensor| {
-                crate::testing::rel_err(&crate::testing::flat_f64(a), &crate::testing::flat_f64(b))
-            };
             assert!(err(&ours, &theirs) < tol);
             let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (theirs * &r)

@@ -259,6 +259,11 @@ pub fn rel_err(got: &[f64], want: &[f64]) -> f64 {
 }
 
 /// Every element of `x` as f64.
+/// [`rel_err`] of two tensors of any float dtype.
+pub fn tensor_rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    rel_err(&flat_f64(got), &flat_f64(want))
+}
+
 pub fn flat_f64(x: &Tensor) -> Vec<f64> {
     x.to_dtype(DType::F64)
         .and_then(|x| x.flatten_all())
