@@ -83,7 +83,7 @@ impl SoftmaxAttention {
         let scale = 1.0 / (d as f64).sqrt();
         let mut att = (q * scale)?.matmul(&k.t()?)?;
         if t > 1 {
-            let mask = causal_mask(t, k.dim(2)? - t, x.device())?;
+            let mask = causal_mask(t, k.dim(2)? - t, x.device())?.to_dtype(att.dtype())?;
             att = att.broadcast_add(&mask)?;
         }
         // The fused softmax has no backward.

@@ -531,7 +531,8 @@ impl Llama {
             let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             let targets = Tensor::new(&ids[start + 1..start + 1 + len], self.device())?;
             let picked = lsm.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-            out.extend(picked.to_vec1::<f32>()?);
+            // Models run in f64 too (examples/conditioning), log-probs are reported in f32.
+            out.extend(picked.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
             start += len;
         }
         Ok(out)

@@ -4,6 +4,29 @@ use crate::config::Decay;
 use crate::model::linear::Linear;
 use crate::testing::{check_grad, flat_f64 as flat, rel_err};
 use candle_core::{Device, Var};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::cell::RefCell;
+
+thread_local! {
+    /// The random values of these tests, from a fixed seed (per thread) so that a failing
+    /// finite-difference check fails every time.
+    static RNG: RefCell<StdRng> = RefCell::new(StdRng::seed_from_u64(0));
+}
+
+/// N(0, std²) values of `shape` in f64 (Box–Muller), from the tests' seeded generator.
+fn randn(shape: &[usize], std: f64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        (0..n)
+            .map(|_| {
+                let (u, w): (f64, f64) = (r.random_range(f64::EPSILON..1.0), r.random());
+                std * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * w).cos()
+            })
+            .collect()
+    });
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
 
 const W: usize = 8;
 const S: usize = 3;
@@ -204,10 +227,7 @@ fn random_layer(
 ) -> WindowAttention {
     use crate::config::FeatureKind;
     let dev = Device::Cpu;
-    let mut w = |shape: &[usize], std: f64| {
-        let t = Tensor::randn(0f32, std as f32, shape, &dev).unwrap();
-        var(t.to_dtype(dtype).unwrap())
-    };
+    let mut w = |shape: &[usize], std: f64| var(randn(shape, std).to_dtype(dtype).unwrap());
     let lin = |w: Tensor| Linear::new(w, None);
     let (q, k, v, o) = (
         lin(w(&[h * d, hidden], 0.5)),
@@ -348,7 +368,6 @@ fn state_size_is_constant_in_the_context() {
 #[test]
 fn gradients_match_finite_differences_for_every_new_parameter() {
     use crate::config::FeatureKind;
-    let dev = Device::Cpu;
     for kind in [FeatureKind::Relu, FeatureKind::Hedgehog] {
         for mix in [Mix::Shared, Mix::Gated] {
             let mut vars = Vec::new();
@@ -357,8 +376,8 @@ fn gradients_match_finite_differences_for_every_new_parameter() {
                 vars.push(v.clone());
                 v.as_tensor().clone()
             });
-            let x = Tensor::randn(0f64, 1.0, (1, 2 * W + 3, 8), &dev).unwrap();
-            let r = Tensor::randn(0f64, 1.0, (1, 2 * W + 3, 8), &dev).unwrap();
+            let x = randn(&[1, 2 * W + 3, 8], 1.0);
+            let r = randn(&[1, 2 * W + 3, 8], 1.0);
             let loss = || {
                 let y = layer.forward(&x, 0, None, Exec::Train).unwrap();
                 (y * &r).unwrap().sum_all().unwrap()

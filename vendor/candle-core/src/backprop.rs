@@ -190,17 +190,24 @@ impl Tensor {
                         grads.accumulate(lhs, &grad)?;
                         grads.accumulate(rhs, &grad.neg()?)?;
                     }
+                    // Products and quotients compute an operand's gradient only when the
+                    // operand is in the graph (masks and constants are not).
                     Op::Binary(lhs, rhs, BinaryOp::Mul) => {
-                        let lhs_grad = grad.mul(rhs)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-                        let rhs_grad = grad.mul(lhs)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        if lhs.track_op() {
+                            grads.accumulate(lhs, &grad.mul(rhs)?)?;
+                        }
+                        if rhs.track_op() {
+                            grads.accumulate(rhs, &grad.mul(lhs)?)?;
+                        }
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Div) => {
-                        let lhs_grad = grad.div(rhs)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-                        let rhs_grad = grad.mul(lhs)?.div(&rhs.sqr()?)?;
-                        grads.accumulate(rhs, &rhs_grad.neg()?)?;
+                        if lhs.track_op() {
+                            grads.accumulate(lhs, &grad.div(rhs)?)?;
+                        }
+                        if rhs.track_op() {
+                            let rhs_grad = grad.mul(lhs)?.div(&rhs.sqr()?)?;
+                            grads.accumulate(rhs, &rhs_grad.neg()?)?;
+                        }
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Minimum)
                     | Op::Binary(lhs, rhs, BinaryOp::Maximum) => {
@@ -434,11 +441,12 @@ impl Tensor {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
 
-                        let lhs_grad = grad.matmul(&rhs.t()?)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        if lhs.track_op() {
+                            grads.accumulate(lhs, &grad.matmul(&rhs.t()?)?)?;
+                        }
+                        if rhs.track_op() {
+                            grads.accumulate(rhs, &lhs.t()?.matmul(&grad)?)?;
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
@@ -712,6 +720,10 @@ impl GradStore {
     /// upstream `or_insert` + `add` allocated and zero-filled a tensor and then a second one
     /// for every node of the graph, which made up about a quarter of a training step on CPU.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        // A tensor outside the graph (no variable behind it) never has its gradient read.
+        if !tensor.track_op() {
+            return Ok(());
+        }
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = entry.get().add(grad)?;

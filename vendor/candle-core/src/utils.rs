@@ -311,6 +311,13 @@ pub fn with_threadpool<F: FnOnce() -> R + Send, R: Send>(f: F) -> R {
 }
 
 fn default_num_threads() -> usize {
+    // Counted once: num_cpus::get_physical parses /proc/cpuinfo, and get_num_threads runs on
+    // every matmul.
+    static PHYSICAL: OnceLock<usize> = OnceLock::new();
+    *PHYSICAL.get_or_init(count_physical)
+}
+
+fn count_physical() -> usize {
     let physical = {
         #[cfg(target_os = "macos")]
         {
