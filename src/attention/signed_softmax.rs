@@ -162,48 +162,23 @@ impl CustomOp2 for Backward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::tensor_rel_err as err;
-    use candle_core::{DType, Device, Var, D};
+    use crate::testing::{assert_matches_composed, randn_in};
+    use candle_core::{DType, Var, D};
 
     /// Values and gradients against candle's composed softmaxes, f32 and f64, with rows that
     /// do not fill a task.
     #[test]
     fn matches_the_composed_softmaxes_and_their_gradients() {
-        let dev = Device::Cpu;
         for dtype in [DType::F32, DType::F64] {
-            let y = Var::from_tensor(
-                &(Tensor::randn(0f32, 3.0, (3, 67, 8), &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap()),
-            )
-            .unwrap();
-            let r = Tensor::randn(0f32, 1.0, (3, 67, 16), &dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
+            let y = Var::from_tensor(&randn_in(dtype, 0.0, 3.0, &[3, 67, 8])).unwrap();
+            let r = randn_in(dtype, 0.0, 1.0, &[3, 67, 16]);
             let ours = signed_softmax(y.as_tensor()).unwrap();
             let sm = |t: &Tensor| candle_nn::ops::softmax(t, D::Minus1).unwrap();
             let theirs =
                 Tensor::cat(&[sm(y.as_tensor()), sm(&y.as_tensor().neg().unwrap())], 2).unwrap();
             let tol = if dtype == DType::F32 { 1e-6 } else { 1e-13 };
-            assert!(
-                err(&ours, &theirs) < tol,
-                "{dtype:?}: {}",
-                err(&ours, &theirs)
-            );
-            let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (theirs * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let (a, b) = (
-                g1.get(y.as_tensor()).unwrap(),
-                g2.get(y.as_tensor()).unwrap(),
-            );
-            assert!(err(a, b) < tol * 10.0, "{dtype:?}: {}", err(a, b));
+            let what = format!("{dtype:?}");
+            assert_matches_composed((ours, theirs), &[&y], &r, (tol, tol * 10.0), &what);
         }
     }
 }

@@ -91,55 +91,25 @@ impl CustomOp2 for MatmulWt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::tensor_rel_err as err;
+    use crate::testing::{assert_matches_composed, randn_in};
     use candle_core::{DType, Device, Var};
 
     /// Forward and both gradients against candle's composed product, f32 and f64, on a
     /// (batch, rows, in) input; loss = Σ y ⊙ r for a fixed random r.
     #[test]
     fn matches_candles_product_and_its_gradients() {
-        let dev = Device::Cpu;
         for dtype in [DType::F32, DType::F64] {
-            let x = Var::from_tensor(
-                &Tensor::randn(0f32, 1.0, (2, 7, 5), &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap(),
-            )
-            .unwrap();
-            let w = Var::from_tensor(
-                &Tensor::randn(0f32, 1.0, (3, 5), &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap(),
-            )
-            .unwrap();
-            let r = Tensor::randn(0f32, 1.0, (2, 7, 3), &dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
+            let x = Var::from_tensor(&randn_in(dtype, 0.0, 1.0, &[2, 7, 5])).unwrap();
+            let w = Var::from_tensor(&randn_in(dtype, 0.0, 1.0, &[3, 5])).unwrap();
+            let r = randn_in(dtype, 0.0, 1.0, &[2, 7, 3]);
             let ours = matmul_wt(x.as_tensor(), w.as_tensor()).unwrap();
             let theirs = x
                 .as_tensor()
                 .broadcast_matmul(&w.as_tensor().t().unwrap())
                 .unwrap();
             let tol = if dtype == DType::F32 { 1e-6 } else { 1e-13 };
-            assert!(err(&ours, &theirs) < tol);
-            let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (theirs * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in [&x, &w] {
-                let (a, b) = (
-                    g1.get(v.as_tensor()).unwrap(),
-                    g2.get(v.as_tensor()).unwrap(),
-                );
-                assert_eq!(a.dims(), v.dims());
-                assert!(err(a, b) < tol, "{dtype:?}");
-            }
+            let what = format!("{dtype:?}");
+            assert_matches_composed((ours, theirs), &[&x, &w], &r, (tol, tol), &what);
         }
     }
 

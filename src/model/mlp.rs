@@ -192,40 +192,22 @@ impl CustomOp3 for Backward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::tensor_rel_err as err;
+    use crate::testing::{assert_matches_composed, randn_in};
     use candle_core::{DType, Device, Var};
 
     /// The op against candle's composed silu and product, values and both gradients, f32 and
     /// f64, on a size that does not fill a task.
     #[test]
     fn matches_candles_silu_product_and_its_gradients() {
-        let dev = Device::Cpu;
         for dtype in [DType::F32, DType::F64] {
-            let rand = |dims: &[usize]| {
-                Tensor::randn(0f32, 3.0, dims, &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap()
-            };
-            let (g, u) = (
-                Var::from_tensor(&rand(&[3, 41, 97])).unwrap(),
-                Var::from_tensor(&rand(&[3, 41, 97])).unwrap(),
-            );
-            let r = rand(&[3, 41, 97]);
+            let g = Var::from_tensor(&randn_in(dtype, 0.0, 3.0, &[3, 41, 97])).unwrap();
+            let u = Var::from_tensor(&randn_in(dtype, 0.0, 3.0, &[3, 41, 97])).unwrap();
+            let r = randn_in(dtype, 0.0, 3.0, &[3, 41, 97]);
             let ours = g.as_tensor().apply_op2(u.as_tensor(), SwiGlu).unwrap();
             let want = (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
             let tol = if dtype == DType::F32 { 1e-6 } else { 1e-13 };
-            assert!(err(&ours, &want) < tol, "{dtype:?}: {}", err(&ours, &want));
-            let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            for v in [&g, &u] {
-                let (a, b) = (
-                    g1.get(v.as_tensor()).unwrap(),
-                    g2.get(v.as_tensor()).unwrap(),
-                );
-                assert_eq!(a.dims(), v.dims());
-                assert!(err(a, b) < tol * 10.0, "{dtype:?}: {}", err(a, b));
-            }
+            let what = format!("{dtype:?}");
+            assert_matches_composed((ours, want), &[&g, &u], &r, (tol, tol * 10.0), &what);
         }
     }
 

@@ -256,7 +256,7 @@ impl CustomOp3 for Backward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::tensor_rel_err as err;
+    use crate::testing::{assert_matches_composed, randn_in, tensor_rel_err};
     use candle_core::{DType, Device, Var};
 
     /// The definition in candle ops, differentiable.
@@ -275,36 +275,20 @@ mod tests {
     /// inference kernel against it.
     #[test]
     fn matches_the_definition_and_its_gradients() {
-        let dev = Device::Cpu;
         for dtype in [DType::F32, DType::F64] {
-            let rand = |mean: f32, dims: &[usize]| {
-                Tensor::randn(mean, 2.0, dims, &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap()
-            };
-            let x = Var::from_tensor(&rand(0.0, &[2, 37, 21])).unwrap();
-            let w = Var::from_tensor(&rand(1.0, &[21])).unwrap();
-            let r = rand(0.0, &[2, 37, 21]);
+            let x = Var::from_tensor(&randn_in(dtype, 0.0, 2.0, &[2, 37, 21])).unwrap();
+            let w = Var::from_tensor(&randn_in(dtype, 1.0, 2.0, &[21])).unwrap();
+            let r = randn_in(dtype, 0.0, 2.0, &[2, 37, 21]);
             let norm = RmsNorm::new(w.as_tensor().clone(), 1e-5);
             let ours = norm.forward(x.as_tensor(), Exec::Train).unwrap();
             let want = composed(x.as_tensor(), w.as_tensor(), 1e-5);
             let tol = if dtype == DType::F32 { 1e-6 } else { 1e-13 };
-            assert!(err(&ours, &want) < tol, "{dtype:?}: {}", err(&ours, &want));
             if dtype == DType::F32 {
                 let fused = norm.forward(x.as_tensor(), Exec::Infer).unwrap();
-                assert!(err(&fused, &want) < tol);
+                assert!(tensor_rel_err(&fused, &want) < tol);
             }
-            let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            for v in [&x, &w] {
-                let (a, b) = (
-                    g1.get(v.as_tensor()).unwrap(),
-                    g2.get(v.as_tensor()).unwrap(),
-                );
-                assert_eq!(a.dims(), v.dims());
-                assert!(err(a, b) < tol * 10.0, "{dtype:?}: {}", err(a, b));
-            }
+            let what = format!("{dtype:?}");
+            assert_matches_composed((ours, want), &[&x, &w], &r, (tol, tol * 10.0), &what);
         }
     }
 

@@ -258,17 +258,49 @@ pub fn rel_err(got: &[f64], want: &[f64]) -> f64 {
     (num / den.max(1e-300)).sqrt()
 }
 
-/// Every element of `x` as f64.
 /// [`rel_err`] of two tensors of any float dtype.
 pub fn tensor_rel_err(got: &Tensor, want: &Tensor) -> f64 {
     rel_err(&flat_f64(got), &flat_f64(want))
 }
 
+/// Every element of `x` as f64.
 pub fn flat_f64(x: &Tensor) -> Vec<f64> {
     x.to_dtype(DType::F64)
         .and_then(|x| x.flatten_all())
         .and_then(|x| x.to_vec1())
         .expect("a tensor")
+}
+
+/// N(mean, std²) values of `dims` in `dtype` (drawn in f32).
+pub fn randn_in(dtype: DType, mean: f32, std: f32, dims: &[usize]) -> Tensor {
+    Tensor::randn(mean, std, dims, &Device::Cpu)
+        .and_then(|t| t.to_dtype(dtype))
+        .expect("random tensor")
+}
+
+/// A fused op's output `ours` against `want`, the same function in candle's composed ops:
+/// values within `tol` relative, and for each of `vars` the gradient of Σ out ⊙ `r`, of the
+/// variable's shape, within `grad_tol`.
+pub fn assert_matches_composed(
+    (ours, want): (Tensor, Tensor),
+    vars: &[&Var],
+    r: &Tensor,
+    (tol, grad_tol): (f64, f64),
+    what: &str,
+) {
+    let e = tensor_rel_err(&ours, &want);
+    assert!(e < tol, "{what}: values {e}");
+    let grads = |y: Tensor| y.mul(r).unwrap().sum_all().unwrap().backward().unwrap();
+    let (g1, g2) = (grads(ours), grads(want));
+    for v in vars {
+        let (a, b) = (
+            g1.get(v.as_tensor()).unwrap(),
+            g2.get(v.as_tensor()).unwrap(),
+        );
+        assert_eq!(a.dims(), v.dims(), "{what}");
+        let e = tensor_rel_err(a, b);
+        assert!(e < grad_tol, "{what}: gradient {e}");
+    }
 }
 
 /// Central differences in f64 against candle's backward, for every element of `var`.
