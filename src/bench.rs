@@ -186,6 +186,7 @@ pub fn train_step(
     use crate::train::optim::{AdamW, AdamWConfig};
     use crate::train::recipe;
     use candle_core::{Device, Tensor};
+    crate::heap::keep_freed_for_reuse();
     // transfer+finetune spends most of its tokens in the fine-tuning phase: time that one,
     // with the default LoRA adapters.
     let mut model = model.clone();

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod eval;
+pub mod heap;
 pub mod infer;
 pub mod io;
 pub mod linearize;

@@ -105,17 +105,6 @@ impl Cache {
     }
 }
 
-/// Gives freed heap memory back to the system. glibc keeps freed blocks below its (adaptive)
-/// mmap threshold for reuse, so without this the f32 weights a quantized model let go would
-/// still count in its resident memory.
-pub fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free memory to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 impl Llama {
     /// The model for inference.
     pub fn new(config: &ModelConfig, weights: &Weights) -> Result<Self> {
@@ -308,7 +297,7 @@ impl Llama {
             }
         }
         self.lm_head = self.lm_head.quantized(format)?;
-        release_freed_memory();
+        crate::heap::release_freed();
         Ok(())
     }
 

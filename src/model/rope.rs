@@ -1,9 +1,16 @@
 //! Rotary position embeddings, HF "rotate-half" convention: the two halves of each head are the
 //! (x, y) of d/2 rotating pairs.
+//!
+//! One rotation, [`Rope::rotate`]: decoding steps call it on a head's slice, training through a
+//! candle op whose backward is the rotation by the opposite angles (composed from candle ops it
+//! was eight ops forward on one core, each a fresh tensor, and more backward, on every query
+//! and key of every layer). Inference's prefill takes candle's fused kernel.
 
 use crate::attention::Exec;
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
 
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -66,7 +73,7 @@ impl Rope {
     }
 
     /// Rotates one head's vector in place, as [`Rope::apply`] does, with a [`Rope::row`].
-    pub fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    pub fn rotate<T: WithDType>(x: &mut [T], cos: &[T], sin: &[T]) {
         let half = x.len() / 2;
         let (x1, x2) = x.split_at_mut(half);
         for j in 0..half {
@@ -77,8 +84,8 @@ impl Rope {
     }
 
     /// Rotates `x` of shape (batch, heads, seq, dim) whose first position is `offset`.
-    /// Training composes it from differentiable ops (candle's fused rope has no backward);
-    /// inference takes the fused kernel for f32.
+    /// Training runs the differentiable op (candle's fused rope has no backward); inference
+    /// takes candle's kernel.
     pub fn apply(&self, x: &Tensor, offset: usize, exec: Exec) -> Result<Tensor> {
         let t = x.dim(2)?;
         let (cos, sin) = if offset + t <= self.cos.dim(0)? {
@@ -89,39 +96,147 @@ impl Rope {
         } else {
             tables(self.dim, self.theta, offset, t, x.device())?
         };
-        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-        if exec == Exec::Train || x.dtype() != DType::F32 {
-            let half = self.dim / 2;
-            let x1 = x.narrow(D::Minus1, 0, half)?;
-            let x2 = x.narrow(D::Minus1, half, half)?;
-            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-            let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?;
-            let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
-            return Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?);
+        if exec == Exec::Train {
+            let flat = |t: Tensor| -> Result<Vec<f64>> {
+                Ok(t.to_dtype(candle_core::DType::F64)?
+                    .flatten_all()?
+                    .to_vec1()?)
+            };
+            let op = Rotation {
+                cos: flat(cos)?,
+                sin: flat(sin)?,
+            };
+            return Ok(x.contiguous()?.apply_op1(op)?);
         }
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+}
+
+/// Training's rotation of (…, T, dim) by the angles of T positions: cos and sin (T, dim/2),
+/// read in the tables' f32 values whatever the element type.
+struct Rotation {
+    cos: Vec<f64>,
+    sin: Vec<f64>,
+}
+
+/// Rows per rayon task (a row is one head's vector at one position).
+const ROWS_PER_TASK: usize = 64;
+
+impl Rotation {
+    fn rotate<T: WithDType>(&self, x: &[T], dim: usize) -> Vec<T> {
+        let half = dim / 2;
+        let positions = self.cos.len() / half;
+        let (cos, sin): (Vec<T>, Vec<T>) = self
+            .cos
+            .iter()
+            .zip(&self.sin)
+            .map(|(&c, &s)| (T::from_f64(c), T::from_f64(s)))
+            .unzip();
+        let mut out = x.to_vec();
+        out.par_chunks_mut(dim * ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(task, rows)| {
+                for (i, row) in rows.chunks_exact_mut(dim).enumerate() {
+                    let p = (task * ROWS_PER_TASK + i) % positions;
+                    let at = p * half..(p + 1) * half;
+                    Rope::rotate(row, &cos[at.clone()], &sin[at]);
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp1 for Rotation {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        let (Some(&dim), Some((a, b))) = (dims.last(), l.contiguous_offsets()) else {
+            candle_core::bail!("rope: a contiguous input, got {:?}", l.shape());
+        };
+        let t = if dims.len() >= 2 {
+            dims[dims.len() - 2]
+        } else {
+            0
+        };
+        if dim % 2 != 0 || t * dim / 2 != self.cos.len() {
+            candle_core::bail!(
+                "rope: input {:?} against tables for {} values",
+                l.shape(),
+                self.cos.len()
+            );
+        }
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(self.rotate(&x[a..b], dim)),
+            CpuStorage::F64(x) => CpuStorage::F64(self.rotate(&x[a..b], dim)),
+            _ => candle_core::bail!("rope: f32 or f64, got {:?}", s.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    /// The rotation is orthogonal: its gradient is the rotation by −angle.
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let back = Rotation {
+            cos: self.cos.clone(),
+            sin: self.sin.iter().map(|s| -s).collect(),
+        };
+        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&back)?))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{assert_matches_composed, randn_in, tensor_rel_err};
+    use candle_core::{DType, Var, D};
+
+    /// The rotation in candle ops, differentiable: x·cos + rotate_half(x)·sin.
+    fn composed(rope: &Rope, x: &Tensor, offset: usize) -> Tensor {
+        let (t, half) = (x.dim(2).unwrap(), rope.dim / 2);
+        let (cos, sin) = tables(rope.dim, rope.theta, offset, t, x.device()).unwrap();
+        let (cos, sin) = (
+            cos.to_dtype(x.dtype()).unwrap(),
+            sin.to_dtype(x.dtype()).unwrap(),
+        );
+        let x1 = x.narrow(D::Minus1, 0, half).unwrap();
+        let x2 = x.narrow(D::Minus1, half, half).unwrap();
+        let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+        let cos = Tensor::cat(&[&cos, &cos], D::Minus1).unwrap();
+        let sin = Tensor::cat(&[&sin, &sin], D::Minus1).unwrap();
+        (x.broadcast_mul(&cos).unwrap() + rotated.broadcast_mul(&sin).unwrap()).unwrap()
+    }
+
+    /// Training's op and inference's kernel against the definition, values and gradient, f32
+    /// and f64, within the table and past its end (positions 14..19 of a 16-entry table), with
+    /// more rows than one task holds.
+    #[test]
+    fn matches_the_definition_and_extends_past_the_table() {
+        let rope = Rope::new(8, 10_000.0, 16, &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::F64] {
+            let x = Var::from_tensor(&randn_in(dtype, 0.0, 1.0, &[2, 7, 5, 8])).unwrap();
+            let r = randn_in(dtype, 0.0, 1.0, &[2, 7, 5, 8]);
+            for offset in [3, 14] {
+                let want = composed(&rope, &x, offset);
+                let fused = rope.apply(&x, offset, Exec::Infer).unwrap();
+                assert!(tensor_rel_err(&fused, &want) < 1e-6);
+                let ours = rope.apply(&x, offset, Exec::Train).unwrap();
+                // The op rounds as the composed ops did.
+                let what = format!("{dtype:?} at {offset}");
+                assert_matches_composed((ours, want), &[&x], &r, (1e-15, 1e-15), &what);
+            }
+        }
+    }
 
     #[test]
-    fn composed_rope_equals_fused_and_extends_past_the_table() {
-        let dev = Device::Cpu;
-        let rope = Rope::new(8, 10_000.0, 16, &dev).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev).unwrap();
-        let fused = rope.apply(&x, 3, Exec::Infer).unwrap();
-        let composed = rope.apply(&x, 3, Exec::Train).unwrap();
-        let d = crate::testing::max_abs_diff(&fused, &composed);
-        assert!(d < 1e-6);
-        // Positions 14..19 cross the end of the 16-entry table.
-        let long = Rope::new(8, 10_000.0, 64, &dev)
-            .unwrap()
-            .apply(&x, 14, Exec::Infer)
-            .unwrap();
-        let d = crate::testing::max_abs_diff(&long, &rope.apply(&x, 14, Exec::Infer).unwrap());
-        assert!(d < 1e-6);
+    fn tables_of_another_length_are_errors() {
+        let op = Rotation {
+            cos: vec![1.0; 8],
+            sin: vec![0.0; 8],
+        };
+        let x = randn_in(DType::F32, 0.0, 1.0, &[1, 2, 5, 8]);
+        assert!(x.apply_op1(op).is_err());
     }
 }

@@ -195,6 +195,7 @@ fn evaluate(
 /// Trains `model` (a fresh start) or the latest checkpoint under `inputs.out` (`resume`).
 pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Result<Summary> {
     check_settings(cfg, &model)?;
+    crate::heap::keep_freed_for_reuse();
     let run_config = serde_json::to_value(cfg)?;
     let (mut model, opt_state, mut progress) = start_or_resume(model, cfg, inputs, &run_config)?;
     if cfg.recipe == Recipe::TransferFinetune && cfg.lora_rank > 0 && !inputs.resume {

@@ -1,9 +1,14 @@
 //! GroupNorm with one group per head and no affine: each token's per-head output to zero mean
 //! and unit variance over its d_v values. One implementation, [`normalize_rows`]: the slice
-//! forms call it directly, the training form through a candle op with its own backward.
+//! forms call it directly, the training form through a candle op with its own backward, which
+//! runs blocks of rows as tasks on rayon's threads both ways.
 
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType, D};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, WithDType, D};
+use rayon::prelude::*;
+
+/// Rows (one head's d_v values of one token) per rayon task of the training op.
+const ROWS_PER_TASK: usize = 64;
 
 pub const EPS: f64 = 1e-5;
 
@@ -32,8 +37,7 @@ pub fn normalize_rows<T: WithDType>(x: &mut [T], d: usize) {
 
 /// The gradient of [`normalize_rows`]: for y = (x − μ)/σ and incoming g,
 /// dx = (g − mean(g) − y·mean(g·y)) / σ, row by row in one pass.
-fn normalize_rows_grad<T: WithDType>(x: &[T], y: &[T], g: &[T], d: usize) -> Vec<T> {
-    let mut dx = Vec::with_capacity(x.len());
+fn normalize_rows_grad<T: WithDType>(x: &[T], y: &[T], g: &[T], d: usize, dx: &mut Vec<T>) {
     for ((xr, yr), gr) in x
         .chunks_exact(d)
         .zip(y.chunks_exact(d))
@@ -54,7 +58,6 @@ fn normalize_rows_grad<T: WithDType>(x: &[T], y: &[T], g: &[T], d: usize) -> Vec
                 .map(|(a, b)| T::from_f64((a.to_f64() - g_mean - b.to_f64() * gy_mean) / sigma)),
         );
     }
-    dx
 }
 
 /// [`normalize_rows`] over the last dimension of `x`, differentiable.
@@ -80,7 +83,8 @@ impl CustomOp1 for GroupNorm {
             .ok_or_else(|| candle_core::Error::Msg("group norm: input not contiguous".into()))?;
         fn run<T: WithDType>(x: &[T], d: usize) -> Vec<T> {
             let mut y = x.to_vec();
-            normalize_rows(&mut y, d);
+            y.par_chunks_mut(d * ROWS_PER_TASK)
+                .for_each(|rows| normalize_rows(rows, d));
             y
         }
         let out = match storage {
@@ -93,19 +97,38 @@ impl CustomOp1 for GroupNorm {
 
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let d = x.dim(D::Minus1)?;
-        fn flat<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
-            t.flatten_all()?.to_vec1::<T>()
+        let g = g.contiguous()?;
+        fn run<T: WithDType>(x: &[T], y: &[T], g: &[T], d: usize) -> Vec<T> {
+            let n = d * ROWS_PER_TASK;
+            let parts: Vec<Vec<T>> = (x.par_chunks(n).zip(y.par_chunks(n)).zip(g.par_chunks(n)))
+                .map(|((x, y), g)| {
+                    let mut dx = Vec::with_capacity(x.len());
+                    normalize_rows_grad(x, y, g, d, &mut dx);
+                    dx
+                })
+                .collect();
+            parts.concat()
         }
-        let dx = match x.dtype() {
-            DType::F32 => {
-                let dx = normalize_rows_grad(&flat::<f32>(x)?, &flat(y)?, &flat(g)?, d);
-                Tensor::from_vec(dx, x.shape(), x.device())?
+        let dx = {
+            let guards = [x, y, &g].map(|t| t.storage_and_layout());
+            let part = |i: usize| match (&*guards[i].0, guards[i].1.contiguous_offsets()) {
+                (Storage::Cpu(s), Some(range)) => Ok((s, range)),
+                _ => candle_core::bail!("group norm: contiguous CPU tensors only"),
+            };
+            match [part(0)?, part(1)?, part(2)?] {
+                [(CpuStorage::F32(x), a), (CpuStorage::F32(y), b), (CpuStorage::F32(g), c)] => {
+                    CpuStorage::F32(run(&x[a.0..a.1], &y[b.0..b.1], &g[c.0..c.1], d))
+                }
+                [(CpuStorage::F64(x), a), (CpuStorage::F64(y), b), (CpuStorage::F64(g), c)] => {
+                    CpuStorage::F64(run(&x[a.0..a.1], &y[b.0..b.1], &g[c.0..c.1], d))
+                }
+                _ => candle_core::bail!("group norm: unsupported dtype {:?}", x.dtype()),
             }
-            DType::F64 => {
-                let dx = normalize_rows_grad(&flat::<f64>(x)?, &flat(y)?, &flat(g)?, d);
-                Tensor::from_vec(dx, x.shape(), x.device())?
-            }
-            other => candle_core::bail!("group norm: unsupported dtype {other:?}"),
+        };
+        let dx = match dx {
+            CpuStorage::F32(v) => Tensor::from_vec(v, x.shape(), x.device())?,
+            CpuStorage::F64(v) => Tensor::from_vec(v, x.shape(), x.device())?,
+            _ => unreachable!("run returns the input's dtype"),
         };
         Ok(Some(dx))
     }

@@ -12,6 +12,9 @@
 //! Its forms, side by side:
 //! - [`naive`]: the definition in f64, the reference tests compare against;
 //! - [`chunk`]: the training form, differentiable (with one chunk, the parallel form);
+//! - [`fused`]: the same form as one op on slices with its own backward, rounding as the
+//!   composed form does; training runs it ([`training_sums`], the window hybrids' linear
+//!   branch too) when the decays are fixed and no state comes in or goes out;
 //! - [`scan`]: prefill and the single-token step on plain slices, with the one state update of
 //!   the inference side;
 //! - [`group_norm`]: the one GroupNorm, for both.
@@ -19,6 +22,7 @@
 //! The state has shape (B, H, d', d_v) and already includes the 1/√d' scale.
 
 pub mod chunk;
+pub mod fused;
 pub mod group_norm;
 pub mod naive;
 pub mod scan;
@@ -158,6 +162,30 @@ impl HeadDecays {
     }
 }
 
+/// The training form's sums from a zero state, the state after them not kept: q̃ (B, H, T, d'),
+/// k̃ and v at their own (B, H_kv, T, ·) heads → O (B, H, T, d_v). The fused op
+/// ([`fused`]) where it applies (fixed decays, f32 or f64, more than one chunk), else the
+/// composed form; with one chunk that is the parallel form (`score --mode parallel`), kept
+/// composed as the reference the others are held to.
+pub fn training_sums(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    decays: &HeadDecays,
+    chunk: usize,
+) -> Result<Tensor> {
+    let (h, t) = (q.dim(1)?, q.dim(2)?);
+    match decays {
+        HeadDecays::Fixed(g) if chunk < t && matches!(q.dtype(), DType::F32 | DType::F64) => {
+            fused::chunked(q, k, v, g, chunk)
+        }
+        _ => {
+            let (k, v) = (repeat_kv(k, h)?, repeat_kv(v, h)?);
+            Ok(chunk::chunked(q, &k, &v, decays, chunk, None)?.0)
+        }
+    }
+}
+
 /// θ = logit(γ): the learned decays' parameters that start at `gammas`.
 pub fn decay_logits(gammas: &[f64]) -> Vec<f64> {
     gammas.iter().map(|g| (g / (1.0 - g)).ln()).collect()
@@ -245,12 +273,16 @@ impl SupraAttention {
         let d = self.proj.head_dim;
         match exec {
             Exec::Train => {
-                let (k, v) = (repeat_kv(&k, h)?, repeat_kv(&v, h)?);
-                let s0 = state.as_ref().and_then(|s| s.as_ref());
-                let (o, s) = chunk::chunked(&q, &k, &v, &self.gammas, self.chunk_size, s0)?;
-                if let Some(st) = state {
-                    *st = Some(s);
-                }
+                let o = match state {
+                    None => training_sums(&q, &k, &v, &self.gammas, self.chunk_size)?,
+                    Some(st) => {
+                        let (k, v) = (repeat_kv(&k, h)?, repeat_kv(&v, h)?);
+                        let s0 = st.as_ref();
+                        let (o, s) = chunk::chunked(&q, &k, &v, &self.gammas, self.chunk_size, s0)?;
+                        *st = Some(s);
+                        o
+                    }
+                };
                 group_norm::group_norm(&o)
             }
             Exec::Infer => {

@@ -7,19 +7,20 @@
 use super::Dims;
 use crate::attention::kv_head;
 use crate::model::gemm::{gemm, Strided};
+use candle_core::WithDType;
 use rayon::prelude::*;
 
 /// q̃ (B, H, T, d'), k̃ (B, H_kv, T, d'), v (B, H_kv, T, d_v), row-major; `state` (B, H, d', d_v)
 /// holds S before the first token and is left holding S after the last. Returns O (B, H, T, d_v).
-pub fn scan(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    state: &mut [f32],
+pub fn scan<T: WithDType>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    state: &mut [T],
     gammas: &[f64],
     chunk: usize,
     d: Dims,
-) -> Vec<f32> {
+) -> Vec<T> {
     let (t, dk, dv) = (d.len, d.feature_dim, d.value_dim);
     assert!(
         q.len() == d.batch * d.heads * t * dk
@@ -31,28 +32,13 @@ pub fn scan(
         "scan: operands do not match {d:?}"
     );
     let chunk = chunk.min(t.max(1));
-    // Per head, γ^e for e = 0..=chunk, each power from f64 as the training form computes them.
-    let pows: Vec<Vec<f32>> = gammas
-        .iter()
-        .map(|g| (0..=chunk).map(|e| g.powi(e as i32) as f32).collect())
-        .collect();
-    let mut out = vec![0f32; d.batch * d.heads * t * dv];
-    let head = |bh: usize, s: &mut [f32], o: &mut [f32]| {
-        let (b, h) = (bh / d.heads, bh % d.heads);
-        let kv = b * d.kv_heads + kv_head(h, d.heads, d.kv_heads);
+    let pows = powers(gammas, chunk);
+    let mut out = vec![T::zero(); d.batch * d.heads * t * dv];
+    let head = |bh: usize, s: &mut [T], o: &mut [T]| {
         let mut bufs = Buffers::default();
         for c0 in (0..t).step_by(chunk) {
-            let len = chunk.min(t - c0);
-            let one = Chunk {
-                q: &q[(bh * t + c0) * dk..][..len * dk],
-                k: &k[(kv * t + c0) * dk..][..len * dk],
-                v: &v[(kv * t + c0) * dv..][..len * dv],
-                len,
-                dk,
-                dv,
-                pow: &pows[h],
-            };
-            one.run(s, &mut o[c0 * dv..(c0 + len) * dv], &mut bufs);
+            let one = Chunk::at((q, k, v), bh, (c0, chunk), d, &pows);
+            one.run(s, &mut o[c0 * dv..(c0 + one.len) * dv], &mut bufs);
         }
     };
     let heads = state.chunks_mut(dk * dv).zip(out.chunks_mut(t * dv));
@@ -68,62 +54,169 @@ pub fn scan(
     out
 }
 
-#[derive(Default)]
-struct Buffers {
-    scores: Vec<f32>,
-    q_decayed: Vec<f32>,
-    k_decayed: Vec<f32>,
+/// One head's decay powers for chunks of up to `chunk` tokens, e = 0..=chunk, each computed
+/// in f64 as the composed training form computes it: the in-chunk mask from `powi`, the
+/// per-row decays and the state's from `powf`.
+pub(super) struct Powers<T> {
+    pub mask: Vec<T>,
+    pub rows: Vec<T>,
 }
 
-/// One chunk of one head.
-struct Chunk<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    len: usize,
-    dk: usize,
-    dv: usize,
-    /// γ^e, e = 0..=len at least.
-    pow: &'a [f32],
+pub(super) fn powers<T: WithDType>(gammas: &[f64], chunk: usize) -> Vec<Powers<T>> {
+    gammas
+        .iter()
+        .map(|g| Powers {
+            mask: (0..=chunk).map(|e| T::from_f64(g.powi(e as i32))).collect(),
+            rows: (0..=chunk).map(|e| T::from_f64(g.powf(e as f64))).collect(),
+        })
+        .collect()
 }
 
-impl Chunk<'_> {
-    /// o (len × d_v) ← (Q̃K̃ᵀ/√d' ⊙ D) V + (γ^(i+1) q̃_i) S, then
-    /// S ← γ^len S + Σ_j γ^(len−1−j) k̃_jᵀ v_j / √d'.
-    fn run(&self, s: &mut [f32], o: &mut [f32], bufs: &mut Buffers) {
-        let (len, dk, dv, pow) = (self.len, self.dk, self.dv, self.pow);
-        let scale = 1.0 / (dk as f32).sqrt();
-        let v = Strided::rows(self.v, dv);
-        // Inside the chunk: A = (Q̃ K̃ᵀ/√d') ⊙ D, O = A V.
-        let a = &mut bufs.scores;
-        a.resize(len * len, 0.0);
+/// 1/√d', as the composed form scales.
+pub(super) fn scale<T: WithDType>(dk: usize) -> T {
+    T::from_f64(1.0 / (dk as f64).sqrt())
+}
+
+pub(super) struct Buffers<T> {
+    pub scores: Vec<T>,
+    pub product: Vec<T>,
+    pub decayed: Vec<T>,
+}
+
+impl<T> Default for Buffers<T> {
+    fn default() -> Self {
+        Self {
+            scores: Vec::new(),
+            product: Vec::new(),
+            decayed: Vec::new(),
+        }
+    }
+}
+
+/// One chunk of one head. Every value is rounded as the composed form
+/// ([`chunk`](super::chunk)) rounds it, step by step, so that the forms agree to the bit
+/// where their products do, and training through [`fused`](super::fused) takes the same
+/// steps as through the composed form.
+pub(super) struct Chunk<'a, T> {
+    pub q: &'a [T],
+    pub k: &'a [T],
+    pub v: &'a [T],
+    pub len: usize,
+    pub dk: usize,
+    pub dv: usize,
+    pub pow: &'a Powers<T>,
+}
+
+/// dst ← lhs·rhs, no scaling.
+fn product<T: WithDType>(
+    dst: &mut Vec<T>,
+    dims: (usize, usize, usize),
+    l: Strided<T>,
+    r: Strided<T>,
+) {
+    dst.resize(dims.0 * dims.1, T::zero());
+    gemm(dst, dims, l, r, None, T::one());
+}
+
+impl<'a, T: WithDType> Chunk<'a, T> {
+    /// Tokens c0..c0 + chunk (fewer at the end) of row `bh` = sequence·H + head of q̃, with
+    /// the keys and values of that head's kv head.
+    pub fn at(
+        (q, k, v): (&'a [T], &'a [T], &'a [T]),
+        bh: usize,
+        (c0, chunk): (usize, usize),
+        d: Dims,
+        pows: &'a [Powers<T>],
+    ) -> Self {
+        let (t, dk, dv) = (d.len, d.feature_dim, d.value_dim);
+        let (b, h) = (bh / d.heads, bh % d.heads);
+        let kv = b * d.kv_heads + kv_head(h, d.heads, d.kv_heads);
+        let len = chunk.min(t - c0);
+        Chunk {
+            q: &q[(bh * t + c0) * dk..][..len * dk],
+            k: &k[(kv * t + c0) * dk..][..len * dk],
+            v: &v[(kv * t + c0) * dv..][..len * dv],
+            len,
+            dk,
+            dv,
+            pow: &pows[h],
+        }
+    }
+
+    /// A = ((Q̃ K̃ᵀ)·(1/√d')) ⊙ D into `a` (len × len), D[i, j] = γ^(i−j) for j ≤ i, else 0.
+    pub fn scores(&self, a: &mut Vec<T>) {
+        let (len, dk, mask) = (self.len, self.dk, &self.pow.mask);
         let (qm, km) = (
             Strided::rows(self.q, dk),
             Strided::transposed_rows(self.k, dk),
         );
-        gemm(a, (len, len, dk), qm, km, None, scale);
+        product(a, (len, len, dk), qm, km);
+        let sc = scale::<T>(dk);
         for (i, row) in a.chunks_exact_mut(len).enumerate() {
             for (j, x) in row.iter_mut().enumerate() {
-                *x = if j <= i { *x * pow[i - j] } else { 0.0 };
+                *x = if j <= i {
+                    *x * sc * mask[i - j]
+                } else {
+                    T::zero()
+                };
             }
         }
-        gemm(o, (len, dv, len), Strided::rows(a, len), v, None, 1.0);
-        // From earlier chunks: O += (γ^(i+1) q̃_i) S.
-        let qd = &mut bufs.q_decayed;
-        qd.clear();
-        for (i, row) in self.q.chunks_exact(dk).enumerate() {
-            qd.extend(row.iter().map(|x| x * pow[i + 1]));
+    }
+
+    /// Rows of `x` (len × width), row i times γ^(i+1): how q̃_i reads the state before the
+    /// chunk.
+    pub fn query_decayed(&self, x: &[T], width: usize, out: &mut Vec<T>) {
+        out.clear();
+        for (i, row) in x.chunks_exact(width).enumerate() {
+            out.extend(row.iter().map(|&a| a * self.pow.rows[i + 1]));
         }
-        let sm = Strided::rows(s, dv);
-        gemm(o, (len, dv, dk), Strided::rows(qd, dk), sm, Some(1.0), 1.0);
-        // The state update.
-        let kd = &mut bufs.k_decayed;
-        kd.clear();
-        for (j, row) in self.k.chunks_exact(dk).enumerate() {
-            let w = pow[len - 1 - j] * scale;
-            kd.extend(row.iter().map(|x| x * w));
+    }
+
+    /// Rows of `x` (len × width), row j times γ^(len−1−j): how k̃_j enters the state after
+    /// the chunk.
+    pub fn key_decayed(&self, x: &[T], width: usize, out: &mut Vec<T>) {
+        out.clear();
+        for (j, row) in x.chunks_exact(width).enumerate() {
+            out.extend(row.iter().map(|&a| a * self.pow.rows[self.len - 1 - j]));
         }
-        let kdm = Strided::transposed_rows(kd, dk);
-        gemm(s, (dk, dv, len), kdm, v, Some(pow[len]), 1.0);
+    }
+
+    /// o (len × d_v) ← (Q̃K̃ᵀ/√d' ⊙ D) V + (q̃_i S) γ^(i+1), then the state update.
+    pub fn run(&self, s: &mut [T], o: &mut [T], bufs: &mut Buffers<T>) {
+        let (len, dk, dv) = (self.len, self.dk, self.dv);
+        // Inside the chunk: O = A V.
+        self.scores(&mut bufs.scores);
+        let (a, v) = (Strided::rows(&bufs.scores, len), Strided::rows(self.v, dv));
+        gemm(o, (len, dv, len), a, v, None, T::one());
+        // From earlier chunks: O += (q̃_i S) γ^(i+1).
+        let p = &mut bufs.product;
+        product(
+            p,
+            (len, dv, dk),
+            Strided::rows(self.q, dk),
+            Strided::rows(s, dv),
+        );
+        for (i, (o, p)) in o.chunks_exact_mut(dv).zip(p.chunks_exact(dv)).enumerate() {
+            let g = self.pow.rows[i + 1];
+            o.iter_mut().zip(p).for_each(|(o, &p)| *o += p * g);
+        }
+        self.update(s, bufs);
+    }
+
+    /// The state update S ← γ^len S + (Σ_j γ^(len−1−j) k̃_jᵀ v_j)/√d'.
+    pub fn update(&self, s: &mut [T], bufs: &mut Buffers<T>) {
+        let (len, dk, dv) = (self.len, self.dk, self.dv);
+        self.key_decayed(self.k, dk, &mut bufs.decayed);
+        let kdt = Strided::transposed_rows(&bufs.decayed, dk);
+        product(
+            &mut bufs.product,
+            (dk, dv, len),
+            kdt,
+            Strided::rows(self.v, dv),
+        );
+        let (whole, sc) = (self.pow.rows[len], scale::<T>(dk));
+        s.iter_mut()
+            .zip(&bufs.product)
+            .for_each(|(s, &u)| *s = *s * whole + u * sc);
     }
 }

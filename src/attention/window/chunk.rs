@@ -6,9 +6,7 @@
 //! parallel form.
 
 use super::{Span, EPS};
-use crate::attention::supra::{
-    chunk::chunked as linear_chunked, group_norm::group_norm, HeadDecays,
-};
+use crate::attention::supra::{group_norm::group_norm, training_sums, HeadDecays};
 use crate::config::Mix;
 use anyhow::Result;
 use candle_core::{Tensor, D};
@@ -44,27 +42,9 @@ pub fn chunked(
         Mix::Shared => {
             let ones = Tensor::ones((b, h, t, 1), dtype, dev)?;
             let v1 = Tensor::cat(&[v, &ones], 3)?;
-            let (o, _) = linear_chunked(
-                fq,
-                &shifted(fk, span)?,
-                &shifted(&v1, span)?,
-                decays,
-                chunk,
-                None,
-            )?;
-            o
+            training_sums(fq, &shifted(fk, span)?, &shifted(&v1, span)?, decays, chunk)?
         }
-        Mix::Gated => {
-            linear_chunked(
-                fq,
-                &shifted(fk, span)?,
-                &shifted(v, span)?,
-                decays,
-                chunk,
-                None,
-            )?
-            .0
-        }
+        Mix::Gated => training_sums(fq, &shifted(fk, span)?, &shifted(v, span)?, decays, chunk)?,
     };
     let scale = 1.0 / (d as f64).sqrt();
     let chunk = chunk.min(t).max(1);
