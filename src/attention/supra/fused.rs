@@ -79,7 +79,7 @@ impl ChunkedSums {
 /// The contiguous elements of `s` under `l`.
 fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
     let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("supra chunked: operands must be contiguous");
+        candle_core::bail!("operands must be contiguous");
     };
     Ok(&T::cpu_storage_as_slice(s)?[a..b])
 }
@@ -146,52 +146,48 @@ impl CustomOp3 for ChunkedSums {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = self.dims(q.dims(), k.dims(), v.dims())?;
         let d_o = d_o.contiguous()?;
-        let (grads, dtype) = {
-            let guards = [q, k, v, &d_o].map(|t| t.storage_and_layout());
-            let cpu = |i: usize| match &*guards[i].0 {
-                Storage::Cpu(s) => Ok((s, guards[i].1)),
-                _ => candle_core::bail!("supra chunked: CPU tensors only"),
-            };
-            let args = [cpu(0)?, cpu(1)?, cpu(2)?, cpu(3)?];
-            fn run<T: WithDType>(
-                op: &ChunkedSums,
-                d: Dims,
-                a: [(&CpuStorage, &Layout); 4],
-            ) -> candle_core::Result<[Vec<T>; 3]> {
-                Ok(backward(
-                    slice(a[0].0, a[0].1)?,
-                    slice(a[1].0, a[1].1)?,
-                    slice(a[2].0, a[2].1)?,
-                    slice(a[3].0, a[3].1)?,
-                    &op.gammas,
-                    op.chunk,
-                    d,
-                ))
-            }
-            match q.dtype() {
-                candle_core::DType::F32 => {
-                    (run::<f32>(self, d, args)?.map(CpuStorage::F32), q.dtype())
-                }
-                candle_core::DType::F64 => {
-                    (run::<f64>(self, d, args)?.map(CpuStorage::F64), q.dtype())
-                }
-                dt => candle_core::bail!("supra chunked: {dt:?} operands"),
-            }
+        fn run<T: WithDType>(
+            op: &ChunkedSums,
+            d: Dims,
+            ts: [&Tensor; 4],
+        ) -> candle_core::Result<[Tensor; 3]> {
+            let grads = with_slices(ts, |[q, k, v, d_o]: [&[T]; 4]| {
+                backward(q, k, v, d_o, &op.gammas, op.chunk, d)
+            })?;
+            let [a, b, c] = grads;
+            let tensor =
+                |g: Vec<T>, like: &Tensor| Tensor::from_vec(g, like.shape(), like.device());
+            Ok([tensor(a, ts[0])?, tensor(b, ts[1])?, tensor(c, ts[2])?])
+        }
+        let ts = [q, k, v, &d_o];
+        let [dq, dk, dv] = match q.dtype() {
+            candle_core::DType::F32 => run::<f32>(self, d, ts)?,
+            candle_core::DType::F64 => run::<f64>(self, d, ts)?,
+            dt => candle_core::bail!("supra chunked: {dt:?} operands"),
         };
-        let [dq, dk, dv] = grads;
-        let tensor = |s: CpuStorage, like: &Tensor| -> candle_core::Result<Option<Tensor>> {
-            if !like.track_op() {
-                return Ok(None);
-            }
-            let t = match s {
-                CpuStorage::F32(x) => Tensor::from_vec(x, like.shape(), like.device()),
-                CpuStorage::F64(x) => Tensor::from_vec(x, like.shape(), like.device()),
-                _ => unreachable!("the gradients are {dtype:?}"),
-            }?;
-            Ok(Some(t))
-        };
-        Ok((tensor(dq, q)?, tensor(dk, k)?, tensor(dv, v)?))
+        let tracked = |g: Tensor, like: &Tensor| like.track_op().then_some(g);
+        Ok((tracked(dq, q), tracked(dk, k), tracked(dv, v)))
     }
+}
+
+/// Calls `f` with the elements of each tensor in `ts` (contiguous, on the CPU, of type T),
+/// read in place.
+pub(super) fn with_slices<T: WithDType, R, const N: usize>(
+    ts: [&Tensor; N],
+    f: impl FnOnce([&[T]; N]) -> R,
+) -> candle_core::Result<R> {
+    let guards = ts.map(|t| t.storage_and_layout());
+    let mut slices = Vec::with_capacity(N);
+    for (storage, layout) in &guards {
+        let Storage::Cpu(s) = &**storage else {
+            candle_core::bail!("CPU tensors only");
+        };
+        slices.push(slice::<T>(s, layout)?);
+    }
+    let Ok(slices) = slices.try_into() else {
+        unreachable!("one slice per tensor");
+    };
+    Ok(f(slices))
 }
 
 /// (dQ̃, dK̃, dV) of the chunked sums from dO, shapes as q̃, k̃, v.

@@ -3,8 +3,9 @@
 //! forms call it directly, the training form through a candle op with its own backward, which
 //! runs blocks of rows as tasks on rayon's threads both ways.
 
+use super::fused::with_slices;
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, WithDType, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
 /// Rows (one head's d_v values of one token) per rayon task of the training op.
@@ -37,12 +38,12 @@ pub fn normalize_rows<T: WithDType>(x: &mut [T], d: usize) {
 
 /// The gradient of [`normalize_rows`]: for y = (x − μ)/σ and incoming g,
 /// dx = (g − mean(g) − y·mean(g·y)) / σ, row by row in one pass.
-fn normalize_rows_grad<T: WithDType>(x: &[T], y: &[T], g: &[T], d: usize, dx: &mut Vec<T>) {
-    for ((xr, yr), gr) in x
+fn normalize_rows_grad<T: WithDType>(x: &[T], y: &[T], g: &[T], d: usize, dx: &mut [T]) {
+    let rows = x
         .chunks_exact(d)
         .zip(y.chunks_exact(d))
-        .zip(g.chunks_exact(d))
-    {
+        .zip(g.chunks_exact(d));
+    for (((xr, yr), gr), dxr) in rows.zip(dx.chunks_exact_mut(d)) {
         let (_, sigma) = stats(xr);
         let sigma = sigma.to_f64();
         let g_mean = gr.iter().map(|a| a.to_f64()).sum::<f64>() / d as f64;
@@ -52,11 +53,9 @@ fn normalize_rows_grad<T: WithDType>(x: &[T], y: &[T], g: &[T], d: usize, dx: &m
             .map(|(a, b)| a.to_f64() * b.to_f64())
             .sum::<f64>()
             / d as f64;
-        dx.extend(
-            gr.iter()
-                .zip(yr)
-                .map(|(a, b)| T::from_f64((a.to_f64() - g_mean - b.to_f64() * gy_mean) / sigma)),
-        );
+        for ((o, a), b) in dxr.iter_mut().zip(gr).zip(yr) {
+            *o = T::from_f64((a.to_f64() - g_mean - b.to_f64() * gy_mean) / sigma);
+        }
     }
 }
 
@@ -100,35 +99,20 @@ impl CustomOp1 for GroupNorm {
         let g = g.contiguous()?;
         fn run<T: WithDType>(x: &[T], y: &[T], g: &[T], d: usize) -> Vec<T> {
             let n = d * ROWS_PER_TASK;
-            let parts: Vec<Vec<T>> = (x.par_chunks(n).zip(y.par_chunks(n)).zip(g.par_chunks(n)))
-                .map(|((x, y), g)| {
-                    let mut dx = Vec::with_capacity(x.len());
-                    normalize_rows_grad(x, y, g, d, &mut dx);
-                    dx
-                })
-                .collect();
-            parts.concat()
+            let mut dx = vec![T::zero(); x.len()];
+            dx.par_chunks_mut(n)
+                .zip(x.par_chunks(n).zip(y.par_chunks(n)).zip(g.par_chunks(n)))
+                .for_each(|(dx, ((x, y), g))| normalize_rows_grad(x, y, g, d, dx));
+            dx
         }
-        let dx = {
-            let guards = [x, y, &g].map(|t| t.storage_and_layout());
-            let part = |i: usize| match (&*guards[i].0, guards[i].1.contiguous_offsets()) {
-                (Storage::Cpu(s), Some(range)) => Ok((s, range)),
-                _ => candle_core::bail!("group norm: contiguous CPU tensors only"),
-            };
-            match [part(0)?, part(1)?, part(2)?] {
-                [(CpuStorage::F32(x), a), (CpuStorage::F32(y), b), (CpuStorage::F32(g), c)] => {
-                    CpuStorage::F32(run(&x[a.0..a.1], &y[b.0..b.1], &g[c.0..c.1], d))
-                }
-                [(CpuStorage::F64(x), a), (CpuStorage::F64(y), b), (CpuStorage::F64(g), c)] => {
-                    CpuStorage::F64(run(&x[a.0..a.1], &y[b.0..b.1], &g[c.0..c.1], d))
-                }
-                _ => candle_core::bail!("group norm: unsupported dtype {:?}", x.dtype()),
-            }
-        };
-        let dx = match dx {
-            CpuStorage::F32(v) => Tensor::from_vec(v, x.shape(), x.device())?,
-            CpuStorage::F64(v) => Tensor::from_vec(v, x.shape(), x.device())?,
-            _ => unreachable!("run returns the input's dtype"),
+        fn grad<T: WithDType>(ts: [&Tensor; 3], d: usize) -> candle_core::Result<Tensor> {
+            let dx = with_slices(ts, |[x, y, g]: [&[T]; 3]| run(x, y, g, d))?;
+            Tensor::from_vec(dx, ts[0].shape(), ts[0].device())
+        }
+        let dx = match x.dtype() {
+            DType::F32 => grad::<f32>([x, y, &g], d)?,
+            DType::F64 => grad::<f64>([x, y, &g], d)?,
+            dt => candle_core::bail!("group norm: unsupported dtype {dt:?}"),
         };
         Ok(Some(dx))
     }
