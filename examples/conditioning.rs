@@ -101,6 +101,8 @@ fn main() -> Result<()> {
     let mut ids = teacher.tokenizer.encode(&text[..20_000])?;
     ids.truncate(1000);
 
+    // The hybrids at the first default starting share, 0.1: the ill-conditioned relu hybrid
+    // this example was written to explain (docs/results/window.md).
     let window = |feature_map| ConvertOptions {
         window: Some(WindowConfig {
             window: 64,
@@ -108,6 +110,7 @@ fn main() -> Result<()> {
             mix: Mix::Shared,
         }),
         feature_map,
+        mix_share: Some(0.1),
         ..Default::default()
     };
     let extra: Vec<String> = std::env::args().skip(1).collect();

@@ -1,7 +1,7 @@
 //! Teacher → linear model: keep every pretrained weight, switch the chosen layers to SUPRA
 //! attention (or window + linear attention) and add their φ parameters (and mix).
 
-use crate::config::{AttentionKind, Decay, FeatureKind, PhiInit, SupraConfig, WindowConfig};
+use crate::config::{AttentionKind, Decay, FeatureKind, Mix, PhiInit, SupraConfig, WindowConfig};
 use crate::io::LoadedModel;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -23,12 +23,29 @@ pub struct ConvertOptions {
     pub window: Option<WindowConfig>,
     /// Layers that become pure SUPRA layers when the others get a window.
     pub supra_layers: Vec<usize>,
+    /// The window layers' starting linear share sigmoid(θ); `None`: [`initial_share`].
+    pub mix_share: Option<f64>,
     pub seed: u64,
 }
 
-/// θ of a new window layer's mix: the linear branch's share sigmoid(θ) starts at 0.1, so an
-/// untrained hybrid is nearly its window (LoLCATs also starts its linear factor small).
-pub const MIX_INIT: f64 = -2.197_224_577_336_219_6; // ln(0.1 / 0.9)
+/// The linear branch's starting share sigmoid(θ) in a new window layer, for the default φ
+/// init. An untrained hybrid should read as its window-only control does (the teacher restricted
+/// to its window, 1.17× the teacher's perplexity at w = 64), not worse: LoLCATs also starts its
+/// linear factor small. How small depends on the branch's raw scale. The random ReLU map's
+/// weights φ(q)·φ(k), summed over hundreds of tokens, reach the hundreds beside the window's
+/// exp-scores (largest 1), Hedgehog's features sum to 2 per head, and the gated mix adds a
+/// GroupNorm'd branch of unit scale to outputs of the teacher's much smaller one. Chosen on
+/// `text/valid` (docs/results/window.md, "Where the linear branch starts"): the largest of
+/// 0.5, 0.1, 0.01, 0.003, 0.001, 0.0001 whose untrained hybrid scores within 1 % of its
+/// window-only control.
+pub fn initial_share(feature_map: FeatureKind, mix: Mix) -> f64 {
+    match (feature_map, mix) {
+        (FeatureKind::Relu, Mix::Shared) => 1e-3,
+        (FeatureKind::Hedgehog, Mix::Shared) => 0.5,
+        (FeatureKind::Relu, Mix::Gated) => 1e-3,
+        (FeatureKind::Hedgehog, Mix::Gated) => 1e-3,
+    }
+}
 
 impl Default for ConvertOptions {
     fn default() -> Self {
@@ -41,6 +58,7 @@ impl Default for ConvertOptions {
             feature_map: FeatureKind::Relu,
             window: None,
             supra_layers: Vec::new(),
+            mix_share: None,
             seed: 0,
         }
     }
@@ -146,6 +164,18 @@ pub fn convert(teacher: &LoadedModel, opts: &ConvertOptions) -> Result<LoadedMod
         window: opts.window,
     });
     out_cfg.validate()?;
+    // θ of the window layers' mix, when there are any.
+    let mix_theta = match (opts.window, opts.mix_share) {
+        (_, Some(share)) if !(share > 0.0 && share < 1.0) => {
+            bail!("the linear branch's starting share must be in (0, 1), not {share}")
+        }
+        (Some(w), share) => {
+            let share = share.unwrap_or_else(|| initial_share(opts.feature_map, w.mix));
+            Some((share / (1.0 - share)).ln())
+        }
+        (None, Some(_)) => bail!("a starting linear share needs window layers (--window)"),
+        (None, None) => None,
+    };
     let mut weights = teacher.weights.clone();
     let mut rng = StdRng::seed_from_u64(opts.seed);
     for i in (0..n).filter(|i| out_cfg.layer_kinds[*i].is_linear()) {
@@ -183,8 +213,8 @@ pub fn convert(teacher: &LoadedModel, opts: &ConvertOptions) -> Result<LoadedMod
                 theta.to_dtype(candle_core::DType::F32)?,
             );
         }
-        if out_cfg.layer_kinds[i] == AttentionKind::Window {
-            let theta = Tensor::full(MIX_INIT as f32, cfg.num_attention_heads, &Device::Cpu)?;
+        if let (AttentionKind::Window, Some(theta)) = (out_cfg.layer_kinds[i], mix_theta) {
+            let theta = Tensor::full(theta as f32, cfg.num_attention_heads, &Device::Cpu)?;
             weights.insert(format!("{p}.window_mix"), theta);
         }
     }

@@ -28,6 +28,11 @@ convert relu --window 64 --feature-map relu
 convert hedgehog --window 64 --feature-map hedgehog
 convert relu-gated --window 64 --feature-map relu --mix gated
 convert hedgehog-gated --window 64 --feature-map hedgehog --mix gated
+# The first default starting share (0.1 for every hybrid), for the held-out rows marked @0.1.
+convert relu@0.1 --window 64 --feature-map relu --mix-share 0.1
+convert hedgehog@0.1 --window 64 --feature-map hedgehog --mix-share 0.1
+convert relu-gated@0.1 --window 64 --feature-map relu --mix gated --mix-share 0.1
+convert hedgehog-gated@0.1 --window 64 --feature-map hedgehog --mix gated --mix-share 0.1
 
 # Held-out perplexity: name, model (- for the teacher), branches.
 heldout() {
@@ -46,6 +51,7 @@ heldout w64-window w64 window
 heldout w128-window w128 window
 for h in relu hedgehog relu-gated hedgehog-gated; do
   heldout "$h" "$h" both
+  heldout "$h@0.1" "$h@0.1" both
   heldout "$h-linear" "$h" linear
 done
 

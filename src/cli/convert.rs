@@ -43,6 +43,11 @@ pub(crate) struct ConvertArgs {
     /// normalised on its own, the linear one GroupNorm'd, blended by a learned per-head gate).
     #[arg(long, default_value = "shared", requires = "window")]
     pub(crate) mix: supra::config::Mix,
+    /// With --window: the linear branch's starting share in each head (α or the gate,
+    /// sigmoid(θ); learned in training) [default: 0.001 for relu, 0.5 for hedgehog with the
+    /// shared mix; 0.001 gated: an untrained hybrid then reads as its window alone].
+    #[arg(long, requires = "window")]
+    pub(crate) mix_share: Option<f64>,
     /// Layers that keep softmax attention, e.g. 0,15 (a hybrid).
     #[arg(long, value_delimiter = ',')]
     pub(crate) softmax_layers: Vec<usize>,
@@ -88,6 +93,7 @@ pub(crate) fn convert(a: &ConvertArgs) -> Result<()> {
             mix: a.mix,
         }),
         supra_layers: a.supra_layers.clone(),
+        mix_share: a.mix_share,
         seed: a.seed,
     };
     let converted = supra::convert::convert(&teacher, &opts)?;

@@ -77,7 +77,10 @@ impl ChunkedSums {
 }
 
 /// The contiguous elements of `s` under `l`.
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+pub(crate) fn slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a [T]> {
     let Some((a, b)) = l.contiguous_offsets() else {
         candle_core::bail!("operands must be contiguous");
     };
@@ -172,7 +175,7 @@ impl CustomOp3 for ChunkedSums {
 
 /// Calls `f` with the elements of each tensor in `ts` (contiguous, on the CPU, of type T),
 /// read in place.
-pub(super) fn with_slices<T: WithDType, R, const N: usize>(
+pub(crate) fn with_slices<T: WithDType, R, const N: usize>(
     ts: [&Tensor; N],
     f: impl FnOnce([&[T]; N]) -> R,
 ) -> candle_core::Result<R> {

@@ -5,11 +5,12 @@
 //! k'_n = k_{n−w} (zero where n − w is a sink or before the start). With C ≥ T it is the
 //! parallel form.
 
-use super::{Span, EPS};
+use super::{fused, Span, EPS};
+use crate::attention::repeat_kv;
 use crate::attention::supra::{group_norm::group_norm, training_sums, HeadDecays};
 use crate::config::Mix;
 use anyhow::Result;
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 /// Rows n of `x` (B, H, T, c) moved to n + w, the sinks' rows dropped: row n of the result is
 /// x[n − w] when n − w ≥ s, else zeros.
@@ -24,8 +25,8 @@ fn shifted(x: &Tensor, span: Span) -> Result<Tensor> {
     Ok(Tensor::cat(&[&zeros, &moved], 2)?)
 }
 
-/// q, k, v (B, H, T, d) with keys and values at their query heads, RoPE'd as the teacher's;
-/// φq, φk (B, H, T, d'); `weights` (1, H, 1, 1) the mix (α or g). Returns y (B, H, T, d).
+/// q (B, H, T, d), k and v (B, H_kv, T, d) RoPE'd as the teacher's; φq (B, H, T, d') and φk
+/// (B, H_kv, T, d'); `weights` (1, H, 1, 1) the mix (α or g). Returns y (B, H, T, d).
 pub fn chunked(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     (fq, fk): (&Tensor, &Tensor),
@@ -35,17 +36,59 @@ pub fn chunked(
     mix: Mix,
     chunk: usize,
 ) -> Result<Tensor> {
-    let (b, h, t, d) = q.dims4()?;
-    let (dtype, dev) = (q.dtype(), q.device());
+    let (b, hkv, t, d) = k.dims4()?;
     // The linear branch: B and, for the shared normaliser, b as one more value column of ones.
     let lin = match mix {
         Mix::Shared => {
-            let ones = Tensor::ones((b, h, t, 1), dtype, dev)?;
+            let ones = Tensor::ones((b, hkv, t, 1), v.dtype(), v.device())?;
             let v1 = Tensor::cat(&[v, &ones], 3)?;
             training_sums(fq, &shifted(fk, span)?, &shifted(&v1, span)?, decays, chunk)?
         }
         Mix::Gated => training_sums(fq, &shifted(fk, span)?, &shifted(v, span)?, decays, chunk)?,
     };
+    let ex = exact_sums((q, k, v), span, chunk)?;
+    let (big_a, a) = (ex.narrow(3, 0, d)?, ex.narrow(3, d, 1)?);
+    Ok(match mix {
+        Mix::Shared => {
+            let (big_b, lb) = (lin.narrow(3, 0, d)?, lin.narrow(3, d, 1)?);
+            let num = (big_a + big_b.broadcast_mul(weights)?)?;
+            let den = ((a + lb.broadcast_mul(weights)?)? + EPS)?;
+            num.broadcast_div(&den)?
+        }
+        Mix::Gated => {
+            // a ≥ 1 wherever a key is allowed (its largest term is exp(0)); the tiny addend
+            // only turns rows with none into 0 rather than 0/0.
+            let win = big_a.broadcast_div(&(a + 1e-30)?)?;
+            let keep = weights.affine(-1.0, 1.0)?;
+            (win.broadcast_mul(&keep)? + group_norm(&lin)?.broadcast_mul(weights)?)?
+        }
+    })
+}
+
+/// The exact part's sums [A, a] (B, H, T, d + 1) ([`fused`] spells them out): the fused op
+/// where it applies (f32 or f64, more than one chunk), else composed; with one chunk that is
+/// the parallel form (`score --mode parallel`), kept composed as the reference the others are
+/// held to.
+pub fn exact_sums(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    span: Span,
+    chunk: usize,
+) -> Result<Tensor> {
+    let (_, h, t, _) = q.dims4()?;
+    if chunk < t && matches!(q.dtype(), DType::F32 | DType::F64) {
+        return fused::exact(q, k, v, span, chunk);
+    }
+    exact_composed((q, &repeat_kv(k, h)?, &repeat_kv(v, h)?), span, chunk)
+}
+
+/// [`exact_sums`] from candle ops, keys and values at the query heads.
+pub fn exact_composed(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    span: Span,
+    chunk: usize,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let (dtype, dev) = (q.dtype(), q.device());
     let scale = 1.0 / (d as f64).sqrt();
     let chunk = chunk.min(t).max(1);
     let mut outs = Vec::with_capacity(t.div_ceil(chunk));
@@ -56,55 +99,38 @@ pub fn chunked(
         let sinks = span.sinks.min(lo);
         let positions: Vec<usize> = (0..sinks).chain(lo..c0 + len).collect();
         let keys = positions.len();
-        let (big_a, a) = if keys == 0 {
-            (
-                Tensor::zeros((b, h, len, d), dtype, dev)?,
-                Tensor::zeros((b, h, len, 1), dtype, dev)?,
-            )
-        } else {
-            let pick = |x: &Tensor| -> Result<Tensor> {
-                let win = x.narrow(2, lo, c0 + len - lo)?;
-                Ok(if sinks > 0 {
-                    Tensor::cat(&[&x.narrow(2, 0, sinks)?, &win], 2)?
-                } else {
-                    win
-                })
-            };
-            let (kc, vc) = (pick(k)?, pick(v)?.contiguous()?);
-            let qc = q.narrow(2, c0, len)?.contiguous()?;
-            let allowed: Vec<f64> = (c0..c0 + len)
-                .flat_map(|n| {
-                    positions
-                        .iter()
-                        .map(move |&m| f64::from(u8::from(span.exact(n, m))))
-                })
-                .collect();
-            let allowed = Tensor::from_vec(allowed, (1, 1, len, keys), dev)?.to_dtype(dtype)?;
-            // Masked logits far below any real one, so the max is over allowed keys only; the
-            // exp is multiplied by the mask as well, for rows that allow none.
-            let masked = ((qc.matmul(&kc.contiguous()?.t()?)? * scale)?
-                .broadcast_add(&((&allowed - 1.0)? * 1e30)?))?;
-            let c = masked.max_keepdim(D::Minus1)?;
-            let e = masked.broadcast_sub(&c)?.exp()?.broadcast_mul(&allowed)?;
-            (e.matmul(&vc)?, e.sum_keepdim(D::Minus1)?)
+        if keys == 0 {
+            outs.push(Tensor::zeros((b, h, len, d + 1), dtype, dev)?);
+            continue;
+        }
+        let pick = |x: &Tensor| -> Result<Tensor> {
+            let win = x.narrow(2, lo, c0 + len - lo)?;
+            Ok(if sinks > 0 {
+                Tensor::cat(&[&x.narrow(2, 0, sinks)?, &win], 2)?
+            } else {
+                win
+            })
         };
-        let lc = lin.narrow(2, c0, len)?;
-        let y = match mix {
-            Mix::Shared => {
-                let (big_b, lb) = (lc.narrow(3, 0, d)?, lc.narrow(3, d, 1)?);
-                let num = (big_a + big_b.broadcast_mul(weights)?)?;
-                let den = ((a + lb.broadcast_mul(weights)?)? + EPS)?;
-                num.broadcast_div(&den)?
-            }
-            Mix::Gated => {
-                // a ≥ 1 wherever a key is allowed (its largest term is exp(0)); the tiny
-                // addend only turns rows with none into 0 rather than 0/0.
-                let win = big_a.broadcast_div(&(a + 1e-30)?)?;
-                let keep = weights.affine(-1.0, 1.0)?;
-                (win.broadcast_mul(&keep)? + group_norm(&lc)?.broadcast_mul(weights)?)?
-            }
-        };
-        outs.push(y);
+        let (kc, vc) = (pick(k)?, pick(v)?.contiguous()?);
+        let qc = q.narrow(2, c0, len)?.contiguous()?;
+        let allowed: Vec<f64> = (c0..c0 + len)
+            .flat_map(|n| {
+                positions
+                    .iter()
+                    .map(move |&m| f64::from(u8::from(span.exact(n, m))))
+            })
+            .collect();
+        let allowed = Tensor::from_vec(allowed, (1, 1, len, keys), dev)?.to_dtype(dtype)?;
+        // Masked logits far below any real one, so the max is over allowed keys only; the exp
+        // is multiplied by the mask as well, for rows that allow none.
+        let masked = ((qc.matmul(&kc.contiguous()?.t()?)? * scale)?
+            .broadcast_add(&((&allowed - 1.0)? * 1e30)?))?;
+        let c = masked.max_keepdim(D::Minus1)?;
+        let e = masked.broadcast_sub(&c)?.exp()?.broadcast_mul(&allowed)?;
+        outs.push(Tensor::cat(
+            &[e.matmul(&vc)?, e.sum_keepdim(D::Minus1)?],
+            3,
+        )?);
     }
     Ok(Tensor::cat(&outs, 2)?)
 }

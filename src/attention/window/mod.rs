@@ -21,13 +21,14 @@
 //! (training), [`scan`] (prefill and step on slices).
 
 pub mod chunk;
+pub mod fused;
 pub mod naive;
 pub mod scan;
 
 use crate::attention::feature_map::{FeatureMap, Role};
 use crate::attention::softmax::SoftmaxAttention;
 use crate::attention::supra::{Dims, HeadDecays};
-use crate::attention::{repeat_kv, split_heads, Exec, Projections};
+use crate::attention::{split_heads, Exec, Projections};
 use crate::config::Mix;
 use crate::model::rope::Rope;
 use anyhow::{bail, ensure, Result};
@@ -196,10 +197,9 @@ impl WindowAttention {
                     state.is_none() && offset == 0,
                     "a window layer trains on whole sequences, without a state"
                 );
-                let r = |x: &Tensor| repeat_kv(x, h);
                 chunk::chunked(
-                    (&q, &r(&k)?, &r(&v)?),
-                    (&fq, &r(&fk)?),
+                    (&q, &k, &v),
+                    (&fq, &fk),
                     &self
                         .mix_weights()?
                         .to_dtype(q.dtype())?

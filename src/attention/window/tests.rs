@@ -112,20 +112,12 @@ fn forms_agree_with_the_definition() {
                     };
                     let want = naive::naive(&x, span, mix, d);
                     let label = format!("H={h}/{hkv} T={t} {mix:?} {what}");
-                    let r = |x: &Tensor| repeat_kv(x, h).unwrap();
                     let wt = Tensor::from_vec(weights.clone(), (1, h, 1, 1), &Device::Cpu).unwrap();
                     let decays = HeadDecays::Fixed(gammas.clone());
                     for c in [5, 16, usize::MAX] {
-                        let got = chunk::chunked(
-                            (&q, &r(&k), &r(&v)),
-                            (&fq, &r(&fk)),
-                            &wt,
-                            &decays,
-                            span,
-                            mix,
-                            c,
-                        )
-                        .unwrap();
+                        let got =
+                            chunk::chunked((&q, &k, &v), (&fq, &fk), &wt, &decays, span, mix, c)
+                                .unwrap();
                         let e = rel_err(&flat(&got), &want);
                         assert!(e < 1e-10, "{label} training C={c}: {e}");
                     }
