@@ -18,7 +18,8 @@
 //!
 //! The state is s + w keys, values and key features per key/value head and S, z per head:
 //! constant in the context. Forms side by side: [`naive`] (f64 definition), [`chunk`]
-//! (training), [`scan`] (prefill and step on slices).
+//! (training; its exact part as one op with its own backward in [`fused`]), [`scan`] (prefill
+//! and step on slices).
 
 pub mod chunk;
 pub mod fused;
