@@ -148,29 +148,44 @@ impl CustomOp3 for ChunkedSums {
         d_o: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = self.dims(q.dims(), k.dims(), v.dims())?;
-        let d_o = d_o.contiguous()?;
-        fn run<T: WithDType>(
-            op: &ChunkedSums,
-            d: Dims,
-            ts: [&Tensor; 4],
-        ) -> candle_core::Result<[Tensor; 3]> {
-            let grads = with_slices(ts, |[q, k, v, d_o]: [&[T]; 4]| {
-                backward(q, k, v, d_o, &op.gammas, op.chunk, d)
-            })?;
-            let [a, b, c] = grads;
-            let tensor =
-                |g: Vec<T>, like: &Tensor| Tensor::from_vec(g, like.shape(), like.device());
-            Ok([tensor(a, ts[0])?, tensor(b, ts[1])?, tensor(c, ts[2])?])
-        }
-        let ts = [q, k, v, &d_o];
-        let [dq, dk, dv] = match q.dtype() {
-            candle_core::DType::F32 => run::<f32>(self, d, ts)?,
-            candle_core::DType::F64 => run::<f64>(self, d, ts)?,
-            dt => candle_core::bail!("supra chunked: {dt:?} operands"),
-        };
-        let tracked = |g: Tensor, like: &Tensor| like.track_op().then_some(g);
-        Ok((tracked(dq, q), tracked(dk, k), tracked(dv, v)))
+        let (gammas, chunk) = (&self.gammas, self.chunk);
+        op3_grads(
+            [q, k, v],
+            d_o,
+            "supra chunked",
+            |[q, k, v, d_o]| backward(q, k, v, d_o, gammas, chunk, d),
+            |[q, k, v, d_o]| backward(q, k, v, d_o, gammas, chunk, d),
+        )
     }
+}
+
+/// The backward of a three-operand op computed on slices: `f32s` or `f64s` (by the operands'
+/// type) gets the operands and the output's gradient, contiguous, and returns the operands'
+/// gradients, each of its operand's shape; those of operands outside the graph are dropped.
+pub(crate) fn op3_grads(
+    ops: [&Tensor; 3],
+    grad: &Tensor,
+    what: &str,
+    f32s: impl FnOnce([&[f32]; 4]) -> [Vec<f32>; 3],
+    f64s: impl FnOnce([&[f64]; 4]) -> [Vec<f64>; 3],
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn tensors<T: WithDType>(
+        grads: [Vec<T>; 3],
+        ops: [&Tensor; 3],
+    ) -> candle_core::Result<[Tensor; 3]> {
+        let [a, b, c] = grads;
+        let tensor = |g: Vec<T>, like: &Tensor| Tensor::from_vec(g, like.shape(), like.device());
+        Ok([tensor(a, ops[0])?, tensor(b, ops[1])?, tensor(c, ops[2])?])
+    }
+    let grad = grad.contiguous()?;
+    let ts = [ops[0], ops[1], ops[2], &grad];
+    let [a, b, c] = match ops[0].dtype() {
+        candle_core::DType::F32 => tensors(with_slices(ts, f32s)?, ops)?,
+        candle_core::DType::F64 => tensors(with_slices(ts, f64s)?, ops)?,
+        dt => candle_core::bail!("{what}: {dt:?} operands"),
+    };
+    let tracked = |g: Tensor, like: &Tensor| like.track_op().then_some(g);
+    Ok((tracked(a, ops[0]), tracked(b, ops[1]), tracked(c, ops[2])))
 }
 
 /// Calls `f` with the elements of each tensor in `ts` (contiguous, on the CPU, of type T),

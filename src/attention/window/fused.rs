@@ -25,7 +25,7 @@
 //! so the result does not depend on the thread count.
 
 use super::Span;
-use crate::attention::supra::fused::{slice, with_slices};
+use crate::attention::supra::fused::{op3_grads, slice};
 use crate::model::gemm::{gemm, Strided};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
@@ -248,26 +248,13 @@ impl CustomOp3 for Exact {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = self.dims(q.dims(), k.dims(), v.dims())?;
-        let g = g.contiguous()?;
-        fn run<T: WithDType + Float>(
-            op: &Exact,
-            d: Dims,
-            ts: [&Tensor; 4],
-        ) -> candle_core::Result<[Tensor; 3]> {
-            let [dq, dk, dv] =
-                with_slices(ts, |[q, k, v, g]: [&[T]; 4]| backward(op, d, (q, k, v), g))?;
-            let tensor =
-                |x: Vec<T>, like: &Tensor| Tensor::from_vec(x, like.shape(), like.device());
-            Ok([tensor(dq, ts[0])?, tensor(dk, ts[1])?, tensor(dv, ts[2])?])
-        }
-        let ts = [q, k, v, &g];
-        let [dq, dk, dv] = match q.dtype() {
-            candle_core::DType::F32 => run::<f32>(self, d, ts)?,
-            candle_core::DType::F64 => run::<f64>(self, d, ts)?,
-            dt => candle_core::bail!("window exact: {dt:?} operands"),
-        };
-        let tracked = |x: Tensor, like: &Tensor| like.track_op().then_some(x);
-        Ok((tracked(dq, q), tracked(dk, k), tracked(dv, v)))
+        op3_grads(
+            [q, k, v],
+            g,
+            "window exact",
+            |[q, k, v, g]| backward(self, d, (q, k, v), g),
+            |[q, k, v, g]| backward(self, d, (q, k, v), g),
+        )
     }
 }
 
