@@ -187,20 +187,29 @@ pub fn train_step(
     use crate::train::recipe;
     use candle_core::{Device, Tensor};
     crate::heap::keep_freed_for_reuse();
-    // transfer+finetune spends most of its tokens in the fine-tuning phase: time that one,
-    // with the default LoRA adapters.
+    // The two-phase recipes spend most of their tokens after the transfer phase: time that
+    // one, with the default LoRA adapters (as the distillation recipe).
+    let teacher = match recipe.distills() {
+        true => Some(crate::train::distill::Teacher::new(model)?),
+        false => None,
+    };
     let mut model = model.clone();
-    if recipe == recipe::Recipe::TransferFinetune {
+    if recipe.adapts() {
         crate::train::lora::add(&mut model, 16, 16.0, 0)?;
     }
     let model = &model;
-    // Past the transfer phase: cross-entropy for supra and transfer+finetune.
     let objective = recipe.objective(u64::MAX, 0);
     let trained = recipe::trainable(model, recipe, &[])?;
     let (weights, vars) = recipe::with_variables(model, &trained)?;
     let trained_params = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let llama = Llama::for_training(&model.config, &weights)?;
-    let teacher = crate::train::transfer::Teacher::new(model, &[])?;
+    let targets = recipe::Targets {
+        transfer: crate::train::transfer::Teacher::new(model, &[])?,
+        distill: teacher,
+        z_loss: 0.0,
+        temperature: 1.0,
+        ce_weight: 0.0,
+    };
     let mut opt = AdamW::new(vars, AdamWConfig::default());
     let ids = prose_tokens(&model.tokenizer, seq_len + 1)?;
     let window = Tensor::from_vec(ids, (1, seq_len + 1), &Device::Cpu)?;
@@ -208,7 +217,7 @@ pub fn train_step(
     let bar = indicatif::ProgressBar::new(steps as u64 + 1);
     for i in 0..=steps {
         let t0 = std::time::Instant::now();
-        let loss = recipe::loss(&llama, &teacher, objective, &window, 0.0)?;
+        let loss = recipe::loss(&llama, &targets, objective, &window)?;
         let _ = loss.to_scalar::<f32>()?;
         let t1 = std::time::Instant::now();
         let grads = loss.backward()?;

@@ -73,16 +73,14 @@ fn config(recipe: Recipe) -> TrainConfig {
         seed: 7,
         freeze: vec![],
         max_bad_steps: 3,
-        transfer_steps: if recipe == Recipe::TransferFinetune {
-            12
-        } else {
-            0
-        },
+        transfer_steps: if recipe.has_transfer_phase() { 12 } else { 0 },
         transfer_lr: 1e-2,
         transfer_min_lr: 1e-3,
         transfer_warmup_steps: 0,
         lora_rank: 4,
         lora_alpha: 8.0,
+        temperature: 1.0,
+        ce_weight: 0.0,
     }
 }
 
@@ -120,8 +118,9 @@ fn losses(out: &Path) -> Vec<(u64, f64)> {
 /// 20 updates straight equal 10 updates, a stop, and 10 more after --resume.
 #[test]
 fn resume_is_exact_for_every_recipe() {
-    // transfer+finetune stops at 10 and crosses into fine-tuning (at 12) after the resume.
-    for recipe in [Recipe::Supra, Recipe::Transfer, Recipe::TransferFinetune] {
+    // The two-phase recipes stop at 10 and cross into their second phase (at 12) after the
+    // resume.
+    for recipe in Recipe::ALL {
         let dir = tempfile::tempdir().unwrap();
         let data = corpus(dir.path());
         let cache = dir.path().join("cache");
@@ -176,6 +175,23 @@ fn resume_is_exact_for_every_recipe() {
                 .err()
                 .expect("must refuse");
             assert!(format!("{err:#}").contains("training data"), "{err:#}");
+        }
+        if recipe.distills() {
+            // Nor can another teacher: the model argument is the teacher on resume.
+            let inputs = TrainInputs {
+                data: &data,
+                valid: None,
+                out: &split,
+                resume: true,
+                stop_after: None,
+                token_cache: &cache,
+            };
+            let mut other = tiny_linear(dir.path());
+            let w = &other.weights["model.norm.weight"];
+            let w = (w * 1.5).unwrap();
+            other.weights.insert("model.norm.weight".into(), w);
+            let err = train(other, &cfg, &inputs).err().expect("must refuse");
+            assert!(format!("{err:#}").contains("not the teacher"), "{err:#}");
         }
         let (a, b) = (losses(&straight), losses(&split));
         assert_eq!(a.len(), 20);
@@ -830,4 +846,205 @@ print(json.dumps({"recipe": opt["--recipes"], "tokens_per_s": 1e-3, "forward_s":
         dir.path().join("nope.py").to_str().unwrap(),
     ]);
     common::assert_clean_error(&missing, &["nope.py", "does not exist"]);
+}
+
+/// `--rounds N` times each recipe N times as supra-then-PyTorch pairs: the row's PyTorch
+/// figure is the median of its N runs and the ratio the median of the N pairs' own ratios,
+/// each listed beside it. The stand-in side reports 0.01, 1 and 100 tokens/s on a recipe's
+/// successive calls, so a ratio taken against the wrong run is off by 100× or more.
+#[test]
+fn bench_train_rounds_are_pairs_and_the_ratio_is_their_median() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    supra::io::hf_dir::save(&tiny_linear(dir.path()), &model).unwrap();
+    let calls = dir.path().join("calls");
+    let script = dir.path().join("side.py");
+    std::fs::write(
+        &script,
+        format!(
+            r#"import json, os, sys
+a = sys.argv[1:]
+opt = {{a[i]: a[i + 1] for i in range(1, len(a) - 1) if a[i].startswith("--") and not a[i + 1].startswith("--")}}
+with open({calls:?}, "a") as f:
+    f.write(opt["--recipes"] + "\n")
+k = sum(1 for _ in open({calls:?}))
+print(json.dumps({{"recipe": opt["--recipes"], "tokens_per_s": [1e-2, 1.0, 1e2][(k - 1) % 3], "forward_s": k, "backward_s": 0.0, "optimizer_s": 0.0}}))
+"#,
+            calls = calls.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = common::supra(&[
+        "bench",
+        "train",
+        model.to_str().unwrap(),
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--recipes",
+        "supra,transfer",
+        "--rounds",
+        "3",
+        "--against-pytorch",
+        "python3",
+        "--pytorch-script",
+        script.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Rounds alternate within a recipe: all of supra's, then all of transfer's.
+    assert_eq!(
+        std::fs::read_to_string(&calls).unwrap(),
+        "supra\nsupra\nsupra\ntransfer\ntransfer\ntransfer\n"
+    );
+    for (recipe, forward) in [("| supra |", 2.0), ("| transfer |", 5.0)] {
+        let theirs = [1e-2, 1.0, 1e2];
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(recipe))
+            .expect(&stdout);
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        // ... | PyTorch tokens/s | PyTorch split | supra / PyTorch | by round |
+        let n = cells.len();
+        assert_eq!(cells[n - 5], "1.0", "{row}");
+        assert_eq!(cells[n - 4], format!("{forward:.2} / 0.00 / 0.00"), "{row}");
+        let each: Vec<f64> = cells[n - 2]
+            .split(", ")
+            .map(|x| x.parse().unwrap())
+            .collect();
+        assert_eq!(each.len(), 3, "{row}");
+        let mut sorted = each.clone();
+        sorted.sort_by(f64::total_cmp);
+        assert_eq!(cells[n - 3].parse::<f64>().unwrap(), sorted[1], "{row}");
+        // Each round's ratio is against that round's PyTorch run: ratio × theirs is supra's
+        // own figure in every round, equal to within the machine's spread between runs of
+        // the tiny model (which can reach 10× with tests running beside it).
+        let ours: Vec<f64> = each.iter().zip(theirs).map(|(r, t)| r * t).collect();
+        let lo = ours.iter().cloned().fold(f64::MAX, f64::min);
+        let hi = ours.iter().cloned().fold(0.0, f64::max);
+        assert!(hi / lo < 30.0, "ratios not against their own round: {row}");
+    }
+}
+
+/// Distillation's teacher is the pretrained model the conversion started from: its logits on a
+/// converted model equal the original's, whatever the converted layers are.
+#[test]
+fn the_distillation_teacher_is_the_model_before_conversion() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("teacher.gguf");
+    write_tiny_gguf(&p, 21).unwrap();
+    let original = supra::io::load(&p).unwrap();
+    let llama = supra::model::llama::Llama::new(&original.config, &original.weights).unwrap();
+    let ids = candle_core::Tensor::new(&[[3u32, 9, 4, 17, 2, 8, 11, 5]], &candle_core::Device::Cpu)
+        .unwrap();
+    let want = llama
+        .logits(&llama.forward_hidden(&ids, None).unwrap())
+        .unwrap();
+    let want = want.reshape((8, ())).unwrap();
+    for linear in [
+        tiny_linear(dir.path()),
+        tiny_cell(dir.path(), Cell::WindowHedgehog),
+    ] {
+        let got = supra::train::distill::Teacher::new(&linear)
+            .unwrap()
+            .logits(&ids)
+            .unwrap();
+        let d = common::testing::max_abs_diff(&got, &want);
+        assert!(d == 0.0, "teacher logits differ by {d}");
+    }
+}
+
+/// The cells a recipe can train, on the tiny model (layer 0 stays softmax).
+#[derive(Debug, Clone, Copy)]
+enum Cell {
+    SupraRelu,
+    SupraHedgehog,
+    WindowRelu,
+    WindowHedgehog,
+}
+
+fn tiny_cell(dir: &Path, cell: Cell) -> LoadedModel {
+    use supra::config::{FeatureKind, Mix, WindowConfig};
+    let p = dir.join("teacher.gguf");
+    write_tiny_gguf(&p, 21).unwrap();
+    let teacher = supra::io::load(&p).unwrap();
+    let feature_map = match cell {
+        Cell::SupraRelu | Cell::WindowRelu => FeatureKind::Relu,
+        Cell::SupraHedgehog | Cell::WindowHedgehog => FeatureKind::Hedgehog,
+    };
+    let window = matches!(cell, Cell::WindowRelu | Cell::WindowHedgehog).then_some(WindowConfig {
+        window: 8,
+        sinks: 2,
+        mix: Mix::Shared,
+    });
+    convert(
+        &teacher,
+        &ConvertOptions {
+            softmax_layers: vec![0],
+            feature_map,
+            mix_share: window.map(|_| 0.1),
+            window,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Every recipe trains every cell: 16 updates on the tiny model bring each objective's loss
+/// down (the mean of its last three updates below the mean of its first three).
+#[test]
+fn every_recipe_trains_every_cell() {
+    let (dir, data, cache) = workspace();
+    for cell in [
+        Cell::SupraRelu,
+        Cell::SupraHedgehog,
+        Cell::WindowRelu,
+        Cell::WindowHedgehog,
+    ] {
+        for recipe in Recipe::ALL {
+            let mut cfg = config(recipe);
+            cfg.steps = 16;
+            cfg.transfer_steps = if recipe.has_transfer_phase() { 8 } else { 0 };
+            cfg.eval_every = 100;
+            let out = dir.path().join(format!("{cell:?}-{}", recipe.name()));
+            run(
+                tiny_cell(dir.path(), cell),
+                &cfg,
+                &data,
+                &out,
+                &cache,
+                false,
+                None,
+            );
+            let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+            let rows: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            let mut objectives: Vec<String> = rows
+                .iter()
+                .map(|r| r["objective"].as_str().unwrap().to_string())
+                .collect();
+            objectives.dedup();
+            for o in objectives {
+                let l: Vec<f64> = rows
+                    .iter()
+                    .filter(|r| r["objective"] == o.as_str())
+                    .map(|r| r["loss"].as_f64().unwrap())
+                    .collect();
+                let (first, last) = (&l[..3], &l[l.len() - 3..]);
+                let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+                assert!(
+                    mean(last) < mean(first),
+                    "{cell:?} {}: {o} loss did not fall: {l:?}",
+                    recipe.name()
+                );
+            }
+        }
+    }
 }

@@ -20,6 +20,10 @@ Recipes, timed as forward, backward and an AdamW step (torch.optim.AdamW, foreac
                      φ (and decay/mix logits) only
   transfer+finetune  its fine-tuning phase: cross-entropy on LoRA adapters (rank 16, alpha 16)
                      on q, k, v, o plus φ
+  distill            KL(teacher ‖ student) over the whole vocabulary at temperature 1, the
+                     teacher (every layer softmax, no adapters) run without gradients on the
+                     same window inside the timed forward; LoRA adapters plus φ as above
+  transfer+distill   its distillation phase: the same update as distill
 
 Usage:
   python scripts/bench/train_torch.py CONV --seq-len 512 --steps 3 [--recipes supra,transfer]
@@ -234,7 +238,7 @@ def main():
     for recipe in args.recipes.split(","):
         w = {k: v.clone() for k, v in weights.items()}
         lora = None
-        if recipe == "transfer+finetune":
+        if recipe in ("transfer+finetune", "distill", "transfer+distill"):
             r = args.lora_rank
             for i in range(cfg["num_hidden_layers"]):
                 for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -245,20 +249,29 @@ def main():
                     w[name + ".lora_B"] = torch.zeros(out_dim, r)
             lora = args.lora_alpha / r
         elif recipe not in ("supra", "transfer"):
-            sys.exit(f"unknown recipe {recipe!r} (known: supra, transfer, transfer+finetune)")
+            sys.exit(f"unknown recipe {recipe!r} (known: supra, transfer, transfer+finetune, distill, transfer+distill)")
         for k, v in w.items():
-            trained = {"supra": True, "transfer": is_phi(k), "transfer+finetune": is_phi(k) or ".lora_" in k}[recipe]
+            trained = True if recipe == "supra" else is_phi(k) if recipe == "transfer" else is_phi(k) or ".lora_" in k
             v.requires_grad_(trained)
         params = [v for v in w.values() if v.requires_grad]
         if not params:
             sys.exit(f"recipe {recipe}: this model has nothing it trains (convert it first)")
         opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=True)
         model = Model(w, cfg, lora)
+        # Distillation's teacher: the same weights with every layer softmax and no adapters.
+        teacher_cfg = {k: v for k, v in cfg.items() if k != "supra"}
+        teacher = Model({k: v.detach() for k, v in weights.items()}, teacher_cfg, None)
         f, b, o = [], [], []
         for step in range(args.steps + 1):
             t0 = time.perf_counter()
             if recipe == "transfer":
                 loss = model.forward(x, transfer=True)
+            elif recipe in ("distill", "transfer+distill"):
+                with torch.no_grad():
+                    target = teacher.forward(x).view(-1, cfg["vocab_size"]).log_softmax(-1)
+                logits = model.forward(x)
+                student = logits.view(-1, logits.shape[-1]).log_softmax(-1)
+                loss = F.kl_div(student, target, log_target=True, reduction="batchmean")
             else:
                 logits = model.forward(x)
                 loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))

@@ -34,12 +34,13 @@ pub(crate) enum BenchCommand {
         /// Timed steps per recipe (after one warm-up step); the median is reported.
         #[arg(long, default_value_t = 3)]
         steps: usize,
-        /// Recipes to time (supra, transfer, transfer+finetune); transfer+finetune times its
-        /// fine-tuning phase (LoRA rank 16 + φ).
+        /// Recipes to time (supra, transfer, transfer+finetune, distill, transfer+distill); the
+        /// two-phase ones time their phase after transfer, distill and transfer+distill the
+        /// same update (LoRA rank 16 + φ, the teacher's forward included).
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "supra,transfer,transfer+finetune"
+            default_value = "supra,transfer,transfer+finetune,distill"
         )]
         recipes: Vec<Recipe>,
         /// Time each recipe in PyTorch too, right after supra's, with this Python (torch and
@@ -50,6 +51,12 @@ pub(crate) enum BenchCommand {
         /// The PyTorch side's script [default: scripts/bench/train_torch.py of this checkout].
         #[arg(long, requires = "against_pytorch")]
         pytorch_script: Option<PathBuf>,
+        /// Times each recipe this many times in a row (with --against-pytorch: supra then
+        /// PyTorch, back to back, each round a pair); the row shows the medians and, beside
+        /// them, every round's figure. The ratio is the median of the rounds' own ratios, so a
+        /// slow spell of the machine in one round does not set it.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        rounds: u64,
     },
     /// Inference speed against context length, teacher and linear side by side: prefill and
     /// decode tokens/s and peak memory at each context, for each weight format; a markdown
@@ -227,6 +234,7 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
             recipes,
             against_pytorch,
             pytorch_script,
+            rounds,
         } => {
             let torch = against_pytorch.map(|python| TorchSide {
                 python,
@@ -234,7 +242,12 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
                     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench/train_torch.py")
                 }),
             });
-            train(model, seq_len, steps, &recipes, torch.as_ref())
+            train(
+                model,
+                (seq_len, steps, rounds as usize),
+                &recipes,
+                torch.as_ref(),
+            )
         }
         BenchCommand::Infer {
             models,
@@ -351,10 +364,22 @@ impl TorchSide {
     }
 }
 
+/// The middle value (the upper of the two middle ones for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// One round of one recipe: supra's figures and, with a PyTorch side, its figures right after.
+struct Round {
+    ours: supra::bench::TrainBench,
+    theirs: Option<TorchRow>,
+}
+
 fn train(
     model: Option<PathBuf>,
-    seq_len: usize,
-    steps: usize,
+    (seq_len, steps, rounds): (usize, usize, usize),
     recipes: &[Recipe],
     torch: Option<&TorchSide>,
 ) -> Result<()> {
@@ -364,6 +389,7 @@ fn train(
             t.script.display()
         );
     }
+    let steps = steps.max(1);
     let loaded = match &model {
         Some(p) => io::load(p)?,
         None => supra::convert::convert(
@@ -383,65 +409,108 @@ fn train(
             Some(tmp.path().to_path_buf())
         }
     };
+    let torch = torch.zip(dir.as_deref());
     // The machine's speed drifts over a run (other tenants of the host): the peak is measured
-    // before and again after each recipe, and each row is against the best so far.
+    // before and again after each round, and each row is against the best so far.
     let mut peak = supra::bench::matmul_peak_gflops()?;
     let n = loaded.config.param_count() as f64;
     println!(
-        "matmul peak (f32, 1024³): {peak:.1} GFLOP/s; model: {:.2} M parameters; seq {seq_len}; {} threads",
+        "matmul peak (f32, 1024³): {peak:.1} GFLOP/s; model: {:.2} M parameters; seq {seq_len}; {} threads{}",
         n / 1e6,
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        if rounds > 1 { format!("; medians of {rounds} rounds") } else { String::new() }
     );
     let split = |f: f64, b: f64, o: f64| format!("{f:.2} / {b:.2} / {o:.2}");
-    match torch {
-        None => println!("| recipe | trained params | tokens/s | forward / backward / optimizer (s) | GFLOP/s (6·N per token) | % of peak |"),
-        Some(_) => println!("| recipe | trained params | tokens/s | forward / backward / optimizer (s) | GFLOP/s (6·N per token) | % of peak | PyTorch tokens/s | PyTorch forward / backward / optimizer (s) | supra / PyTorch |"),
+    let by_round = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut header = "| recipe | trained params | tokens/s | forward / backward / optimizer (s) | GFLOP/s (6·N per token) | % of peak |".to_string();
+    let mut rule = "|---|---:|---:|---:|---:|---:|".to_string();
+    if torch.is_some() {
+        header +=
+            " PyTorch tokens/s | PyTorch forward / backward / optimizer (s) | supra / PyTorch |";
+        rule += "---:|---:|---:|";
     }
-    println!(
-        "|---|---:|---:|---:|---:|---:|{}",
-        if torch.is_some() {
-            "---:|---:|---:|"
+    if rounds > 1 {
+        header += if torch.is_some() {
+            " supra / PyTorch by round |"
         } else {
-            ""
-        }
-    );
+            " tokens/s by round |"
+        };
+        rule += "---|";
+    }
+    println!("{header}\n{rule}");
     for &recipe in recipes {
-        let b = supra::bench::train_step(&loaded, recipe, seq_len, steps.max(1))?;
-        peak = peak.max(supra::bench::matmul_peak_gflops()?);
+        let mut done = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let ours = supra::bench::train_step(&loaded, recipe, seq_len, steps)?;
+            peak = peak.max(supra::bench::matmul_peak_gflops()?);
+            let theirs = match torch {
+                Some((t, dir)) => Some(t.time(dir, recipe, seq_len, steps)?),
+                None => None,
+            };
+            done.push(Round { ours, theirs });
+        }
+        let ours = |f: fn(&supra::bench::TrainBench) -> f64| {
+            median(&done.iter().map(|r| f(&r.ours)).collect::<Vec<_>>())
+        };
+        let tokens_per_s = ours(|b| b.tokens_per_s);
         // 6·N FLOPs per token is the full forward + backward of cross-entropy training;
         // transfer runs a forward and backpropagates only into φ, so it has no such figure.
         let flops = match recipe {
             Recipe::Supra => {
-                let g = 6.0 * n * b.tokens_per_s / 1e9;
+                let g = 6.0 * n * tokens_per_s / 1e9;
                 format!("{g:.1} | {:.0} %", 100.0 * g / peak)
             }
-            Recipe::Transfer | Recipe::TransferFinetune => "— | —".to_string(),
+            _ => "— | —".to_string(),
         };
-        let theirs = match (torch, &dir) {
-            (Some(t), Some(dir)) => {
-                let r = t.time(dir, recipe, seq_len, steps.max(1))?;
-                format!(
-                    " {:.1} | {} | {:.2} |",
-                    r.tokens_per_s,
-                    split(r.forward_s, r.backward_s, r.optimizer_s),
-                    b.tokens_per_s / r.tokens_per_s
-                )
-            }
-            _ => String::new(),
-        };
-        println!(
-            "| {} | {:.2} M | {:.1} | {} | {flops} |{theirs}",
+        let theirs: Vec<&TorchRow> = done.iter().filter_map(|r| r.theirs.as_ref()).collect();
+        let mut row = format!(
+            "| {} | {:.2} M | {tokens_per_s:.1} | {} | {flops} |",
             match recipe {
-                Recipe::TransferFinetune => "transfer+finetune (LoRA 16 + φ)",
-                r => r.name(),
+                r if r.adapts() => format!("{} (LoRA 16 + φ)", r.name()),
+                r => r.name().to_string(),
             },
-            b.trained_params as f64 / 1e6,
-            b.tokens_per_s,
-            split(b.forward_s, b.backward_s, b.optimizer_s),
+            done[0].ours.trained_params as f64 / 1e6,
+            split(
+                ours(|b| b.forward_s),
+                ours(|b| b.backward_s),
+                ours(|b| b.optimizer_s)
+            ),
         );
+        let ratios: Vec<f64> = done
+            .iter()
+            .filter_map(|r| Some(r.ours.tokens_per_s / r.theirs.as_ref()?.tokens_per_s))
+            .collect();
+        if !theirs.is_empty() {
+            let m =
+                |f: fn(&TorchRow) -> f64| median(&theirs.iter().map(|r| f(r)).collect::<Vec<_>>());
+            row += &format!(
+                " {:.1} | {} | {:.2} |",
+                m(|r| r.tokens_per_s),
+                split(
+                    m(|r| r.forward_s),
+                    m(|r| r.backward_s),
+                    m(|r| r.optimizer_s)
+                ),
+                median(&ratios)
+            );
+        }
+        if rounds > 1 {
+            let each = if theirs.is_empty() {
+                done.iter().map(|r| r.ours.tokens_per_s).collect()
+            } else {
+                ratios
+            };
+            row += &format!(" {} |", by_round(&each));
+        }
+        println!("{row}");
     }
     println!(
-        "matmul peak, best of the measurements before and after each recipe: {peak:.1} GFLOP/s"
+        "matmul peak, best of the measurements before and after each round: {peak:.1} GFLOP/s"
     );
     Ok(())
 }

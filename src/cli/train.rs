@@ -47,19 +47,29 @@ pub(crate) struct TrainArgs {
     /// updates) [default: the recipe's, 262,144].
     #[arg(long, conflicts_with = "steps")]
     pub(crate) tokens: Option<u64>,
-    /// transfer+finetune: tokens of the transfer phase [default: half of the run].
+    /// transfer+finetune, transfer+distill: tokens of the transfer phase [default: half of
+    /// the run].
     #[arg(long)]
     pub(crate) transfer_tokens: Option<u64>,
-    /// transfer+finetune: peak learning rate of the transfer phase [default: the recipe's].
+    /// transfer+finetune, transfer+distill: peak learning rate of the transfer phase
+    /// [default: the recipe's].
     #[arg(long)]
     pub(crate) transfer_lr: Option<f64>,
-    /// transfer+finetune: LoRA rank on q, k, v, o for the fine-tuning phase; 0 fine-tunes all
+    /// transfer+finetune, distill, transfer+distill: LoRA rank on q, k, v, o; 0 fine-tunes all
     /// parameters instead. Adapters merge into the weights of the final model [default: 16].
     #[arg(long)]
     pub(crate) lora_rank: Option<usize>,
     /// LoRA alpha (the adapter is scaled by alpha / rank) [default: the rank].
     #[arg(long)]
     pub(crate) lora_alpha: Option<f64>,
+    /// distill, transfer+distill: temperature T of the KL to the teacher (the loss is scaled
+    /// by T², so the gradient's size does not depend on it) [default: 1].
+    #[arg(long)]
+    pub(crate) temperature: Option<f64>,
+    /// distill, transfer+distill: weight of the data's cross-entropy added to the KL
+    /// [default: 0, pure distillation].
+    #[arg(long)]
+    pub(crate) ce_weight: Option<f64>,
     /// Number of updates (instead of --tokens).
     #[arg(long)]
     pub(crate) steps: Option<u64>,
@@ -112,7 +122,14 @@ pub(crate) struct TrainArgs {
     pub(crate) stop_after: Option<u64>,
 }
 
-const PRESET_NAMES: [&str; 4] = ["supra-paper", "supra", "transfer", "transfer+finetune"];
+const PRESET_NAMES: [&str; 6] = [
+    "supra-paper",
+    "supra",
+    "transfer",
+    "transfer+finetune",
+    "distill",
+    "transfer+distill",
+];
 
 impl TrainArgs {
     /// Every hyperparameter: the preset's, with the flags on top.
@@ -132,6 +149,8 @@ impl TrainArgs {
             transfer_lr: self.transfer_lr,
             lora_rank: self.lora_rank,
             lora_alpha: self.lora_alpha,
+            temperature: self.temperature,
+            ce_weight: self.ce_weight,
             freeze: match &self.freeze {
                 Some(s) => supra::model::params::ParamGroup::parse_list(s)?,
                 None => Vec::new(),

@@ -27,6 +27,10 @@ pub struct Progress {
     /// read the same data for its cursor to mean the same windows.
     #[serde(default)]
     pub data: String,
+    /// Digest of the distillation teacher's config and weights (distilling recipes only): a
+    /// resumed run must distil from the same teacher.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub teacher: String,
 }
 
 pub fn checkpoints_dir(run: &Path) -> PathBuf {

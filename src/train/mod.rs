@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod cross_entropy;
 pub mod data;
+pub mod distill;
 pub mod lora;
 pub mod optim;
 pub mod plot;

@@ -34,17 +34,19 @@ fn curves(history: &[&Metrics]) -> Option<Vec<Series>> {
 }
 
 pub fn loss_plot(history: &[Metrics], title: &str, path: &Path) -> Result<()> {
-    let panels: Vec<(String, Vec<Series>)> = [Objective::Transfer, Objective::Ce]
-        .into_iter()
-        .filter_map(|o| {
-            let group: Vec<&Metrics> = history.iter().filter(|m| m.objective == o).collect();
-            let what = match o {
-                Objective::Transfer => "attention transfer (per-layer MSE)",
-                Objective::Ce => "cross-entropy (nats/token)",
-            };
-            curves(&group).map(|c| (format!("{title}: {what}"), c))
-        })
-        .collect();
+    let panels: Vec<(String, Vec<Series>)> =
+        [Objective::Transfer, Objective::Ce, Objective::Distill]
+            .into_iter()
+            .filter_map(|o| {
+                let group: Vec<&Metrics> = history.iter().filter(|m| m.objective == o).collect();
+                let what = match o {
+                    Objective::Transfer => "attention transfer (per-layer MSE)",
+                    Objective::Ce => "cross-entropy (nats/token)",
+                    Objective::Distill => "distillation (KL to the teacher, nats/token)",
+                };
+                curves(&group).map(|c| (format!("{title}: {what}"), c))
+            })
+            .collect();
     if panels.is_empty() {
         return Ok(());
     }

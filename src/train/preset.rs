@@ -40,12 +40,16 @@ pub struct Preset {
     pub clip: f64,
     /// Weight of the z-loss, mean(log Z)², added to the cross-entropy.
     pub z_loss: f64,
-    /// transfer+finetune: the transfer phase's share of the tokens and its peak learning rate
+    /// Two-phase recipes: the transfer phase's share of the tokens and its peak learning rate
     /// (its floor is a tenth of it, its warmup 5 % of its updates).
     pub transfer_percent: u64,
     pub transfer_lr: f64,
-    /// transfer+finetune: LoRA rank of the fine-tuning phase (0: all parameters).
+    /// The fine-tuning recipes (after transfer, or distillation alone): LoRA rank (0: all
+    /// parameters).
     pub lora_rank: usize,
+    /// Distillation: temperature, and the weight of the data's cross-entropy added to the KL.
+    pub temperature: f64,
+    pub ce_weight: f64,
     /// How it departs from `supra-paper`; empty for the paper's own.
     pub deviations: &'static [&'static str],
 }
@@ -68,12 +72,14 @@ const PAPER: Preset = Preset {
     transfer_percent: 0,
     transfer_lr: 0.0,
     lora_rank: 0,
+    temperature: 1.0,
+    ce_weight: 0.0,
     deviations: &[
         "batch 8,192 tokens per update: the paper's global batch of many GPUs does not fit one CPU",
     ],
 };
 
-pub const PRESETS: [Preset; 4] = [
+pub const PRESETS: [Preset; 6] = [
     PAPER,
     Preset {
         name: "supra",
@@ -129,6 +135,44 @@ pub const PRESETS: [Preset; 4] = [
         ],
         ..PAPER
     },
+    Preset {
+        name: "distill",
+        recipe: Recipe::Distill,
+        about: "distillation: KL to the teacher's next-token distribution (full vocabulary, computed online), on LoRA adapters (q, k, v, o) plus φ",
+        seq_len: 512,
+        batch_tokens: 4096,
+        tokens: 262_144,
+        lr: 3e-4,
+        min_lr: 3e-5,
+        warmup: Warmup::Percent(5),
+        z_loss: 0.0,
+        lora_rank: 16,
+        deviations: &[
+            "not in the paper: the teacher's logits as the target instead of the data's next token (as the end-to-end stage of Mamba-in-the-Llama and RADLADS), LoRA rank 16 on q, k, v, o plus φ",
+            "lr 3e-4 → 3e-5, warmup 5 % of the updates, sequence 512, batch 4,096 tokens",
+        ],
+        ..PAPER
+    },
+    Preset {
+        name: "transfer+distill",
+        recipe: Recipe::TransferDistill,
+        about: "transfer for a share of the tokens, then distillation on LoRA adapters (q, k, v, o) plus φ",
+        seq_len: 512,
+        batch_tokens: 4096,
+        tokens: 262_144,
+        lr: 3e-4,
+        min_lr: 3e-5,
+        warmup: Warmup::Percent(5),
+        z_loss: 0.0,
+        transfer_percent: 50,
+        transfer_lr: 1e-3,
+        lora_rank: 16,
+        deviations: &[
+            "not in the paper: half the tokens of attention transfer (lr 1e-3), then distillation (KL to the teacher's logits) on LoRA rank 16 on q, k, v, o plus φ",
+            "distillation lr 3e-4 → 3e-5, warmup 5 % of its updates, sequence 512, batch 4,096 tokens",
+        ],
+        ..PAPER
+    },
 ];
 
 pub fn find(name: &str) -> Result<&'static Preset> {
@@ -158,6 +202,8 @@ pub struct Overrides {
     pub transfer_lr: Option<f64>,
     pub lora_rank: Option<usize>,
     pub lora_alpha: Option<f64>,
+    pub temperature: Option<f64>,
+    pub ce_weight: Option<f64>,
     pub freeze: Vec<ParamGroup>,
 }
 
@@ -200,41 +246,84 @@ impl Preset {
             (Some(s), _) => s,
             (None, t) => t.unwrap_or(self.tokens).div_ceil(per_step).max(1),
         };
-        let transfer_steps = match self.recipe {
-            Recipe::TransferFinetune => {
-                let t = o
-                    .transfer_tokens
-                    .map_or(steps * self.transfer_percent / 100, |t| {
-                        t.div_ceil(per_step)
-                    });
-                if t >= steps {
-                    bail!("--transfer-tokens leaves no updates for fine-tuning (the run has {steps} updates of {per_step} tokens)");
-                }
-                t
+        let r = self.recipe;
+        let transfer_steps = if r.has_transfer_phase() {
+            let t = o
+                .transfer_tokens
+                .map_or(steps * self.transfer_percent / 100, |t| {
+                    t.div_ceil(per_step)
+                });
+            if t >= steps {
+                bail!("--transfer-tokens leaves no updates after the transfer phase (the run has {steps} updates of {per_step} tokens)");
             }
-            _ if o.transfer_tokens.is_some() => {
-                bail!("--transfer-tokens applies to --recipe transfer+finetune")
-            }
-            _ => 0,
+            t
+        } else {
+            0
         };
         // Settings a recipe has no use for are refused, not silently ignored.
-        let finetune_only = [
-            ("--transfer-lr", o.transfer_lr.is_some()),
-            ("--lora-rank", o.lora_rank.is_some()),
-            ("--lora-alpha", o.lora_alpha.is_some()),
+        let refused = [
+            (
+                "--transfer-tokens",
+                o.transfer_tokens.is_some(),
+                r.has_transfer_phase(),
+                "transfer+finetune and transfer+distill",
+            ),
+            (
+                "--transfer-lr",
+                o.transfer_lr.is_some(),
+                r.has_transfer_phase(),
+                "transfer+finetune and transfer+distill",
+            ),
+            (
+                "--lora-rank",
+                o.lora_rank.is_some(),
+                r.adapts(),
+                "transfer+finetune, distill and transfer+distill",
+            ),
+            (
+                "--lora-alpha",
+                o.lora_alpha.is_some(),
+                r.adapts(),
+                "transfer+finetune, distill and transfer+distill",
+            ),
+            (
+                "--temperature",
+                o.temperature.is_some(),
+                r.distills(),
+                "distill and transfer+distill",
+            ),
+            (
+                "--ce-weight",
+                o.ce_weight.is_some(),
+                r.distills(),
+                "distill and transfer+distill",
+            ),
+            (
+                "--z-loss",
+                o.z_loss.is_some(),
+                matches!(r, Recipe::Supra | Recipe::TransferFinetune),
+                "supra and transfer+finetune (the cross-entropy recipes)",
+            ),
         ];
-        if let Some((flag, _)) = finetune_only
-            .iter()
-            .find(|(_, set)| *set && self.recipe != Recipe::TransferFinetune)
+        if let Some((flag, _, _, which)) =
+            refused.iter().find(|(_, set, applies, _)| *set && !applies)
         {
-            bail!("{flag} applies to --recipe transfer+finetune");
+            bail!("{flag} applies to --recipe {which}");
         }
-        if self.recipe == Recipe::Transfer && (o.z_loss.is_some() || !o.freeze.is_empty()) {
-            bail!("--recipe transfer trains φ alone on the transfer loss: --z-loss and --freeze apply to the cross-entropy recipes");
+        if r == Recipe::Transfer && !o.freeze.is_empty() {
+            bail!("--recipe transfer trains φ alone on the transfer loss: --freeze applies to full fine-tuning");
         }
         let lora_rank = o.lora_rank.unwrap_or(self.lora_rank);
-        if self.recipe == Recipe::TransferFinetune && lora_rank > 0 && !o.freeze.is_empty() {
+        if r.adapts() && lora_rank > 0 && !o.freeze.is_empty() {
             bail!("--freeze applies to full fine-tuning; with LoRA only the adapters and φ train (use --lora-rank 0)");
+        }
+        let temperature = o.temperature.unwrap_or(self.temperature);
+        let ce_weight = o.ce_weight.unwrap_or(self.ce_weight);
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            bail!("--temperature must be positive, not {temperature}");
+        }
+        if !(ce_weight >= 0.0 && ce_weight.is_finite()) {
+            bail!("--ce-weight must be zero or positive, not {ce_weight}");
         }
         let lr = o.lr.unwrap_or(self.lr);
         let min_lr = match (o.min_lr, o.lr) {
@@ -277,6 +366,8 @@ impl Preset {
             transfer_warmup_steps: transfer_steps / 20,
             lora_rank,
             lora_alpha: o.lora_alpha.unwrap_or(lora_rank as f64),
+            temperature,
+            ce_weight,
         })
     }
 }

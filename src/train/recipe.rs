@@ -8,7 +8,7 @@ use crate::io::LoadedModel;
 use crate::model::llama::Llama;
 use crate::model::params::{self, Param, ParamGroup};
 use crate::model::weights::Weights;
-use crate::train::transfer::Teacher;
+use crate::train::{cross_entropy, distill, transfer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -21,6 +21,12 @@ pub enum Recipe {
     /// v, o) plus φ, or on all parameters with `--lora-rank 0`.
     #[serde(rename = "transfer+finetune")]
     TransferFinetune,
+    /// Distillation against the teacher's logits (KL over the whole vocabulary) on LoRA
+    /// adapters plus φ, or all parameters with `--lora-rank 0`.
+    Distill,
+    /// Transfer for the first `--transfer-tokens`, then distillation as [`Recipe::Distill`].
+    #[serde(rename = "transfer+distill")]
+    TransferDistill,
 }
 
 /// What one update optimizes.
@@ -31,28 +37,42 @@ pub enum Objective {
     Transfer,
     /// Next-token cross-entropy.
     Ce,
+    /// KL to the teacher's next-token distribution (plus a share of cross-entropy).
+    Distill,
 }
 
 impl std::str::FromStr for Recipe {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        [Self::Supra, Self::Transfer, Self::TransferFinetune]
+        Self::ALL
             .into_iter()
             .find(|r| r.name() == s)
             .ok_or_else(|| {
-                anyhow::anyhow!("unknown recipe '{s}' (known: supra, transfer, transfer+finetune)")
+                let known: Vec<&str> = Self::ALL.iter().map(|r| r.name()).collect();
+                anyhow::anyhow!("unknown recipe '{s}' (known: {})", known.join(", "))
             })
     }
 }
 
 impl Recipe {
+    pub const ALL: [Recipe; 5] = [
+        Self::Supra,
+        Self::Transfer,
+        Self::TransferFinetune,
+        Self::Distill,
+        Self::TransferDistill,
+    ];
+
     pub fn objective(self, step: u64, transfer_steps: u64) -> Objective {
         match self {
             Self::Supra => Objective::Ce,
             Self::Transfer => Objective::Transfer,
-            Self::TransferFinetune if step < transfer_steps => Objective::Transfer,
+            Self::TransferFinetune | Self::TransferDistill if step < transfer_steps => {
+                Objective::Transfer
+            }
             Self::TransferFinetune => Objective::Ce,
+            Self::Distill | Self::TransferDistill => Objective::Distill,
         }
     }
 
@@ -61,18 +81,42 @@ impl Recipe {
             Self::Supra => "supra",
             Self::Transfer => "transfer",
             Self::TransferFinetune => "transfer+finetune",
+            Self::Distill => "distill",
+            Self::TransferDistill => "transfer+distill",
         }
     }
 
+    /// Whether some updates run attention transfer (and so Wo is calibrated first).
     pub fn uses_transfer(self) -> bool {
-        self != Self::Supra
+        matches!(
+            self,
+            Self::Transfer | Self::TransferFinetune | Self::TransferDistill
+        )
+    }
+
+    /// Whether transfer comes first and another objective takes over after `--transfer-tokens`.
+    pub fn has_transfer_phase(self) -> bool {
+        matches!(self, Self::TransferFinetune | Self::TransferDistill)
+    }
+
+    /// Whether it fine-tunes through LoRA adapters plus φ (all parameters at rank 0).
+    pub fn adapts(self) -> bool {
+        matches!(
+            self,
+            Self::TransferFinetune | Self::Distill | Self::TransferDistill
+        )
+    }
+
+    /// Whether some updates distil from the teacher's logits.
+    pub fn distills(self) -> bool {
+        matches!(self, Self::Distill | Self::TransferDistill)
     }
 }
 
 /// Whether an update with `objective` changes parameters of `group` (of those the recipe
 /// trains): transfer reaches only φ.
 pub fn phase_trains(objective: Objective, group: ParamGroup) -> bool {
-    objective == Objective::Ce || group == ParamGroup::Phi
+    objective != Objective::Transfer || group == ParamGroup::Phi
 }
 
 /// The parameters `recipe` trains (entries of the parameter table), sorted by name.
@@ -81,17 +125,17 @@ pub fn trainable(model: &LoadedModel, recipe: Recipe, frozen: &[ParamGroup]) -> 
         .into_iter()
         .filter(|p| match recipe {
             Recipe::Transfer => p.group == ParamGroup::Phi,
-            Recipe::TransferFinetune if model.config.lora.is_some() => {
+            r if r.adapts() && model.config.lora.is_some() => {
                 matches!(p.group, ParamGroup::Phi | ParamGroup::Lora)
             }
-            Recipe::Supra | Recipe::TransferFinetune => !frozen.contains(&p.group),
+            _ => !frozen.contains(&p.group),
         })
         .collect();
     params.sort_by(|a, b| a.name.cmp(&b.name));
     if params.is_empty() {
         match recipe {
-            Recipe::Transfer | Recipe::TransferFinetune => bail!("the transfer recipe trains φ, and this model has none: convert it first (`supra convert`)"),
             Recipe::Supra => bail!("--freeze leaves nothing to train"),
+            r => bail!("the {} recipe trains φ, and this model has none: convert it first (`supra convert`)", r.name()),
         }
     }
     Ok(params)
@@ -116,27 +160,49 @@ pub fn with_variables(
     Ok((weights, vars))
 }
 
+/// What the objectives compare the model with, and their settings.
+pub struct Targets {
+    /// Attention transfer's per-layer teacher.
+    pub transfer: transfer::Teacher,
+    /// Distillation's teacher (the distilling recipes only).
+    pub distill: Option<distill::Teacher>,
+    /// Weight of the cross-entropy's z-loss.
+    pub z_loss: f64,
+    /// Distillation's temperature and the weight of the cross-entropy added to it.
+    pub temperature: f64,
+    pub ce_weight: f64,
+}
+
 /// The objective's loss on a batch of windows (batch, seq_len + 1). `model` is built for
-/// training; `teacher` serves the transfer objective; `z_loss` weighs the cross-entropy's.
+/// training.
 pub fn loss(
     model: &Llama,
-    teacher: &Teacher,
+    targets: &Targets,
     objective: Objective,
     windows: &Tensor,
-    z_loss: f64,
 ) -> Result<Tensor> {
     let t = windows.dim(1)? - 1;
     let inputs = windows.narrow(1, 0, t)?;
-    match objective {
-        Objective::Transfer => teacher.loss(model, &inputs),
-        Objective::Ce => {
-            let targets = windows.narrow(1, 1, t)?.flatten_all()?;
-            let hidden = model.forward_hidden(&inputs, None)?;
-            let logits = model.logits(&hidden)?;
-            let logits = logits.reshape((targets.dim(0)?, ()))?;
-            Ok(crate::train::cross_entropy::cross_entropy_z(
-                &logits, &targets, z_loss,
-            )?)
-        }
+    if objective == Objective::Transfer {
+        return targets.transfer.loss(model, &inputs);
     }
+    let next = windows.narrow(1, 1, t)?.flatten_all()?;
+    let logits = model.logits(&model.forward_hidden(&inputs, None)?)?;
+    let logits = logits.reshape((next.dim(0)?, ()))?;
+    Ok(match objective {
+        Objective::Ce => cross_entropy::cross_entropy_z(&logits, &next, targets.z_loss)?,
+        Objective::Distill => {
+            let Some(teacher) = &targets.distill else {
+                bail!("the distillation objective needs a teacher");
+            };
+            distill::loss(
+                &logits,
+                &teacher.logits(&inputs)?,
+                &next,
+                targets.temperature,
+                targets.ce_weight,
+            )?
+        }
+        Objective::Transfer => unreachable!("handled above"),
+    })
 }

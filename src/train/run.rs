@@ -16,9 +16,9 @@ use crate::model::weights::Weights;
 use crate::train::checkpoint::{self, Progress};
 use crate::train::data::{TokenStream, Windows};
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::recipe::{self, Objective, Recipe};
+use crate::train::recipe::{self, Objective, Recipe, Targets};
 use crate::train::schedule::Schedule;
-use crate::train::transfer::{self, Teacher};
+use crate::train::{distill, transfer};
 
 /// Everything that defines a run; a resumed run must match it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -54,21 +54,37 @@ pub struct TrainConfig {
     pub seed: u64,
     pub freeze: Vec<ParamGroup>,
     pub max_bad_steps: usize,
-    /// transfer+finetune: updates of attention transfer before cross-entropy starts.
+    /// Two-phase recipes: updates of attention transfer before the next objective starts.
     #[serde(default)]
     pub transfer_steps: u64,
-    /// transfer+finetune: peak learning rate of the transfer phase, its floor and warmup.
+    /// Two-phase recipes: peak learning rate of the transfer phase, its floor and warmup.
     #[serde(default)]
     pub transfer_lr: f64,
     #[serde(default)]
     pub transfer_min_lr: f64,
     #[serde(default)]
     pub transfer_warmup_steps: u64,
-    /// transfer+finetune: LoRA rank of the fine-tuning phase (0: all parameters).
+    /// The fine-tuning recipes: LoRA rank (0: all parameters).
     #[serde(default)]
     pub lora_rank: usize,
     #[serde(default)]
     pub lora_alpha: f64,
+    /// Distillation's temperature and the weight of the cross-entropy added to its KL (left
+    /// out of run.json at their defaults, so runs that predate them still resume).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub temperature: f64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ce_weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
+}
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 // AdamW's settings before run.json recorded them.
@@ -175,7 +191,7 @@ fn batch(stream: &TokenStream, starts: &[usize], seq_len: usize) -> Result<Tenso
 
 fn evaluate(
     model: &Llama,
-    teacher: &Teacher,
+    targets: &Targets,
     objective: Objective,
     stream: &TokenStream,
     cfg: &TrainConfig,
@@ -186,7 +202,7 @@ fn evaluate(
     for chunk in (0..n).collect::<Vec<_>>().chunks(cfg.micro_batch) {
         let starts: Vec<usize> = chunk.iter().map(|i| i * cfg.seq_len).collect();
         let windows = batch(stream, &starts, cfg.seq_len)?;
-        let l = recipe::loss(model, teacher, objective, &windows, cfg.z_loss)?;
+        let l = recipe::loss(model, targets, objective, &windows)?;
         total += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
     }
     Ok(total / n as f64)
@@ -197,8 +213,21 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
     check_settings(cfg, &model)?;
     crate::heap::keep_freed_for_reuse();
     let run_config = serde_json::to_value(cfg)?;
+    // Distillation's teacher is the model the run starts from, before calibration and any
+    // update; a resumed run gets it from the same model argument, which must be that one.
+    let distill_teacher = match cfg.recipe.distills() {
+        true => Some(distill::Teacher::new(&model)?),
+        false => None,
+    };
     let (mut model, opt_state, mut progress) = start_or_resume(model, cfg, inputs, &run_config)?;
-    if cfg.recipe == Recipe::TransferFinetune && cfg.lora_rank > 0 && !inputs.resume {
+    if let Some(t) = &distill_teacher {
+        if !inputs.resume {
+            progress.teacher = t.fingerprint().to_string();
+        } else if progress.teacher != t.fingerprint() {
+            bail!("--resume: the model given is not the teacher this run started distilling from; resume with the same model argument");
+        }
+    }
+    if cfg.recipe.adapts() && cfg.lora_rank > 0 && !inputs.resume {
         crate::train::lora::add(&mut model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)?;
     }
     let trained = recipe::trainable(&model, cfg.recipe, &cfg.freeze)?;
@@ -209,7 +238,7 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
     if cfg.recipe.uses_transfer() && !inputs.resume {
         progress.wo_scales = calibrate(&mut model, &mut data, cfg)?;
     }
-    let mut trainer = Trainer::new(&model, &trained, cfg, &progress)?;
+    let mut trainer = Trainer::new(&model, &trained, cfg, &progress, distill_teacher)?;
     if let Some(state) = &opt_state {
         trainer.opt.load_state(state)?;
     }
@@ -345,6 +374,7 @@ fn start_or_resume(
         seed: cfg.seed,
         wo_scales: Vec::new(),
         data: String::new(),
+        teacher: String::new(),
     };
     Ok((model, None, progress))
 }
@@ -450,10 +480,11 @@ struct Trainer<'a> {
     /// Every weight; the trained ones share storage with the optimizer's variables.
     weights: Weights,
     opt: AdamW,
-    teacher: Teacher,
+    targets: Targets,
     transfer_model: Llama,
-    ce_model: Llama,
-    /// transfer+finetune runs two schedules: one over the transfer updates, one over the rest.
+    /// The model for the objective after transfer (cross-entropy or distillation).
+    tune_model: Llama,
+    /// Two-phase recipes run two schedules: one over the transfer updates, one over the rest.
     transfer_schedule: Schedule,
     schedule: Schedule,
     /// Updates of the transfer schedule before the cross-entropy one starts.
@@ -466,11 +497,12 @@ impl<'a> Trainer<'a> {
         trained: &[Param],
         cfg: &'a TrainConfig,
         progress: &Progress,
+        distill: Option<distill::Teacher>,
     ) -> Result<Self> {
         let (weights, vars) = recipe::with_variables(model, trained)?;
         let table = params::by_name(&model.config);
         // One view of the weights per objective, in which only what that phase trains is a
-        // variable: in the transfer phase of transfer+finetune the LoRA adapters (trained
+        // variable: in the transfer phase of a two-phase recipe the LoRA adapters (trained
         // later) would otherwise drag the backward pass through every layer's value path.
         let phase_model = |objective| -> Result<Llama> {
             let view: Weights = weights
@@ -493,7 +525,7 @@ impl<'a> Trainer<'a> {
                 weight_decay: cfg.weight_decay,
             },
         );
-        let offset = if cfg.recipe == Recipe::TransferFinetune {
+        let offset = if cfg.recipe.has_transfer_phase() {
             cfg.transfer_steps.min(cfg.steps)
         } else {
             0
@@ -501,10 +533,16 @@ impl<'a> Trainer<'a> {
         Ok(Self {
             cfg,
             opt,
-            // The teacher's hidden states must not see the calibration.
-            teacher: Teacher::new(model, &progress.wo_scales)?,
+            targets: Targets {
+                // The teacher's hidden states must not see the calibration.
+                transfer: transfer::Teacher::new(model, &progress.wo_scales)?,
+                distill,
+                z_loss: cfg.z_loss,
+                temperature: cfg.temperature,
+                ce_weight: cfg.ce_weight,
+            },
             transfer_model: phase_model(Objective::Transfer)?,
-            ce_model: phase_model(Objective::Ce)?,
+            tune_model: phase_model(cfg.recipe.objective(u64::MAX, 0))?,
             weights,
             transfer_schedule: Schedule {
                 max_lr: cfg.transfer_lr,
@@ -525,7 +563,7 @@ impl<'a> Trainer<'a> {
     fn model(&self, objective: Objective) -> &Llama {
         match objective {
             Objective::Transfer => &self.transfer_model,
-            Objective::Ce => &self.ce_model,
+            Objective::Ce | Objective::Distill => &self.tune_model,
         }
     }
 
@@ -547,7 +585,7 @@ impl<'a> Trainer<'a> {
             let n = cfg.micro_batch.min(per_step - done);
             let windows = data.batch(progress.cursor, n)?;
             let model = self.model(objective);
-            let loss = recipe::loss(model, &self.teacher, objective, &windows, cfg.z_loss)?;
+            let loss = recipe::loss(model, &self.targets, objective, &windows)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
             let grads = loss.backward()?;
             self.opt.accumulate(&grads, n as f32 / per_step as f32)?;
@@ -581,7 +619,7 @@ impl<'a> Trainer<'a> {
     fn validate(&self, valid: &TokenStream, objective: Objective) -> Result<f64> {
         evaluate(
             self.model(objective),
-            &self.teacher,
+            &self.targets,
             objective,
             valid,
             self.cfg,

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# The fixed-budget ablation of docs/results/quality.md: recipe {supra, transfer+finetune,
+# transfer+distill} × cell {SUPRA relu, Hedgehog} × window {none, 64 + 4 sinks}, the paper's
+# own preset, the window-only control and the teacher, every trained row on the same data
+# (text/train, seed 0) and the same 262,144 tokens, every figure on held-out text/test or on the
+# tasks' own sets.
+#
+# Days of work on two cores, so it runs in phases and is restartable at any point: every
+# training run checkpoints every 8 updates and continues with --resume, every figure is one
+# file under OUT/ROW/ that is skipped once it exists, and the long evaluations journal their
+# answers. Run it again (in the next session) to go on.
+#   phase train     convert and train every row; held-out perplexity (40,880 tokens) as each
+#                   finishes, with the window-only and linear-only branches of window rows
+#   phase probes    perplexity by position with the whole history (5 books × 8k tokens),
+#                   passkey at 1k and 2k
+#   phase tasks     lambada_openai, piqa, arc_easy (full sets), hellaswag (first 1,000)
+#
+#   scripts/results/quality.sh PHASE [ROW...]   (OUT=runs/quality, from $QUALITY_OUT)
+#
+# Each training run's wall time (summed over invocations) goes to OUT/ROW/wall_s; its median
+# tokens/s is in OUT/ROW/run/metrics.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${QUALITY_OUT:-runs/quality}
+DATA=${SUPRA_DATA_DIR:-../shared/data}
+PHASE=${1:?usage: scripts/results/quality.sh train|probes|tasks [ROW...]}
+shift
+TOKENS=262144
+mkdir -p "$OUT"
+cargo build --release --quiet
+# A copy, so that rebuilding while this runs does not touch the running binary.
+cp target/release/supra "$OUT/supra-bin"
+S="$OUT/supra-bin"
+TEACHER=$("$S" fetch)
+
+# name: recipe (preset), then the conversion's flags. "teacher" and "control" are not trained.
+declare -A ROWS=(
+  [teacher]="-"
+  [control-w64]="- --window 64"
+  [supra-paper-relu]="supra-paper --feature-map relu"
+  [supra-relu]="supra --feature-map relu"
+  [supra-hedgehog]="supra --feature-map hedgehog"
+  [supra-relu-w64]="supra --feature-map relu --window 64"
+  [supra-hedgehog-w64]="supra --feature-map hedgehog --window 64"
+  [tce-relu]="transfer+finetune --feature-map relu"
+  [tce-hedgehog]="transfer+finetune --feature-map hedgehog"
+  [tce-relu-w64]="transfer+finetune --feature-map relu --window 64"
+  [tce-hedgehog-w64]="transfer+finetune --feature-map hedgehog --window 64"
+  [td-relu]="transfer+distill --feature-map relu"
+  [td-hedgehog]="transfer+distill --feature-map hedgehog"
+  [td-relu-w64]="transfer+distill --feature-map relu --window 64"
+  [td-hedgehog-w64]="transfer+distill --feature-map hedgehog --window 64"
+)
+ORDER=(teacher control-w64 td-relu-w64 td-hedgehog-w64 tce-relu-w64 tce-hedgehog-w64 td-relu
+  td-hedgehog tce-relu tce-hedgehog supra-relu supra-hedgehog supra-relu-w64 supra-hedgehog-w64
+  supra-paper-relu)
+[ $# -gt 0 ] && ORDER=("$@")
+
+# The model a row's figures are measured on.
+model() {
+  case $1 in
+    teacher) echo "$TEACHER" ;;
+    control-*) echo "$OUT/$1/converted" ;;
+    *) echo "$OUT/$1/run/final" ;;
+  esac
+}
+is_window() { [[ ${ROWS[$1]} == *--window* ]]; }
+
+# once FILE COMMAND...: runs COMMAND with stdout into FILE unless FILE exists (written whole).
+once() {
+  local file=$1; shift
+  [ -f "$file" ] && return
+  local t0=$SECONDS
+  "$@" > "$file.tmp"
+  mv "$file.tmp" "$file"
+  echo "$file ($((SECONDS - t0)) s)"
+}
+
+train_row() {
+  local row=$1 spec=(${ROWS[$1]})
+  local recipe=${spec[0]} flags=("${spec[@]:1}")
+  [ "$row" = teacher ] && return
+  mkdir -p "$OUT/$row"
+  [ -f "$OUT/$row/converted/config.json" ] || "$S" convert --out "$OUT/$row/converted" "${flags[@]}" >/dev/null
+  [ "$recipe" = - ] && return
+  [ -f "$OUT/$row/run/final/config.json" ] && return
+  local resume=()
+  [ -d "$OUT/$row/run/checkpoints" ] && resume=(--resume)
+  local t0=$SECONDS
+  "$S" train "$OUT/$row/converted" --recipe "$recipe" --data "$DATA/text/train" \
+    --tokens $TOKENS --checkpoint-every 8 --out "$OUT/$row/run" "${resume[@]}"
+  echo $(( $(cat "$OUT/$row/wall_s" 2>/dev/null || echo 0) + SECONDS - t0 )) > "$OUT/$row/wall_s"
+}
+
+heldout() { # row, branches
+  local m branches=$2
+  m=$(model "$1")
+  once "$OUT/$1/heldout-$branches.json" "$S" score "$m" --text "$DATA/text/test" --window 512 \
+    --max-tokens 8192 --branches "$branches" --json
+}
+
+# probe NAME ROW ARGS...: a probe journaled beside its JSON, continued when interrupted.
+probe() {
+  local name=$1 row=$2; shift 2
+  local json="$OUT/$row/$name.json" resume=()
+  [ -f "$json" ] && return
+  [ -f "$json.partial.jsonl" ] && resume=(--resume)
+  "$S" probe "$@" "$(model "$row")" --names "$row" --json "$json" --png "$OUT/$row/$name.png" \
+    "${resume[@]}" > "$OUT/$row/$name.md"
+}
+
+task() { # row, name, eval flags...
+  local row=$1 name=$2; shift 2
+  local json="$OUT/$row/$name.json" resume=()
+  [ -f "$json" ] && return
+  [ -f "$json.partial.jsonl" ] && resume=(--resume)
+  local m=(); [ "$row" = teacher ] || m=("$(model "$row")")
+  "$S" eval "${m[@]}" "$@" --json "$json" "${resume[@]}" > "$OUT/$row/$name.md"
+}
+
+for row in "${ORDER[@]}"; do
+  [ -n "${ROWS[$row]+x}" ] || { echo "unknown row $row (rows: ${!ROWS[*]})" >&2; exit 2; }
+  mkdir -p "$OUT/$row"
+  case $PHASE in
+    train)
+      train_row "$row"
+      branches=(both)
+      [ "$row" = control-w64 ] && branches=(window)
+      [ "$row" != control-w64 ] && is_window "$row" && branches=(both window linear)
+      for b in "${branches[@]}"; do heldout "$row" "$b"; done
+      ;;
+    probes)
+      b=both; [ "$row" = control-w64 ] && b=window
+      probe position "$row" position --branches "$b" --text "$DATA/text/test" --length 8k \
+        --sequences 5 --edges 1k,2k
+      probe passkey "$row" passkey --branches "$b" --lengths 1k,2k
+      ;;
+    tasks)
+      [ "$row" = control-w64 ] && continue
+      task "$row" tasks --tasks lambada_openai,piqa,arc_easy
+      task "$row" hellaswag --tasks hellaswag --limit 1000
+      ;;
+    *) echo "unknown phase $PHASE (train, probes or tasks)" >&2; exit 2 ;;
+  esac
+done

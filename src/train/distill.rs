@@ -1,0 +1,360 @@
+//! Distillation: the student's next-token distribution pulled toward its teacher's over the
+//! whole vocabulary, with the teacher run online on the same windows. Only the full
+//! distribution is an unbiased target: caching the teacher's top-k probabilities is not
+//! (Sparse Logit Sampling, ACL 2025).
+//!
+//! loss = (1/N) Σᵢ [T² · KL(pᵢ ‖ qᵢ) + w · CEᵢ],  pᵢ = softmax(tᵢ/T), qᵢ = softmax(sᵢ/T)
+//! ∂loss/∂sᵢ = (T · (qᵢ − pᵢ) + w · (softmax(sᵢ) − onehot(yᵢ))) / N
+//!
+//! (t the teacher's logits, s the student's, y the data's next token; T² keeps the gradient's
+//! size independent of the temperature, as Hinton et al. 2015 scale it.) With Lₜ, Lₛ the
+//! log-sum-exps of t/T and s/T and mₜ the row's max of t,
+//! KL = Σᵥ e^{(tᵥ − mₜ)/T} (tᵥ − sᵥ) / (T · Σᵥ e^{(tᵥ − mₜ)/T}) − Lₜ + Lₛ,
+//! so [`loss`] reads each pair of rows twice forward (maxima, then every sum in one pass) and
+//! once backward, where a composition of candle ops ([`naive`], the tests' reference) makes a
+//! dozen passes over (N, vocab) tensors of 100 MB each at seq 512.
+
+use anyhow::{bail, Result};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+use std::sync::Mutex;
+
+use crate::config::AttentionKind;
+use crate::io::LoadedModel;
+use crate::model::llama::Llama;
+
+/// Mean distillation loss of `student` logits (N, V) against `teacher` logits (N, V) at
+/// `temperature`, plus `ce_weight` × the cross-entropy against `targets` (N, u32).
+pub fn loss(
+    student: &Tensor,
+    teacher: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    ce_weight: f64,
+) -> candle_core::Result<Tensor> {
+    let valid = temperature > 0.0 && temperature.is_finite() && ce_weight >= 0.0;
+    if !valid {
+        candle_core::bail!(
+            "distillation: temperature {temperature} must be positive and the cross-entropy weight {ce_weight} non-negative"
+        );
+    }
+    let op = FusedDistill {
+        temperature: temperature as f32,
+        ce_weight: ce_weight as f32,
+        rows: Mutex::default(),
+    };
+    student.apply_op3(&teacher.detach(), targets, op)
+}
+
+/// The reference: the same loss composed of candle ops (log-softmax, exp, sums).
+pub fn naive(
+    student: &Tensor,
+    teacher: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    ce_weight: f64,
+) -> candle_core::Result<Tensor> {
+    use candle_nn::ops::log_softmax;
+    let log_q = log_softmax(&(student / temperature)?, 1)?;
+    let log_p = log_softmax(&(teacher.detach() / temperature)?, 1)?;
+    let kl = (log_p.exp()? * (log_p - log_q)?)?.sum(1)?.mean_all()?;
+    let kl = (kl * (temperature * temperature))?;
+    if ce_weight == 0.0 {
+        return Ok(kl);
+    }
+    kl + (candle_nn::loss::cross_entropy(student, targets)? * ce_weight)?
+}
+
+/// What the backward pass needs of each row: maxima and log-sums of s/T and t/T, and the
+/// log-sum-exp of s itself (for the cross-entropy term).
+#[derive(Clone, Copy, Default)]
+struct Row {
+    max_s: f32,
+    log_zs: f32,
+    max_t: f32,
+    log_zt: f32,
+    lse1: f32,
+}
+
+struct FusedDistill {
+    temperature: f32,
+    ce_weight: f32,
+    rows: Mutex<Vec<Row>>,
+}
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("distillation: the {what} must be contiguous"),
+    }
+}
+
+impl FusedDistill {
+    /// Row statistics and the row's loss term T²·KL + w·CE.
+    fn row(&self, s: &[f32], t: &[f32], y: u32) -> (Row, f64) {
+        let inv_t = 1.0 / self.temperature;
+        let max_s = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max_t = t.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let (mut zs, mut zt, mut cross, mut z1) = (0f64, 0f64, 0f64, 0f64);
+        let one = self.temperature == 1.0;
+        for (&s, &t) in s.iter().zip(t) {
+            let et = ((t - max_t) * inv_t).exp() as f64;
+            zt += et;
+            cross += et * (t - s) as f64;
+            zs += ((s - max_s) * inv_t).exp() as f64;
+            if !one && self.ce_weight > 0.0 {
+                z1 += (s - max_s).exp() as f64;
+            }
+        }
+        let temp = self.temperature as f64;
+        let lse_s = max_s as f64 * inv_t as f64 + zs.ln();
+        let lse_t = max_t as f64 * inv_t as f64 + zt.ln();
+        let kl = cross / (temp * zt) - lse_t + lse_s;
+        let lse1 = if one { lse_s } else { max_s as f64 + z1.ln() };
+        let ce = if self.ce_weight > 0.0 {
+            lse1 - s[y as usize] as f64
+        } else {
+            0.0
+        };
+        let row = Row {
+            max_s,
+            log_zs: zs.ln() as f32,
+            max_t,
+            log_zt: zt.ln() as f32,
+            lse1: lse1 as f32,
+        };
+        (row, temp * temp * kl + self.ce_weight as f64 * ce)
+    }
+}
+
+impl CustomOp3 for FusedDistill {
+    fn name(&self) -> &'static str {
+        "fused-distillation"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(s), CpuStorage::F32(t), CpuStorage::U32(y)) = (s1, s2, s3) else {
+            candle_core::bail!(
+                "distillation: expected f32 student and teacher logits and u32 targets"
+            );
+        };
+        let (n, v) = l1.shape().dims2()?;
+        if l2.shape().dims() != [n, v] || l3.shape().dims1()? != n {
+            candle_core::bail!(
+                "distillation: student logits {:?}, teacher logits {:?} and targets {:?} do not match",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            );
+        }
+        let s = contiguous(s, l1, "student logits")?;
+        let t = contiguous(t, l2, "teacher logits")?;
+        let y = contiguous(y, l3, "targets")?;
+        if let Some(&bad) = y.iter().find(|&&y| y as usize >= v) {
+            candle_core::bail!("distillation: target {bad} outside a vocabulary of {v}");
+        }
+        let (rows, terms): (Vec<Row>, Vec<f64>) = s
+            .par_chunks(v)
+            .zip(t.par_chunks(v))
+            .zip(y.par_iter())
+            .map(|((s, t), &y)| self.row(s, t, y))
+            .unzip();
+        *self.rows.lock().expect("rows lock") = rows;
+        let total: f64 = terms.iter().sum();
+        Ok((
+            CpuStorage::F32(vec![(total / n as f64) as f32]),
+            Shape::from(()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        student: &Tensor,
+        teacher: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, v) = student.dims2()?;
+        let scale = grad_res.to_scalar::<f32>()? / n as f32;
+        let y = targets.to_vec1::<u32>()?;
+        let (student, teacher) = (student.contiguous()?, teacher.contiguous()?);
+        let (ss, sl) = student.storage_and_layout();
+        let (ts, tl) = teacher.storage_and_layout();
+        let (
+            candle_core::Storage::Cpu(CpuStorage::F32(s)),
+            candle_core::Storage::Cpu(CpuStorage::F32(t)),
+        ) = (&*ss, &*ts)
+        else {
+            candle_core::bail!("distillation: expected f32 CPU logits");
+        };
+        let (s, t) = (
+            contiguous(s, sl, "student logits")?,
+            contiguous(t, tl, "teacher logits")?,
+        );
+        let rows = self.rows.lock().expect("rows lock");
+        let (temp, inv_t, w) = (self.temperature, 1.0 / self.temperature, self.ce_weight);
+        let one = temp == 1.0;
+        let mut grad = vec![0f32; n * v];
+        grad.par_chunks_mut(v)
+            .zip(s.par_chunks(v).zip(t.par_chunks(v)))
+            .zip(rows.par_iter().zip(y.par_iter()))
+            .for_each(|((g, (s, t)), (r, &y))| {
+                for ((g, &s), &t) in g.iter_mut().zip(s).zip(t) {
+                    let q = ((s - r.max_s) * inv_t - r.log_zs).exp();
+                    let p = ((t - r.max_t) * inv_t - r.log_zt).exp();
+                    let mut d = temp * (q - p);
+                    if w > 0.0 {
+                        d += w * if one { q } else { (s - r.lse1).exp() };
+                    }
+                    *g = scale * d;
+                }
+                if w > 0.0 {
+                    g[y as usize] -= scale * w;
+                }
+            });
+        let grad = Tensor::from_vec(grad, (n, v), student.device())?;
+        Ok((Some(grad), None, None))
+    }
+}
+
+/// The teacher of distillation: the model the run started from with every layer softmax
+/// attention (on its own q, k, v and Wo), in its inference form, so its forward builds no
+/// graph. Its weights are copies the optimizer never touches.
+pub struct Teacher {
+    model: Llama,
+    fingerprint: String,
+}
+
+impl Teacher {
+    /// The teacher in `source`: a pretrained model, or one converted from it whose Wo no
+    /// transfer run has rescaled yet (its softmax layers are then the original's).
+    pub fn new(source: &LoadedModel) -> Result<Self> {
+        if source.config.lora.is_some() {
+            bail!("the distillation teacher carries unmerged LoRA adapters; give a merged model (a run's final/)");
+        }
+        let mut config = source.config.clone();
+        config.layer_kinds = vec![AttentionKind::Softmax; config.num_hidden_layers];
+        config.supra = None;
+        let mut hash = Sha256::new();
+        hash.update(serde_json::to_vec(&config.to_hf_json())?);
+        let mut names: Vec<String> = crate::model::params::table(&config)
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        names.sort();
+        for name in &names {
+            let Some(w) = source.weights.get(name) else {
+                bail!("the distillation teacher has no tensor '{name}'");
+            };
+            hash.update(name.as_bytes());
+            let values = w
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+            hash.update(&bytes);
+        }
+        Ok(Self {
+            model: Llama::new(&config, &source.weights)?,
+            fingerprint: format!("{:x}", hash.finalize()),
+        })
+    }
+
+    /// A digest of the teacher's config and weights: a resumed run must distil from the same.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Logits (batch · seq, vocab) for `inputs` (batch, seq), outside any graph.
+    pub fn logits(&self, inputs: &Tensor) -> Result<Tensor> {
+        let hidden = self.model.forward_hidden(inputs, None)?;
+        let logits = self.model.logits(&hidden)?;
+        Ok(logits.reshape(((), self.model.config.vocab_size))?.detach())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn case(t: f64, w: f64) -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let (n, v) = (6, 257);
+        let s = Var::from_tensor(&Tensor::randn(0f32, 3.0, (n, v), &dev)?)?;
+        // A teacher near the student, as late in training, and one far from it.
+        let near = (s.as_tensor() + Tensor::randn(0f32, 0.3, (n, v), &dev)?)?;
+        let far = Tensor::randn(0f32, 4.0, (n, v), &dev)?;
+        let y = Tensor::new(&[0u32, 256, 5, 5, 100, 1], &dev)?;
+        for teacher in [near, far] {
+            let fused = loss(&s, &teacher, &y, t, w)?;
+            // The reference in f64, so that what is compared is this op's own rounding.
+            let f64 = candle_core::DType::F64;
+            let reference = naive(&s.to_dtype(f64)?, &teacher.to_dtype(f64)?, &y, t, w)?
+                .to_dtype(candle_core::DType::F32)?;
+            let (a, b) = (fused.to_scalar::<f32>()?, reference.to_scalar::<f32>()?);
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "T {t}, w {w}: loss {a} vs {b}"
+            );
+            // Scaled, so the incoming gradient is not 1 and the op must use it.
+            let gf = (fused * 3.0)?.backward()?;
+            let gr = (reference * 3.0)?.backward()?;
+            let (gf, gr) = (gf.get(&s).unwrap(), gr.get(&s).unwrap());
+            let d = crate::testing::max_abs_diff(gf, gr);
+            let size = gr.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                d <= 1e-5 * size,
+                "T {t}, w {w}: gradients differ by {d} (max {size})"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn matches_its_composition_at_every_setting() -> candle_core::Result<()> {
+        for (t, w) in [(1.0, 0.0), (2.0, 0.0), (1.0, 0.5), (0.5, 0.25)] {
+            case(t, w)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn is_zero_with_no_gradient_when_the_student_is_the_teacher() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let s = Var::from_tensor(&Tensor::randn(0f32, 3.0, (4, 100), &dev)?)?;
+        let y = Tensor::new(&[0u32, 1, 2, 3], &dev)?;
+        let l = loss(&s, &s.as_tensor().copy()?, &y, 1.5, 0.0)?;
+        assert!(l.to_scalar::<f32>()?.abs() < 1e-5);
+        let g = l.backward()?;
+        let m = g.get(&s).unwrap().abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(m < 1e-7, "gradient {m}");
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_bad_operands() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((2, 4), candle_core::DType::F32, &dev)?;
+        let y = Tensor::new(&[1u32, 4], &dev)?;
+        let e = loss(&x, &x, &y, 1.0, 0.0).unwrap_err().to_string();
+        assert!(e.contains("target 4 outside a vocabulary of 4"), "{e}");
+        let wide = Tensor::zeros((2, 5), candle_core::DType::F32, &dev)?;
+        let y = Tensor::new(&[1u32, 2], &dev)?;
+        let e = loss(&x, &wide, &y, 1.0, 0.0).unwrap_err().to_string();
+        assert!(e.contains("do not match"), "{e}");
+        let e = loss(&x, &x, &y, 0.0, 0.0).unwrap_err().to_string();
+        assert!(e.contains("must be positive"), "{e}");
+        Ok(())
+    }
+}
