@@ -1,6 +1,8 @@
-//! The whole job on one model: convert, attention transfer, held-out perplexity of teacher vs
-//! linear model, and a sample from the linear model.
+//! The whole job on one model: convert, train (attention transfer, then distillation by
+//! default), held-out perplexity of teacher, window-only control and linear model, and a
+//! sample from the linear model.
 
+use crate::attention::window::Branches;
 use crate::convert::{convert, ConvertOptions};
 use crate::eval::perplexity::{perplexity, Perplexity};
 use crate::infer::generate::{Generation, TextStream};
@@ -14,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 pub struct LinearizeOptions {
     pub out: PathBuf,
+    /// The conversion: which cell, with or without a window.
+    pub convert: ConvertOptions,
     pub train: TrainConfig,
     pub data: Vec<PathBuf>,
     pub valid: Option<Vec<PathBuf>>,
@@ -27,8 +31,15 @@ pub struct LinearizeOptions {
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
     pub teacher: Perplexity,
+    /// The converted model with its window layers' linear branch off: the teacher restricted
+    /// to its window and sinks, what the linear state has to beat (window models only).
+    pub control: Option<Perplexity>,
     pub converted: Perplexity,
     pub linear: Perplexity,
+    /// The linear model's perplexity over the teacher's (and the control's over the teacher's).
+    pub ratio: f64,
+    pub control_ratio: Option<f64>,
+    pub recipe: String,
     pub train_tokens: u64,
     pub sample: String,
 }
@@ -39,11 +50,13 @@ fn heading(step: usize, text: &str) {
 
 fn held_out_ppl(
     model: &LoadedModel,
+    branches: Branches,
     ids: &[u32],
     window: usize,
     label: &str,
 ) -> Result<Perplexity> {
-    let llama = Llama::new(&model.config, &model.weights)?;
+    let mut llama = Llama::new(&model.config, &model.weights)?;
+    llama.set_branches(branches);
     let n = ids.len().div_ceil(window) as u64;
     let bar = indicatif::ProgressBar::new(n).with_style(
         indicatif::ProgressStyle::with_template(
@@ -99,11 +112,20 @@ fn read_held_out(path: &Path, max_chars: usize) -> Result<String> {
 pub fn linearize(teacher: LoadedModel, opts: &LinearizeOptions) -> Result<Report> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("cannot create {}", opts.out.display()))?;
+    let cell = match &opts.convert.window {
+        Some(w) => format!(
+            "a window of {} + {} sinks and {} linear attention",
+            w.window,
+            w.sinks,
+            opts.convert.feature_map.name()
+        ),
+        None => format!("{} linear attention", opts.convert.feature_map.name()),
+    };
     heading(
         1,
-        "convert: softmax attention → SUPRA linear attention in every layer",
+        &format!("convert: softmax attention → {cell} in every layer"),
     );
-    let converted = convert(&teacher, &ConvertOptions::default())?;
+    let converted = convert(&teacher, &opts.convert)?;
     let converted_dir = opts.out.join("converted");
     crate::io::hf_dir::save(&converted, &converted_dir)?;
     eprintln!(
@@ -115,7 +137,8 @@ pub fn linearize(teacher: LoadedModel, opts: &LinearizeOptions) -> Result<Report
     heading(
         2,
         &format!(
-            "attention transfer on {} tokens (φ trains; Wo is calibrated once)",
+            "train: {} on {} tokens",
+            opts.train.recipe.name(),
             opts.train.steps * (opts.train.windows_per_step() * opts.train.seq_len) as u64
         ),
     );
@@ -143,9 +166,20 @@ pub fn linearize(teacher: LoadedModel, opts: &LinearizeOptions) -> Result<Report
     let mut ids = teacher.tokenizer.encode(&text)?;
     ids.truncate(opts.eval_tokens);
     let window = opts.train.seq_len;
-    let teacher_ppl = held_out_ppl(&teacher, &ids, window, "teacher (softmax)")?;
-    let converted_ppl = held_out_ppl(&converted, &ids, window, "converted (untrained)")?;
-    let linear_ppl = held_out_ppl(&linear, &ids, window, "linear (transfer)")?;
+    let both = Branches::Both;
+    let teacher_ppl = held_out_ppl(&teacher, both, &ids, window, "teacher (softmax)")?;
+    let control = match opts.convert.window {
+        Some(_) => Some(held_out_ppl(
+            &converted,
+            Branches::Window,
+            &ids,
+            window,
+            "window-only control",
+        )?),
+        None => None,
+    };
+    let converted_ppl = held_out_ppl(&converted, both, &ids, window, "converted (untrained)")?;
+    let linear_ppl = held_out_ppl(&linear, both, &ids, window, "linear (trained)")?;
 
     heading(4, "sample from the linear model");
     let llama = Llama::new(&linear.config, &linear.weights)?;
@@ -180,9 +214,13 @@ pub fn linearize(teacher: LoadedModel, opts: &LinearizeOptions) -> Result<Report
 
     heading(5, "report");
     let report = Report {
+        ratio: linear_ppl.ppl / teacher_ppl.ppl,
+        control_ratio: control.as_ref().map(|c| c.ppl / teacher_ppl.ppl),
         teacher: teacher_ppl,
+        control,
         converted: converted_ppl,
         linear: linear_ppl,
+        recipe: opts.train.recipe.name().to_string(),
         train_tokens: summary.last.as_ref().map_or(0, |m| m.tokens),
         sample,
     };

@@ -10,7 +10,8 @@
 # file under OUT/ROW/ that is skipped once it exists, and the long evaluations journal their
 # answers. Run it again (in the next session) to go on.
 #   phase train     convert and train every row; held-out perplexity (40,880 tokens) as each
-#                   finishes, with the window-only and linear-only branches of window rows
+#                   finishes, with the window-only and linear-only branches of window rows,
+#                   and perplexity on text/valid (where defaults are chosen)
 #   phase probes    perplexity by position with the whole history (5 books × 8k tokens),
 #                   passkey at 1k and 2k
 #   phase tasks     lambada_openai, piqa, arc_easy (full sets), hellaswag (first 1,000)
@@ -99,6 +100,14 @@ heldout() { # row, branches
     --max-tokens 8192 --branches "$branches" --json
 }
 
+# The same on text/valid (24,528 tokens): the figure choices (defaults) are made on.
+valid() { # row, branches
+  local m branches=$2
+  m=$(model "$1")
+  once "$OUT/$1/valid-$branches.json" "$S" score "$m" --text "$DATA/text/valid" --window 512 \
+    --max-tokens 8192 --branches "$branches" --json
+}
+
 # probe NAME ROW ARGS...: a probe journaled beside its JSON, continued when interrupted.
 probe() {
   local name=$1 row=$2; shift 2
@@ -128,6 +137,7 @@ for row in "${ORDER[@]}"; do
       [ "$row" = control-w64 ] && branches=(window)
       [ "$row" != control-w64 ] && is_window "$row" && branches=(both window linear)
       for b in "${branches[@]}"; do heldout "$row" "$b"; done
+      valid "$row" "${branches[0]}"
       ;;
     probes)
       b=both; [ "$row" = control-w64 ] && b=window

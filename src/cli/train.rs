@@ -122,6 +122,9 @@ pub(crate) struct TrainArgs {
     pub(crate) stop_after: Option<u64>,
 }
 
+/// `supra linearize`'s training budget: about 15 minutes of the default recipe on 2 cores.
+const DEFAULT_TOKENS: u64 = 131_072;
+
 const PRESET_NAMES: [&str; 6] = [
     "supra-paper",
     "supra",
@@ -224,9 +227,22 @@ pub(crate) struct LinearizeArgs {
     /// report.json. Running again continues an unfinished run.
     #[arg(long)]
     pub(crate) out: PathBuf,
-    /// Attention-transfer tokens (the whole job takes 6-11 minutes on 2 cores at the default).
-    #[arg(long, default_value_t = 65_536)]
+    /// Training tokens, both phases of a two-phase recipe together.
+    #[arg(long, default_value_t = DEFAULT_TOKENS)]
     pub(crate) tokens: u64,
+    /// The training recipe (a preset of `supra train`, at this command's budget).
+    #[arg(long, default_value = "transfer+distill", value_parser = PRESET_NAMES)]
+    pub(crate) recipe: String,
+    /// Exact softmax attention over the last W tokens (and 4 sinks) beside each layer's linear
+    /// state, which stays constant in the context; 0 converts to pure linear layers (the
+    /// paper's RNN, further from the teacher at this budget).
+    #[arg(long, default_value_t = 64)]
+    pub(crate) window: usize,
+    /// Feature map of the linear branch (see `supra convert --help`; relu and hedgehog tie on
+    /// text/valid after 262,144 tokens of transfer+distill, docs/results/quality.md, and relu
+    /// trains in less time).
+    #[arg(long, default_value = "relu")]
+    pub(crate) feature_map: supra::config::FeatureKind,
     /// Training text [default: DATA_DIR/text/train].
     #[arg(long, num_args = 1..)]
     pub(crate) data: Vec<PathBuf>,
@@ -261,25 +277,39 @@ pub(crate) fn linearize(a: &LinearizeArgs) -> Result<()> {
             bail!("{} does not exist (give --data-dir, or set SUPRA_DATA_DIR, to the shared data directory)", p.display());
         }
     }
-    // The transfer preset at this command's budget, validated and checkpointed four times.
+    // The recipe's preset at this command's budget, validated and checkpointed four times.
     let o = preset::Overrides {
         seq_len: Some(a.seq_len),
         batch_tokens: Some(a.batch_tokens),
         tokens: Some(a.tokens),
         ..Default::default()
     };
-    let transfer = preset::find("transfer")?;
+    let recipe = preset::find(&a.recipe)?;
     let mut run = preset::RunSettings {
         eval_windows: 4,
         ..Default::default()
     };
-    let quarter = (transfer.resolve(&o, &run)?.steps / 4).max(1);
+    let quarter = (recipe.resolve(&o, &run)?.steps / 4).max(1);
     (run.eval_every, run.checkpoint_every) = (quarter, quarter);
-    let cfg = transfer.resolve(&o, &run)?;
+    let cfg = recipe.resolve(&o, &run)?;
+    let convert = supra::convert::ConvertOptions {
+        feature_map: a.feature_map,
+        phi_init: match a.feature_map {
+            supra::config::FeatureKind::Hedgehog => supra::config::PhiInit::Identity,
+            supra::config::FeatureKind::Relu => supra::config::PhiInit::Random,
+        },
+        window: (a.window > 0).then_some(supra::config::WindowConfig {
+            window: a.window,
+            sinks: 4,
+            mix: supra::config::Mix::Shared,
+        }),
+        ..Default::default()
+    };
     eprintln!("loading the teacher");
     let (teacher, _) = a.model.load()?;
     let opts = supra::linearize::LinearizeOptions {
         out: a.out.clone(),
+        convert,
         train: cfg,
         data,
         valid: valid.exists().then(|| vec![valid]),
@@ -289,19 +319,24 @@ pub(crate) fn linearize(a: &LinearizeArgs) -> Result<()> {
         token_cache: fetch::cache_dir().join("tokens"),
     };
     let r = supra::linearize::linearize(teacher, &opts)?;
-    println!("| model | held-out perplexity | tokens scored |");
-    println!("|---|---:|---:|");
-    println!(
-        "| teacher (softmax attention) | {:.2} | {} |",
-        r.teacher.ppl, r.teacher.tokens
-    );
-    println!(
-        "| converted, untrained φ | {:.2} | {} |",
-        r.converted.ppl, r.converted.tokens
-    );
-    println!(
-        "| linear, after transfer on {} tokens | {:.2} | {} |",
-        r.train_tokens, r.linear.ppl, r.linear.tokens
+    println!("| model | held-out perplexity | × teacher | tokens scored |");
+    println!("|---|---:|---:|---:|");
+    let row = |name: &str, p: &supra::eval::perplexity::Perplexity| {
+        println!(
+            "| {name} | {:.2} | {:.2} | {} |",
+            p.ppl,
+            p.ppl / r.teacher.ppl,
+            p.tokens
+        )
+    };
+    row("teacher (softmax attention)", &r.teacher);
+    if let Some(c) = &r.control {
+        row("window-only control (untrained, linear branch off)", c);
+    }
+    row("converted, untrained", &r.converted);
+    row(
+        &format!("linear, after {} on {} tokens", r.recipe, r.train_tokens),
+        &r.linear,
     );
     println!("\nlinear model: {}", a.out.join("run/final").display());
     Ok(())
