@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::sync::Mutex;
 
+use crate::attention::supra::fused::slice;
 use crate::config::AttentionKind;
 use crate::io::LoadedModel;
 use crate::model::llama::Llama;
@@ -83,13 +84,6 @@ struct FusedDistill {
     rows: Mutex<Vec<Row>>,
 }
 
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("distillation: the {what} must be contiguous"),
-    }
-}
-
 impl FusedDistill {
     /// Row statistics and the row's loss term T²·KL + w·CE.
     fn row(&self, s: &[f32], t: &[f32], y: u32) -> (Row, f64) {
@@ -142,11 +136,14 @@ impl CustomOp3 for FusedDistill {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(s), CpuStorage::F32(t), CpuStorage::U32(y)) = (s1, s2, s3) else {
+        if !matches!(
+            (s1, s2, s3),
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::U32(_))
+        ) {
             candle_core::bail!(
                 "distillation: expected f32 student and teacher logits and u32 targets"
             );
-        };
+        }
         let (n, v) = l1.shape().dims2()?;
         if l2.shape().dims() != [n, v] || l3.shape().dims1()? != n {
             candle_core::bail!(
@@ -156,9 +153,11 @@ impl CustomOp3 for FusedDistill {
                 l3.shape()
             );
         }
-        let s = contiguous(s, l1, "student logits")?;
-        let t = contiguous(t, l2, "teacher logits")?;
-        let y = contiguous(y, l3, "targets")?;
+        let (s, t, y) = (
+            slice::<f32>(s1, l1)?,
+            slice::<f32>(s2, l2)?,
+            slice::<u32>(s3, l3)?,
+        );
         if let Some(&bad) = y.iter().find(|&&y| y as usize >= v) {
             candle_core::bail!("distillation: target {bad} outside a vocabulary of {v}");
         }
@@ -190,17 +189,10 @@ impl CustomOp3 for FusedDistill {
         let (student, teacher) = (student.contiguous()?, teacher.contiguous()?);
         let (ss, sl) = student.storage_and_layout();
         let (ts, tl) = teacher.storage_and_layout();
-        let (
-            candle_core::Storage::Cpu(CpuStorage::F32(s)),
-            candle_core::Storage::Cpu(CpuStorage::F32(t)),
-        ) = (&*ss, &*ts)
-        else {
-            candle_core::bail!("distillation: expected f32 CPU logits");
+        let (candle_core::Storage::Cpu(ss), candle_core::Storage::Cpu(ts)) = (&*ss, &*ts) else {
+            candle_core::bail!("distillation: expected CPU logits");
         };
-        let (s, t) = (
-            contiguous(s, sl, "student logits")?,
-            contiguous(t, tl, "teacher logits")?,
-        );
+        let (s, t) = (slice::<f32>(ss, sl)?, slice::<f32>(ts, tl)?);
         let rows = self.rows.lock().expect("rows lock");
         let (temp, inv_t, w) = (self.temperature, 1.0 / self.temperature, self.ce_weight);
         let one = temp == 1.0;

@@ -185,6 +185,9 @@ pub fn find(name: &str) -> Result<&'static Preset> {
     }
 }
 
+/// Whether a setting applies to a recipe.
+type RecipeTest = fn(Recipe) -> bool;
+
 /// What a run sets on top of its preset; `None` keeps the preset's value.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -261,54 +264,34 @@ impl Preset {
             0
         };
         // Settings a recipe has no use for are refused, not silently ignored.
-        let refused = [
+        let refused: [(&str, bool, RecipeTest); 7] = [
             (
                 "--transfer-tokens",
                 o.transfer_tokens.is_some(),
-                r.has_transfer_phase(),
-                "transfer+finetune and transfer+distill",
+                Recipe::has_transfer_phase,
             ),
             (
                 "--transfer-lr",
                 o.transfer_lr.is_some(),
-                r.has_transfer_phase(),
-                "transfer+finetune and transfer+distill",
+                Recipe::has_transfer_phase,
             ),
-            (
-                "--lora-rank",
-                o.lora_rank.is_some(),
-                r.adapts(),
-                "transfer+finetune, distill and transfer+distill",
-            ),
-            (
-                "--lora-alpha",
-                o.lora_alpha.is_some(),
-                r.adapts(),
-                "transfer+finetune, distill and transfer+distill",
-            ),
-            (
-                "--temperature",
-                o.temperature.is_some(),
-                r.distills(),
-                "distill and transfer+distill",
-            ),
-            (
-                "--ce-weight",
-                o.ce_weight.is_some(),
-                r.distills(),
-                "distill and transfer+distill",
-            ),
-            (
-                "--z-loss",
-                o.z_loss.is_some(),
-                matches!(r, Recipe::Supra | Recipe::TransferFinetune),
-                "supra and transfer+finetune (the cross-entropy recipes)",
-            ),
+            ("--lora-rank", o.lora_rank.is_some(), Recipe::adapts),
+            ("--lora-alpha", o.lora_alpha.is_some(), Recipe::adapts),
+            ("--temperature", o.temperature.is_some(), Recipe::distills),
+            ("--ce-weight", o.ce_weight.is_some(), Recipe::distills),
+            ("--z-loss", o.z_loss.is_some(), |r| {
+                matches!(r, Recipe::Supra | Recipe::TransferFinetune)
+            }),
         ];
-        if let Some((flag, _, _, which)) =
-            refused.iter().find(|(_, set, applies, _)| *set && !applies)
+        if let Some((flag, _, applies)) =
+            refused.iter().find(|(_, set, applies)| *set && !applies(r))
         {
-            bail!("{flag} applies to --recipe {which}");
+            let which: Vec<&str> = Recipe::ALL
+                .into_iter()
+                .filter(|&x| applies(x))
+                .map(Recipe::name)
+                .collect();
+            bail!("{flag} applies to --recipe {}", which.join(", "));
         }
         if r == Recipe::Transfer && !o.freeze.is_empty() {
             bail!("--recipe transfer trains φ alone on the transfer loss: --freeze applies to full fine-tuning");
