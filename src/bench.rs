@@ -204,7 +204,7 @@ pub fn train_step(
     let trained_params = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let llama = Llama::for_training(&model.config, &weights)?;
     let targets = recipe::Targets {
-        transfer: crate::train::transfer::Teacher::new(model, &[])?,
+        transfer: crate::train::transfer::Teacher::new(model, &[], Default::default())?,
         distill: teacher,
         z_loss: 0.0,
         temperature: 1.0,

@@ -77,6 +77,7 @@ fn config(recipe: Recipe) -> TrainConfig {
         transfer_lr: 1e-2,
         transfer_min_lr: 1e-3,
         transfer_warmup_steps: 0,
+        transfer_target: Default::default(),
         lora_rank: 4,
         lora_alpha: 8.0,
         temperature: 1.0,
@@ -440,7 +441,7 @@ fn calibration_leaves_the_teacher_trajectory_alone() {
     let mut model = convert(&supra::io::load(&p).unwrap(), &ConvertOptions::default()).unwrap();
     let tokens = Tensor::new(&[[3u32, 9, 27, 81, 243, 5, 15, 45, 135, 100]], &Device::Cpu).unwrap();
     use supra::train::transfer::{calibrate_output_scale, Teacher};
-    let plain = Teacher::new(&model, &[]).unwrap();
+    let plain = Teacher::new(&model, &[], Default::default()).unwrap();
     let before = plain
         .head_rms(&Llama::new(&model.config, &model.weights).unwrap(), &tokens)
         .unwrap();
@@ -448,7 +449,7 @@ fn calibration_leaves_the_teacher_trajectory_alone() {
     assert!(scales.iter().all(Option::is_some));
     let calibrated = Llama::new(&model.config, &model.weights).unwrap();
     let naive = plain.head_rms(&calibrated, &tokens).unwrap();
-    let declared = Teacher::new(&model, &scales).unwrap();
+    let declared = Teacher::new(&model, &scales, Default::default()).unwrap();
     let after = declared.head_rms(&calibrated, &tokens).unwrap();
     let diff = |a: &[Option<Vec<f64>>], b: &[Option<Vec<f64>>]| -> f64 {
         a.iter()
@@ -480,6 +481,47 @@ fn calibration_leaves_the_teacher_trajectory_alone() {
     {
         assert!((*s as f64 - r).abs() < 1e-6);
     }
+}
+
+/// The raw transfer target compares the teacher's per-head output as it is with the layer's
+/// output times its head's calibration factor s: in a one-layer model the loss is then
+/// mean((s·o − y)²), a quadratic in s with curvature 2·mean(o²) > 0, where the normalized
+/// target does not depend on s at all.
+#[test]
+fn the_raw_transfer_target_scales_the_student_by_its_calibration() {
+    use candle_core::{Device, Tensor};
+    use supra::model::llama::Llama;
+    use supra::train::transfer::{Target, Teacher};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::testing::tiny_config();
+    cfg.num_hidden_layers = 1;
+    cfg.layer_kinds = vec![supra::config::AttentionKind::Softmax];
+    let p = dir.path().join("t1.gguf");
+    common::testing::TinyGguf::new(&cfg, 5, candle_core::quantized::GgmlDType::F32)
+        .unwrap()
+        .write(&p)
+        .unwrap();
+    let model = convert(&supra::io::load(&p).unwrap(), &ConvertOptions::default()).unwrap();
+    let llama = Llama::new(&model.config, &model.weights).unwrap();
+    let tokens = Tensor::new(&[[3u32, 9, 27, 81, 243, 5, 15, 45, 135, 100]], &Device::Cpu).unwrap();
+    let heads = model.config.num_attention_heads;
+    let loss = |target, s: f32| -> f64 {
+        let teacher = Teacher::new(&model, &[Some(vec![s; heads])], target).unwrap();
+        let l = teacher.loss(&llama, &tokens).unwrap();
+        l.to_scalar::<f32>().unwrap() as f64
+    };
+    let raw: Vec<f64> = (1..=4).map(|s| loss(Target::Raw, s as f32)).collect();
+    let second = |i: usize| raw[i + 2] - 2.0 * raw[i + 1] + raw[i];
+    assert!(second(0) > 1e-6, "raw loss not quadratic in s: {raw:?}");
+    assert!(
+        (second(0) - second(1)).abs() < 1e-4 * second(0),
+        "raw loss not quadratic in s: {raw:?}"
+    );
+    let normalized: Vec<f64> = (1..=2)
+        .map(|s| loss(Target::Normalized, s as f32))
+        .collect();
+    assert!((normalized[0] - normalized[1]).abs() < 1e-9 * normalized[0]);
+    assert!((normalized[0] - raw[0]).abs() > 1e-3 * normalized[0]);
 }
 
 /// LoRA adapters: a model with adapters equals its merged form, and survives save and load.

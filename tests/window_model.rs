@@ -290,7 +290,8 @@ fn training_reaches_phi_the_mix_and_the_decays() {
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let teacher_walk = supra::train::transfer::Teacher::new(&m, &[]).unwrap();
+        let teacher_walk =
+            supra::train::transfer::Teacher::new(&m, &[], Default::default()).unwrap();
         let transfer = teacher_walk.loss(&llama, &tokens).unwrap();
         let ce = common::testing::next_token_loss(&llama, &ids(24));
         for (what, loss) in [("transfer", transfer), ("cross-entropy", ce)] {

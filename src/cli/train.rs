@@ -55,8 +55,18 @@ pub(crate) struct TrainArgs {
     /// [default: the recipe's].
     #[arg(long)]
     pub(crate) transfer_lr: Option<f64>,
-    /// transfer+finetune, distill, transfer+distill: LoRA rank on q, k, v, o; 0 fine-tunes all
-    /// parameters instead. Adapters merge into the weights of the final model [default: 16].
+    /// transfer, transfer+finetune, transfer+distill: what a SUPRA layer's per-head output
+    /// matches, normalized (the teacher's GroupNorm'd like the layer's own) or raw (the
+    /// teacher's as it is, against the layer's times its Wo calibration factor, as LoLCATs
+    /// compares outputs) [default: normalized]. Window layers always match the raw output.
+    #[arg(long)]
+    pub(crate) transfer_target: Option<supra::train::transfer::Target>,
+    /// transfer+finetune, distill, transfer+distill: what trains besides φ, lora (adapters on
+    /// q, k, v, o, merged into the weights of the final model) or all (every parameter, less
+    /// --freeze) [default: lora].
+    #[arg(long)]
+    pub(crate) train: Option<preset::Trainable>,
+    /// transfer+finetune, distill, transfer+distill: LoRA rank; 0 is --train all [default: 16].
     #[arg(long)]
     pub(crate) lora_rank: Option<usize>,
     /// LoRA alpha (the adapter is scaled by alpha / rank) [default: the rank].
@@ -150,6 +160,8 @@ impl TrainArgs {
             z_loss: self.z_loss,
             transfer_tokens: self.transfer_tokens,
             transfer_lr: self.transfer_lr,
+            transfer_target: self.transfer_target,
+            train: self.train,
             lora_rank: self.lora_rank,
             lora_alpha: self.lora_alpha,
             temperature: self.temperature,

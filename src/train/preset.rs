@@ -185,6 +185,25 @@ pub fn find(name: &str) -> Result<&'static Preset> {
     }
 }
 
+/// What the adapting recipes train besides φ: LoRA adapters on q, k, v, o, or every parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trainable {
+    Lora,
+    All,
+}
+
+impl std::str::FromStr for Trainable {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "lora" => Ok(Self::Lora),
+            "all" => Ok(Self::All),
+            other => bail!("unknown --train '{other}' (known: lora, all)"),
+        }
+    }
+}
+
 /// Whether a setting applies to a recipe.
 type RecipeTest = fn(Recipe) -> bool;
 
@@ -203,6 +222,8 @@ pub struct Overrides {
     pub z_loss: Option<f64>,
     pub transfer_tokens: Option<u64>,
     pub transfer_lr: Option<f64>,
+    pub transfer_target: Option<crate::train::transfer::Target>,
+    pub train: Option<Trainable>,
     pub lora_rank: Option<usize>,
     pub lora_alpha: Option<f64>,
     pub temperature: Option<f64>,
@@ -264,7 +285,7 @@ impl Preset {
             0
         };
         // Settings a recipe has no use for are refused, not silently ignored.
-        let refused: [(&str, bool, RecipeTest); 7] = [
+        let refused: [(&str, bool, RecipeTest); 9] = [
             (
                 "--transfer-tokens",
                 o.transfer_tokens.is_some(),
@@ -275,6 +296,12 @@ impl Preset {
                 o.transfer_lr.is_some(),
                 Recipe::has_transfer_phase,
             ),
+            (
+                "--transfer-target",
+                o.transfer_target.is_some(),
+                Recipe::uses_transfer,
+            ),
+            ("--train", o.train.is_some(), Recipe::adapts),
             ("--lora-rank", o.lora_rank.is_some(), Recipe::adapts),
             ("--lora-alpha", o.lora_alpha.is_some(), Recipe::adapts),
             ("--temperature", o.temperature.is_some(), Recipe::distills),
@@ -296,9 +323,18 @@ impl Preset {
         if r == Recipe::Transfer && !o.freeze.is_empty() {
             bail!("--recipe transfer trains φ alone on the transfer loss: --freeze applies to full fine-tuning");
         }
-        let lora_rank = o.lora_rank.unwrap_or(self.lora_rank);
+        let lora_rank = match (o.train, o.lora_rank) {
+            (Some(Trainable::All), Some(n)) if n > 0 => {
+                bail!("--train all fine-tunes every parameter; --lora-rank {n} asks for adapters")
+            }
+            (Some(Trainable::All), _) => 0,
+            (Some(Trainable::Lora), Some(0)) => {
+                bail!("--train lora needs a positive --lora-rank (0 means --train all)")
+            }
+            (_, n) => n.unwrap_or(self.lora_rank),
+        };
         if r.adapts() && lora_rank > 0 && !o.freeze.is_empty() {
-            bail!("--freeze applies to full fine-tuning; with LoRA only the adapters and φ train (use --lora-rank 0)");
+            bail!("--freeze applies to full fine-tuning; with LoRA only the adapters and φ train (use --train all)");
         }
         let temperature = o.temperature.unwrap_or(self.temperature);
         let ce_weight = o.ce_weight.unwrap_or(self.ce_weight);
@@ -347,6 +383,7 @@ impl Preset {
             transfer_lr,
             transfer_min_lr: transfer_lr / 10.0,
             transfer_warmup_steps: transfer_steps / 20,
+            transfer_target: o.transfer_target.unwrap_or_default(),
             lora_rank,
             lora_alpha: o.lora_alpha.unwrap_or(lora_rank as f64),
             temperature,
@@ -432,5 +469,25 @@ mod tests {
         assert!(find("supra").unwrap().resolve(&lora, &run).is_err());
         assert!(find("transfer").unwrap().resolve(&z, &run).is_err());
         assert!(find("supra").unwrap().resolve(&z, &run).is_ok());
+    }
+
+    #[test]
+    fn train_all_is_lora_rank_zero_and_contradictions_are_refused() {
+        let run = RunSettings::default();
+        let p = find("transfer+distill").unwrap();
+        let with = |train, lora_rank| Overrides {
+            train,
+            lora_rank,
+            ..Default::default()
+        };
+        let rank = |o: Overrides| p.resolve(&o, &run).map(|c| c.lora_rank);
+        assert_eq!(rank(with(Some(Trainable::All), None)).unwrap(), 0);
+        assert_eq!(rank(with(Some(Trainable::All), Some(0))).unwrap(), 0);
+        assert_eq!(rank(with(Some(Trainable::Lora), None)).unwrap(), 16);
+        assert_eq!(rank(with(Some(Trainable::Lora), Some(4))).unwrap(), 4);
+        assert!(rank(with(Some(Trainable::All), Some(4))).is_err());
+        assert!(rank(with(Some(Trainable::Lora), Some(0))).is_err());
+        let all = with(Some(Trainable::All), None);
+        assert!(find("supra").unwrap().resolve(&all, &run).is_err());
     }
 }

@@ -64,6 +64,9 @@ pub struct TrainConfig {
     pub transfer_min_lr: f64,
     #[serde(default)]
     pub transfer_warmup_steps: u64,
+    /// What SUPRA layers match in attention transfer (left out of run.json at its default).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub transfer_target: transfer::Target,
     /// The fine-tuning recipes: LoRA rank (0: all parameters).
     #[serde(default)]
     pub lora_rank: usize,
@@ -85,6 +88,9 @@ fn is_one(x: &f64) -> bool {
 }
 fn is_zero(x: &f64) -> bool {
     *x == 0.0
+}
+fn is_default<T: Default + PartialEq>(x: &T) -> bool {
+    *x == T::default()
 }
 
 // AdamW's settings before run.json recorded them.
@@ -535,7 +541,7 @@ impl<'a> Trainer<'a> {
             opt,
             targets: Targets {
                 // The teacher's hidden states must not see the calibration.
-                transfer: transfer::Teacher::new(model, &progress.wo_scales)?,
+                transfer: transfer::Teacher::new(model, &progress.wo_scales, cfg.transfer_target)?,
                 distill,
                 z_loss: cfg.z_loss,
                 temperature: cfg.temperature,

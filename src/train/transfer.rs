@@ -13,6 +13,32 @@ use crate::model::llama::Llama;
 use crate::model::rope::Rope;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// What a SUPRA layer's per-head output is compared with (window layers always compare raw
+/// outputs: they normalise as softmax does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// The teacher's per-head output GroupNorm'd to unit RMS per token, as the layer's own.
+    #[default]
+    Normalized,
+    /// The teacher's per-head output as it is (LoLCATs), against the layer's output times its
+    /// head's calibration factor, which is what reaches Wo's teacher columns.
+    Raw,
+}
+
+impl std::str::FromStr for Target {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "normalized" => Ok(Self::Normalized),
+            "raw" => Ok(Self::Raw),
+            other => bail!("unknown transfer target '{other}' (known: normalized, raw)"),
+        }
+    }
+}
 
 /// What the teacher needs beyond the model: RoPE over the head dimension, and per layer the
 /// teacher's own Wo where calibration ([`calibrate_output_scale`]) changed the model's.
@@ -21,12 +47,20 @@ pub struct Teacher {
     /// Per layer, the teacher's Wo: the model's divided by the calibration's per-head factors
     /// (`None`: the layer's Wo is the teacher's).
     wo: Vec<Option<Linear>>,
+    target: Target,
+    /// Per layer, the calibration's per-head factors shaped (1, heads, 1, 1), for the raw
+    /// target (`None`: factor 1).
+    head_scales: Vec<Option<Tensor>>,
 }
 
 impl Teacher {
     /// For `model` as calibrated with `wo_scales` (what [`calibrate_output_scale`] returned;
     /// empty: no calibration).
-    pub fn new(model: &LoadedModel, wo_scales: &[Option<Vec<f32>>]) -> Result<Self> {
+    pub fn new(
+        model: &LoadedModel,
+        wo_scales: &[Option<Vec<f32>>],
+        target: Target,
+    ) -> Result<Self> {
         let c = &model.config;
         let wo = wo_scales
             .iter()
@@ -38,6 +72,14 @@ impl Teacher {
                 Ok(Some(Linear::new(w, None)))
             })
             .collect::<Result<_>>()?;
+        let head_scales = wo_scales
+            .iter()
+            .map(|s| {
+                s.as_ref()
+                    .map(|s| Tensor::from_slice(s, (1, s.len(), 1, 1), &Device::Cpu))
+                    .transpose()
+            })
+            .collect::<candle_core::Result<_>>()?;
         Ok(Self {
             rope: Rope::new(
                 c.head_dim,
@@ -46,6 +88,8 @@ impl Teacher {
                 &Device::Cpu,
             )?,
             wo,
+            target,
+            head_scales,
         })
     }
 
@@ -81,15 +125,26 @@ impl Teacher {
 
     /// For each layer with a linear branch, the mean squared error between its per-head output
     /// (before Wo) and the teacher's softmax output on the same input. A SUPRA layer can only
-    /// produce per-head normalized outputs (GroupNorm), so its target is the teacher's output
-    /// GroupNorm'd the same way; a window layer's output is normalised like softmax's and
-    /// matches the teacher's as it is. Each layer's loss reaches only that layer's φ (and mix).
-    /// Returns the mean over those layers.
+    /// produce per-head normalized outputs (GroupNorm): by default its target is the teacher's
+    /// output GroupNorm'd the same way, with [`Target::Raw`] the teacher's output as it is
+    /// against the layer's scaled by its calibration factors. A window layer's output is
+    /// normalised like softmax's and matches the teacher's as it is. Each layer's loss reaches
+    /// only that layer's φ (and mix). Returns the mean over those layers.
     pub fn loss(&self, model: &Llama, tokens: &Tensor) -> Result<Tensor> {
         let mut losses = Vec::new();
-        self.walk(model, tokens, |_, cell, xn, y| {
+        self.walk(model, tokens, |i, cell, xn, y| {
             let (student, target) = match cell {
-                Cell::Supra(a) => (a.heads_output(xn, 0, None, Exec::Train)?, group_norm(y)?),
+                Cell::Supra(a) => {
+                    let out = a.heads_output(xn, 0, None, Exec::Train)?;
+                    match (
+                        self.target,
+                        self.head_scales.get(i).and_then(Option::as_ref),
+                    ) {
+                        (Target::Normalized, _) => (out, group_norm(y)?),
+                        (Target::Raw, Some(s)) => (out.broadcast_mul(s)?, y.clone()),
+                        (Target::Raw, None) => (out, y.clone()),
+                    }
+                }
                 Cell::Window(a) => (a.heads_output(xn, 0, None, Exec::Train)?, y.clone()),
                 Cell::Softmax(_) => unreachable!("walk visits layers with a linear branch"),
             };
@@ -131,7 +186,7 @@ pub fn calibrate_output_scale(
     batches: &[Tensor],
 ) -> Result<Vec<Option<Vec<f32>>>> {
     let llama = Llama::new(&model.config, &model.weights)?;
-    let teacher = Teacher::new(model, &[])?;
+    let teacher = Teacher::new(model, &[], Target::Normalized)?;
     let mut sums: Vec<Option<Vec<f64>>> = vec![None; model.config.num_hidden_layers];
     for tokens in batches {
         for (acc, r) in sums.iter_mut().zip(teacher.head_rms(&llama, tokens)?) {
