@@ -64,7 +64,7 @@ declare -A TRAIN_FLAGS=(
   [long-td-relu-w64]="--tokens 1048576 --transfer-tokens 131072"
   [long-td-relu]="--tokens 1048576 --transfer-tokens 131072"
 )
-ORDER=(teacher control-w64 td-relu-w64 td-hedgehog-w64 tce-relu-w64 tce-hedgehog-w64 td-relu
+ORDER=(teacher control-w64 td-relu-w64 td-hedgehog-w64 td-relu tce-relu-w64 tce-hedgehog-w64
   td-hedgehog tce-relu tce-hedgehog supra-relu supra-hedgehog supra-relu-w64 supra-hedgehog-w64
   supra-paper-relu)
 [ $# -gt 0 ] && ORDER=("$@")

@@ -3,7 +3,8 @@
 
     python3 scripts/results/quality_table.py [OUT=runs/quality]
 
-One row per directory under OUT, in quality.sh's order; a figure not measured yet is "…".
+One row per directory under OUT, in quality.sh's order (the fixed-budget rows, then the two long
+runs); a figure not measured yet is "…".
 Held-out perplexity is over text/test (5 books × their first 8,192 tokens, 512-token windows);
 positions are perplexity by position with the whole history (5 books × 8k tokens); wall time
 is training only (summed over resumed invocations); tokens/s is the median of the run's
@@ -14,7 +15,8 @@ import json, os, statistics, sys
 OUT = sys.argv[1] if len(sys.argv) > 1 else "runs/quality"
 ORDER = ["teacher", "control-w64", "td-relu-w64", "td-hedgehog-w64", "tce-relu-w64",
          "tce-hedgehog-w64", "td-relu", "td-hedgehog", "tce-relu", "tce-hedgehog", "supra-relu",
-         "supra-hedgehog", "supra-relu-w64", "supra-hedgehog-w64", "supra-paper-relu"]
+         "supra-hedgehog", "supra-relu-w64", "supra-hedgehog-w64", "supra-paper-relu",
+         "long-td-relu-w64", "long-td-relu"]
 RECIPE = {"td": "transfer+distill", "tce": "transfer+finetune", "supra": "supra (all, CE)",
           "supra-paper": "supra-paper (all, CE)"}
 
@@ -33,10 +35,14 @@ def describe(row):
         return "teacher (softmax)", "—", "—"
     if row.startswith("control"):
         return "window + 4 sinks only (untrained)", "—", "64"
-    window = "64" if row.endswith("-w64") else "none"
-    base = row[: -len("-w64")] if row.endswith("-w64") else row
+    # The long runs: 1,048,576 tokens, judged on hellaswag's full set.
+    long = row.startswith("long-")
+    base = row[len("long-"):] if long else row
+    window = "64" if base.endswith("-w64") else "none"
+    base = base[: -len("-w64")] if base.endswith("-w64") else base
     recipe, cell = base.rsplit("-", 1)
-    return RECIPE[recipe], {"relu": "SUPRA relu", "hedgehog": "Hedgehog"}[cell], window
+    recipe = RECIPE[recipe] + (", 1,048,576 tokens (hellaswag: full set)" if long else "")
+    return recipe, {"relu": "SUPRA relu", "hedgehog": "Hedgehog"}[cell], window
 
 
 def task(report, name, metric):
