@@ -235,6 +235,18 @@ impl LoraConfig {
     }
 }
 
+/// The most layers a model file may declare. Far above any model that runs on one machine
+/// (405B-class models have 126), and checked before anything is sized by the count: a corrupt
+/// count of 2^32 layers otherwise allocates per-layer tables for minutes before failing.
+pub const MAX_LAYERS: usize = 1 << 12;
+
+pub fn check_layer_count(layers: usize) -> Result<()> {
+    if layers > MAX_LAYERS {
+        bail!("{layers} layers is beyond the {MAX_LAYERS} that supra supports");
+    }
+    Ok(())
+}
+
 /// The subset of HF `config.json` we read. Required fields have no default so that a missing one
 /// is reported by name.
 #[derive(Debug, Deserialize)]
@@ -332,6 +344,8 @@ impl ModelConfig {
             );
         }
         let n_layers = raw.num_hidden_layers;
+        check_layer_count(n_layers)
+            .with_context(|| format!("{}: num_hidden_layers", path.display()))?;
         let (layer_kinds, supra) = match raw.supra {
             None => (vec![AttentionKind::Softmax; n_layers], None),
             Some(sp) => {
@@ -402,6 +416,21 @@ impl ModelConfig {
                 bail!("{name} must be positive");
             }
         }
+        // Far above any released model's, and checked before anything is sized by them: a
+        // corrupt head count once asked for a per-head table of 2^64 entries.
+        let bounds = [
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 19),
+            ("num_attention_heads", self.num_attention_heads, 1 << 12),
+            ("num_key_value_heads", self.num_key_value_heads, 1 << 12),
+            ("head_dim", self.head_dim, 1 << 12),
+        ];
+        for (name, value, max) in bounds {
+            if value > max {
+                bail!("{name} {value} is beyond the {max} that supra supports");
+            }
+        }
         if !self
             .num_attention_heads
             .is_multiple_of(self.num_key_value_heads)
@@ -410,6 +439,24 @@ impl ModelConfig {
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
                 self.num_key_value_heads
+            );
+        }
+        if self.max_position_embeddings == 0 {
+            bail!("the context length (max_position_embeddings, GGUF context_length) must be positive");
+        }
+        check_layer_count(self.num_hidden_layers)?;
+        // A NaN or non-positive base makes every rotation angle NaN; a negative or NaN epsilon
+        // makes RMSNorm divide by the square root of a negative number. Both ran and printed NaN.
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            bail!(
+                "the RoPE base (rope_theta, GGUF rope.freq_base) {} must be a positive number",
+                self.rope_theta
+            );
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            bail!(
+                "the RMSNorm epsilon (rms_norm_eps, GGUF attention.layer_norm_rms_epsilon) {} must be a non-negative number",
+                self.rms_norm_eps
             );
         }
         if self.layer_kinds.len() != self.num_hidden_layers {
@@ -428,6 +475,24 @@ impl ModelConfig {
                 }
                 if s.window.is_some_and(|w| w.window == 0) {
                     bail!("supra.window.window must be at least 1 (the token itself)");
+                }
+                // Window states are sized by these, and nothing in the file backs them.
+                if let Some(w) = s.window.filter(|w| w.window > 1 << 20 || w.sinks > 1 << 20) {
+                    bail!(
+                        "supra.window: window {} and sinks {} must be at most {}",
+                        w.window,
+                        w.sinks,
+                        1 << 20
+                    );
+                }
+                if s.feature_dim > 1 << 14 || s.chunk_size > 1 << 16 {
+                    bail!(
+                        "supra feature_dim {} (at most {}) or chunk_size {} (at most {}) is out of range",
+                        s.feature_dim,
+                        1 << 14,
+                        s.chunk_size,
+                        1 << 16
+                    );
                 }
                 if s.feature_map == FeatureKind::Hedgehog && s.feature_dim != 2 * self.head_dim {
                     bail!(

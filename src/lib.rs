@@ -8,6 +8,7 @@ pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod eval;
+pub mod fuzz;
 pub mod heap;
 pub mod infer;
 pub mod io;

@@ -200,8 +200,8 @@ fn bad_requests_get_openai_error_bodies() {
     let s = Server::start(
         &teacher,
         &[
-            "--model-id",
-            "tiny",
+            "--served-model-name",
+            "tiny,gpt-4o-mini",
             "--max-body-bytes",
             "2000",
             "--max-prompt-tokens",
@@ -230,7 +230,21 @@ fn bad_requests_get_openai_error_bodies() {
     let (st, b, _) = s.post("/v1/completions", r#"{"prompt": "a", "max_tokens": 51}"#);
     error(st, &b, 400, "max_tokens");
     let (st, b, _) = s.post("/v1/completions", r#"{"prompt": "a", "model": "gpt-4"}"#);
-    error(st, &b, 404, "gpt-4");
+    error(st, &b, 404, "this server serves 'tiny', 'gpt-4o-mini'");
+    // An alias is this model; responses carry the first name.
+    let (st, v) = s.post_json(
+        "/v1/completions",
+        &json!({"prompt": "a", "model": "gpt-4o-mini", "max_tokens": 2}),
+    );
+    assert_eq!((st, &v["model"]), (200, &json!("tiny")), "{v}");
+    let models = s.get("/v1/models");
+    let ids: Vec<&Value> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["id"])
+        .collect();
+    assert_eq!(ids, [&json!("tiny"), &json!("gpt-4o-mini")]);
     let long = json!({"prompt": "the ".repeat(30)}).to_string();
     let (st, b, _) = s.post("/v1/completions", &long);
     let v = error(st, &b, 413, "at most 20");
@@ -367,4 +381,55 @@ fn prompt_cache_serves_the_next_turn_with_the_same_answer() {
             .unwrap()
             >= 1
     );
+}
+
+/// Slow and stalled clients: half-sent headers are cut off after `--client-timeout`, those
+/// beyond `--max-connections` wait for a slot and are cut off in their turn, a body announced
+/// longer than it is gets 408, and the server keeps answering.
+#[test]
+fn slow_clients_are_cut_off_and_the_server_keeps_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let (teacher, _) = models(dir.path());
+    let s = Server::start(
+        &teacher,
+        &["--client-timeout", "1", "--max-connections", "4"],
+    );
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let t0 = Instant::now();
+    let mut slow: Vec<std::net::TcpStream> = (0..6)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(&addr).unwrap();
+            c.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            c
+        })
+        .collect();
+    for (i, c) in slow.iter_mut().enumerate() {
+        // The server closes the connection (or answers 408 and closes it).
+        let mut got = Vec::new();
+        let closed = c.read_to_end(&mut got).is_ok();
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            closed && (got.is_empty() || text.starts_with("HTTP/1.1 408")),
+            "connection {i}: {text:?} after {:?}",
+            t0.elapsed()
+        );
+    }
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    c.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 100000\r\n\r\n{\"prompt\": \"a\",",
+    )
+    .unwrap();
+    let mut head = [0u8; 64];
+    let n = c.read(&mut head).unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head:?}");
+
+    let (st, b, _) = s.post("/v1/completions", r#"{"prompt": "a", "max_tokens": 2}"#);
+    assert_eq!(st, 200, "{b}");
 }

@@ -1090,3 +1090,33 @@ fn every_recipe_trains_every_cell() {
         }
     }
 }
+
+/// A token cache that no longer verifies (cut short, edited) is tokenized again, never read:
+/// one cut to 40 tokens once trained silently on those 40.
+#[test]
+fn a_damaged_token_cache_is_rebuilt() {
+    use supra::train::data::TokenStream;
+    let (dir, data, cache) = workspace();
+    let model = tiny_linear(dir.path());
+    let tokens = |s: &TokenStream| s.get(0, s.len());
+    let first = TokenStream::build(&data, &model.tokenizer, &cache).unwrap();
+    let want = tokens(&first);
+    let path = first.path.clone();
+    drop(first);
+    let whole = std::fs::read(&path).unwrap();
+    let damages: [(&str, Vec<u8>); 3] = [
+        ("cut to 40 tokens", whole[..48 + 160].to_vec()),
+        ("a token changed", {
+            let mut b = whole.clone();
+            *b.last_mut().unwrap() ^= 1;
+            b
+        }),
+        ("the older format (tokens alone)", whole[48..].to_vec()),
+    ];
+    for (what, bytes) in damages {
+        std::fs::write(&path, bytes).unwrap();
+        let again = TokenStream::build(&data, &model.tokenizer, &cache).unwrap();
+        assert_eq!(tokens(&again), want, "{what}");
+        assert_eq!(std::fs::read(&path).unwrap(), whole, "{what}");
+    }
+}

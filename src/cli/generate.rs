@@ -74,15 +74,13 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     if continuing && a.system.is_some() {
         bail!("--system cannot change a loaded state's conversation; it was read already");
     }
-    let text = match &chat {
-        Some(f) if continuing => f.render_next_turn(&a.prompt),
-        Some(f) => f.render_user_turn(&a.prompt, a.system.as_deref()),
-        None => a.prompt.clone(),
-    };
-    let prompt = if text.is_empty() {
-        Vec::new()
-    } else {
-        tok.encode(&text)?
+    // A chat message is plain text (as the server reads it); a raw prompt is read as written,
+    // control-token strings included.
+    let prompt = match &chat {
+        Some(f) if continuing => tok.encode_prompt(&f.render_next_turn(&a.prompt), false)?,
+        Some(f) => tok.encode_prompt(&f.render_user_turn(&a.prompt, a.system.as_deref()), false)?,
+        None if a.prompt.is_empty() => Vec::new(),
+        None => tok.encode(&a.prompt)?,
     };
     if prompt.is_empty() && !continuing {
         bail!("the prompt is empty after tokenization");

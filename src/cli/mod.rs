@@ -4,6 +4,7 @@
 mod bench;
 mod convert;
 mod eval;
+mod fuzz;
 mod generate;
 mod info;
 mod model;
@@ -69,6 +70,10 @@ pub enum Command {
     /// /v1/models and /health. A prompt cache keeps the state after recent prompts so that a
     /// conversation's next turn reads only its new tokens.
     Serve(serve::ServeArgs),
+    /// Mutation fuzzing of every reader of user files (model files, states, tasks, journals,
+    /// token caches) over a corpus of real inputs; fails if any input panics. Run it under a
+    /// memory limit (`ulimit -v`) to catch sizes that allocate before they are checked.
+    Fuzz(fuzz::FuzzArgs),
     /// Long-context and in-context-learning probes over one or more models: passkey and
     /// needle retrieval heatmaps, perplexity by position, associative recall.
     #[command(subcommand)]
@@ -91,6 +96,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(b) => bench::run(b),
         Command::Serve(a) => serve::serve(&a),
         Command::Probe(p) => probe::probe(p),
+        Command::Fuzz(a) => fuzz::fuzz(&a),
     }
 }
 

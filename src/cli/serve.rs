@@ -1,6 +1,6 @@
 //! `supra serve`: the OpenAI-compatible HTTP server.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use supra::io::fetch;
 
@@ -32,24 +32,52 @@ pub(crate) struct ServeArgs {
     /// 32768 for models without softmax layers].
     #[arg(long)]
     pub(crate) max_prompt_tokens: Option<usize>,
+    /// Connections open at once; more wait until one closes.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) max_connections: u64,
+    /// Seconds a client has to send a request's headers, and then its body; a connection that
+    /// stalls is closed (headers) or answered 408 (body).
+    #[arg(long, default_value_t = 30.0)]
+    pub(crate) client_timeout: f64,
     /// Largest request body in bytes; larger ones get 413.
     #[arg(long, default_value_t = 4 << 20)]
     pub(crate) max_body_bytes: usize,
     /// States the prompt cache keeps (0 turns it off).
     #[arg(long, default_value_t = 8)]
     pub(crate) prompt_cache: usize,
-    /// The model's name in the API [default: the file or directory name].
+    /// Memory the prompt cache's states may hold in all, in MiB; the least recently used go
+    /// first. A softmax layer's state grows with its prompt (SmolLM2: about 45 KiB per token),
+    /// a SUPRA state does not.
+    #[arg(long, default_value_t = 512)]
+    pub(crate) prompt_cache_mib: usize,
+    /// The names the server answers to, comma-separated: a request's "model" may be any of
+    /// them (clients that send a fixed name such as gpt-4o-mini work unchanged); responses and
+    /// /health report the first [default: the file or directory name].
+    #[arg(long, visible_alias = "model-id", value_delimiter = ',', num_args = 1..)]
+    pub(crate) served_model_name: Vec<String>,
+    /// Read control-token strings (`<|im_end|>`) inside chat messages as control tokens, as
+    /// tokenizing transformers' rendered template does. Off by default: a user could then end
+    /// their own turn and write the assistant's.
     #[arg(long)]
-    pub(crate) model_id: Option<String>,
+    pub(crate) allow_special_in_content: bool,
 }
 
 pub(crate) fn serve(a: &ServeArgs) -> Result<()> {
-    use supra::serve::{api::Limits, ServeOptions};
+    use supra::serve::{
+        api::{Limits, ServedNames},
+        ConnectionLimits, ServeOptions,
+    };
     let default_max_tokens = a.default_max_tokens.unwrap_or(a.max_tokens.min(256));
     if default_max_tokens == 0 || default_max_tokens > a.max_tokens {
         bail!(
             "--default-max-tokens {default_max_tokens} must be between 1 and --max-tokens {}",
             a.max_tokens
+        );
+    }
+    if !(a.client_timeout > 0.0 && a.client_timeout <= 86_400.0) {
+        bail!(
+            "--client-timeout {} must be a number of seconds above 0 and at most a day",
+            a.client_timeout
         );
     }
     let (loaded, model) = a.model.load()?;
@@ -60,13 +88,14 @@ pub(crate) fn serve(a: &ServeArgs) -> Result<()> {
             "--max-prompt-tokens must be between 1 and {context} (the model's context minus one)"
         );
     }
-    let model_id = match (&a.model_id, &a.model.model.model) {
-        (Some(id), _) => id.clone(),
-        (None, Some(p)) => p
+    let names = match (a.served_model_name.is_empty(), &a.model.model.model) {
+        (false, _) => a.served_model_name.clone(),
+        (true, Some(p)) => vec![p
             .file_stem()
-            .map_or("model".into(), |s| s.to_string_lossy().into_owned()),
-        (None, None) => fetch::DEFAULT_MODEL_NAME.to_string(),
+            .map_or("model".into(), |s| s.to_string_lossy().into_owned())],
+        (true, None) => vec![fetch::DEFAULT_MODEL_NAME.to_string()],
     };
+    let names = ServedNames::new(names).context("--served-model-name")?;
     supra::serve::warm_up(&model)?;
     let opts = ServeOptions {
         addr: std::net::SocketAddr::new(a.host, a.port),
@@ -78,8 +107,14 @@ pub(crate) fn serve(a: &ServeArgs) -> Result<()> {
             max_prompt_tokens,
         },
         prompt_cache: a.prompt_cache,
+        prompt_cache_bytes: a.prompt_cache_mib.saturating_mul(1 << 20),
         max_body_bytes: a.max_body_bytes,
-        model_id,
+        names,
+        special_in_content: a.allow_special_in_content,
+        connections: ConnectionLimits {
+            max: a.max_connections as usize,
+            timeout: std::time::Duration::from_secs_f64(a.client_timeout),
+        },
     };
     supra::serve::run(model, loaded.tokenizer, opts)
 }

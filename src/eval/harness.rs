@@ -103,6 +103,7 @@ impl Engine<'_> {
         known: &[Option<LogLikelihood>],
         mut answered: impl FnMut(&[(usize, LogLikelihood)]) -> Result<()>,
     ) -> Result<Vec<LogLikelihood>> {
+        self.check_lengths(requests)?;
         let encoded = requests
             .iter()
             .map(|r| encode_pair(self.tokenizer, &r.context, &r.continuation))
@@ -259,6 +260,29 @@ impl Engine<'_> {
                 )
             })
             .collect())
+    }
+
+    /// Refuses, before tokenizing anything, a request whose text cannot fit the model's
+    /// context: a token covers at most [`TextTokenizer::max_token_bytes`] bytes of its text
+    /// (four times that leaves room for normalizers that shrink the text), so more bytes than
+    /// that many per position of the context are more tokens than it holds. One 50 MB query
+    /// line once took 7 GB and minutes of tokenizing before the forward pass refused it.
+    fn check_lengths(&self, requests: &[Request]) -> Result<()> {
+        let Some(limit) = self.model.context_limit() else {
+            return Ok(());
+        };
+        let bound = limit.saturating_mul(4 * self.tokenizer.max_token_bytes().max(1));
+        for (i, r) in requests.iter().enumerate() {
+            let bytes = r.context.len() + r.continuation.len();
+            if bytes > bound {
+                let start: String = r.context.chars().take(40).collect();
+                bail!(
+                    "request {} ({start:?}…) has {bytes} bytes of text, more than the model's context of {limit} tokens can hold",
+                    i + 1
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Σ log p of every token of `text`, lm-eval's `loglikelihood_rolling`: the first window

@@ -43,6 +43,15 @@ impl State {
         })
     }
 
+    /// Bytes held: the cache, the logits and the tokens.
+    pub fn bytes(&self) -> usize {
+        let logits = self
+            .logits
+            .as_ref()
+            .map_or(0, |l| l.elem_count() * l.dtype().size_in_bytes());
+        self.cache.bytes() + logits + 4 * self.tokens.len()
+    }
+
     /// Reads `ids` (in chunks of [`PREFILL_CHUNK`]).
     pub fn feed(&mut self, model: &Llama, ids: &[u32]) -> Result<()> {
         if ids.is_empty() {

@@ -1,6 +1,6 @@
 //! GGUF (v2/v3) → config, f32 tensors in HF naming and layout, tokenizer.
 
-use crate::config::{Arch, AttentionKind, ModelConfig};
+use crate::config::{check_layer_count, Arch, AttentionKind, ModelConfig};
 use crate::io::tokenizer::TextTokenizer;
 use crate::io::LoadedModel;
 use crate::model::weights::{check_weights, Weights};
@@ -96,12 +96,14 @@ fn config_from_metadata(
         None => n_tokens,
     };
     let tok_id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
+    let layers = md_usize(md, &key("block_count"), source)?;
+    check_layer_count(layers).with_context(|| format!("{source}: {}", key("block_count")))?;
     let cfg = ModelConfig {
         arch,
         vocab_size,
         hidden_size: hidden,
         intermediate_size: md_usize(md, &key("feed_forward_length"), source)?,
-        num_hidden_layers: md_usize(md, &key("block_count"), source)?,
+        num_hidden_layers: layers,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
         head_dim,
@@ -119,7 +121,7 @@ fn config_from_metadata(
         attention_bias: arch == Arch::Qwen2,
         bos_token_id: tok_id("tokenizer.ggml.bos_token_id"),
         eos_token_id: tok_id("tokenizer.ggml.eos_token_id"),
-        layer_kinds: vec![AttentionKind::Softmax; md_usize(md, &key("block_count"), source)?],
+        layer_kinds: vec![AttentionKind::Softmax; layers],
         supra: None,
         lora: None,
     };
@@ -233,15 +235,47 @@ fn header_error(source: &str, e: candle_core::Error) -> anyhow::Error {
     anyhow!("{source}: not a valid GGUF file: {msg}")
 }
 
-/// Every tensor's bytes must lie inside the file; a download cut short fails here, by name,
-/// before anything is dequantized.
+/// `general.alignment` as the reader applied it (candle's default when absent): tensor data
+/// offsets are multiples of it.
+fn alignment(md: &Metadata) -> u64 {
+    match md.get("general.alignment") {
+        Some(Value::U8(v)) => *v as u64,
+        Some(Value::U16(v)) => *v as u64,
+        Some(Value::U32(v)) => *v as u64,
+        Some(Value::I8(v)) if *v >= 0 => *v as u64,
+        Some(Value::I16(v)) if *v >= 0 => *v as u64,
+        Some(Value::I32(v)) if *v >= 0 => *v as u64,
+        _ => candle_core::quantized::gguf_file::DEFAULT_ALIGNMENT,
+    }
+}
+
+/// Every tensor's bytes must lie inside the file, at an aligned offset, in whole blocks of its
+/// type: a download cut short or a corrupt tensor table fails here, by name, before anything
+/// is read or allocated. Sizes are computed in u128, so that no declared dimension overflows.
 fn check_extents(content: &Content, file_len: u64, source: &str) -> Result<()> {
+    let align = alignment(&content.metadata);
     for (name, info) in &content.tensor_infos {
-        let blocks = info.shape.elem_count() / info.ggml_dtype.block_size();
-        let end = content.tensor_data_offset
-            + info.offset
-            + (blocks * info.ggml_dtype.type_size()) as u64;
-        if end > file_len {
+        if info.offset % align != 0 {
+            bail!(
+                "{source}: tensor '{name}' starts at data offset {}, not a multiple of the file's alignment {align}",
+                info.offset
+            );
+        }
+        let dims = info.shape.dims();
+        let elems = dims
+            .iter()
+            .try_fold(1u128, |n, &d| n.checked_mul(d as u128))
+            .unwrap_or(u128::MAX);
+        let block = info.ggml_dtype.block_size();
+        if dims.last().is_some_and(|&d| d % block != 0) {
+            bail!(
+                "{source}: tensor '{name}' has shape {dims:?}, whose rows are not whole blocks of {block} ({:?})",
+                info.ggml_dtype
+            );
+        }
+        let bytes = (elems / block as u128).saturating_mul(info.ggml_dtype.type_size() as u128);
+        let end = (content.tensor_data_offset as u128 + info.offset as u128).saturating_add(bytes);
+        if end > file_len as u128 {
             bail!(
                 "{source}: the file is truncated: tensor '{name}' ends at byte {end} but the file has {file_len} bytes"
             );

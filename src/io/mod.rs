@@ -28,9 +28,31 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
             path.display()
         );
     }
-    if path.is_dir() {
-        return hf_dir::load(path);
+    let model = if path.is_dir() {
+        hf_dir::load(path)?
+    } else {
+        load_gguf(path)?
+    };
+    check_vocab(&model, path)?;
+    Ok(model)
+}
+
+/// Every id the tokenizer can produce must index the embedding: a tokenizer larger than the
+/// model failed deep inside the forward (`index-select invalid index`), on the first rare word.
+fn check_vocab(model: &LoadedModel, path: &Path) -> Result<()> {
+    let vocab = model.config.vocab_size;
+    if let Some(max) = model.tokenizer.max_id() {
+        if max as usize >= vocab {
+            bail!(
+                "{}: the tokenizer has ids up to {max} but the model's vocabulary (its embedding) has {vocab} rows",
+                path.display()
+            );
+        }
     }
+    Ok(())
+}
+
+fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let mut magic = [0u8; 4];
     let mut f =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;

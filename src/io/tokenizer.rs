@@ -57,6 +57,46 @@ pub enum ChatFormat {
     Llama3,
 }
 
+/// A rendered chat prompt in pieces: the template's own text, whose control-token strings
+/// (`<|im_start|>`) are the control tokens, and the messages' content, which is plain text
+/// whatever it contains, so that a user who types `<|im_end|>` cannot forge a turn boundary.
+/// [`TextTokenizer::encode_prompt`] encodes it; [`Prompt::text`] is the string transformers'
+/// `apply_chat_template` renders.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Prompt {
+    pieces: Vec<(Piece, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Piece {
+    Template,
+    Content,
+}
+
+impl Prompt {
+    fn push(&mut self, kind: Piece, text: &str) -> &mut Self {
+        match self.pieces.last_mut() {
+            Some((k, t)) if *k == kind => t.push_str(text),
+            _ if text.is_empty() => {}
+            _ => self.pieces.push((kind, text.to_string())),
+        }
+        self
+    }
+
+    fn template(&mut self, text: &str) -> &mut Self {
+        self.push(Piece::Template, text)
+    }
+
+    fn content(&mut self, text: &str) -> &mut Self {
+        self.push(Piece::Content, text)
+    }
+
+    /// The whole prompt as one string.
+    pub fn text(&self) -> String {
+        self.pieces.iter().map(|(_, t)| t.as_str()).collect()
+    }
+}
+
 impl ChatFormat {
     pub fn detect(template: &str) -> Option<Self> {
         if template.contains("<|im_start|>") {
@@ -71,7 +111,7 @@ impl ChatFormat {
     }
 
     /// The prompt for one user turn, ending where the assistant's answer starts.
-    pub fn render_user_turn(&self, user: &str, system: Option<&str>) -> String {
+    pub fn render_user_turn(&self, user: &str, system: Option<&str>) -> Prompt {
         let mut messages: Vec<Message> = system
             .map(|s| Message::new(Role::System, s))
             .into_iter()
@@ -81,65 +121,67 @@ impl ChatFormat {
     }
 
     /// A conversation, ending where the assistant's next answer starts.
-    pub fn render(&self, messages: &[Message]) -> String {
-        let mut s = self.render_turns(messages);
-        s.push_str(match self {
+    pub fn render(&self, messages: &[Message]) -> Prompt {
+        let mut p = self.render_turns(messages);
+        self.open_answer(&mut p);
+        p
+    }
+
+    fn open_answer(&self, p: &mut Prompt) {
+        p.template(match self {
             Self::ChatMl { .. } => "<|im_start|>assistant\n",
             Self::Llama3 => "<|start_header_id|>assistant<|end_header_id|>\n\n",
         });
-        s
     }
 
     /// The turns alone, without the opening of the assistant's answer: the prefix that
     /// [`Self::render`] of a longer conversation starts with.
-    pub fn render_turns(&self, messages: &[Message]) -> String {
-        let mut s = String::new();
-        match self {
-            Self::ChatMl { default_system } => {
-                if messages.first().is_none_or(|m| m.role != Role::System) {
-                    if let Some(sys) = default_system {
-                        s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
-                    }
-                }
-                for m in messages {
-                    s.push_str(&format!(
-                        "<|im_start|>{}\n{}<|im_end|>\n",
-                        m.role.name(),
-                        m.content
-                    ));
-                }
-            }
-            Self::Llama3 => {
-                s.push_str("<|begin_of_text|>");
-                for m in messages {
-                    s.push_str(&Self::llama3_turn(m));
-                }
+    pub fn render_turns(&self, messages: &[Message]) -> Prompt {
+        let mut p = Prompt::default();
+        if let Self::ChatMl {
+            default_system: Some(sys),
+        } = self
+        {
+            if messages.first().is_none_or(|m| m.role != Role::System) {
+                // The template's own literal: template text, not a message.
+                p.template(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
             }
         }
-        s
+        if *self == Self::Llama3 {
+            p.template("<|begin_of_text|>");
+        }
+        for m in messages {
+            self.turn(&mut p, m);
+        }
+        p
     }
 
     /// A user turn that continues a conversation already read up to and including the end of
     /// the assistant's last turn (a state saved with `--save-state`).
-    pub fn render_next_turn(&self, user: &str) -> String {
-        let m = Message::new(Role::User, user);
-        match self {
-            Self::ChatMl { .. } => {
-                format!("\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
-            }
-            Self::Llama3 => format!(
-                "{}<|start_header_id|>assistant<|end_header_id|>\n\n",
-                Self::llama3_turn(&m)
-            ),
+    pub fn render_next_turn(&self, user: &str) -> Prompt {
+        let mut p = Prompt::default();
+        if let Self::ChatMl { .. } = self {
+            p.template("\n");
         }
+        self.turn(&mut p, &Message::new(Role::User, user));
+        self.open_answer(&mut p);
+        p
     }
 
-    fn llama3_turn(m: &Message) -> String {
-        format!(
-            "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>",
-            m.role.name(),
-            m.content
-        )
+    fn turn(&self, p: &mut Prompt, m: &Message) {
+        match self {
+            Self::ChatMl { .. } => p
+                .template(&format!("<|im_start|>{}\n", m.role.name()))
+                .content(&m.content)
+                .template("<|im_end|>\n"),
+            Self::Llama3 => p
+                .template(&format!(
+                    "<|start_header_id|>{}<|end_header_id|>\n\n",
+                    m.role.name()
+                ))
+                .content(&m.content)
+                .template("<|eot_id|>"),
+        };
     }
 
     fn end_of_turn(&self) -> &'static str {
@@ -171,6 +213,9 @@ pub struct TextTokenizer {
     pub eos_id: Option<u32>,
     /// The model's chat template as shipped (Jinja source), kept to write it back on save.
     pub chat_template: Option<String>,
+    /// `inner` with control-token strings read as plain text, for message content; built on
+    /// first use.
+    plain: std::sync::OnceLock<Tokenizer>,
 }
 
 impl TextTokenizer {
@@ -279,6 +324,7 @@ impl TextTokenizer {
             bos_id,
             eos_id,
             chat_template,
+            plain: Default::default(),
         })
     }
 
@@ -292,7 +338,14 @@ impl TextTokenizer {
                 path.display()
             );
         }
-        let inner = Tokenizer::from_file(&path)
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        // JSON syntax first: the tokenizers crate panics (`expect("Helper")`) on a syntax
+        // error inside the decoder section instead of returning it (found by `supra fuzz`).
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
+        let inner = text
+            .parse::<Tokenizer>()
             .map_err(|e| anyhow!("{}: not a valid tokenizer.json: {e}", path.display()))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let chat_template = if cfg_path.exists() {
@@ -311,6 +364,7 @@ impl TextTokenizer {
             bos_id,
             eos_id,
             chat_template,
+            plain: Default::default(),
         })
     }
 
@@ -344,6 +398,36 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of a chat prompt: the template's text with its control tokens, each
+    /// message's content as plain text (its `<|im_end|>` is the characters, not the token),
+    /// then BOS where the tokenizer adds one, as [`Self::encode`] does. With
+    /// `special_in_content`, the whole text is encoded as one string instead (transformers'
+    /// `apply_chat_template` then tokenize), control-token strings in content included.
+    pub fn encode_prompt(&self, prompt: &Prompt, special_in_content: bool) -> Result<Vec<u32>> {
+        if special_in_content {
+            return self.encode(&prompt.text());
+        }
+        let plain = self.plain.get_or_init(|| {
+            let mut t = self.inner.clone();
+            t.set_encode_special_tokens(true);
+            t
+        });
+        let pieces = prompt
+            .pieces
+            .iter()
+            .map(|(kind, text)| match kind {
+                Piece::Template => self.inner.encode(text.as_str(), false),
+                Piece::Content => plain.encode(text.as_str(), false),
+            })
+            .collect::<tokenizers::Result<Vec<_>>>()
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        let whole = self
+            .inner
+            .post_process(tokenizers::Encoding::merge(pieces, true), None, true)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        Ok(whole.get_ids().to_vec())
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, false)
@@ -352,6 +436,22 @@ impl TextTokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// The longest token's text in UTF-8 bytes: at least as many bytes as any token stands
+    /// for (byte-level BPE spells one byte as one or two, SentencePiece a space as three).
+    pub fn max_token_bytes(&self) -> usize {
+        self.inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The largest id any text can tokenize to (added tokens included).
+    pub fn max_id(&self) -> Option<u32> {
+        self.inner.get_vocab(true).into_values().max()
     }
 
     pub fn chat_format(&self) -> Result<ChatFormat> {
@@ -411,11 +511,11 @@ mod tests {
         let t = "{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}";
         let f = ChatFormat::detect(t).unwrap();
         assert_eq!(
-            f.render_user_turn("Hi", None),
+            f.render_user_turn("Hi", None).text(),
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
         assert_eq!(
-            f.render_user_turn("Hi", Some("Be brief.")),
+            f.render_user_turn("Hi", Some("Be brief.")).text(),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
     }

@@ -48,11 +48,17 @@ fn tables(
     ))
 }
 
+/// The most positions [`Rope::new`] precomputes (8 MiB of tables at head dim 64); later ones
+/// are computed on demand, with the same values. A model declaring a context of 10^9 asked for
+/// 128 GB of tables here and aborted.
+const MAX_TABLE_LEN: usize = 1 << 15;
+
 impl Rope {
-    /// Precomputed tables for positions `0..max_len`; later positions are computed on demand
-    /// (linear-attention models run past the teacher's context).
+    /// Precomputed tables for positions `0..max_len` (at most [`MAX_TABLE_LEN`]); later
+    /// positions are computed on demand (linear-attention models run past the teacher's
+    /// context).
     pub fn new(dim: usize, theta: f64, max_len: usize, device: &Device) -> Result<Self> {
-        let (cos, sin) = tables(dim, theta, 0, max_len, device)?;
+        let (cos, sin) = tables(dim, theta, 0, max_len.min(MAX_TABLE_LEN), device)?;
         Ok(Self {
             dim,
             theta,

@@ -181,6 +181,34 @@ pub struct Settings {
     pub include_usage: bool,
 }
 
+/// The names a server answers to (vLLM's `--served-model-name`): a request's `model` may be any
+/// of them, since many clients send a fixed name; responses carry the first.
+#[derive(Debug, Clone)]
+pub struct ServedNames(Vec<String>);
+
+impl ServedNames {
+    pub fn new(names: Vec<String>) -> anyhow::Result<Self> {
+        if names.is_empty() || names.iter().any(|n| n.trim().is_empty()) {
+            anyhow::bail!("a served model name must not be empty (got {names:?})");
+        }
+        Ok(Self(names))
+    }
+
+    /// The name responses and /health report.
+    pub fn primary(&self) -> &str {
+        &self.0[0]
+    }
+
+    pub fn all(&self) -> &[String] {
+        &self.0
+    }
+
+    fn listed(&self) -> String {
+        let quoted: Vec<String> = self.0.iter().map(|n| format!("'{n}'")).collect();
+        quoted.join(", ")
+    }
+}
+
 /// What the server allows; requests beyond are refused, not trimmed.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -191,14 +219,21 @@ pub struct Limits {
 
 impl Common {
     /// Checks the options against what we implement and the server's limits.
-    pub fn settings(&self, limits: &Limits, served: &str) -> Result<Settings, ApiError> {
-        if let Some(m) = self.model.as_deref().filter(|m| *m != served) {
+    pub fn settings(&self, limits: &Limits, served: &ServedNames) -> Result<Settings, ApiError> {
+        if let Some(m) = self
+            .model
+            .as_deref()
+            .filter(|m| !served.all().iter().any(|n| n == m))
+        {
             return Err(ApiError {
                 status: StatusCode::NOT_FOUND,
                 code: Some("model_not_found"),
                 ..ApiError::invalid(
                     Some("model"),
-                    format!("the model '{m}' is not served here; this server serves '{served}'"),
+                    format!(
+                        "the model '{m}' is not served here; this server serves {}",
+                        served.listed()
+                    ),
                 )
             });
         }
@@ -387,6 +422,10 @@ mod tests {
         }
     }
 
+    fn names() -> ServedNames {
+        ServedNames::new(vec!["m".into(), "gpt-4o-mini".into()]).unwrap()
+    }
+
     #[test]
     fn unsupported_options_are_refused_by_name() {
         let parse = |s: &str| serde_json::from_str::<CompletionRequest>(s);
@@ -394,22 +433,27 @@ mod tests {
         assert!(r.prompt().unwrap_err().message.contains("'frobnicate'"));
         let r = parse(r#"{"prompt": "a", "n": 2}"#).unwrap();
         assert_eq!(
-            r.common.settings(&limits(), "m").unwrap_err().param,
+            r.common.settings(&limits(), &names()).unwrap_err().param,
             Some("n")
         );
         let r = parse(r#"{"prompt": "a", "max_tokens": 101}"#).unwrap();
-        let e = r.common.settings(&limits(), "m").unwrap_err();
+        let e = r.common.settings(&limits(), &names()).unwrap_err();
         assert_eq!(
             (e.status, e.param),
             (StatusCode::BAD_REQUEST, Some("max_tokens"))
         );
         let r = parse(r#"{"prompt": "a", "model": "gpt-4"}"#).unwrap();
         assert_eq!(
-            r.common.settings(&limits(), "m").unwrap_err().status,
+            r.common.settings(&limits(), &names()).unwrap_err().status,
             StatusCode::NOT_FOUND
         );
+        // Any of the served names is this model.
+        let r = parse(r#"{"prompt": "a", "model": "gpt-4o-mini"}"#).unwrap();
+        assert!(r.common.settings(&limits(), &names()).is_ok());
+        assert!(ServedNames::new(vec![]).is_err());
+        assert!(ServedNames::new(vec!["m".into(), " ".into()]).is_err());
         let r = parse(r#"{"prompt": ["a"], "model": "m", "stop": "x", "user": "u"}"#).unwrap();
-        let s = r.common.settings(&limits(), "m").unwrap();
+        let s = r.common.settings(&limits(), &names()).unwrap();
         assert_eq!(
             (s.max_tokens, s.stop.as_slice()),
             (16, ["x".to_string()].as_slice())

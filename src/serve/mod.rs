@@ -12,7 +12,7 @@ use crate::infer::state::State as GenState;
 use crate::io::tokenizer::{ChatFormat, TextTokenizer};
 use crate::model::llama::Llama;
 use anyhow::{Context, Result};
-use api::{ApiError, ChatRequest, CompletionRequest, Limits, Settings};
+use api::{ApiError, ChatRequest, CompletionRequest, Limits, ServedNames, Settings};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
@@ -39,9 +39,15 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// States kept by the prompt cache (0: none).
     pub prompt_cache: usize,
+    /// Bytes those states may hold in all.
+    pub prompt_cache_bytes: usize,
     pub max_body_bytes: usize,
-    /// The name clients see in /v1/models and send as `model`.
-    pub model_id: String,
+    /// The names clients see in /v1/models and may send as `model`.
+    pub names: ServedNames,
+    pub connections: ConnectionLimits,
+    /// Chat messages' control-token strings are control tokens (they are plain text unless
+    /// this is set: a user could otherwise forge turn boundaries).
+    pub special_in_content: bool,
 }
 
 #[derive(Default)]
@@ -79,16 +85,118 @@ pub fn run(model: Llama, tokenizer: TextTokenizer, opts: ServeOptions) -> Result
             .await
             .with_context(|| format!("cannot listen on {}", opts.addr))?;
         let addr = listener.local_addr()?;
-        let id = opts.model_id.clone();
+        let id = opts.names.primary().to_string();
+        let limits = opts.connections;
         let app = router(shared(model, tokenizer, opts));
         eprintln!("supra serve: '{id}' listening on http://{addr} (Ctrl-C stops)");
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-            .context("the server failed")
+        serve_connections(listener, app, limits).await
     })
+}
+
+/// What a server allows each client: `max` connections open at once (more wait in the
+/// listen backlog until one closes), and `timeout` to send a request's headers and then as
+/// long for its body. Without them, 20 sockets holding half-sent headers stayed open
+/// indefinitely, and a body announced longer than sent held its handler forever.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max: usize,
+    pub timeout: std::time::Duration,
+}
+
+/// Accepts connections until Ctrl-C, each served by hyper's HTTP/1 with the header timeout,
+/// then lets those open finish.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+) -> Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let open = Arc::new(Semaphore::new(limits.max.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(tokio::signal::ctrl_c());
+    loop {
+        let permit = tokio::select! {
+            p = open.clone().acquire_owned() => p.context("the connection slots closed")?,
+            _ = &mut stop => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait for some to close.
+                    eprintln!("supra serve: cannot accept a connection: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.timeout)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // A client that misbehaves ends its own connection, nothing else.
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Reads a request's whole body within the client timeout before any handler runs: a body
+/// that stalls gets 408, one over `--max-body-bytes` 413.
+async fn read_body(
+    State(s): State<Arc<Shared>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let (limit, timeout) = (s.opts.max_body_bytes, s.opts.connections.timeout);
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: Some("request_timeout"),
+            ..ApiError::invalid(
+                None,
+                format!(
+                    "the request body did not arrive within {} s",
+                    timeout.as_secs_f64()
+                ),
+            )
+        }
+        .into_response(),
+        Ok(Err(e)) => {
+            let e = e.into_inner();
+            if over_limit(e.as_ref()) {
+                ApiError::too_large(
+                    "request_too_large",
+                    format!("the request body is too large (over {limit} bytes)"),
+                )
+            } else {
+                ApiError::invalid(None, format!("cannot read the request body: {e}"))
+            }
+            .into_response()
+        }
+        Ok(Ok(bytes)) => {
+            next.run(axum::extract::Request::from_parts(parts, bytes.into()))
+                .await
+        }
+    }
+}
+
+fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut at = Some(e);
+    while let Some(e) = at {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        at = e.source();
+    }
+    false
 }
 
 fn shared(model: Llama, tokenizer: TextTokenizer, opts: ServeOptions) -> Arc<Shared> {
@@ -99,7 +207,7 @@ fn shared(model: Llama, tokenizer: TextTokenizer, opts: ServeOptions) -> Arc<Sha
         chat,
         slots: Arc::new(Semaphore::new(opts.concurrency.max(1))),
         admitted: AtomicUsize::new(0),
-        prompt_cache: Mutex::new(PromptCache::new(opts.prompt_cache)),
+        prompt_cache: Mutex::new(PromptCache::new(opts.prompt_cache, opts.prompt_cache_bytes)),
         counters: Counters::default(),
         next_id: AtomicU64::new(1),
         opts,
@@ -123,27 +231,36 @@ fn router(shared: Arc<Shared>) -> Router {
                 )
             }
         })
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            read_body,
+        ))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(shared)
 }
 
 async fn models(State(s): State<Arc<Shared>>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [{
-        "id": s.opts.model_id,
-        "object": "model",
-        "created": 0,
-        "owned_by": "supra",
-    }]}))
+    let data: Vec<Value> = s
+        .opts
+        .names
+        .all()
+        .iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "supra"}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
 }
 
 async fn health(State(s): State<Arc<Shared>>) -> Json<Value> {
     let c = &s.counters;
     let n = |a: &AtomicUsize| a.load(Ordering::Relaxed);
     let running = s.opts.concurrency.max(1) - s.slots.available_permits();
-    let cache_entries = s.prompt_cache.lock().map_or(0, |c| c.len());
+    let (cache_entries, cache_bytes) = s
+        .prompt_cache
+        .lock()
+        .map_or((0, 0), |c| (c.len(), c.bytes()));
     Json(json!({
         "status": "ok",
-        "model": s.opts.model_id,
+        "model": s.opts.names.primary(),
         "running": running,
         "queued": n(&s.admitted).saturating_sub(running),
         "completed": n(&c.completed),
@@ -152,6 +269,7 @@ async fn health(State(s): State<Arc<Shared>>) -> Json<Value> {
         "rejected": n(&c.rejected),
         "prompt_cache": {
             "entries": cache_entries,
+            "bytes": cache_bytes,
             "hits": n(&c.cache_hits),
             "cached_tokens": n(&c.cached_tokens),
         },
@@ -170,7 +288,7 @@ async fn completions(
 ) -> Response {
     let r = async {
         let req: CompletionRequest = parse(body)?;
-        let settings = req.common.settings(&s.opts.limits, &s.opts.model_id)?;
+        let settings = req.common.settings(&s.opts.limits, &s.opts.names)?;
         let job = Request {
             prompt: s.tokenize(req.prompt()?)?,
             checkpoint: None,
@@ -192,7 +310,7 @@ async fn chat_completions(
         if req.max_completion_tokens.is_some() {
             common.max_tokens = req.max_completion_tokens;
         }
-        let settings = common.settings(&s.opts.limits, &s.opts.model_id)?;
+        let settings = common.settings(&s.opts.limits, &s.opts.names)?;
         let Some(chat) = &s.chat else {
             return Err(ApiError::invalid(
                 None,
@@ -200,7 +318,8 @@ async fn chat_completions(
             ));
         };
         let messages = req.messages()?;
-        let prompt = s.tokenize(&chat.render(&messages))?;
+        let special = s.opts.special_in_content;
+        let prompt = s.check_prompt(s.tokenizer.encode_prompt(&chat.render(&messages), special))?;
         // The state before the last message serves every request that shares the earlier
         // turns (a fixed system prompt, a regenerated answer).
         let earlier = &messages[..messages.len() - 1];
@@ -208,7 +327,7 @@ async fn chat_completions(
             true => None,
             false => s
                 .tokenizer
-                .encode(&chat.render_turns(earlier))
+                .encode_prompt(&chat.render_turns(earlier), special)
                 .ok()
                 .filter(|ids| !ids.is_empty() && prompt.starts_with(ids))
                 .map(|ids| ids.len()),
@@ -247,11 +366,15 @@ fn parse<T: serde::de::DeserializeOwned>(
 }
 
 impl Shared {
+    /// A completion's prompt: raw text, control-token strings included (as the client wrote it).
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, ApiError> {
-        let ids = self
-            .tokenizer
-            .encode(text)
-            .map_err(|e| ApiError::invalid(Some("prompt"), format!("cannot tokenize: {e:#}")))?;
+        self.check_prompt(self.tokenizer.encode(text))
+    }
+
+    /// A tokenized prompt, refused when empty or longer than the server takes.
+    fn check_prompt(&self, ids: anyhow::Result<Vec<u32>>) -> Result<Vec<u32>, ApiError> {
+        let ids =
+            ids.map_err(|e| ApiError::invalid(Some("prompt"), format!("cannot tokenize: {e:#}")))?;
         if ids.is_empty() {
             return Err(ApiError::invalid(Some("prompt"), "the prompt is empty"));
         }
@@ -346,7 +469,7 @@ async fn start(s: Arc<Shared>, kind: Kind, req: Request) -> Result<Response, Api
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        model: s.opts.model_id.clone(),
+        model: s.opts.names.primary().to_string(),
     };
     let guard = CancelOnDrop(cancel);
     if settings.stream {

@@ -41,6 +41,40 @@ fn step_dir(run: &Path, step: u64) -> PathBuf {
     checkpoints_dir(run).join(format!("step-{step:08}"))
 }
 
+/// Removes what writers killed mid-write left in a run directory: temporary files and
+/// directories (`.NAME.….tmp`, `.final.tmp-PID`, `checkpoints/.tmp-step-N`). Every name
+/// without a leading dot is complete (each is renamed into place whole), so nothing else goes;
+/// a previous `final/` moved aside (`.final.old-PID`) is put back by the next save of `final/`.
+pub fn sweep_temporaries(run: &Path) -> Result<()> {
+    let temporary = |name: &str, dir: &Path| {
+        if dir == run {
+            name.starts_with('.')
+                && (name.ends_with(".tmp") || name.ends_with(".tmp.png") || name.contains(".tmp-"))
+        } else {
+            name.starts_with(".tmp-step-")
+        }
+    };
+    for dir in [run.to_path_buf(), checkpoints_dir(run)] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !temporary(&name, &dir) {
+                continue;
+            }
+            let path = entry.path();
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Completed checkpoints, oldest first.
 pub fn list(run: &Path) -> Result<Vec<PathBuf>> {
     let dir = checkpoints_dir(run);
@@ -90,15 +124,23 @@ pub fn save(
         serde_json::to_string_pretty(progress)?.as_bytes(),
     )?;
     if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir)?;
+        let doomed = checkpoints_dir(run).join(format!(".tmp-step-{:08}.old", progress.step));
+        std::fs::rename(&final_dir, &doomed)?;
+        std::fs::remove_dir_all(&doomed)?;
     }
     std::fs::rename(&tmp, &final_dir)
         .with_context(|| format!("cannot move checkpoint to {}", final_dir.display()))?;
     std::fs::File::open(checkpoints_dir(run))?.sync_all()?;
     let all = list(run)?;
     for old in all.iter().take(all.len().saturating_sub(keep.max(1))) {
-        std::fs::remove_dir_all(old)
+        // Renamed first, so that a kill during the removal leaves a temporary name, not a
+        // `step-*` directory missing half its files.
+        let name = old.file_name().unwrap_or_default().to_string_lossy();
+        let doomed = checkpoints_dir(run).join(format!(".tmp-{name}.old"));
+        std::fs::rename(old, &doomed)
             .with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+        std::fs::remove_dir_all(&doomed)
+            .with_context(|| format!("cannot remove old checkpoint {}", doomed.display()))?;
     }
     Ok(final_dir)
 }

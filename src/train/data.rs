@@ -3,7 +3,9 @@
 //! Inputs are files or directories (searched recursively) of `.txt`, `.txt.gz` and `.jsonl`
 //! (one JSON object per line with a `text` field). Each text file and each JSONL line is a
 //! document; documents are joined with EOS. The token stream is cached under a key made of the
-//! tokenizer and every file's path and content hash, so a second run starts at once.
+//! tokenizer and every file's path and content hash, so a second run starts at once; the
+//! cache file carries its token count and checksum, and one that does not verify (cut short,
+//! edited, an older format) is tokenized again rather than trained on.
 
 use crate::io::tokenizer::TextTokenizer;
 use anyhow::{anyhow, bail, Context, Result};
@@ -131,15 +133,42 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A token stream on disk (u32 little-endian), memory-mapped.
+/// A token stream on disk, memory-mapped: a [`HEADER`] then the tokens (u32 little-endian).
 pub struct TokenStream {
     map: memmap2::Mmap,
     pub path: PathBuf,
 }
 
+/// Magic (format version in its last byte), token count (u64 little-endian), SHA-256 of the
+/// token bytes. A cache cut to 40 tokens once trained silently on those 40.
+const MAGIC: &[u8; 8] = b"SUPRATK1";
+const HEADER: usize = 8 + 8 + 32;
+
+fn with_header(tokens: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(HEADER + tokens.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&(tokens.len() as u64 / 4).to_le_bytes());
+    bytes.extend_from_slice(&Sha256::digest(tokens));
+    bytes.extend_from_slice(tokens);
+    bytes
+}
+
+/// The cache at `path` mapped, if it exists and its header verifies against its contents.
+fn open_verified(path: &Path) -> Option<memmap2::Mmap> {
+    let file = std::fs::File::open(path).ok()?;
+    // SAFETY: cache files are written once, atomically (rename), and never modified in place.
+    let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    let (header, tokens) = map.split_at_checked(HEADER)?;
+    let count = u64::from_le_bytes(header[8..16].try_into().ok()?);
+    let ok = &header[..8] == MAGIC
+        && count.checked_mul(4) == Some(tokens.len() as u64)
+        && Sha256::digest(tokens).as_slice() == &header[16..];
+    ok.then_some(map)
+}
+
 impl TokenStream {
     pub fn len(&self) -> usize {
-        self.map.len() / 4
+        (self.map.len() - HEADER) / 4
     }
 
     pub fn is_empty(&self) -> bool {
@@ -154,7 +183,7 @@ impl TokenStream {
     }
 
     pub fn get(&self, start: usize, len: usize) -> Vec<u32> {
-        self.map[start * 4..(start + len) * 4]
+        self.map[HEADER + start * 4..HEADER + (start + len) * 4]
             .chunks_exact(4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect()
@@ -181,52 +210,61 @@ impl TokenStream {
             key.update(f.to_string_lossy().as_bytes());
             key.update(crate::io::fetch::sha256_file(f)?.as_bytes());
         }
-        let path = cache_dir.join(format!("{}.u32", &hex(&key.finalize())[..32]));
-        if !path.exists() {
-            std::fs::create_dir_all(cache_dir)
-                .with_context(|| format!("cannot create {}", cache_dir.display()))?;
-            let bar = indicatif::ProgressBar::new(files.len() as u64).with_style(
-                indicatif::ProgressStyle::with_template(
-                    "tokenizing {bar:30} {pos}/{len} files [{elapsed}<{eta}]",
-                )
-                .expect("valid template"),
-            );
-            // (token ids with an EOS after each document, number of text tokens)
-            let per_file: Vec<(Vec<u32>, usize)> = files
-                .par_iter()
-                .map(|f| {
-                    let mut ids = Vec::new();
-                    let mut text_tokens = 0;
-                    for doc in read_documents(f)? {
-                        let doc_ids = tokenizer
-                            .encode(&doc)
-                            .with_context(|| f.display().to_string())?;
-                        text_tokens += doc_ids.len();
-                        ids.extend(doc_ids);
-                        ids.push(eos);
-                    }
-                    bar.inc(1);
-                    Ok((ids, text_tokens))
-                })
-                .collect::<Result<_>>()?;
-            bar.finish_and_clear();
-            if per_file.iter().all(|(_, n)| *n == 0) {
-                bail!(
-                    "the corpus is empty: {} files and no text in them",
-                    files.len()
-                );
-            }
-            let bytes: Vec<u8> = per_file
-                .iter()
-                .flat_map(|(ids, _)| ids)
-                .flat_map(|t| t.to_le_bytes())
-                .collect();
-            crate::io::atomic_write(&path, &bytes)?;
+        let path = cache_dir.join(format!("{}.tokens", &hex(&key.finalize())[..32]));
+        if let Some(map) = open_verified(&path) {
+            return Ok(Self { map, path });
         }
-        let file = std::fs::File::open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        // SAFETY: the cache file is written once, atomically, and never modified afterwards.
-        let map = unsafe { memmap2::Mmap::map(&file)? };
+        if path.exists() {
+            eprintln!(
+                "data: the token cache {} does not verify (cut short or changed); tokenizing again",
+                path.display()
+            );
+        }
+        std::fs::create_dir_all(cache_dir)
+            .with_context(|| format!("cannot create {}", cache_dir.display()))?;
+        let bar = indicatif::ProgressBar::new(files.len() as u64).with_style(
+            indicatif::ProgressStyle::with_template(
+                "tokenizing {bar:30} {pos}/{len} files [{elapsed}<{eta}]",
+            )
+            .expect("valid template"),
+        );
+        // (token ids with an EOS after each document, number of text tokens)
+        let per_file: Vec<(Vec<u32>, usize)> = files
+            .par_iter()
+            .map(|f| {
+                let mut ids = Vec::new();
+                let mut text_tokens = 0;
+                for doc in read_documents(f)? {
+                    let doc_ids = tokenizer
+                        .encode(&doc)
+                        .with_context(|| f.display().to_string())?;
+                    text_tokens += doc_ids.len();
+                    ids.extend(doc_ids);
+                    ids.push(eos);
+                }
+                bar.inc(1);
+                Ok((ids, text_tokens))
+            })
+            .collect::<Result<_>>()?;
+        bar.finish_and_clear();
+        if per_file.iter().all(|(_, n)| *n == 0) {
+            bail!(
+                "the corpus is empty: {} files and no text in them",
+                files.len()
+            );
+        }
+        let bytes: Vec<u8> = per_file
+            .iter()
+            .flat_map(|(ids, _)| ids)
+            .flat_map(|t| t.to_le_bytes())
+            .collect();
+        crate::io::atomic_write(&path, &with_header(&bytes))?;
+        let map = open_verified(&path).ok_or_else(|| {
+            anyhow!(
+                "{}: the token cache just written does not read back",
+                path.display()
+            )
+        })?;
         Ok(Self { map, path })
     }
 }

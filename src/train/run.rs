@@ -352,6 +352,7 @@ fn start_or_resume(
     inputs: &TrainInputs,
     run_config: &serde_json::Value,
 ) -> Result<(LoadedModel, Option<OptimizerState>, Progress)> {
+    checkpoint::sweep_temporaries(inputs.out)?;
     if inputs.resume {
         let ck = checkpoint::load_latest(inputs.out)?;
         if ck.run_config != *run_config {

@@ -405,3 +405,42 @@ pub fn grad_l1(grads: &candle_core::backprop::GradStore, var: &Var) -> Option<f3
             .expect("a gradient")
     })
 }
+
+/// The corpus `supra fuzz` mutates (see `supra::fuzz`): real inputs of every reader, from
+/// tiny models.
+pub fn write_fuzz_corpus(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir.join("data"))?;
+    TinyGguf::new(&tiny_config(), 1, GgmlDType::Q8_0)?.write(&dir.join("model.gguf"))?;
+    // A hybrid (one softmax layer, one SUPRA layer): the config has every section.
+    let hf = tiny_loaded(dir, 2, Some(&[0]))?;
+    std::fs::remove_file(dir.join("tiny-2.gguf"))?;
+    supra::io::hf_dir::save(&hf, &dir.join("hf"))?;
+    let model = supra::model::llama::Llama::new(&hf.config, &hf.weights)?;
+    let mut state = supra::infer::state::State::new(&model);
+    state.feed(&model, &[5, 6, 7, 8])?;
+    state.save(&model, &dir.join("state.safetensors"))?;
+    let task: String = (0..4)
+        .map(|i| {
+            serde_json::json!({"query": format!("the cat {i}"), "choices": [" sat", " ran"], "gold": i % 2})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("task.jsonl"), task)?;
+    let mut journal = supra::eval::journal::Journal::open(
+        &dir.join("journal.jsonl"),
+        supra::fuzz::JOURNAL_HEADER,
+        false,
+    )?;
+    for i in 0..3 {
+        journal.put(
+            &format!("task/{i}"),
+            &serde_json::json!({"hash": i, "logprob": -1.5, "greedy": true, "tokens": 2, "s": 0.01}),
+        )?;
+    }
+    std::fs::write(
+        dir.join("data/a.txt"),
+        "the cat sat on the mat. the dog ran to the door.\n".repeat(20),
+    )?;
+    Ok(())
+}

@@ -557,6 +557,10 @@ impl Content {
             Some(Value::I32(v)) if *v >= 0 => *v as u64,
             _ => DEFAULT_ALIGNMENT,
         };
+        // supra patch 4: an alignment of 0 divided by zero below; ggml requires a power of two.
+        if !alignment.is_power_of_two() {
+            crate::bail!("gguf: general.alignment {alignment} is not a power of two")
+        }
         let tensor_data_offset = position.div_ceil(alignment) * alignment;
         Ok(Self {
             magic,
