@@ -154,6 +154,7 @@ pub fn linearize(teacher: LoadedModel, opts: &LinearizeOptions) -> Result<Report
         resume,
         stop_after: None,
         token_cache: &opts.token_cache,
+        teacher: None,
     };
     let summary = train(converted.clone(), &opts.train, &inputs)?;
     let final_dir = summary

@@ -156,9 +156,13 @@ fn eval_cli_custom_task_and_json() {
     let task = dir.path().join("mine.jsonl");
     let lines: Vec<String> = (0..6)
         .map(|i| {
+            let choices = match i % 2 {
+                0 => r#"["mat", "hat on a cat", "m"]"#,
+                _ => r#"["mat", "hat"]"#,
+            };
             format!(
-                r#"{{"query": "Item {i}: the cat sat on the", "choices": ["mat", "hat on a cat", "m"], "gold": {}}}"#,
-                i % 3
+                r#"{{"query": "Item {i}: the cat sat on the", "choices": {choices}, "gold": {}}}"#,
+                i % 2
             )
         })
         .collect();
@@ -192,6 +196,12 @@ fn eval_cli_custom_task_and_json() {
     );
     assert_eq!(r["metrics"], whole["results"][0]["metrics"]);
     assert!(r["metrics"]["acc_norm"]["value"].is_number());
+    // Guessing: three items of three choices, three of two.
+    let chance = r["chance"].as_f64().unwrap();
+    assert!(
+        (chance - (3.0 / 3.0 + 3.0 / 2.0) / 6.0).abs() < 1e-12,
+        "chance {chance}"
+    );
     assert!(shared["config"]["num_hidden_layers"].is_number());
 }
 
@@ -367,11 +377,11 @@ fn compare_cli() {
     );
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
-        table.contains("| task | metric | teacher | linear | Δ | retention |"),
+        table.contains("| task | metric | teacher | linear | Δ | retention | above chance |"),
         "{table}"
     );
     assert!(
-        table.contains("| piqa | acc | 60.00 | 45.00 | -15.00 | 75.0 % |"),
+        table.contains("| piqa | acc | 60.00 | 45.00 | -15.00 | 75.0 % | — |"),
         "{table}"
     );
     let bad = dir.path().join("bad.json");

@@ -101,6 +101,7 @@ fn run(
         resume,
         stop_after,
         token_cache: cache,
+        teacher: None,
     };
     train(model, cfg, &inputs).unwrap()
 }
@@ -171,6 +172,7 @@ fn resume_is_exact_for_every_recipe() {
                 resume: true,
                 stop_after: None,
                 token_cache: &cache,
+                teacher: None,
             };
             let err = train(tiny_linear(dir.path()), &cfg, &inputs)
                 .err()
@@ -186,13 +188,17 @@ fn resume_is_exact_for_every_recipe() {
                 resume: true,
                 stop_after: None,
                 token_cache: &cache,
+                teacher: None,
             };
             let mut other = tiny_linear(dir.path());
             let w = &other.weights["model.norm.weight"];
             let w = (w * 1.5).unwrap();
             other.weights.insert("model.norm.weight".into(), w);
             let err = train(other, &cfg, &inputs).err().expect("must refuse");
-            assert!(format!("{err:#}").contains("not the teacher"), "{err:#}");
+            assert!(
+                format!("{err:#}").contains("not the one this run started distilling from"),
+                "{err:#}"
+            );
         }
         let (a, b) = (losses(&straight), losses(&split));
         assert_eq!(a.len(), 20);
@@ -402,6 +408,7 @@ fn non_finite_updates_are_skipped_then_stop_the_run() {
         resume: false,
         stop_after: None,
         token_cache: &dir.path().join("cache"),
+        teacher: None,
     };
     let err = train(model, &config(Recipe::Transfer), &inputs)
         .err()
@@ -762,6 +769,7 @@ fn validation_reads_its_own_data() {
             resume: false,
             stop_after: None,
             token_cache: &cache,
+            teacher: None,
         };
         train(tiny_linear(dir.path()), &cfg, &inputs).unwrap();
         finals.push(
@@ -999,6 +1007,78 @@ fn the_distillation_teacher_is_the_model_before_conversion() {
         let d = common::testing::max_abs_diff(&got, &want);
         assert!(d == 0.0, "teacher logits differ by {d}");
     }
+}
+
+/// `--teacher`: distillation learns the teacher given, not the model trained. The model's own
+/// teacher given explicitly changes nothing; another teacher changes the losses; a resume must
+/// give the same teacher; a teacher with another vocabulary, or one for a recipe that does not
+/// distil, is refused.
+#[test]
+fn a_given_teacher_is_the_one_distilled_from() {
+    let (dir, data, cache) = workspace();
+    let mut cfg = config(Recipe::Distill);
+    cfg.steps = 4;
+    let student = || tiny_linear(dir.path());
+    let inputs = |out: &'static str, teacher, resume, stop_after| TrainInputs {
+        data: &data,
+        valid: None,
+        out: Box::leak(dir.path().join(out).into_boxed_path()),
+        resume,
+        stop_after,
+        token_cache: &cache,
+        teacher,
+    };
+    let own = student();
+    let other = common::testing::tiny_loaded(dir.path(), 33, None).unwrap();
+    train(student(), &cfg, &inputs("default", None, false, None)).unwrap();
+    train(student(), &cfg, &inputs("own", Some(&own), false, None)).unwrap();
+    train(
+        student(),
+        &cfg,
+        &inputs("other", Some(&other), false, Some(2)),
+    )
+    .unwrap();
+    let (default, given) = (
+        losses(&dir.path().join("default")),
+        losses(&dir.path().join("own")),
+    );
+    assert_eq!(default, given, "the model's own teacher given explicitly");
+    let o = losses(&dir.path().join("other"));
+    assert_ne!(o[0].1, default[0].1, "another teacher, the same loss");
+
+    let err = |r: anyhow::Result<supra::train::run::Summary>| format!("{:#}", r.err().unwrap());
+    let e = err(train(student(), &cfg, &inputs("other", None, true, None)));
+    assert!(
+        e.contains("not the one this run started distilling from"),
+        "{e}"
+    );
+    train(student(), &cfg, &inputs("other", Some(&other), true, None)).unwrap();
+
+    let mut wider = common::testing::tiny_loaded(dir.path(), 33, None).unwrap();
+    wider.config.vocab_size += 1;
+    let e = err(train(
+        student(),
+        &cfg,
+        &inputs("wider", Some(&wider), false, None),
+    ));
+    assert!(e.contains("vocabulary"), "{e}");
+    let mut renamed = common::testing::tiny_loaded(dir.path(), 33, None).unwrap();
+    renamed
+        .tokenizer
+        .inner
+        .add_tokens(&[tokenizers::AddedToken::from("<extra>", true)]);
+    let e = err(train(
+        student(),
+        &cfg,
+        &inputs("renamed", Some(&renamed), false, None),
+    ));
+    assert!(e.contains("vocabulary"), "{e}");
+    let e = err(train(
+        student(),
+        &config(Recipe::Transfer),
+        &inputs("transfer", Some(&other), false, None),
+    ));
+    assert!(e.contains("does not distil"), "{e}");
 }
 
 /// The cells a recipe can train, on the tiny model (layer 0 stays softmax).

@@ -17,6 +17,7 @@
 #   phase tasks     lambada_openai, piqa, arc_easy (full sets), hellaswag (first 1,000; the
 #                   long runs: full)
 #   phase all       every task on its full set (`supra eval --tasks all`; for the long runs)
+#   phase samples   greedy continuations and chat answers of fixed prompts
 #
 #   scripts/results/quality.sh PHASE [ROW...]   (OUT=runs/quality, from $QUALITY_OUT)
 #
@@ -26,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${QUALITY_OUT:-runs/quality}
 DATA=${SUPRA_DATA_DIR:-../shared/data}
-PHASE=${1:?usage: scripts/results/quality.sh train|probes|tasks|all [ROW...]}
+PHASE=${1:?usage: scripts/results/quality.sh train|probes|tasks|all|samples [ROW...]}
 shift
 TOKENS=262144
 mkdir -p "$OUT"
@@ -55,15 +56,33 @@ declare -A ROWS=(
   [td-hedgehog]="transfer+distill --feature-map hedgehog"
   [td-relu-w64]="transfer+distill --feature-map relu --window 64"
   [td-hedgehog-w64]="transfer+distill --feature-map hedgehog --window 64"
+  [td-relu-all]="transfer+distill --feature-map relu"
+  [td-relu-raw]="transfer+distill --feature-map relu"
   [long-td-relu-w64]="transfer+distill --feature-map relu --window 64"
   [long-td-relu]="transfer+distill --feature-map relu"
 )
-# The two long runs (issue 20): 1,048,576 tokens, of which the transfer keeps the 131,072 of
-# the fixed-budget rows and distillation takes the rest (LoLCATs: more transfer stops paying).
+# Flags beyond the recipe's. The pure linear cell's ablation (one change each against
+# td-relu): every parameter trained instead of LoRA 16 + φ; the transfer target raw instead of
+# GroupNorm'd. The two long runs (issue 20): 1,048,576 tokens, of which the transfer keeps the
+# 131,072 of the fixed-budget rows and distillation takes the rest (LoLCATs: more transfer
+# stops paying).
 declare -A TRAIN_FLAGS=(
+  [td-relu-all]="--tokens 262144 --train all"
+  [td-relu-raw]="--tokens 262144 --transfer-target raw"
   [long-td-relu-w64]="--tokens 1048576 --transfer-tokens 131072"
   [long-td-relu]="--tokens 1048576 --transfer-tokens 131072"
 )
+# Continuations: a trained row's final model trained further (distillation from the original
+# teacher, given with --teacher), to separate what longer training windows do for the long
+# context from what more tokens do: the same 131,072 tokens in 512- or 2,048-token windows.
+declare -A BASE=(
+  [long-td-relu-w64-more512]=long-td-relu-w64
+  [long-td-relu-w64-more2048]=long-td-relu-w64
+)
+ROWS[long-td-relu-w64-more512]="distill --feature-map relu --window 64"
+ROWS[long-td-relu-w64-more2048]="distill --feature-map relu --window 64"
+TRAIN_FLAGS[long-td-relu-w64-more512]="--tokens 131072 --seq-len 512"
+TRAIN_FLAGS[long-td-relu-w64-more2048]="--tokens 131072 --seq-len 2048"
 ORDER=(teacher control-w64 td-relu-w64 td-hedgehog-w64 td-relu tce-relu-w64 tce-hedgehog-w64
   td-hedgehog tce-relu tce-hedgehog supra-relu supra-hedgehog supra-relu-w64 supra-hedgehog-w64
   supra-paper-relu)
@@ -94,13 +113,18 @@ train_row() {
   local recipe=${spec[0]} flags=("${spec[@]:1}")
   [ "$row" = teacher ] && return
   mkdir -p "$OUT/$row"
-  [ -f "$OUT/$row/converted/config.json" ] || "$S" convert --out "$OUT/$row/converted" "${flags[@]}" >/dev/null
+  local start="$OUT/$row/converted" teacher=()
+  if [ -n "${BASE[$row]+x}" ]; then
+    start=$(model "${BASE[$row]}") teacher=(--teacher "$TEACHER")
+    [ -f "$start/config.json" ] || { echo "$row continues ${BASE[$row]}: train it first" >&2; exit 2; }
+  fi
+  [ -f "$start/config.json" ] || "$S" convert --out "$start" "${flags[@]}" >/dev/null
   [ "$recipe" = - ] && return
   [ -f "$OUT/$row/run/final/config.json" ] && return
   local resume=()
   [ -d "$OUT/$row/run/checkpoints" ] && resume=(--resume)
   local t0=$SECONDS budget=(${TRAIN_FLAGS[$row]:---tokens $TOKENS})
-  "$S" train "$OUT/$row/converted" --recipe "$recipe" --data "$DATA/text/train" \
+  "$S" train "$start" --recipe "$recipe" --data "$DATA/text/train" "${teacher[@]}" \
     "${budget[@]}" --checkpoint-every 8 --out "$OUT/$row/run" "${resume[@]}"
   echo $(( $(cat "$OUT/$row/wall_s" 2>/dev/null || echo 0) + SECONDS - t0 )) > "$OUT/$row/wall_s"
 }
@@ -139,6 +163,28 @@ task() { # row, name, eval flags...
   "$S" eval "${m[@]}" "$@" --json "$json" "${resume[@]}" > "$OUT/$row/$name.md"
 }
 
+# Greedy samples (temperature 0, 96 new tokens) of fixed prompts, the same for every row: plain
+# continuations (where the early models looped) and chat turns (the teacher is an instruct
+# model). Markdown, one section per prompt.
+PLAIN_PROMPTS=("The old house at the end of the lane" "Once upon a time, in a small village by the sea,"
+  "The three most important inventions of the nineteenth century were")
+CHAT_PROMPTS=("What are three good ways to save energy at home?"
+  "Explain in two sentences why the sky is blue.")
+samples() { # row
+  local m p
+  m=$(model "$1")
+  for p in "${PLAIN_PROMPTS[@]}"; do
+    printf '### "%s"\n\n' "$p"
+    "$S" generate "$m" --prompt "$p" --temperature 0 --max-tokens 96 | sed 's/^/> /'
+    echo
+  done
+  for p in "${CHAT_PROMPTS[@]}"; do
+    printf '### chat: "%s"\n\n' "$p"
+    "$S" generate "$m" --chat --prompt "$p" --temperature 0 --max-tokens 96 | sed 's/^/> /'
+    echo
+  done
+}
+
 for row in "${ORDER[@]}"; do
   [ -n "${ROWS[$row]+x}" ] || { echo "unknown row $row (rows: ${!ROWS[*]})" >&2; exit 2; }
   mkdir -p "$OUT/$row"
@@ -167,6 +213,7 @@ for row in "${ORDER[@]}"; do
     all) # The long runs' whole table (the paper's Table 1), hours per model.
       task "$row" all --tasks all
       ;;
-    *) echo "unknown phase $PHASE (train, probes, tasks or all)" >&2; exit 2 ;;
+    samples) once "$OUT/$row/samples.md" samples "$row" ;;
+    *) echo "unknown phase $PHASE (train, probes, tasks, all or samples)" >&2; exit 2 ;;
   esac
 done

@@ -1,6 +1,6 @@
 //! `supra train` and `supra linearize`.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 use supra::io::fetch;
@@ -76,6 +76,11 @@ pub(crate) struct TrainArgs {
     /// by T², so the gradient's size does not depend on it) [default: 1].
     #[arg(long)]
     pub(crate) temperature: Option<f64>,
+    /// distill, transfer+distill: the teacher whose next-token distribution is learnt (GGUF
+    /// file or HF directory; the same vocabulary) [default: MODEL with every layer softmax
+    /// attention]. Give the original model when MODEL is an already trained one.
+    #[arg(long)]
+    pub(crate) teacher: Option<PathBuf>,
     /// distill, transfer+distill: weight of the data's cross-entropy added to the KL
     /// [default: 0, pure distillation].
     #[arg(long)]
@@ -201,6 +206,10 @@ pub(crate) fn train(a: &TrainArgs) -> Result<()> {
         );
         None
     };
+    let teacher = match &a.teacher {
+        Some(p) => Some(supra::io::load(p).with_context(|| format!("--teacher {}", p.display()))?),
+        None => None,
+    };
     let token_cache = fetch::cache_dir().join("tokens");
     let inputs = TrainInputs {
         data: &a.data,
@@ -209,6 +218,7 @@ pub(crate) fn train(a: &TrainArgs) -> Result<()> {
         resume: a.resume,
         stop_after: a.stop_after,
         token_cache: &token_cache,
+        teacher: teacher.as_ref(),
     };
     let summary = supra::train::run::train(loaded, &cfg, &inputs)?;
     if let Some(m) = &summary.last {

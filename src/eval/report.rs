@@ -15,6 +15,11 @@ pub struct TaskResult {
     pub items: usize,
     /// acc, acc_norm, acc_macro (mean over subgroups), perplexity: whichever the task reports.
     pub metrics: BTreeMap<String, Metric>,
+    /// The accuracy of guessing: the mean over items of 1 / their number of choices (0 for
+    /// LAMBADA's open answer); none for perplexity tasks. Where a model is near it, a plain
+    /// ratio of accuracies says little: `supra compare` shows the share above it too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chance: Option<f64>,
     pub seconds: f64,
     pub items_per_s: f64,
     /// Per item, the choice picked by log-likelihood (multiple choice) or 1 where greedy
@@ -106,6 +111,16 @@ pub fn run_task(
     bar.finish_and_clear();
     let mut metrics = BTreeMap::new();
     let mut predictions = Vec::new();
+    let chance = match &items {
+        Items::Choice(items) => {
+            items
+                .iter()
+                .map(|i| 1.0 / i.requests.len() as f64)
+                .sum::<f64>()
+                / items.len() as f64
+        }
+        _ => 0.0,
+    };
     match &items {
         Items::Choice(items) => {
             let mut start = 0;
@@ -150,6 +165,7 @@ pub fn run_task(
         task: task.name(),
         items: sizes.len(),
         metrics,
+        chance: Some(chance),
         seconds,
         items_per_s: sizes.len() as f64 / seconds.max(1e-9),
         predictions,
@@ -233,6 +249,7 @@ fn rolling(
         task: task.name(),
         items: docs.len(),
         metrics,
+        chance: None,
         seconds,
         items_per_s: docs.len() as f64 / seconds.max(1e-9),
         predictions: Vec::new(),
@@ -285,7 +302,9 @@ pub fn markdown(results: &[TaskResult]) -> String {
 
 /// `supra compare`: the reports of several models (the JSON `supra eval --json` writes) side by
 /// side, each after the first with its difference and its retention of the first's score
-/// (for perplexities, lower is better: retention is first / value).
+/// (for perplexities, lower is better: retention is first / value), and for accuracies its
+/// retention above chance, (value − chance) / (first − chance), with chance from whichever
+/// report records it (reports written before it was recorded do not).
 pub fn compare(reports: &[(String, serde_json::Value)]) -> Result<String> {
     use anyhow::{bail, Context};
     if reports.len() < 2 {
@@ -294,6 +313,7 @@ pub fn compare(reports: &[(String, serde_json::Value)]) -> Result<String> {
     // (task, metric) → value per report, in the order they first appear.
     let mut rows: Vec<(String, String)> = Vec::new();
     let mut values: BTreeMap<(String, String), Vec<Option<f64>>> = BTreeMap::new();
+    let mut chance: BTreeMap<String, f64> = BTreeMap::new();
     for (i, (name, report)) in reports.iter().enumerate() {
         let results = report["results"].as_array().with_context(|| {
             format!("{name}: no \"results\" array (not a `supra eval --json` file?)")
@@ -305,6 +325,9 @@ pub fn compare(reports: &[(String, serde_json::Value)]) -> Result<String> {
             let metrics = r["metrics"]
                 .as_object()
                 .with_context(|| format!("{name}: task {task} has no \"metrics\""))?;
+            if let Some(c) = r["chance"].as_f64() {
+                chance.entry(task.to_string()).or_insert(c);
+            }
             for (metric, m) in metrics {
                 let key = (task.to_string(), metric.clone());
                 if !values.contains_key(&key) {
@@ -320,11 +343,11 @@ pub fn compare(reports: &[(String, serde_json::Value)]) -> Result<String> {
     for (i, (name, _)) in reports.iter().enumerate() {
         s.push_str(&format!(" {name} |"));
         if i > 0 {
-            s.push_str(" Δ | retention |");
+            s.push_str(" Δ | retention | above chance |");
         }
     }
     s.push_str("\n|---|---|");
-    s.push_str(&"---:|".repeat(1 + 3 * (reports.len() - 1)));
+    s.push_str(&"---:|".repeat(1 + 4 * (reports.len() - 1)));
     s.push('\n');
     for key in &rows {
         let v = &values[key];
@@ -332,18 +355,18 @@ pub fn compare(reports: &[(String, serde_json::Value)]) -> Result<String> {
         let scale = if key.1.starts_with("acc") { 100.0 } else { 1.0 };
         let fmt = |x: Option<f64>| x.map_or("—".to_string(), |x| format!("{:.2}", scale * x));
         s.push_str(&format!("| {} | {} | {} |", key.0, key.1, fmt(v[0])));
+        let c = chance.get(&key.0).filter(|_| key.1.starts_with("acc"));
         for x in &v[1..] {
-            let (delta, retention) = match (v[0], *x) {
-                (Some(a), Some(b)) => {
-                    let r = if lower_is_better { a / b } else { b / a };
-                    (
-                        format!("{:+.2}", scale * (b - a)),
-                        format!("{:.1} %", 100.0 * r),
-                    )
+            let (mut delta, mut retention, mut above) = ("—".into(), "—".into(), "—".into());
+            if let (Some(a), Some(b)) = (v[0], *x) {
+                let r = if lower_is_better { a / b } else { b / a };
+                delta = format!("{:+.2}", scale * (b - a));
+                retention = format!("{:.1} %", 100.0 * r);
+                if let Some(&c) = c {
+                    above = format!("{:.1} %", 100.0 * (b - c) / (a - c));
                 }
-                _ => ("—".to_string(), "—".to_string()),
-            };
-            s.push_str(&format!(" {} | {delta} | {retention} |", fmt(*x)));
+            }
+            s.push_str(&format!(" {} | {delta} | {retention} | {above} |", fmt(*x)));
         }
         s.push('\n');
     }
@@ -367,11 +390,27 @@ mod tests {
         ])
         .unwrap();
         assert!(
-            table.contains("| t | acc | 50.00 | 40.00 | -10.00 | 80.0 % |"),
+            table.contains("| t | acc | 50.00 | 40.00 | -10.00 | 80.0 % | — |"),
             "{table}"
         );
         assert!(
-            table.contains("| t | perplexity | 10.00 | 20.00 | +10.00 | 50.0 % |"),
+            table.contains("| t | perplexity | 10.00 | 20.00 | +10.00 | 50.0 % | — |"),
+            "{table}"
+        );
+        // Chance from the report that has it: (0.4 − 0.25) / (0.5 − 0.25).
+        let mut second = report(0.4, 20.0);
+        second["results"][0]["chance"] = serde_json::json!(0.25);
+        let table = compare(&[
+            ("teacher".into(), report(0.5, 10.0)),
+            ("linear".into(), second),
+        ])
+        .unwrap();
+        assert!(
+            table.contains("| t | acc | 50.00 | 40.00 | -10.00 | 80.0 % | 60.0 % |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| t | perplexity | 10.00 | 20.00 | +10.00 | 50.0 % | — |"),
             "{table}"
         );
         assert!(compare(&[("a".into(), serde_json::json!({}))]).is_err());

@@ -449,6 +449,12 @@ impl TextTokenizer {
             .unwrap_or(0)
     }
 
+    /// Whether `other` maps every token string to the same id (added tokens included): two
+    /// models' logits can only be compared position by position when it does.
+    pub fn same_vocabulary(&self, other: &TextTokenizer) -> bool {
+        self.inner.get_vocab(true) == other.inner.get_vocab(true)
+    }
+
     /// The largest id any text can tokenize to (added tokens included).
     pub fn max_id(&self) -> Option<u32> {
         self.inner.get_vocab(true).into_values().max()

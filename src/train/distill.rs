@@ -262,6 +262,18 @@ impl Teacher {
         })
     }
 
+    /// `teacher`, a model other than the `student` trained (the original model when a trained
+    /// one is trained on): its logits must index the student's vocabulary.
+    pub fn other(teacher: &LoadedModel, student: &LoadedModel) -> Result<Self> {
+        let (t, s) = (teacher.config.vocab_size, student.config.vocab_size);
+        if t != s || !teacher.tokenizer.same_vocabulary(&student.tokenizer) {
+            bail!(
+                "--teacher: its vocabulary ({t} logits) is not the trained model's ({s}); distillation compares the two distributions token by token"
+            );
+        }
+        Self::new(teacher)
+    }
+
     /// A digest of the teacher's config and weights: a resumed run must distil from the same.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint

@@ -118,6 +118,8 @@ pub struct TrainInputs<'a> {
     /// Stop after this many updates in this invocation (the schedule still spans `steps`).
     pub stop_after: Option<u64>,
     pub token_cache: &'a Path,
+    /// Distillation's teacher when it is not the model trained (the distilling recipes only).
+    pub teacher: Option<&'a LoadedModel>,
 }
 
 /// Redraws OUT/loss.png from the whole metrics file (earlier invocations of a resumed run too).
@@ -220,17 +222,23 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
     crate::heap::keep_freed_for_reuse();
     let run_config = serde_json::to_value(cfg)?;
     // Distillation's teacher is the model the run starts from, before calibration and any
-    // update; a resumed run gets it from the same model argument, which must be that one.
-    let distill_teacher = match cfg.recipe.distills() {
-        true => Some(distill::Teacher::new(&model)?),
-        false => None,
+    // update, unless one is given (a run continuing a trained model must still distil from
+    // the original); a resumed run gets it from the same arguments, which must be those.
+    let distill_teacher = match (cfg.recipe.distills(), inputs.teacher) {
+        (true, None) => Some(distill::Teacher::new(&model)?),
+        (true, Some(teacher)) => Some(distill::Teacher::other(teacher, &model)?),
+        (false, Some(_)) => bail!(
+            "--teacher: the {} recipe does not distil (distill and transfer+distill do)",
+            cfg.recipe.name()
+        ),
+        (false, None) => None,
     };
     let (mut model, opt_state, mut progress) = start_or_resume(model, cfg, inputs, &run_config)?;
     if let Some(t) = &distill_teacher {
         if !inputs.resume {
             progress.teacher = t.fingerprint().to_string();
         } else if progress.teacher != t.fingerprint() {
-            bail!("--resume: the model given is not the teacher this run started distilling from; resume with the same model argument");
+            bail!("--resume: the teacher is not the one this run started distilling from; resume with the same model argument (and --teacher)");
         }
     }
     if cfg.recipe.adapts() && cfg.lora_rank > 0 && !inputs.resume {
