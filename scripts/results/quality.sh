@@ -60,6 +60,8 @@ declare -A ROWS=(
   [td-relu-raw]="transfer+distill --feature-map relu"
   [long-td-relu-w64]="transfer+distill --feature-map relu --window 64"
   [long-td-relu]="transfer+distill --feature-map relu"
+  [long-td-relu-w64-more512]="distill --feature-map relu --window 64"
+  [long-td-relu-w64-more2048]="distill --feature-map relu --window 64"
 )
 # Flags beyond the recipe's. The pure linear cell's ablation (one change each against
 # td-relu): every parameter trained instead of LoRA 16 + φ; the transfer target raw instead of
@@ -71,6 +73,8 @@ declare -A TRAIN_FLAGS=(
   [td-relu-raw]="--tokens 262144 --transfer-target raw"
   [long-td-relu-w64]="--tokens 1048576 --transfer-tokens 131072"
   [long-td-relu]="--tokens 1048576 --transfer-tokens 131072"
+  [long-td-relu-w64-more512]="--tokens 131072 --seq-len 512"
+  [long-td-relu-w64-more2048]="--tokens 131072 --seq-len 2048"
 )
 # Continuations: a trained row's final model trained further (distillation from the original
 # teacher, given with --teacher), to separate what longer training windows do for the long
@@ -79,10 +83,6 @@ declare -A BASE=(
   [long-td-relu-w64-more512]=long-td-relu-w64
   [long-td-relu-w64-more2048]=long-td-relu-w64
 )
-ROWS[long-td-relu-w64-more512]="distill --feature-map relu --window 64"
-ROWS[long-td-relu-w64-more2048]="distill --feature-map relu --window 64"
-TRAIN_FLAGS[long-td-relu-w64-more512]="--tokens 131072 --seq-len 512"
-TRAIN_FLAGS[long-td-relu-w64-more2048]="--tokens 131072 --seq-len 2048"
 ORDER=(teacher control-w64 td-relu-w64 td-hedgehog-w64 td-relu tce-relu-w64 tce-hedgehog-w64
   td-hedgehog tce-relu tce-hedgehog supra-relu supra-hedgehog supra-relu-w64 supra-hedgehog-w64
   supra-paper-relu)

@@ -111,17 +111,8 @@ pub fn run_task(
     bar.finish_and_clear();
     let mut metrics = BTreeMap::new();
     let mut predictions = Vec::new();
+    // The metrics, and the accuracy of guessing.
     let chance = match &items {
-        Items::Choice(items) => {
-            items
-                .iter()
-                .map(|i| 1.0 / i.requests.len() as f64)
-                .sum::<f64>()
-                / items.len() as f64
-        }
-        _ => 0.0,
-    };
-    match &items {
         Items::Choice(items) => {
             let mut start = 0;
             let (mut acc, mut norm) = (Vec::new(), Vec::new());
@@ -151,6 +142,7 @@ pub fn run_task(
                     },
                 );
             }
+            sizes.iter().map(|&n| 1.0 / n as f64).sum::<f64>() / sizes.len() as f64
         }
         // Greedy (Rolling returned above).
         _ => {
@@ -159,8 +151,9 @@ pub fn run_task(
             metrics.insert("acc".into(), mean_with_stderr(&greedy));
             let lls: Vec<f64> = answers.iter().map(|a| a.logprob).collect();
             metrics.insert("perplexity".into(), perplexity(&lls));
+            0.0
         }
-    }
+    };
     Ok(TaskResult {
         task: task.name(),
         items: sizes.len(),
