@@ -14,6 +14,7 @@
 #                   and perplexity on text/valid (where defaults are chosen)
 #   phase probes    perplexity by position with the whole history (5 books × 8k tokens),
 #                   passkey at 1k and 2k
+#   phase validpos  perplexity by position on text/valid (3 books × 8k), where choices are made
 #   phase tasks     lambada_openai, piqa, arc_easy (full sets), hellaswag (first 1,000; the
 #                   long runs: full)
 #   phase all       every task on its full set (`supra eval --tasks all`; for the long runs)
@@ -27,7 +28,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${QUALITY_OUT:-runs/quality}
 DATA=${SUPRA_DATA_DIR:-../shared/data}
-PHASE=${1:?usage: scripts/results/quality.sh train|probes|tasks|all|samples [ROW...]}
+PHASE=${1:?usage: scripts/results/quality.sh train|probes|validpos|tasks|all|samples [ROW...]}
 shift
 TOKENS=262144
 mkdir -p "$OUT"
@@ -43,6 +44,7 @@ TEACHER=$("$S" fetch)
 declare -A ROWS=(
   [teacher]="-"
   [control-w64]="- --window 64"
+  [control-w256]="- --window 256"
   [supra-paper-relu]="supra-paper --feature-map relu"
   [supra-relu]="supra --feature-map relu"
   [supra-hedgehog]="supra --feature-map hedgehog"
@@ -62,6 +64,14 @@ declare -A ROWS=(
   [long-td-relu]="transfer+distill --feature-map relu"
   [long-td-relu-w64-more512]="distill --feature-map relu --window 64"
   [long-td-relu-w64-more2048]="distill --feature-map relu --window 64"
+  # The linear state's decay (half-lives lightning 1.3-177 tokens, retnet 22-5,678, none ∞),
+  # in 512- and 2,048-token training windows, 131,072 tokens each; chosen on text/valid by
+  # position (phase validpos). control-w256: how much a 4× wider window alone buys.
+  [d131-relu-w64-lightning]="transfer+distill --feature-map relu --window 64 --decay lightning"
+  [d131-relu-w64-retnet]="transfer+distill --feature-map relu --window 64 --decay retnet"
+  [d131-relu-w64-none]="transfer+distill --feature-map relu --window 64 --decay none"
+  [d131-relu-w64-lightning-s2048]="transfer+distill --feature-map relu --window 64 --decay lightning"
+  [d131-relu-w64-retnet-s2048]="transfer+distill --feature-map relu --window 64 --decay retnet"
 )
 # Flags beyond the recipe's. The pure linear cell's ablation (one change each against
 # td-relu): every parameter trained instead of LoRA 16 + φ; the transfer target raw instead of
@@ -75,6 +85,11 @@ declare -A TRAIN_FLAGS=(
   [long-td-relu]="--tokens 1048576 --transfer-tokens 131072"
   [long-td-relu-w64-more512]="--tokens 131072 --seq-len 512"
   [long-td-relu-w64-more2048]="--tokens 131072 --seq-len 2048"
+  [d131-relu-w64-lightning]="--tokens 131072"
+  [d131-relu-w64-retnet]="--tokens 131072"
+  [d131-relu-w64-none]="--tokens 131072"
+  [d131-relu-w64-lightning-s2048]="--tokens 131072 --seq-len 2048"
+  [d131-relu-w64-retnet-s2048]="--tokens 131072 --seq-len 2048"
 )
 # Continuations: a trained row's final model trained further (distillation from the original
 # teacher, given with --teacher), to separate what longer training windows do for the long
@@ -192,19 +207,24 @@ for row in "${ORDER[@]}"; do
     train)
       train_row "$row"
       branches=(both)
-      [ "$row" = control-w64 ] && branches=(window)
-      [ "$row" != control-w64 ] && is_window "$row" && branches=(both window linear)
+      [[ $row == control-* ]] && branches=(window)
+      [[ $row != control-* ]] && is_window "$row" && branches=(both window linear)
       for b in "${branches[@]}"; do heldout "$row" "$b"; done
       valid "$row" "${branches[0]}"
       ;;
     probes)
-      b=both; [ "$row" = control-w64 ] && b=window
+      b=both; [[ $row == control-* ]] && b=window
       probe position "$row" position --branches "$b" --text "$DATA/text/test" --length 8k \
         --sequences 5 --edges 1k,2k
       probe passkey "$row" passkey --branches "$b" --lengths 1k,2k
       ;;
+    validpos) # Perplexity by position on text/valid (3 books × 8k), where choices are made.
+      b=both; [[ $row == control-* ]] && b=window
+      probe valid-position "$row" position --branches "$b" --text "$DATA/text/valid" \
+        --length 8k --sequences 3 --edges 1k,2k
+      ;;
     tasks)
-      [ "$row" = control-w64 ] && continue
+      [[ $row == control-* ]] && continue
       task "$row" tasks --tasks piqa,arc_easy,lambada_openai
       # The long runs are judged on the full set; the fixed-budget rows on its first 1,000.
       limit=(--limit 1000); [[ $row == long-* ]] && limit=()
@@ -214,6 +234,6 @@ for row in "${ORDER[@]}"; do
       task "$row" all --tasks all
       ;;
     samples) once "$OUT/$row/samples.md" samples "$row" ;;
-    *) echo "unknown phase $PHASE (train, probes, tasks, all or samples)" >&2; exit 2 ;;
+    *) echo "unknown phase $PHASE (train, probes, validpos, tasks, all or samples)" >&2; exit 2 ;;
   esac
 done

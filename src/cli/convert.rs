@@ -19,7 +19,8 @@ pub(crate) struct ConvertArgs {
     /// Feature dimension d' of φ per head [default: the head dim].
     #[arg(long)]
     pub(crate) feature_dim: Option<usize>,
-    /// Per-head decay: lightning (ALiBi slopes, the paper's), retnet, none, or comma-separated values.
+    /// Per-head decay: lightning (ALiBi slopes, the paper's), retnet (1 − 2^(−5−h)), none (γ = 1),
+    /// learnable (starts at lightning, trained with φ), or comma-separated values.
     #[arg(long, default_value = "lightning")]
     pub(crate) decay: supra::config::Decay,
     /// Initial relu φ: random (PyTorch's Linear init, the paper's) or identity (W = I, b = 0).
