@@ -112,6 +112,8 @@ model() {
   esac
 }
 is_window() { [[ ${ROWS[$1]} == *--window* ]]; }
+# The branches a row's probes run: a control has only its window.
+probe_branches() { if [[ $1 == control-* ]]; then echo window; else echo both; fi; }
 
 # once FILE COMMAND...: runs COMMAND with stdout into FILE unless FILE exists (written whole).
 once() {
@@ -206,20 +208,19 @@ for row in "${ORDER[@]}"; do
   case $PHASE in
     train)
       train_row "$row"
-      branches=(both)
-      [[ $row == control-* ]] && branches=(window)
+      branches=("$(probe_branches "$row")")
       [[ $row != control-* ]] && is_window "$row" && branches=(both window linear)
       for b in "${branches[@]}"; do heldout "$row" "$b"; done
       valid "$row" "${branches[0]}"
       ;;
     probes)
-      b=both; [[ $row == control-* ]] && b=window
+      b=$(probe_branches "$row")
       probe position "$row" position --branches "$b" --text "$DATA/text/test" --length 8k \
         --sequences 5 --edges 1k,2k
       probe passkey "$row" passkey --branches "$b" --lengths 1k,2k
       ;;
     validpos) # Perplexity by position on text/valid (3 books × 8k), where choices are made.
-      b=both; [[ $row == control-* ]] && b=window
+      b=$(probe_branches "$row")
       probe valid-position "$row" position --branches "$b" --text "$DATA/text/valid" \
         --length 8k --sequences 3 --edges 1k,2k
       ;;
