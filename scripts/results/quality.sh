@@ -62,6 +62,9 @@ declare -A ROWS=(
   [td-relu-raw]="transfer+distill --feature-map relu"
   [long-td-relu-w64]="transfer+distill --feature-map relu --window 64"
   [long-td-relu]="transfer+distill --feature-map relu"
+  # The bounded-state long run after the window and decay rows: window 256, lightning decay,
+  # 2,048-token training windows throughout.
+  [long-td-relu-w256-s2048]="transfer+distill --feature-map relu --window 256"
   [long-td-relu-w64-more512]="distill --feature-map relu --window 64"
   [long-td-relu-w64-more2048]="distill --feature-map relu --window 64"
   # The linear state's decay (half-lives lightning 1.3-177 tokens, retnet 22-5,678, none ∞),
@@ -72,6 +75,9 @@ declare -A ROWS=(
   [d131-relu-w64-none]="transfer+distill --feature-map relu --window 64 --decay none"
   [d131-relu-w64-lightning-s2048]="transfer+distill --feature-map relu --window 64 --decay lightning"
   [d131-relu-w64-retnet-s2048]="transfer+distill --feature-map relu --window 64 --decay retnet"
+  # A 4× wider window, trained: beside control-w256, what the linear state adds to it.
+  [d131-relu-w256-lightning-s2048]="transfer+distill --feature-map relu --window 256 --decay lightning"
+  [d131-relu-w256-retnet-s2048]="transfer+distill --feature-map relu --window 256 --decay retnet"
 )
 # Flags beyond the recipe's. The pure linear cell's ablation (one change each against
 # td-relu): every parameter trained instead of LoRA 16 + φ; the transfer target raw instead of
@@ -83,6 +89,7 @@ declare -A TRAIN_FLAGS=(
   [td-relu-raw]="--tokens 262144 --transfer-target raw"
   [long-td-relu-w64]="--tokens 1048576 --transfer-tokens 131072"
   [long-td-relu]="--tokens 1048576 --transfer-tokens 131072"
+  [long-td-relu-w256-s2048]="--tokens 1048576 --transfer-tokens 131072 --seq-len 2048"
   [long-td-relu-w64-more512]="--tokens 131072 --seq-len 512"
   [long-td-relu-w64-more2048]="--tokens 131072 --seq-len 2048"
   [d131-relu-w64-lightning]="--tokens 131072"
@@ -90,6 +97,8 @@ declare -A TRAIN_FLAGS=(
   [d131-relu-w64-none]="--tokens 131072"
   [d131-relu-w64-lightning-s2048]="--tokens 131072 --seq-len 2048"
   [d131-relu-w64-retnet-s2048]="--tokens 131072 --seq-len 2048"
+  [d131-relu-w256-lightning-s2048]="--tokens 131072 --seq-len 2048"
+  [d131-relu-w256-retnet-s2048]="--tokens 131072 --seq-len 2048"
 )
 # Continuations: a trained row's final model trained further (distillation from the original
 # teacher, given with --teacher), to separate what longer training windows do for the long
