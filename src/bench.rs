@@ -3,7 +3,7 @@
 use crate::infer::generate::{GenStats, Generation};
 use crate::infer::sampler::{Sampler, SamplingParams};
 use crate::io::tokenizer::TextTokenizer;
-use crate::model::llama::Llama;
+use crate::model::llama::{Cache, Llama};
 use anyhow::{bail, Result};
 
 const FILLER: &str =
@@ -66,6 +66,37 @@ pub fn generate(
     })?;
     bar.finish_and_clear();
     Ok(stats)
+}
+
+/// Seconds per decoding step of `batch` sequences advanced together
+/// ([`Llama::decode_step`]), each after its own `context` tokens of prose (a different offset
+/// into the text per sequence): the median of `steps` steps after one warm-up step.
+pub fn decode_batch(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    batch: usize,
+    context: usize,
+    steps: usize,
+) -> Result<f64> {
+    let text = prose_tokens(tokenizer, context + batch + steps + 1)?;
+    let mut caches = Vec::with_capacity(batch);
+    for b in 0..batch {
+        let mut c = model.new_cache();
+        model.prefill(&mut c, &text[b..b + context.max(1)], 512)?;
+        caches.push(c);
+    }
+    let mut times = Vec::with_capacity(steps);
+    for s in 0..=steps {
+        let ids: Vec<u32> = (0..batch).map(|b| text[context + b + s]).collect();
+        let mut refs: Vec<&mut Cache> = caches.iter_mut().collect();
+        let t0 = std::time::Instant::now();
+        model.decode_step(&ids, &mut refs)?;
+        if s > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 /// One row of `supra bench attention`.

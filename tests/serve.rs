@@ -286,6 +286,83 @@ fn concurrent_requests_are_all_answered() {
     );
 }
 
+/// Continuous batching: a greedy request gets the same answer alone and inside a batch of 8
+/// mixed requests (prompts of different lengths read in pieces, sampled and greedy ones, one
+/// stream cancelled midway, one whose prompt starts with a cached one), and /health shows the
+/// batch it ran in.
+#[test]
+fn a_greedy_request_answers_the_same_alone_and_in_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, linear) = models(dir.path());
+    let flags = [
+        "--max-batch",
+        "8",
+        "--prefill-chunk",
+        "3",
+        "--max-tokens",
+        "1000000",
+    ];
+    let greedy = json!({"prompt": "the quick brown fox jumps over the lazy dog", "max_tokens": 48,
+                        "temperature": 0});
+    let alone = Server::start(&linear, &flags);
+    let (status, want) = alone.post_json("/v1/completions", &greedy);
+    assert_eq!(status, 200, "{want}");
+    assert_eq!(alone.get("/health")["batch"]["largest"], 1);
+
+    let s = Server::start(&linear, &flags);
+    let (status, _) = s.post_json(
+        "/v1/completions",
+        &json!({"prompt": "a shared beginning", "max_tokens": 1}),
+    );
+    assert_eq!(status, 200);
+    // Runs through the whole batch; cancelled once the others are done.
+    let long = json!({"prompt": "once upon a time", "max_tokens": 1000000, "temperature": 0,
+                      "stream": true});
+    let sock = open_stream(&s.base, &long);
+    let mut others: Vec<Value> = (0..5)
+        .map(|i| {
+            json!({"prompt": "word ".repeat(1 + 4 * i), "max_tokens": 20 + 7 * i,
+                   "temperature": 0.9, "top_k": 5 + i, "seed": i})
+        })
+        .collect();
+    others.push(json!({"prompt": "a shared beginning and more after it", "max_tokens": 16}));
+    let (got, rest): (Value, Vec<Value>) = std::thread::scope(|scope| {
+        let s = &s;
+        let handles: Vec<_> = others
+            .iter()
+            .map(|r| scope.spawn(move || s.post_json("/v1/completions", r)))
+            .collect();
+        let mine = s.post_json("/v1/completions", &greedy);
+        assert_eq!(mine.0, 200, "{}", mine.1);
+        let rest = handles
+            .into_iter()
+            .map(|h| {
+                let (status, v) = h.join().unwrap();
+                assert_eq!(status, 200, "{v}");
+                v
+            })
+            .collect();
+        (mine.1, rest)
+    });
+    assert_eq!(got["choices"][0]["text"], want["choices"][0]["text"]);
+    assert_eq!(got["usage"]["completion_tokens"], 48, "{got}");
+    assert_eq!(
+        got["usage"]["completion_tokens"],
+        want["usage"]["completion_tokens"]
+    );
+    assert!(
+        rest[5]["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() > Some(0),
+        "the shared beginning was not read from the prompt cache: {}",
+        rest[5]
+    );
+    drop(sock);
+    let h = s.wait_health("the cancelled stream should leave the batch", |h| {
+        h["cancelled"] == 1 && h["running"] == 0
+    });
+    assert_eq!(h["completed"], 8, "{h}");
+    assert!(h["batch"]["largest"].as_u64().unwrap() >= 3, "{h}");
+}
+
 /// A streaming request on a raw socket, read up to its first event.
 fn open_stream(base: &str, body: &Value) -> std::net::TcpStream {
     let addr = base.trim_start_matches("http://");

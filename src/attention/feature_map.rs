@@ -16,7 +16,7 @@ use crate::attention::Exec;
 use crate::config::FeatureKind;
 use crate::model::linear::Linear;
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 /// The query map and the key map of one layer.
 #[derive(Debug, Clone)]
@@ -74,13 +74,15 @@ impl FeatureMap {
         }
     }
 
-    /// φ of one token's heads side by side (n·d values) on plain slices, for decoding steps,
-    /// where a dozen small tensor operations would cost more than the arithmetic.
-    pub fn apply_row(&self, x: &[f32], role: Role) -> Result<Vec<f32>> {
+    /// φ of `rows` tokens, each's heads side by side (n·d values a row), on plain slices, for
+    /// decoding steps, where a dozen small tensor operations would cost more than the
+    /// arithmetic. Each row's values are what it gets alone (the products take every row the
+    /// same way).
+    pub fn apply_rows(&self, x: &[f32], rows: usize, role: Role) -> Result<Vec<f32>> {
         match self {
             Self::Relu { q, k } => {
                 let lin = relu_linear(q, k, role);
-                let t = Tensor::from_vec(x.to_vec(), (1, x.len()), &candle_core::Device::Cpu)?;
+                let t = Tensor::from_vec(x.to_vec(), (rows, x.len() / rows), &Device::Cpu)?;
                 let mut y: Vec<f32> = lin.forward(&t, Exec::Infer)?.flatten_all()?.to_vec1()?;
                 y.iter_mut().for_each(|a| *a = a.max(0.0));
                 Ok(y)
@@ -97,8 +99,9 @@ impl FeatureMap {
                 let w = &cpu.as_slice::<f32>()?[start..end];
                 let mut out = vec![0f32; 2 * x.len()];
                 let mut y = vec![0f32; d];
-                for (h, o) in out.chunks_exact_mut(2 * d).enumerate().take(n) {
-                    let (xh, wh) = (&x[h * d..][..d], &w[h * d * d..][..d * d]);
+                let heads = out.chunks_exact_mut(2 * d).zip(x.chunks_exact(d));
+                for (i, (o, xh)) in heads.enumerate().take(n * rows) {
+                    let wh = &w[i % n * d * d..][..d * d];
                     y.fill(0.0);
                     // y = x W_h, row by row of W_h.
                     for (xi, wrow) in xh.iter().zip(wh.chunks_exact(d)) {

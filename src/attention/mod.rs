@@ -12,7 +12,7 @@ pub mod supra;
 pub mod window;
 
 use crate::model::linear::Linear;
-use anyhow::{bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use candle_core::Tensor;
 use candle_nn::kv_cache::KvCache;
 use softmax::SoftmaxAttention;
@@ -128,6 +128,11 @@ impl Cell {
         state: Option<&mut CellState>,
         exec: Exec,
     ) -> Result<Tensor> {
+        if exec == Exec::Infer && x.dims()[..2] == [1, 1] {
+            if let Some(state) = state {
+                return self.step_batch(x, &[offset], &mut [state]);
+            }
+        }
         match (self, state) {
             (Cell::Softmax(a), None) => a.forward(x, offset, None, exec),
             (Cell::Softmax(a), Some(CellState::Kv(kv))) => a.forward(x, offset, Some(kv), exec),
@@ -136,6 +141,74 @@ impl Cell {
             (Cell::Window(a), None) => a.forward(x, offset, None, exec),
             (Cell::Window(a), Some(CellState::Window(s))) => a.forward(x, offset, Some(s), exec),
             _ => bail!("the state does not belong to this kind of attention layer"),
+        }
+    }
+
+    /// One decoding step of several sequences: row b of `x` (B, 1, hidden) is the next token of
+    /// the sequence whose state is `states[b]`, at position `offsets[b]`. The projections run
+    /// once for all rows (a step reads the weights once, whatever B); each row's attention runs
+    /// on its own state, the same code a lone sequence's step runs, so its output does not
+    /// depend on the other rows. Returns (B, 1, hidden).
+    pub fn step_batch(
+        &self,
+        x: &Tensor,
+        offsets: &[usize],
+        states: &mut [&mut CellState],
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        ensure!(
+            t == 1 && offsets.len() == b && states.len() == b,
+            "a decoding step takes one token for each of its {} states (got {b} × {t} tokens, {} positions)",
+            states.len(),
+            offsets.len()
+        );
+        let proj = self.proj();
+        let [q, k, v] = proj.token(x)?;
+        let (wq, wkv) = (
+            proj.n_heads * proj.head_dim,
+            proj.n_kv_heads * proj.head_dim,
+        );
+        let y = match self {
+            Cell::Softmax(a) => {
+                let mut out = Vec::with_capacity(q.len());
+                for (i, (state, &offset)) in states.iter_mut().zip(offsets).enumerate() {
+                    let CellState::Kv(kv) = &mut **state else {
+                        bail!("the state does not belong to this kind of attention layer");
+                    };
+                    let rows = [
+                        q[i * wq..(i + 1) * wq].to_vec(),
+                        k[i * wkv..(i + 1) * wkv].to_vec(),
+                        v[i * wkv..(i + 1) * wkv].to_vec(),
+                    ];
+                    out.extend(a.step(rows, offset, kv)?);
+                }
+                out
+            }
+            Cell::Supra(a) => {
+                let mut st = each_state(states, |s| match s {
+                    CellState::Rnn(s) => Some(s),
+                    _ => None,
+                })?;
+                a.step([q, k, v], offsets, &mut st)?
+            }
+            Cell::Window(a) => {
+                let mut st = each_state(states, |s| match s {
+                    CellState::Window(s) => Some(s),
+                    _ => None,
+                })?;
+                a.step([q, k, v], offsets, &mut st)?
+            }
+        };
+        let y = Tensor::from_vec(y, (b, 1, wq), x.device())?;
+        proj.o.forward(&y, Exec::Infer)
+    }
+
+    /// The teacher's projections, which every kind keeps.
+    fn proj(&self) -> &Projections {
+        match self {
+            Cell::Softmax(a) => &a.proj,
+            Cell::Supra(a) => &a.proj,
+            Cell::Window(a) => &a.proj,
         }
     }
 
@@ -264,6 +337,20 @@ impl Cell {
             }
         }
     }
+}
+
+/// Each sequence's state of the kind `pick` takes out, or an error for a state of another kind.
+fn each_state<'a, T>(
+    states: &'a mut [&mut CellState],
+    pick: impl Fn(&'a mut CellState) -> Option<&'a mut T>,
+) -> Result<Vec<&'a mut T>> {
+    states
+        .iter_mut()
+        .map(|s| {
+            pick(s)
+                .ok_or_else(|| anyhow!("the state does not belong to this kind of attention layer"))
+        })
+        .collect()
 }
 
 impl CellState {

@@ -11,7 +11,7 @@ use crate::attention::{kv_head, repeat_kv, Exec, Projections};
 use crate::model::gemm::{gemm, Strided};
 use crate::model::rope::Rope;
 use anyhow::{ensure, Result};
-use candle_core::{CpuStorage, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, Device, Layout, Storage, Tensor};
 use candle_nn::kv_cache::KvCache;
 use rayon::prelude::*;
 
@@ -60,9 +60,44 @@ impl SoftmaxAttention {
         cache: Option<&mut KvCache>,
         exec: Exec,
     ) -> Result<Tensor> {
-        let t = x.dim(1)?;
-        let (h, d) = (self.proj.n_heads, self.proj.head_dim);
         let (q, k, v) = self.proj.heads(x, exec)?;
+        self.attend(q, k, v, offset, cache, exec)
+    }
+
+    /// One token of one sequence from its q, k and v rows (all heads side by side), its keys
+    /// and values appended to `cache`. Returns the per-head outputs (H·d) before Wo. A batched
+    /// decoding step runs this row by row, so a sequence's output does not depend on the others.
+    pub fn step(
+        &self,
+        [q, k, v]: [Vec<f32>; 3],
+        offset: usize,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>> {
+        let (h, hkv, d) = (self.proj.n_heads, self.proj.n_kv_heads, self.proj.head_dim);
+        let heads = |x: Vec<f32>, n: usize| Tensor::from_vec(x, (1, n, 1, d), &Device::Cpu);
+        let y = self.attend(
+            heads(q, h)?,
+            heads(k, hkv)?,
+            heads(v, hkv)?,
+            offset,
+            Some(cache),
+            Exec::Infer,
+        )?;
+        Ok(y.flatten_all()?.to_vec1()?)
+    }
+
+    /// Attention of q (B, H, T, d) at positions offset.. over k and v (B, H_kv, T, d) before
+    /// RoPE, after what `cache` holds: (B, H, T, d).
+    fn attend(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        offset: usize,
+        cache: Option<&mut KvCache>,
+        exec: Exec,
+    ) -> Result<Tensor> {
+        let (h, t, d) = (self.proj.n_heads, q.dim(2)?, self.proj.head_dim);
         let (q, k) = (
             self.rope.apply(&q, offset, exec)?,
             self.rope.apply(&k, offset, exec)?,
@@ -83,7 +118,7 @@ impl SoftmaxAttention {
         let scale = 1.0 / (d as f64).sqrt();
         let mut att = (q * scale)?.matmul(&k.t()?)?;
         if t > 1 {
-            let mask = causal_mask(t, k.dim(2)? - t, x.device())?.to_dtype(att.dtype())?;
+            let mask = causal_mask(t, k.dim(2)? - t, att.device())?.to_dtype(att.dtype())?;
             att = att.broadcast_add(&mask)?;
         }
         // The fused softmax has no backward.

@@ -93,6 +93,22 @@ pub(crate) enum BenchCommand {
         #[arg(long)]
         png: Option<PathBuf>,
     },
+    /// Decoding steps of several sequences at once (what `supra serve` runs for concurrent
+    /// requests): milliseconds per step and generated tokens/s for each batch size, against
+    /// one sequence's.
+    Batch {
+        #[command(flatten)]
+        model: InferModelArg,
+        /// Sequences per step (a comma-separated list runs each).
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+        batch: Vec<usize>,
+        /// Tokens each sequence has read before the timed steps.
+        #[arg(long, default_value_t = 128)]
+        context: usize,
+        /// Timed steps per batch size (the median is reported).
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+        steps: u64,
+    },
     /// Prompt processing and generation speed, and peak memory, of `supra generate`.
     Generate {
         #[command(flatten)]
@@ -227,6 +243,12 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
             context,
             gen,
         } => generate(&model, &context, gen),
+        BenchCommand::Batch {
+            model,
+            batch,
+            context,
+            steps,
+        } => decode_batch(&model, &batch, context, steps as usize),
         BenchCommand::Train {
             model,
             seq_len,
@@ -271,6 +293,31 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
         ),
         BenchCommand::Attention { seq, repeats } => attention(seq, repeats),
     }
+}
+
+fn decode_batch(
+    model: &InferModelArg,
+    batch: &[usize],
+    context: usize,
+    steps: usize,
+) -> Result<()> {
+    if batch.contains(&0) {
+        bail!("--batch sizes must be at least 1");
+    }
+    let (loaded, llama) = model.load()?;
+    if let Some(limit) = llama.context_limit().filter(|&l| context + steps + 2 > l) {
+        bail!("--context {context} and {steps} steps do not fit the model's context ({limit})");
+    }
+    println!("| sequences | ms per step | generated tokens/s | × one sequence |");
+    println!("|---:|---:|---:|---:|");
+    let mut one = None;
+    for &b in batch {
+        let step = supra::bench::decode_batch(&llama, &loaded.tokenizer, b, context, steps)?;
+        let tps = b as f64 / step;
+        let base = *one.get_or_insert(if b == 1 { tps } else { f64::NAN });
+        println!("| {b} | {:.1} | {tps:.1} | {:.2} |", 1e3 * step, tps / base);
+    }
+    Ok(())
 }
 
 fn generate(model: &InferModelArg, context: &[usize], gen: usize) -> Result<()> {

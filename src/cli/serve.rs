@@ -16,10 +16,16 @@ pub(crate) struct ServeArgs {
     /// Port (0 picks a free one; the address is printed on start).
     #[arg(long, default_value_t = 8080)]
     pub(crate) port: u16,
-    /// Generations running at once (each uses every core for its matrix products).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-    pub(crate) concurrency: u64,
-    /// Requests that may wait for a free slot; more get 503 with Retry-After.
+    /// Generations advanced together, one decoding step for all of them per pass (the weights
+    /// read once per step whatever their number); a request beyond them waits in the queue.
+    #[arg(long, visible_alias = "concurrency", default_value_t = 8,
+          value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub(crate) max_batch: u64,
+    /// Prompt tokens read per pass while other generations decode: a long prompt is read in
+    /// pieces of this size between their steps, so their streams do not stall behind it.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) prefill_chunk: u64,
+    /// Requests that may wait for a place in the batch; more get 503 with Retry-After.
     #[arg(long, default_value_t = 8)]
     pub(crate) queue: usize,
     /// Largest max_tokens a request may ask for.
@@ -99,7 +105,10 @@ pub(crate) fn serve(a: &ServeArgs) -> Result<()> {
     supra::serve::warm_up(&model)?;
     let opts = ServeOptions {
         addr: std::net::SocketAddr::new(a.host, a.port),
-        concurrency: a.concurrency as usize,
+        batch: supra::serve::worker::BatchOptions {
+            max_batch: a.max_batch as usize,
+            prefill_chunk: a.prefill_chunk as usize,
+        },
         queue: a.queue,
         limits: Limits {
             max_tokens: a.max_tokens,

@@ -21,8 +21,10 @@ pub struct Linear {
     quant: Option<Arc<QMatrix>>,
 }
 
-/// At most this many input rows take the matrix-vector path.
-const GEMV_MAX_ROWS: usize = 4;
+/// At most this many input rows take the matrix-vector path: a decoding step of up to this
+/// many sequences ([`crate::model::llama::Llama::decode_step`] runs larger batches in groups of
+/// this size, so that every row takes the same kernel as a lone sequence's step).
+pub const GEMV_MAX_ROWS: usize = 16;
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {

@@ -8,13 +8,13 @@ use crate::attention::supra::SupraAttention;
 use crate::attention::window::{Branches, Span, WindowAttention};
 use crate::attention::{Cell, CellState, Exec, Projections};
 use crate::config::{AttentionKind, Decay, FeatureKind, ModelConfig, SupraConfig};
-use crate::model::linear::Linear;
+use crate::model::linear::{Linear, GEMV_MAX_ROWS};
 use crate::model::mlp::Mlp;
 use crate::model::norm::RmsNorm;
 use crate::model::quant::WeightFormat;
 use crate::model::rope::Rope;
 use crate::model::weights::Weights;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use candle_core::{Device, IndexOp, Tensor, D};
 
 #[derive(Debug, Clone)]
@@ -448,6 +448,50 @@ impl Llama {
             .map_err(Into::into)
     }
 
+    /// One decoding step of several sequences at once: `ids[b]` read into `caches[b]`, each at
+    /// its own position. The products run once for all rows (the weights read once per step, per
+    /// group of [`GEMV_MAX_ROWS`] sequences);
+    /// every row goes through the same kernels a lone sequence's step takes, so row b of the
+    /// logits (B, vocab) is what that sequence alone would give, bit for bit.
+    pub fn decode_step(&self, ids: &[u32], caches: &mut [&mut Cache]) -> Result<Tensor> {
+        ensure!(
+            ids.len() == caches.len() && !ids.is_empty(),
+            "a decoding step takes one token per sequence ({} tokens for {} sequences)",
+            ids.len(),
+            caches.len()
+        );
+        ensure!(self.exec == Exec::Infer, "decoding steps run in inference");
+        if ids.len() > GEMV_MAX_ROWS {
+            let mut parts = Vec::new();
+            for (ids, caches) in ids
+                .chunks(GEMV_MAX_ROWS)
+                .zip(caches.chunks_mut(GEMV_MAX_ROWS))
+            {
+                parts.push(self.decode_step(ids, caches)?);
+            }
+            return Ok(Tensor::cat(&parts, 0)?);
+        }
+        let offsets: Vec<usize> = caches.iter().map(|c| c.pos).collect();
+        if let Some(limit) = self.context_limit() {
+            if let Some(p) = offsets.iter().find(|&&p| p + 1 > limit) {
+                bail!(
+                    "sequence of {} tokens exceeds the model's context length {limit}",
+                    p + 1
+                );
+            }
+        }
+        let tokens = Tensor::from_vec(ids.to_vec(), (ids.len(), 1), self.device())?;
+        let h = self.forward_with(&tokens, Exec::Infer, |i, cell, xn| {
+            let mut states: Vec<&mut CellState> =
+                caches.iter_mut().map(|c| &mut c.layers[i]).collect();
+            cell.step_batch(xn, &offsets, &mut states)
+        })?;
+        for c in caches.iter_mut() {
+            c.pos += 1;
+        }
+        Ok(self.logits(&h)?.squeeze(1)?)
+    }
+
     /// Log-probability of each next token: for each sequence of n tokens, n−1 values
     /// log p(ids[i+1] | ids[..=i]). Sequences of different lengths run as one right-padded batch
     /// (the causal mask keeps padding out of real positions).
@@ -525,5 +569,86 @@ impl Llama {
             start += len;
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Mix, WindowConfig};
+    use crate::convert::{convert, ConvertOptions};
+    use crate::testing::tiny_loaded;
+
+    /// Every kind of layer in one model each (softmax beside SUPRA; window + linear beside
+    /// SUPRA), in f32 and Q8_0: sequences at different positions stepped together (more of them
+    /// than one group of rows) give each the logits it gets stepped alone, exactly.
+    #[test]
+    fn a_batched_decoding_step_gives_each_row_its_lone_logits() {
+        let dir = tempfile::tempdir().unwrap();
+        let hybrid = tiny_loaded(dir.path(), 3, Some(&[1])).unwrap();
+        let teacher = tiny_loaded(dir.path(), 3, None).unwrap();
+        let window = convert(
+            &teacher,
+            &ConvertOptions {
+                window: Some(WindowConfig {
+                    window: 4,
+                    sinks: 1,
+                    mix: Mix::Shared,
+                }),
+                supra_layers: vec![0],
+                mix_share: Some(0.3),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for loaded in [&hybrid, &window] {
+            for format in [WeightFormat::F32, WeightFormat::Q8_0] {
+                let mut model = Llama::new(&loaded.config, &loaded.weights).unwrap();
+                if format != WeightFormat::F32 {
+                    model.quantize(format).unwrap();
+                }
+                // More sequences than one group of GEMV_MAX_ROWS, at different positions.
+                let prompts: Vec<Vec<u32>> = (0..GEMV_MAX_ROWS + 2)
+                    .map(|n| {
+                        (0..1 + n * 7 % 17)
+                            .map(|i| (i * 11 % 40) as u32 + 2)
+                            .collect()
+                    })
+                    .collect();
+                let rows = prompts.len() as u32;
+                let fresh = || -> Vec<Cache> {
+                    prompts
+                        .iter()
+                        .map(|p| {
+                            let mut c = model.new_cache();
+                            model.prefill(&mut c, p, 4).unwrap();
+                            c
+                        })
+                        .collect()
+                };
+                let (mut alone, mut together) = (fresh(), fresh());
+                for step in 0..6u32 {
+                    let ids: Vec<u32> = (0..rows).map(|b| 5 + 7 * b % 31 + step).collect();
+                    let mut refs: Vec<&mut Cache> = together.iter_mut().collect();
+                    let batch: Vec<Vec<f32>> = model
+                        .decode_step(&ids, &mut refs)
+                        .unwrap()
+                        .to_vec2()
+                        .unwrap();
+                    for (b, cache) in alone.iter_mut().enumerate() {
+                        let x = Tensor::new(&[ids[b]], model.device()).unwrap().unsqueeze(0);
+                        let one: Vec<f32> = model
+                            .forward_last(&x.unwrap(), cache)
+                            .unwrap()
+                            .squeeze(0)
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap();
+                        assert_eq!(one, batch[b], "row {b} at step {step} ({format:?})");
+                        assert_eq!(cache.pos, together[b].pos);
+                    }
+                }
+            }
+        }
     }
 }

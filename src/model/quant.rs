@@ -2,10 +2,11 @@
 //! of 32 weights as int8 with one scale: x ≈ d·q) and Q4_0 (blocks of 32 as 4-bit q with one
 //! scale: x ≈ d·(q − 8)). Each row is quantized on its own, so a row is a run of blocks.
 //!
-//! Decoding reads every weight once per token: Q8_0 reads 4× fewer bytes than f32, Q4_0 7×. The
-//! kernel for 1–4 input rows does what llama.cpp does: it quantizes the inputs to 8-bit blocks
-//! too and takes integer dot products of blocks (AVX2 `maddubs` where the CPU has it), one
-//! float multiply-add per block. Longer inputs (prefill) dequantize the matrix and take the f32
+//! Decoding reads every weight once per step: Q8_0 reads 4× fewer bytes than f32, Q4_0 7×. The
+//! kernel for a few input rows (one decoding step of one sequence or of a batch) does what
+//! llama.cpp does: it quantizes the inputs to 8-bit blocks too and takes integer dot products of
+//! blocks (AVX-512 VNNI's `vpdpbusd` over up to four inputs at once where the CPU has it, else
+//! AVX2 `maddubs`), one float multiply-add per block. Longer inputs (prefill) dequantize the matrix and take the f32
 //! gemm, which is compute-bound there anyway.
 //!
 //! Scales are kept as f32 (ggml stores f16): 1/32 more memory for exactly the block values.
@@ -55,6 +56,8 @@ impl WeightFormat {
 pub const BLOCK: usize = 32;
 /// Rows whose blocks are interleaved.
 const GROUP: usize = 4;
+/// Inputs a kernel takes against one group of rows at once.
+const TILE: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct QMatrix {
@@ -176,45 +179,59 @@ impl QMatrix {
         let mut x_scales = vec![0f32; n * nb];
         let mut x_quants = vec![0u8; n * self.cols];
         quantize_q8_row(xs, &mut x_scales, &mut x_quants);
-        // Rows split across the cores, each input row in turn: a part's weights stay in cache
-        // for the next input row.
+        let inputs: Vec<Input> = (0..n)
+            .map(|r| Input {
+                scales: &x_scales[r * nb..(r + 1) * nb],
+                quants: &x_quants[r * self.cols..(r + 1) * self.cols],
+            })
+            .collect();
+        // Rows split across the cores; each group of four rows meets every input row while its
+        // blocks are in L1, so a batch of decoding steps reads the weights once.
         let mut out = vec![0f32; n * self.rows];
         let dst = spin::OutPtr(out.as_mut_ptr());
         spin::for_each_part(&|part| {
             let rows = spin::split(self.rows, GROUP, part);
-            let mut y = vec![0f32; rows.len()];
+            let len = rows.len();
+            let mut y = vec![0f32; n * len];
+            self.dot_rows(rows.clone(), &inputs, &mut y);
             for r in 0..n {
-                let x = Input {
-                    scales: &x_scales[r * nb..(r + 1) * nb],
-                    quants: &x_quants[r * self.cols..(r + 1) * self.cols],
-                };
-                self.dot_rows(rows.clone(), &x, &mut y);
                 // SAFETY: the parts' row ranges are disjoint and inside `out`, which outlives
                 // the call.
-                unsafe { dst.write(r * self.rows + rows.start, &y) };
+                unsafe { dst.write(r * self.rows + rows.start, &y[r * len..(r + 1) * len]) };
             }
         });
         out
     }
 
-    /// out[i] = dot(row rows.start + i, x) for a range that starts on a group boundary.
-    fn dot_rows(&self, rows: std::ops::Range<usize>, x: &Input, out: &mut [f32]) {
+    /// out[r · len + i] = dot(row rows.start + i, xs[r]) for a range of len rows that starts on
+    /// a group boundary.
+    fn dot_rows(&self, rows: std::ops::Range<usize>, xs: &[Input], out: &mut [f32]) {
+        let len = rows.len();
         let grouped_end = (self.rows / GROUP * GROUP).min(rows.end);
+        let bb = Self::block_bytes(self.format);
         let mut row = rows.start;
         while row + GROUP <= grouped_end {
             let first = self.block_index(row, 0);
-            let o: &mut [f32; GROUP] = (&mut out[row - rows.start..][..GROUP]).try_into().unwrap();
-            dot_group(
-                self.format,
-                &self.scales[first..],
-                &self.quants[first * Self::block_bytes(self.format)..],
-                x,
-                o,
-            );
+            for (t, tile) in xs.chunks(TILE).enumerate() {
+                let mut o = [[0f32; GROUP]; TILE];
+                dot_group(
+                    self.format,
+                    &self.scales[first..],
+                    &self.quants[first * bb..],
+                    tile,
+                    &mut o[..tile.len()],
+                );
+                for (i, o) in o[..tile.len()].iter().enumerate() {
+                    let at = (t * TILE + i) * len + row - rows.start;
+                    out[at..at + GROUP].copy_from_slice(o);
+                }
+            }
             row += GROUP;
         }
         for row in row..rows.end {
-            out[row - rows.start] = self.dot_row_portable(row, x);
+            for (r, x) in xs.iter().enumerate() {
+                out[r * len + row - rows.start] = self.dot_row_portable(row, x);
+            }
         }
     }
 
@@ -312,15 +329,29 @@ fn block_value(format: WeightFormat, q: &[u8], j: usize) -> f32 {
 
 /// The four dot products of one interleaved group of rows (its blocks from the start of `s`
 /// and `q`) with `x`.
-fn dot_group(format: WeightFormat, s: &[f32], q: &[u8], x: &Input, out: &mut [f32; GROUP]) {
+/// A group of four rows against up to [`TILE`] inputs: out[r][j] = dot(row j, xs[r]). Every
+/// kernel computes each (row, input) pair the same way whatever the others, so a sequence's
+/// products do not depend on the batch it is in.
+fn dot_group(format: WeightFormat, s: &[f32], q: &[u8], xs: &[Input], out: &mut [[f32; GROUP]]) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for; `s` and `q` hold
-        // at least the group's 4·nb blocks and `x` its nb blocks (the matrix's own shapes).
-        unsafe { avx2::dot_group(format, s, q, x, out) };
-        return;
+    {
+        if vnni::available() {
+            // SAFETY: the CPU has the features the function is compiled for; `s` and `q` hold
+            // at least the group's 4·nb blocks and each input its nb blocks.
+            unsafe { vnni::dot_group(format, s, q, xs, out) };
+            return;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            for (x, o) in xs.iter().zip(out.iter_mut()) {
+                // SAFETY: as above.
+                unsafe { avx2::dot_group(format, s, q, x, o) };
+            }
+            return;
+        }
     }
-    dot_group_portable(format, s, q, x, out)
+    for (x, o) in xs.iter().zip(out.iter_mut()) {
+        dot_group_portable(format, s, q, x, o);
+    }
 }
 
 fn dot_group_portable(
@@ -387,6 +418,89 @@ mod avx2 {
             let h = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
             let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
             *o = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+        }
+    }
+}
+
+/// The same sums with AVX-512 VNNI's `vpdpbusd` (on 256-bit registers), several inputs per pass
+/// over the group's blocks: each block's weights are loaded and made absolute once for all the
+/// inputs. `vpdpbusd` sums four byte products into each 32-bit lane, the same four that the
+/// AVX2 kernel's `maddubs` + `madd` add, so both give the same integers and the same floats.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{Input, WeightFormat, BLOCK, GROUP, TILE};
+    use std::arch::x86_64::*;
+
+    pub fn available() -> bool {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn dot_group(
+        format: WeightFormat,
+        s: &[f32],
+        q: &[u8],
+        xs: &[Input],
+        out: &mut [[f32; GROUP]],
+    ) {
+        match xs.len() {
+            1 => tile::<1>(format, s, q, xs, out),
+            2 => tile::<2>(format, s, q, xs, out),
+            3 => tile::<3>(format, s, q, xs, out),
+            _ => tile::<TILE>(format, s, q, xs, out),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    unsafe fn tile<const R: usize>(
+        format: WeightFormat,
+        s: &[f32],
+        q: &[u8],
+        xs: &[Input],
+        out: &mut [[f32; GROUP]],
+    ) {
+        let low = _mm256_set1_epi8(0x0F);
+        let eight = _mm256_set1_epi8(8);
+        let zero = _mm256_setzero_si256();
+        let mut acc = [[_mm256_setzero_ps(); GROUP]; R];
+        for b in 0..xs[0].scales.len() {
+            let mut w = [zero; GROUP];
+            let mut abs = [zero; GROUP];
+            for j in 0..GROUP {
+                let k = b * GROUP + j;
+                w[j] = match format {
+                    WeightFormat::Q4_0 => {
+                        let v = _mm_loadu_si128(q.as_ptr().add(k * BLOCK / 2) as *const __m128i);
+                        let both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
+                        _mm256_sub_epi8(_mm256_and_si256(both, low), eight)
+                    }
+                    _ => _mm256_loadu_si256(q.as_ptr().add(k * BLOCK) as *const __m256i),
+                };
+                abs[j] = _mm256_abs_epi8(w[j]);
+            }
+            for (x, acc) in xs.iter().zip(acc.iter_mut()) {
+                let xv = _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK) as *const __m256i);
+                let xd = *x.scales.get_unchecked(b);
+                for j in 0..GROUP {
+                    // |w| (unsigned) times x with w's sign, four products to a lane.
+                    let p = _mm256_dpbusd_epi32(zero, abs[j], _mm256_sign_epi8(xv, w[j]));
+                    let scale = _mm256_set1_ps(*s.get_unchecked(b * GROUP + j) * xd);
+                    acc[j] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[j]);
+                }
+            }
+        }
+        for (a, o) in acc.iter().zip(out.iter_mut()) {
+            for (a, o) in a.iter().zip(o.iter_mut()) {
+                let h = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
+                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                *o = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+            }
         }
     }
 }
@@ -510,6 +624,49 @@ mod tests {
                             (p - k).abs() <= 1e-5 * (1.0 + k.abs()),
                             "{format:?}: {p} vs {k}"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// A batch's products are each row's alone, bit for bit (the tiles of several inputs and
+    /// one input alike), and the VNNI kernel's are the AVX2 kernel's where both run.
+    #[test]
+    fn a_rows_products_do_not_depend_on_the_other_rows() {
+        let w = matrix(70, 96);
+        for format in [WeightFormat::Q8_0, WeightFormat::Q4_0] {
+            let m = QMatrix::quantize(&w, format).unwrap();
+            let x = matrix(9, 96);
+            let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let alone: Vec<f32> = xs.chunks(96).flat_map(|r| m.gemv(r, 1)).collect();
+            for n in 1..=9 {
+                assert_eq!(
+                    m.gemv(&xs[..n * 96], n),
+                    alone[..n * 70],
+                    "{format:?}, {n} rows"
+                );
+            }
+            #[cfg(target_arch = "x86_64")]
+            if vnni::available() {
+                let (mut s, mut q) = (vec![0f32; 27], vec![0u8; 9 * 96]);
+                quantize_q8_row(&xs, &mut s, &mut q);
+                let inputs: Vec<Input> = (0..9)
+                    .map(|r| Input {
+                        scales: &s[r * 3..(r + 1) * 3],
+                        quants: &q[r * 96..(r + 1) * 96],
+                    })
+                    .collect();
+                let bb = QMatrix::block_bytes(format);
+                for g in 0..17 {
+                    let first = m.block_index(g * GROUP, 0);
+                    let (sg, qg) = (&m.scales[first..], &m.quants[first * bb..]);
+                    let mut tiled = [[0f32; GROUP]; TILE];
+                    unsafe { vnni::dot_group(format, sg, qg, &inputs[..TILE], &mut tiled) };
+                    for (x, t) in inputs.iter().zip(tiled) {
+                        let mut one = [0f32; GROUP];
+                        unsafe { avx2::dot_group(format, sg, qg, x, &mut one) };
+                        assert_eq!(t, one, "{format:?}, group {g}");
                     }
                 }
             }

@@ -78,6 +78,27 @@ impl Rope {
         Ok((cos.to_vec1()?, sin.to_vec1()?))
     }
 
+    /// Rotates the heads (`width` values each) of several tokens in place, each row of `xs`
+    /// (its tokens' heads side by side) at its own position: a batched decoding step's q and k.
+    pub fn rotate_rows(
+        &self,
+        mut xs: [&mut [f32]; 2],
+        positions: &[usize],
+        width: usize,
+    ) -> Result<()> {
+        let rows = positions.len();
+        for (r, &p) in positions.iter().enumerate() {
+            let (cos, sin) = self.row(p)?;
+            for x in xs.iter_mut() {
+                let len = x.len() / rows;
+                for head in x[r * len..(r + 1) * len].chunks_mut(width) {
+                    Self::rotate(head, &cos, &sin);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Rotates one head's vector in place, as [`Rope::apply`] does, with a [`Rope::row`].
     pub fn rotate<T: WithDType>(x: &mut [T], cos: &[T], sin: &[T]) {
         let half = x.len() / 2;

@@ -1,5 +1,6 @@
-//! `supra serve`: OpenAI's HTTP API over one model. Generations run on blocking threads, at most
-//! `concurrency` at once; up to `queue` more wait for a slot and the rest are turned away at
+//! `supra serve`: OpenAI's HTTP API over one model. One thread runs the model and batches
+//! continuously ([`worker`]): up to `max_batch` generations advance together, one decoding step
+//! for all of them per pass; up to `queue` more wait for a place and the rest are turned away at
 //! once (503 with Retry-After). A client that disconnects ends its generation. A prompt cache
 //! keeps the state after recent prompts and answers so that a conversation's next turn reads
 //! only its new tokens.
@@ -26,15 +27,15 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use worker::{Event, Job};
+use tokio::sync::{mpsc, Semaphore};
+use worker::{BatchOptions, Event, Job};
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub addr: SocketAddr,
-    /// Generations running at once.
-    pub concurrency: usize,
-    /// Requests waiting for a generation slot beyond those running.
+    /// Generations in the batch at once, and prompt tokens read per pass.
+    pub batch: BatchOptions,
+    /// Requests waiting for a place in the batch beyond those running.
     pub queue: usize,
     pub limits: Limits,
     /// States kept by the prompt cache (0: none).
@@ -58,6 +59,12 @@ pub struct Counters {
     pub rejected: AtomicUsize,
     pub cache_hits: AtomicUsize,
     pub cached_tokens: AtomicUsize,
+    /// Generations in the batch now.
+    pub running: AtomicUsize,
+    /// Decoding steps run, the rows they advanced in all, and the most in one.
+    pub decode_steps: AtomicUsize,
+    pub decode_rows: AtomicUsize,
+    pub largest_batch: AtomicUsize,
 }
 
 /// What every request handler and worker shares.
@@ -66,8 +73,9 @@ pub struct Shared {
     pub tokenizer: TextTokenizer,
     chat: Option<ChatFormat>,
     opts: ServeOptions,
-    slots: Arc<Semaphore>,
-    /// Requests running or waiting for a slot.
+    /// To the batching thread.
+    jobs: std::sync::mpsc::Sender<Job>,
+    /// Requests running or waiting for a place in the batch.
     admitted: AtomicUsize,
     pub prompt_cache: Mutex<PromptCache>,
     pub counters: Counters,
@@ -201,17 +209,25 @@ fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 
 fn shared(model: Llama, tokenizer: TextTokenizer, opts: ServeOptions) -> Arc<Shared> {
     let chat = tokenizer.chat_format().ok();
-    Arc::new(Shared {
+    let (jobs, queue) = std::sync::mpsc::channel();
+    let batch = opts.batch;
+    let shared = Arc::new(Shared {
         model,
         tokenizer,
         chat,
-        slots: Arc::new(Semaphore::new(opts.concurrency.max(1))),
+        jobs,
         admitted: AtomicUsize::new(0),
         prompt_cache: Mutex::new(PromptCache::new(opts.prompt_cache, opts.prompt_cache_bytes)),
         counters: Counters::default(),
         next_id: AtomicU64::new(1),
         opts,
-    })
+    });
+    let weak = Arc::downgrade(&shared);
+    std::thread::Builder::new()
+        .name("supra-batch".into())
+        .spawn(move || worker::run(weak, queue, batch))
+        .expect("cannot start the batching thread");
+    shared
 }
 
 fn router(shared: Arc<Shared>) -> Router {
@@ -253,7 +269,8 @@ async fn models(State(s): State<Arc<Shared>>) -> Json<Value> {
 async fn health(State(s): State<Arc<Shared>>) -> Json<Value> {
     let c = &s.counters;
     let n = |a: &AtomicUsize| a.load(Ordering::Relaxed);
-    let running = s.opts.concurrency.max(1) - s.slots.available_permits();
+    let running = n(&c.running);
+    let steps = n(&c.decode_steps);
     let (cache_entries, cache_bytes) = s
         .prompt_cache
         .lock()
@@ -267,6 +284,13 @@ async fn health(State(s): State<Arc<Shared>>) -> Json<Value> {
         "cancelled": n(&c.cancelled),
         "failed": n(&c.failed),
         "rejected": n(&c.rejected),
+        "batch": {
+            "max": s.opts.batch.max_batch,
+            "running": running,
+            "decode_steps": steps,
+            "mean": if steps == 0 { 0.0 } else { n(&c.decode_rows) as f64 / steps as f64 },
+            "largest": n(&c.largest_batch),
+        },
         "prompt_cache": {
             "entries": cache_entries,
             "bytes": cache_bytes,
@@ -427,20 +451,14 @@ async fn start(s: Arc<Shared>, kind: Kind, req: Request) -> Result<Response, Api
         stop_ids,
         settings,
     } = req;
-    let capacity = s.opts.concurrency.max(1) + s.opts.queue;
+    let capacity = s.opts.batch.max_batch.max(1) + s.opts.queue;
     if s.admitted.fetch_add(1, Ordering::SeqCst) >= capacity {
         s.admitted.fetch_sub(1, Ordering::SeqCst);
         s.counters.rejected.fetch_add(1, Ordering::Relaxed);
         return Err(ApiError::overloaded(1));
     }
     let admission = Admission(s.clone());
-    let permit: OwnedSemaphorePermit = s
-        .slots
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| ApiError::internal("the server is shutting down"))?;
-    let (tx, rx) = mpsc::channel(64);
+    let (tx, rx) = mpsc::unbounded_channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let job = Job {
         prompt,
@@ -449,12 +467,11 @@ async fn start(s: Arc<Shared>, kind: Kind, req: Request) -> Result<Response, Api
         stop_ids,
         cancel: cancel.clone(),
         events: tx,
+        admission: Box::new(admission),
     };
-    let worker_shared = s.clone();
-    tokio::task::spawn_blocking(move || {
-        let _held = (admission, permit);
-        worker::run(&worker_shared, job);
-    });
+    s.jobs
+        .send(job)
+        .map_err(|_| ApiError::internal("the server is shutting down"))?;
     let reply = Reply {
         kind,
         id: format!(
@@ -528,7 +545,7 @@ impl Reply {
 
 async fn collect(
     reply: Reply,
-    mut rx: mpsc::Receiver<Event>,
+    mut rx: mpsc::UnboundedReceiver<Event>,
     _guard: CancelOnDrop,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
@@ -547,7 +564,7 @@ async fn collect(
 
 fn stream(
     reply: Reply,
-    rx: mpsc::Receiver<Event>,
+    rx: mpsc::UnboundedReceiver<Event>,
     guard: CancelOnDrop,
     include_usage: bool,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
@@ -562,7 +579,7 @@ fn stream(
         }
         Kind::Completion => Vec::new(),
     };
-    let events = tokio_stream::wrappers::ReceiverStream::new(rx).flat_map(move |e| {
+    let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).flat_map(move |e| {
         let _alive = &guard;
         let out: Vec<SseEvent> = match e {
             Event::Text(t) => vec![data(reply.chunk(Some(&t), None))],

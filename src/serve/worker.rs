@@ -1,16 +1,23 @@
-//! One generation on a blocking thread: take the longest cached state the prompt starts with,
-//! read the rest, generate, and send text pieces to the request's handler as they come. A
-//! handler that goes away (its client disconnected) ends the generation at the next token.
+//! The one thread that runs the model, batching continuously: up to `max_batch` generations
+//! are active at once. Each pass reads one piece of a waiting prompt (at most `prefill_chunk`
+//! tokens, so that a long prompt does not freeze the others' streams), then advances every
+//! generation past its prompt by one token in a single decoding step, which reads the weights
+//! once for all of them. New requests join at the next pass; finished and cancelled ones leave
+//! without stopping the others. A sequence's tokens do not depend on its company: its prompt
+//! is read in the same pieces and each of its steps takes the same kernels alone or batched
+//! ([`Llama::decode_step`]).
 
-use crate::infer::generate::{Finish, Generation, TextStream};
+use crate::infer::generate::TextStream;
 use crate::infer::sampler::{Sampler, SamplingParams};
-use crate::infer::state::{State, PREFILL_CHUNK};
+use crate::infer::state::State;
+use crate::model::llama::{Cache, Llama};
 use crate::serve::api::{PromptDetails, Settings, Usage};
 use crate::serve::Shared;
 use anyhow::Result;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use tokio::sync::mpsc;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, Weak};
+use tokio::sync::mpsc::UnboundedSender;
 
 #[derive(Debug)]
 pub enum Event {
@@ -30,118 +37,350 @@ pub struct Job {
     pub stop_ids: Vec<u32>,
     /// Set by the handler when its client is gone.
     pub cancel: Arc<AtomicBool>,
-    pub events: mpsc::Sender<Event>,
+    /// Unbounded: a client that reads slowly must not hold up the batch (what it has not read
+    /// is at most its max_tokens of text).
+    pub events: UnboundedSender<Event>,
+    /// Held until the generation ends (its place among the admitted requests).
+    pub admission: Box<dyn Send>,
 }
 
-pub fn run(shared: &Shared, job: Job) {
-    let counters = &shared.counters;
-    match generate(shared, &job) {
-        Ok(Some(done)) => {
-            counters.completed.fetch_add(1, Ordering::Relaxed);
-            let _ = job.events.blocking_send(done);
+/// How the batch runs.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchOptions {
+    /// Generations active at once; more wait in the queue.
+    pub max_batch: usize,
+    /// Prompt tokens read per pass while others decode.
+    pub prefill_chunk: usize,
+}
+
+/// Runs jobs from `jobs` until every sender is gone (the server itself holds one, so: until
+/// it is dropped). Holds the server only while it has work.
+pub fn run(shared: Weak<Shared>, jobs: Receiver<Job>, opts: BatchOptions) {
+    let mut waiting: Option<Job> = None;
+    loop {
+        // Idle: block until a job comes.
+        let job = match waiting.take() {
+            Some(j) => j,
+            None => match jobs.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let mut batch = Batch::new(&shared, opts);
+        batch.admit(job);
+        while !batch.active.is_empty() {
+            while batch.active.len() < opts.max_batch.max(1) {
+                match jobs.try_recv() {
+                    Ok(j) => batch.admit(j),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            }
+            batch.pass();
         }
-        Ok(None) => {
-            counters.cancelled.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(e) => {
-            counters.failed.fetch_add(1, Ordering::Relaxed);
-            let _ = job.events.blocking_send(Event::Failed(format!("{e:#}")));
-        }
+        // Nothing active: wait for the next job without holding the server.
+        drop(batch);
+        drop(shared);
     }
 }
 
-/// The final event, or `None` when the client went away.
-fn generate(shared: &Shared, job: &Job) -> Result<Option<Event>> {
-    let model = &shared.model;
-    let cached = shared
-        .prompt_cache
-        .lock()
-        .map_err(|_| anyhow::anyhow!("the prompt cache lock is poisoned"))?
-        .lookup(&job.prompt)?;
-    let mut state = cached.unwrap_or_else(|| State::new(model));
-    let cached_tokens = state.tokens.len();
-    if cached_tokens > 0 {
-        shared.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
-        shared
-            .counters
-            .cached_tokens
-            .fetch_add(cached_tokens, Ordering::Relaxed);
+/// One generation in the batch.
+struct Active<'a> {
+    job: Job,
+    state: State,
+    cached_tokens: usize,
+    checkpoint: Option<usize>,
+    sampler: Sampler,
+    text: TextStream<'a>,
+    scan: StopScan,
+    generated: usize,
+    /// Set when it ended.
+    ended: Option<End>,
+    /// Its stream was cut by a stop string (the rest of the text is dropped).
+    stopped_by_string: bool,
+}
+
+impl Active<'_> {
+    fn prompt_read(&self) -> bool {
+        self.state.tokens.len() >= self.job.prompt.len()
     }
-    // Read the prompt a chunk at a time so that a client gone during a long prompt stops it.
-    let checkpoint = job.checkpoint.filter(|&at| at > cached_tokens);
-    while state.tokens.len() < job.prompt.len() {
-        if job.cancel.load(Ordering::Relaxed) {
+
+    fn cancelled(&self) -> bool {
+        self.job.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Sends a piece of text; false when the client is gone.
+    fn send(&self, piece: String) -> bool {
+        piece.is_empty() || self.job.events.send(Event::Text(piece)).is_ok()
+    }
+
+    /// Takes the next token from the state's logits and emits it. Returns the token when the
+    /// generation goes on (it is then read in the next decoding step).
+    fn sample(&mut self, ctx: usize) -> Result<Option<u32>> {
+        let s = &self.job.settings;
+        if self.generated >= s.max_tokens {
+            self.ended = Some(End::Finished("length"));
             return Ok(None);
         }
-        let from = state.tokens.len();
-        let to = match checkpoint {
-            Some(at) if from < at => at,
-            _ => job.prompt.len(),
+        let logits = self
+            .state
+            .logits
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("nothing to continue from: the prompt is empty"))?;
+        let next = self.sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        if self.job.stop_ids.contains(&next) {
+            self.ended = Some(End::Finished("stop"));
+            return Ok(None);
         }
-        .min(from + PREFILL_CHUNK);
-        state.feed(model, &job.prompt[from..to])?;
-        if Some(to) == checkpoint {
-            remember(shared, &state)?;
+        self.generated += 1;
+        if let Some(piece) = self.text.push(next)? {
+            let (out, hit) = self.scan.push(&piece);
+            if !self.send(out) || self.cancelled() {
+                self.ended = Some(End::Gone);
+                return Ok(None);
+            }
+            if hit {
+                self.stopped_by_string = true;
+                self.ended = Some(End::Finished("stop"));
+                return Ok(None);
+            }
         }
+        if self.state.cache.pos + 1 >= ctx || self.generated == s.max_tokens {
+            self.ended = Some(End::Finished("length"));
+            return Ok(None);
+        }
+        Ok(Some(next))
     }
-    remember(shared, &state)?;
+}
 
-    let s = &job.settings;
-    let params = SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k,
-        top_p: s.top_p,
-    };
-    let seed = s.seed.unwrap_or_else(rand::random);
-    let mut g = Generation {
-        model,
-        sampler: Sampler::new(params, seed),
-        stop_ids: job.stop_ids.clone(),
-        max_tokens: s.max_tokens,
-    };
-    let mut text = TextStream::new(&shared.tokenizer);
-    let mut scan = StopScan::new(s.stop.clone());
-    let mut gone = false;
-    let mut stopped_by_string = false;
-    let mut send = |piece: String| {
-        if !piece.is_empty() && job.events.blocking_send(Event::Text(piece)).is_err() {
-            gone = true;
+/// How a generation ended.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// With this finish reason ("stop" or "length").
+    Finished(&'static str),
+    /// Its client went away.
+    Gone,
+    /// With an error, already sent to its client and counted.
+    Failed,
+}
+
+struct Batch<'a> {
+    shared: &'a Shared,
+    model: &'a Llama,
+    opts: BatchOptions,
+    active: Vec<Active<'a>>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(shared: &'a Shared, opts: BatchOptions) -> Self {
+        Self {
+            shared,
+            model: &shared.model,
+            opts,
+            active: Vec::new(),
         }
-        !gone
-    };
-    let stats = g.resume(&mut state, &[], |id| {
-        if job.cancel.load(Ordering::Relaxed) {
-            return Ok(false);
-        }
-        let Some(piece) = text.push(id)? else {
-            return Ok(true);
+    }
+
+    fn admit(&mut self, job: Job) {
+        let counters = &self.shared.counters;
+        let cached = match self.shared.prompt_cache.lock() {
+            Ok(mut c) => c.lookup(&job.prompt),
+            Err(_) => Err(anyhow::anyhow!("the prompt cache lock is poisoned")),
         };
-        let (out, hit) = scan.push(&piece);
-        stopped_by_string = hit;
-        Ok(send(out) && !hit)
-    })?;
-    if !stopped_by_string && !job.cancel.load(Ordering::Relaxed) {
-        let (out, hit) = scan.push(&text.finish()?);
-        let rest = if hit { String::new() } else { scan.finish() };
-        send(out + &rest);
+        let cached = match cached {
+            Ok(c) => c,
+            Err(e) => return fail(counters, &job, &e),
+        };
+        let state = cached.unwrap_or_else(|| State::new(self.model));
+        let cached_tokens = state.tokens.len();
+        if cached_tokens > 0 {
+            counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+            counters
+                .cached_tokens
+                .fetch_add(cached_tokens, Ordering::Relaxed);
+        }
+        let s = &job.settings;
+        let params = SamplingParams {
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+        };
+        let sampler = Sampler::new(params, s.seed.unwrap_or_else(rand::random));
+        self.active.push(Active {
+            checkpoint: job.checkpoint.filter(|&at| at > cached_tokens),
+            scan: StopScan::new(s.stop.clone()),
+            job,
+            state,
+            cached_tokens,
+            sampler,
+            text: TextStream::new(&self.shared.tokenizer),
+            generated: 0,
+            ended: None,
+            stopped_by_string: false,
+        });
+        counters.running.store(self.active.len(), Ordering::Relaxed);
     }
-    if gone || job.cancel.load(Ordering::Relaxed) {
-        return Ok(None);
+
+    /// One pass: a piece of the first unread prompt, then one token for every generation past
+    /// its prompt; then those that ended leave.
+    fn pass(&mut self) {
+        for a in &mut self.active {
+            if a.cancelled() {
+                a.ended = Some(End::Gone);
+            }
+        }
+        if let Some(i) = self
+            .active
+            .iter()
+            .position(|a| a.ended.is_none() && !a.prompt_read())
+        {
+            if let Err(e) = self.read_prompt(i) {
+                fail(&self.shared.counters, &self.active[i].job, &e);
+                self.active[i].ended = Some(End::Failed);
+            }
+        }
+        if let Err(e) = self.step() {
+            // A failed step leaves its sequences' states unusable: all of them fail.
+            for a in self
+                .active
+                .iter_mut()
+                .filter(|a| a.ended.is_none() && a.prompt_read())
+            {
+                fail(&self.shared.counters, &a.job, &e);
+                a.ended = Some(End::Failed);
+            }
+        }
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].ended.is_some() {
+                let a = self.active.remove(i);
+                self.finish(a);
+            } else {
+                i += 1;
+            }
+        }
+        let c = &self.shared.counters;
+        c.running.store(self.active.len(), Ordering::Relaxed);
     }
-    remember(shared, &state)?;
-    let finish_reason = match stats.finish {
-        Finish::Stop | Finish::Halted => "stop",
-        Finish::Length | Finish::Context => "length",
-    };
-    Ok(Some(Event::Done {
-        finish_reason,
-        usage: Usage {
-            prompt_tokens: job.prompt.len(),
-            completion_tokens: stats.generated_tokens,
-            total_tokens: job.prompt.len() + stats.generated_tokens,
-            prompt_tokens_details: PromptDetails { cached_tokens },
-        },
-    }))
+
+    /// Reads the next piece of generation `i`'s prompt: up to the checkpoint (where the prompt
+    /// cache keeps a state) or `prefill_chunk` tokens, whichever comes first.
+    fn read_prompt(&mut self, i: usize) -> Result<()> {
+        let a = &mut self.active[i];
+        let from = a.state.tokens.len();
+        let to = match a.checkpoint {
+            Some(at) if from < at => at,
+            _ => a.job.prompt.len(),
+        }
+        .min(from + self.opts.prefill_chunk.max(1));
+        a.state.feed(self.model, &a.job.prompt[from..to])?;
+        if Some(to) == a.checkpoint || to == a.job.prompt.len() {
+            remember(self.shared, &a.state)?;
+        }
+        Ok(())
+    }
+
+    /// One decoding step for every generation past its prompt that goes on.
+    fn step(&mut self) -> Result<()> {
+        let ctx = self.model.context_limit().unwrap_or(usize::MAX);
+        let mut ids = Vec::new();
+        let mut rows = Vec::new();
+        for (i, a) in self.active.iter_mut().enumerate() {
+            if a.ended.is_some() || !a.prompt_read() {
+                continue;
+            }
+            match a.sample(ctx) {
+                Ok(Some(id)) => {
+                    ids.push(id);
+                    rows.push(i);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    fail(&self.shared.counters, &a.job, &e);
+                    a.ended = Some(End::Failed);
+                }
+            }
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut caches: Vec<&mut Cache> = self
+            .active
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| rows.contains(i))
+            .map(|(_, a)| &mut a.state.cache)
+            .collect();
+        let logits = self.model.decode_step(&ids, &mut caches)?;
+        let c = &self.shared.counters;
+        c.decode_steps.fetch_add(1, Ordering::Relaxed);
+        c.decode_rows.fetch_add(ids.len(), Ordering::Relaxed);
+        c.largest_batch.fetch_max(ids.len(), Ordering::Relaxed);
+        for (r, (&i, &id)) in rows.iter().zip(&ids).enumerate() {
+            let a = &mut self.active[i];
+            a.state.logits = Some(logits.narrow(0, r, 1)?.contiguous()?);
+            a.state.tokens.push(id);
+        }
+        Ok(())
+    }
+
+    /// Ends a generation: the held-back text, the prompt cache, the final event.
+    fn finish(&self, mut a: Active) {
+        let counters = &self.shared.counters;
+        let finish_reason = match a.ended {
+            Some(End::Finished(reason)) => reason,
+            Some(End::Gone) => {
+                counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Some(End::Failed) | None => return,
+        };
+        if !a.stopped_by_string {
+            let rest = a.text.finish().map(|t| {
+                let (out, hit) = a.scan.push(&t);
+                if hit {
+                    out
+                } else {
+                    out + &a.scan.finish()
+                }
+            });
+            match rest {
+                Ok(t) => {
+                    if !a.send(t) {
+                        counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+                Err(e) => return fail(counters, &a.job, &e),
+            }
+        }
+        if let Err(e) = remember(self.shared, &a.state) {
+            return fail(counters, &a.job, &e);
+        }
+        let prompt_tokens = a.job.prompt.len();
+        let done = Event::Done {
+            finish_reason,
+            usage: Usage {
+                prompt_tokens,
+                completion_tokens: a.generated,
+                total_tokens: prompt_tokens + a.generated,
+                prompt_tokens_details: PromptDetails {
+                    cached_tokens: a.cached_tokens,
+                },
+            },
+        };
+        // Counted before it is sent: a client that has its answer finds it counted.
+        counters.completed.fetch_add(1, Ordering::Relaxed);
+        let _ = a.job.events.send(done);
+    }
+}
+
+fn fail(counters: &crate::serve::Counters, job: &Job, e: &anyhow::Error) {
+    counters.failed.fetch_add(1, Ordering::Relaxed);
+    let _ = job.events.send(Event::Failed(format!("{e:#}")));
 }
 
 fn remember(shared: &Shared, state: &State) -> Result<()> {

@@ -251,13 +251,8 @@ impl SupraAttention {
         state: Option<&mut Option<Tensor>>,
         exec: Exec,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        match (exec, b, t, state) {
-            (Exec::Infer, 1, 1, Some(s)) => self.proj.o.forward(&self.step(x, offset, s)?, exec),
-            (_, _, _, state) => self
-                .proj
-                .output(&self.heads_output(x, offset, state, exec)?, exec),
-        }
+        self.proj
+            .output(&self.heads_output(x, offset, state, exec)?, exec)
     }
 
     /// Per-head output after GroupNorm (B, H, T, d_v), before Wo.
@@ -300,30 +295,37 @@ impl SupraAttention {
         }
     }
 
-    /// One token of one sequence, φ and RoPE on plain slices too: a decoding step would
-    /// otherwise spend more time in a dozen small tensor operations per layer than in the
-    /// products. Returns the per-head outputs (1, 1, H·d_v) before Wo.
-    fn step(&self, x: &Tensor, offset: usize, state: &mut Option<Tensor>) -> Result<Tensor> {
-        let [mut q, mut k, v] = self.proj.token(x)?;
-        let (cos, sin) = self.rope.row(offset)?;
-        let rotate = |q: &mut [f32], k: &mut [f32], width: usize| {
-            for head in q.chunks_mut(width).chain(k.chunks_mut(width)) {
-                Rope::rotate(head, &cos, &sin);
-            }
-        };
+    /// One token of each of several sequences from their q, k and v rows (row r: sequence r's
+    /// heads side by side, at position `offsets[r]`), φ and RoPE on plain slices too: a
+    /// decoding step would otherwise spend more time in a dozen small tensor operations per
+    /// layer than in the products. Returns the per-head outputs (H·d_v a row) before Wo. Each
+    /// row's values are what it gets alone: a sequence's step does not depend on the batch.
+    pub fn step(
+        &self,
+        [mut q, mut k, v]: [Vec<f32>; 3],
+        offsets: &[usize],
+        states: &mut [&mut Option<Tensor>],
+    ) -> Result<Vec<f32>> {
+        let rows = offsets.len();
         if !self.phi.rope_after() {
-            rotate(&mut q, &mut k, self.proj.head_dim);
+            self.rope
+                .rotate_rows([&mut q, &mut k], offsets, self.proj.head_dim)?;
         }
         let (mut q, mut k) = (
-            self.phi.apply_row(&q, Role::Query)?,
-            self.phi.apply_row(&k, Role::Key)?,
+            self.phi.apply_rows(&q, rows, Role::Query)?,
+            self.phi.apply_rows(&k, rows, Role::Key)?,
         );
         if self.phi.rope_after() {
-            rotate(&mut q, &mut k, self.feature_dim);
+            self.rope
+                .rotate_rows([&mut q, &mut k], offsets, self.feature_dim)?;
         }
-        let o = self.scan(&q, &k, &v, (1, 1), state)?;
-        let width = o.len();
-        Ok(Tensor::from_vec(o, (1, 1, width), x.device())?)
+        let (lq, lk, lv) = (q.len() / rows, k.len() / rows, v.len() / rows);
+        let mut out = Vec::with_capacity(rows * self.proj.n_heads * self.proj.head_dim);
+        for (r, state) in states.iter_mut().enumerate() {
+            let (qr, kr) = (&q[r * lq..(r + 1) * lq], &k[r * lk..(r + 1) * lk]);
+            out.extend(self.scan(qr, kr, &v[r * lv..(r + 1) * lv], (1, 1), state)?);
+        }
+        Ok(out)
     }
 
     /// The inference side's sums over q̃ (B, H, T, d'), k̃ and v (B, H_kv, T, ·) on slices,

@@ -173,13 +173,8 @@ impl WindowAttention {
         state: Option<&mut Option<WindowState>>,
         exec: Exec,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        match (exec, b, t, state) {
-            (Exec::Infer, 1, 1, Some(s)) => self.proj.o.forward(&self.step(x, offset, s)?, exec),
-            (_, _, _, state) => self
-                .proj
-                .output(&self.heads_output(x, offset, state, exec)?, exec),
-        }
+        self.proj
+            .output(&self.heads_output(x, offset, state, exec)?, exec)
     }
 
     /// Per-head output (B, H, T, d), before Wo.
@@ -226,21 +221,36 @@ impl WindowAttention {
         }
     }
 
-    /// One token of one sequence with q, k, RoPE and φ on plain slices: a decoding step would
-    /// otherwise spend more time in a dozen small tensor operations per layer than in the
-    /// sums. Returns the per-head outputs (1, 1, H·d) before Wo.
-    fn step(&self, x: &Tensor, offset: usize, state: &mut Option<WindowState>) -> Result<Tensor> {
-        let [mut q, mut k, v] = self.proj.token(x)?;
-        let (cos, sin) = self.rope.row(offset)?;
+    /// One token of each of several sequences from their q, k and v rows (row r: sequence r's
+    /// heads side by side, at position `offsets[r]`), RoPE and φ on plain slices: a decoding
+    /// step would otherwise spend more time in a dozen small tensor operations per layer than
+    /// in the sums. Returns the per-head outputs (H·d a row) before Wo. Each row's values are
+    /// what it gets alone: a sequence's step does not depend on the batch.
+    pub fn step(
+        &self,
+        [mut q, mut k, v]: [Vec<f32>; 3],
+        offsets: &[usize],
+        states: &mut [&mut Option<WindowState>],
+    ) -> Result<Vec<f32>> {
+        let rows = offsets.len();
         let d = self.proj.head_dim;
-        for head in q.chunks_mut(d).chain(k.chunks_mut(d)) {
-            Rope::rotate(head, &cos, &sin);
+        let (lq, lk, lv) = (q.len() / rows, k.len() / rows, v.len() / rows);
+        self.rope.rotate_rows([&mut q, &mut k], offsets, d)?;
+        let fq = self.phi.apply_rows(&q, rows, Role::Query)?;
+        let fk = self.phi.apply_rows(&k, rows, Role::Key)?;
+        let (lfq, lfk) = (fq.len() / rows, fk.len() / rows);
+        let mut out = Vec::with_capacity(rows * self.proj.n_heads * d);
+        for (r, (state, &p)) in states.iter_mut().zip(offsets).enumerate() {
+            let inputs = [
+                &q[r * lq..(r + 1) * lq],
+                &k[r * lk..(r + 1) * lk],
+                &v[r * lv..(r + 1) * lv],
+                &fq[r * lfq..(r + 1) * lfq],
+                &fk[r * lfk..(r + 1) * lfk],
+            ];
+            out.extend(self.scan(inputs, (1, 1), p, Some(state))?);
         }
-        let fq = self.phi.apply_row(&q, Role::Query)?;
-        let fk = self.phi.apply_row(&k, Role::Key)?;
-        let y = self.scan([&q, &k, &v, &fq, &fk], (1, 1), offset, Some(state))?;
-        let width = y.len();
-        Ok(Tensor::from_vec(y, (1, 1, width), x.device())?)
+        Ok(out)
     }
 
     /// The inference side's sums on slices (q, k, v, φq, φk as [`scan::Inputs`] lays them
