@@ -15,7 +15,7 @@ use crate::serve::api::{PromptDetails, Settings, Usage};
 use crate::serve::Shared;
 use anyhow::Result;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Weak};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -56,16 +56,8 @@ pub struct BatchOptions {
 /// Runs jobs from `jobs` until every sender is gone (the server itself holds one, so: until
 /// it is dropped). Holds the server only while it has work.
 pub fn run(shared: Weak<Shared>, jobs: Receiver<Job>, opts: BatchOptions) {
-    let mut waiting: Option<Job> = None;
-    loop {
-        // Idle: block until a job comes.
-        let job = match waiting.take() {
-            Some(j) => j,
-            None => match jobs.recv() {
-                Ok(j) => j,
-                Err(_) => return,
-            },
-        };
+    // Idle: block until a job comes.
+    while let Ok(job) = jobs.recv() {
         let Some(shared) = shared.upgrade() else {
             return;
         };
@@ -75,8 +67,7 @@ pub fn run(shared: Weak<Shared>, jobs: Receiver<Job>, opts: BatchOptions) {
             while batch.active.len() < opts.max_batch.max(1) {
                 match jobs.try_recv() {
                     Ok(j) => batch.admit(j),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => break,
+                    Err(_) => break,
                 }
             }
             batch.pass();
