@@ -978,7 +978,10 @@ print(json.dumps({{"recipe": opt["--recipes"], "tokens_per_s": [1e-4, 1.0, 1e4][
         let ours: Vec<f64> = each.iter().zip(theirs).map(|(r, t)| r * t).collect();
         let lo = ours.iter().cloned().fold(f64::MAX, f64::min);
         let hi = ours.iter().cloned().fold(0.0, f64::max);
-        assert!(hi / lo < 1000.0, "ratios not against their own round: {row}");
+        assert!(
+            hi / lo < 1000.0,
+            "ratios not against their own round: {row}"
+        );
     }
 }
 
