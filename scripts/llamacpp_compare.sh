@@ -3,7 +3,8 @@
 # llama.cpp runs SmolLM2-135M-Instruct (softmax), supra runs the same model and its SUPRA
 # conversion. llama.cpp is built from the source inside the PyPI sdist of llama-cpp-python
 # (no other registry is reachable here); cmake comes from PyPI too. Several minutes the first
-# time (the build), then about one.
+# time (the build), then about one. The build includes llama-server, which
+# scripts/bench/llama_server_batch.sh runs under load.
 #
 #   scripts/llamacpp_compare.sh [WORK=/tmp/supra-llamacpp] [CONTEXT=2048]
 set -euo pipefail
@@ -14,7 +15,7 @@ THREADS=$(nproc)
 LLAMA_CPP_PYTHON=0.3.36
 mkdir -p "$WORK"
 
-if [ ! -x "$WORK/build/bin/llama-bench" ]; then
+if [ ! -x "$WORK/build/bin/llama-bench" ] || [ ! -x "$WORK/build/bin/llama-server" ]; then
   command -v cmake >/dev/null || pip install --quiet cmake
   if [ ! -d "$WORK/src" ]; then
     # The source distribution, by name through pip (the version pinned for repeatable figures).
@@ -25,8 +26,8 @@ if [ ! -x "$WORK/build/bin/llama-bench" ]; then
     mv "$WORK"/sdist/*/vendor/llama.cpp "$WORK/src"
   fi
   cmake -S "$WORK/src" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
-  cmake --build "$WORK/build" -j "$THREADS" --target llama-bench llama-quantize
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >/dev/null
+  cmake --build "$WORK/build" -j "$THREADS" --target llama-bench llama-quantize llama-server
 fi
 
 cargo build --release --quiet

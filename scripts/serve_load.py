@@ -60,9 +60,9 @@ def main():
     salt = int(time.time() * 1000) % 1_000_000
 
     def filler(i):
-        # About 14 tokens a sentence in SmolLM2's tokenizer; the run's salt and the request's
+        # About 21 tokens a sentence in SmolLM2's tokenizer; the run's salt and the request's
         # number first, so that no two prompts share a prefix, in this run or an earlier one.
-        n = max(0, round((a.prompt_tokens - 18) / 14))
+        n = max(0, round((a.prompt_tokens - 18) / 21))
         return "".join(f"Note {salt}-{i}.{k}: the river flows past the old mill. "
                        for k in range(n))
 
@@ -103,8 +103,20 @@ def main():
             path, payload = body(i)
             t0 = time.perf_counter()
             try:
-                conn.request("POST", path, json.dumps(payload), {"Content-Type": "application/json"})
-                r = conn.getresponse()
+                try:
+                    conn.request("POST", path, json.dumps(payload),
+                                 {"Content-Type": "application/json"})
+                    r = conn.getresponse()
+                except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                    # The server closed the kept-alive connection after the last response
+                    # (llama.cpp's does after a stream): once more on a new one, as HTTP
+                    # clients do.
+                    conn.close()
+                    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=a.timeout)
+                    t0 = time.perf_counter()
+                    conn.request("POST", path, json.dumps(payload),
+                                 {"Content-Type": "application/json"})
+                    r = conn.getresponse()
                 status = r.status
                 if a.stream and status == 200:
                     usage, times = read_stream(r, t0)

@@ -47,12 +47,12 @@ pub fn generate(
     gen: usize,
 ) -> Result<GenStats> {
     let prompt = prose_tokens(tokenizer, context)?;
-    let mut g = Generation {
+    let mut g = Generation::new(
         model,
-        sampler: Sampler::new(SamplingParams::greedy(), 0),
-        stop_ids: Vec::new(),
-        max_tokens: gen,
-    };
+        Sampler::new(SamplingParams::greedy(), 0),
+        Vec::new(),
+        gen,
+    );
     let bar = indicatif::ProgressBar::new(gen as u64).with_style(
         indicatif::ProgressStyle::with_template(
             "{msg} {bar:30} {pos}/{len} tokens [{elapsed}<{eta}]",
@@ -348,12 +348,12 @@ pub fn infer(
             None => first.insert(state.fork()?),
         };
         let decode = |state: &mut State| {
-            Generation {
+            Generation::new(
                 model,
-                sampler: Sampler::new(SamplingParams::greedy(), 0),
-                stop_ids: Vec::new(),
-                max_tokens: gen,
-            }
+                Sampler::new(SamplingParams::greedy(), 0),
+                Vec::new(),
+                gen,
+            )
             .resume(state, &[], |_| Ok(true))
         };
         let (mut rates, mut rates_first) = (Vec::new(), Vec::new());

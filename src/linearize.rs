@@ -185,9 +185,9 @@ pub fn linearize(teacher: LoadedModel, opts: &LinearizeOptions) -> Result<Report
     heading(4, "sample from the linear model");
     let llama = Llama::new(&linear.config, &linear.weights)?;
     let prompt = linear.tokenizer.encode(&opts.prompt)?;
-    let mut g = Generation {
-        model: &llama,
-        sampler: Sampler::new(
+    let mut g = Generation::new(
+        &llama,
+        Sampler::new(
             SamplingParams {
                 temperature: 0.7,
                 top_k: 40,
@@ -195,9 +195,9 @@ pub fn linearize(teacher: LoadedModel, opts: &LinearizeOptions) -> Result<Report
             },
             42,
         ),
-        stop_ids: linear.tokenizer.stop_ids(None),
-        max_tokens: 60,
-    };
+        linear.tokenizer.stop_ids(None),
+        60,
+    );
     let mut stream = TextStream::new(&linear.tokenizer);
     let mut sample = String::new();
     let mut out = std::io::stderr().lock();

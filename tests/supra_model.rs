@@ -185,15 +185,12 @@ fn recurrent_state_is_constant_over_4096_tokens() {
     assert_eq!(cache.pos, 5 + 4096);
     // Through the generation loop too: a prompt longer than the teacher's context is fine.
     let long: Vec<u32> = (0..300).map(|i| (i * 7 % 250 + 3) as u32).collect();
-    let mut g = supra::infer::generate::Generation {
-        model: &model,
-        sampler: supra::infer::sampler::Sampler::new(
-            supra::infer::sampler::SamplingParams::greedy(),
-            0,
-        ),
-        stop_ids: vec![],
-        max_tokens: 20,
-    };
+    let mut g = supra::infer::generate::Generation::new(
+        &model,
+        supra::infer::sampler::Sampler::new(supra::infer::sampler::SamplingParams::greedy(), 0),
+        vec![],
+        20,
+    );
     let stats = g.run(&long, |_| Ok(())).unwrap();
     assert_eq!((stats.generated_tokens, stats.state_bytes), (20, size));
     // A softmax teacher's cache, by contrast, grows with every token.

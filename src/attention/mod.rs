@@ -12,6 +12,7 @@ pub mod supra;
 pub mod window;
 
 use crate::model::linear::Linear;
+use crate::model::spin;
 use anyhow::{anyhow, bail, ensure, Result};
 use candle_core::Tensor;
 use candle_nn::kv_cache::KvCache;
@@ -170,8 +171,7 @@ impl Cell {
         );
         let y = match self {
             Cell::Softmax(a) => {
-                let mut out = Vec::with_capacity(q.len());
-                for (i, (state, &offset)) in states.iter_mut().zip(offsets).enumerate() {
+                let outs = spin::map_rows(states, &|i, state| {
                     let CellState::Kv(kv) = &mut **state else {
                         bail!("the state does not belong to this kind of attention layer");
                     };
@@ -180,9 +180,9 @@ impl Cell {
                         k[i * wkv..(i + 1) * wkv].to_vec(),
                         v[i * wkv..(i + 1) * wkv].to_vec(),
                     ];
-                    out.extend(a.step(rows, offset, kv)?);
-                }
-                out
+                    a.step(rows, offsets[i], kv)
+                });
+                outs.into_iter().collect::<Result<Vec<_>>>()?.concat()
             }
             Cell::Supra(a) => {
                 let mut st = each_state(states, |s| match s {

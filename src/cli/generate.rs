@@ -85,12 +85,12 @@ pub(crate) fn generate(a: &GenerateArgs) -> Result<()> {
     if prompt.is_empty() && !continuing {
         bail!("the prompt is empty after tokenization");
     }
-    let mut g = Generation {
-        model: &model,
-        sampler: Sampler::new(params, a.seed),
-        stop_ids: tok.stop_ids(chat.as_ref()),
-        max_tokens: a.max_tokens,
-    };
+    let mut g = Generation::new(
+        &model,
+        Sampler::new(params, a.seed),
+        tok.stop_ids(chat.as_ref()),
+        a.max_tokens,
+    );
     let mut stream = TextStream::new(tok);
     let mut out = std::io::stdout().lock();
     let stats = g.resume(&mut state, &prompt, |id| {

@@ -48,14 +48,77 @@ impl GenStats {
     }
 }
 
-pub struct Generation<'a> {
-    pub model: &'a Llama,
+/// The choice of each next token, the same for `supra generate` and for each request in
+/// `supra serve`'s batch: sample from the last logits; a stop token ends the generation unseen;
+/// after an emitted token, `max_tokens` or the end of the model's context ends it.
+pub struct Picker {
     pub sampler: Sampler,
     pub stop_ids: Vec<u32>,
     pub max_tokens: usize,
+    /// Tokens emitted so far.
+    pub generated: usize,
 }
 
-impl Generation<'_> {
+/// What [`Picker::pick`] chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// `max_tokens` were already emitted: nothing was sampled.
+    Limit,
+    /// A stop token, not emitted.
+    Stop(u32),
+    /// A token to emit.
+    Token(u32),
+}
+
+impl Picker {
+    pub fn new(sampler: Sampler, stop_ids: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            sampler,
+            stop_ids,
+            max_tokens,
+            generated: 0,
+        }
+    }
+
+    /// The next token after `logits` (1, vocab).
+    pub fn pick(&mut self, logits: &Tensor) -> Result<Pick> {
+        if self.generated >= self.max_tokens {
+            return Ok(Pick::Limit);
+        }
+        let next = self.sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        if self.stop_ids.contains(&next) {
+            return Ok(Pick::Stop(next));
+        }
+        self.generated += 1;
+        Ok(Pick::Token(next))
+    }
+
+    /// Once a token is emitted with `read` tokens in the state: why the generation ends
+    /// there rather than reading it, if it does.
+    pub fn ends_after(&self, read: usize, ctx: usize) -> Option<Finish> {
+        if read + 1 >= ctx {
+            Some(Finish::Context)
+        } else if self.generated >= self.max_tokens {
+            Some(Finish::Length)
+        } else {
+            None
+        }
+    }
+}
+
+pub struct Generation<'a> {
+    pub model: &'a Llama,
+    pub picker: Picker,
+}
+
+impl<'a> Generation<'a> {
+    pub fn new(model: &'a Llama, sampler: Sampler, stop_ids: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            model,
+            picker: Picker::new(sampler, stop_ids, max_tokens),
+        }
+    }
+
     /// Generates after `prompt` from an empty state, calling `on_token` with each new token id
     /// as soon as it exists. Stops at a stop id (not emitted), after `max_tokens`, or at the
     /// context length.
@@ -71,10 +134,10 @@ impl Generation<'_> {
         self.resume(&mut state, prompt, |id| on_token(id).map(|()| true))
     }
 
-    /// Reads `prompt` after what `state` holds, then generates; `on_token` returns false to
-    /// stop. With an empty `prompt` the state's own logits give the first token. Leaves in
-    /// `state` everything read: the prompt and every generated token but the last
-    /// ([`GenStats::unread`]).
+    /// Reads `prompt` after what `state` holds, then generates up to `max_tokens`; `on_token`
+    /// returns false to stop. With an empty `prompt` the state's own logits give the first
+    /// token. Leaves in `state` everything read: the prompt and every generated token but the
+    /// last ([`GenStats::unread`]).
     pub fn resume(
         &mut self,
         state: &mut State,
@@ -92,37 +155,36 @@ impl Generation<'_> {
         };
         let t0 = Instant::now();
         state.feed(self.model, prompt)?;
-        let mut logits = state
-            .logits
-            .clone()
-            .ok_or_else(|| anyhow!("nothing to continue from: the prompt and state are empty"))?;
+        if state.logits.is_none() {
+            bail!("nothing to continue from: the prompt and state are empty");
+        }
         stats.prefill_time = t0.elapsed();
 
         let t1 = Instant::now();
         let device = self.model.device().clone();
-        for _ in 0..self.max_tokens {
-            let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-            let next = self.sampler.sample(&row);
+        self.picker.generated = 0;
+        while let Some(logits) = &state.logits {
+            let next = match self.picker.pick(logits)? {
+                Pick::Limit => break,
+                Pick::Stop(id) => {
+                    stats.unread = Some(id);
+                    stats.finish = Finish::Stop;
+                    break;
+                }
+                Pick::Token(id) => id,
+            };
             stats.unread = Some(next);
-            if self.stop_ids.contains(&next) {
-                stats.finish = Finish::Stop;
-                break;
-            }
             stats.generated_tokens += 1;
             if !on_token(next)? {
                 stats.finish = Finish::Halted;
                 break;
             }
-            if state.cache.pos + 1 >= ctx {
-                stats.finish = Finish::Context;
-                break;
-            }
-            if stats.generated_tokens == self.max_tokens {
+            if let Some(finish) = self.picker.ends_after(state.cache.pos, ctx) {
+                stats.finish = finish;
                 break;
             }
             let input = Tensor::new(&[next], &device)?.unsqueeze(0)?;
-            logits = self.model.forward_last(&input, &mut state.cache)?;
-            state.logits = Some(logits.clone());
+            state.logits = Some(self.model.forward_last(&input, &mut state.cache)?);
             state.tokens.push(next);
         }
         stats.decode_time = t1.elapsed();

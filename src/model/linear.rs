@@ -110,16 +110,14 @@ impl Linear {
         })
     }
 
+    /// Any number of rows takes the blocks' integer kernel: a prompt's rows too, so that the
+    /// matrix is never dequantized on a call (that cost more than the product for a prompt of
+    /// a few hundred tokens) and a prompt read in pieces gets the projections that steps get.
     fn forward_quantized(&self, q: &QMatrix, x: &Tensor, rows: usize) -> Result<Tensor> {
-        if rows > GEMV_MAX_ROWS {
-            // Prefill is compute-bound: the f32 gemm on the dequantized matrix.
-            let w = q.dequantize(x.device())?;
-            return Ok(candle_nn::Linear::new(w, self.inner.bias().cloned()).forward(x)?);
-        }
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let mut shape = x.dims().to_vec();
         *shape.last_mut().unwrap() = q.dims().0;
-        let y = Tensor::from_vec(q.gemv(&xs, rows), shape, x.device())?;
+        let y = Tensor::from_vec(q.product(&xs, rows), shape, x.device())?;
         Ok(match self.inner.bias() {
             Some(b) => y.broadcast_add(b)?,
             None => y,

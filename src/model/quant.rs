@@ -6,8 +6,9 @@
 //! kernel for a few input rows (one decoding step of one sequence or of a batch) does what
 //! llama.cpp does: it quantizes the inputs to 8-bit blocks too and takes integer dot products of
 //! blocks (AVX-512 VNNI's `vpdpbusd` over up to four inputs at once where the CPU has it, else
-//! AVX2 `maddubs`), one float multiply-add per block. Longer inputs (prefill) dequantize the matrix and take the f32
-//! gemm, which is compute-bound there anyway.
+//! AVX2 `maddubs`), one float multiply-add per block. A prompt's rows take the same kernel: each
+//! group of four weight rows meets every input row while it is in L1, so the matrix is read
+//! once per call whatever the number of rows, and never dequantized.
 //!
 //! Scales are kept as f32 (ggml stores f16): 1/32 more memory for exactly the block values.
 //! Rows are stored in groups of four with their blocks interleaved (row 0 block 0, row 1 block 0,
@@ -173,12 +174,23 @@ impl QMatrix {
 
     /// y = x Wᵀ for `n` input rows of `cols` values each (row-major in `xs`); returns
     /// `n × rows` values, row-major. The inputs are quantized to 8-bit blocks first.
-    pub fn gemv(&self, xs: &[f32], n: usize) -> Vec<f32> {
+    pub fn product(&self, xs: &[f32], n: usize) -> Vec<f32> {
         assert!(n >= 1 && xs.len() == n * self.cols);
         let nb = self.cols / BLOCK;
         let mut x_scales = vec![0f32; n * nb];
         let mut x_quants = vec![0u8; n * self.cols];
-        quantize_q8_row(xs, &mut x_scales, &mut x_quants);
+        if n > 64 {
+            // A prompt's rows: quantized on both cores (on one, the other core waits for it);
+            // a decoding step's few rows are not worth waking the pool for.
+            x_scales
+                .par_chunks_mut(nb)
+                .zip(x_quants.par_chunks_mut(self.cols))
+                .zip(xs.par_chunks(self.cols))
+                .with_min_len(8)
+                .for_each(|((s, q), x)| quantize_q8_row(x, s, q));
+        } else {
+            quantize_q8_row(xs, &mut x_scales, &mut x_quants);
+        }
         let inputs: Vec<Input> = (0..n)
             .map(|r| Input {
                 scales: &x_scales[r * nb..(r + 1) * nb],
@@ -258,28 +270,29 @@ struct Input<'a> {
     quants: &'a [u8],
 }
 
-/// Blocks of Q8_0 for a row of inputs (whole blocks), vectorized where the CPU allows.
+/// Blocks of Q8_0 for rows of inputs (whole blocks): [`quantize_q8`]'s values, with AVX2
+/// where the CPU has it (a decoding step quantizes a thousand rows; one value at a time that
+/// cost as much as a good part of the products).
 fn quantize_q8_row(x: &[f32], scales: &mut [f32], quants: &mut [u8]) {
-    #[inline(always)]
-    fn each(x: &[f32], scales: &mut [f32], quants: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
         for ((s, q), x) in scales
             .iter_mut()
             .zip(quants.chunks_mut(BLOCK))
             .zip(x.chunks(BLOCK))
         {
-            *s = quantize_q8(x, q);
+            // SAFETY: the CPU has AVX2; x and q are whole blocks.
+            *s = unsafe { avx2::quantize_q8(x, q) };
         }
+        return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        #[target_feature(enable = "avx2")]
-        unsafe fn wide(x: &[f32], scales: &mut [f32], quants: &mut [u8]) {
-            each(x, scales, quants)
-        }
-        // SAFETY: the CPU has AVX2; the same code, compiled to use it.
-        return unsafe { wide(x, scales, quants) };
+    for ((s, q), x) in scales
+        .iter_mut()
+        .zip(quants.chunks_mut(BLOCK))
+        .zip(x.chunks(BLOCK))
+    {
+        *s = quantize_q8(x, q);
     }
-    each(x, scales, quants)
 }
 
 /// ggml's quantize_row_q8_0: d = max|x| / 127, q = round(x / d).
@@ -289,9 +302,22 @@ fn quantize_q8(x: &[f32], q: &mut [u8]) -> f32 {
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
     for (qi, &v) in q.iter_mut().zip(x) {
-        *qi = (v * id).round() as i8 as u8;
+        *qi = round_half_away(v * id) as i8 as u8;
     }
     d
+}
+
+/// `f32::round` (halves away from zero) in a form that vectorizes: `round` itself is a libm
+/// call per value, which made quantizing a decoding step's inputs cost more than some of its
+/// products. `x − trunc(x)` is exact, so this is `round` for every finite x.
+#[inline(always)]
+fn round_half_away(x: f32) -> f32 {
+    let t = x.trunc();
+    if (x - t).abs() >= 0.5 {
+        t + 1f32.copysign(x)
+    } else {
+        t
+    }
 }
 
 /// ggml's quantize_row_q4_0: the value of largest magnitude maps to −8, d = max / −8,
@@ -380,6 +406,43 @@ mod avx2 {
     use super::{Input, WeightFormat, BLOCK, GROUP};
     use std::arch::x86_64::*;
 
+    /// [`super::quantize_q8`] on one block, the same values: max|x| and the products are exact
+    /// in any order, and halves round away from zero as `f32::round` does.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn quantize_q8(x: &[f32], q: &mut [u8]) -> f32 {
+        assert!(x.len() == BLOCK && q.len() == BLOCK);
+        let sign = _mm256_set1_ps(-0.0);
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(x.as_ptr().add(8 * i)));
+        let abs = |a| _mm256_andnot_ps(sign, a);
+        let m = _mm256_max_ps(
+            _mm256_max_ps(abs(v[0]), abs(v[1])),
+            _mm256_max_ps(abs(v[2]), abs(v[3])),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let half = _mm256_set1_ps(0.5);
+        let one = _mm256_set1_ps(1.0);
+        let ints: [__m256i; 4] = std::array::from_fn(|i| {
+            let y = _mm256_mul_ps(v[i], id);
+            let t = _mm256_round_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            let up = _mm256_cmp_ps(abs(_mm256_sub_ps(y, t)), half, _CMP_GE_OQ);
+            // ±1 with y's sign where the fraction is at least a half.
+            let step = _mm256_and_ps(up, _mm256_or_ps(one, _mm256_and_ps(y, sign)));
+            _mm256_cvtps_epi32(_mm256_add_ps(t, step))
+        });
+        // 32-bit → 16-bit → 8-bit; the packs interleave 128-bit lanes, the permute restores
+        // the order.
+        let w = _mm256_packs_epi32(ints[0], ints[1]);
+        let z = _mm256_packs_epi32(ints[2], ints[3]);
+        let b = _mm256_packs_epi16(w, z);
+        let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, b);
+        d
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_group(
         format: WeightFormat,
@@ -422,10 +485,13 @@ mod avx2 {
     }
 }
 
-/// The same sums with AVX-512 VNNI's `vpdpbusd` (on 256-bit registers), several inputs per pass
-/// over the group's blocks: each block's weights are loaded and made absolute once for all the
-/// inputs. `vpdpbusd` sums four byte products into each 32-bit lane, the same four that the
-/// AVX2 kernel's `maddubs` + `madd` add, so both give the same integers and the same floats.
+/// The same sums with AVX-512 VNNI's `vpdpbusd` (on 256-bit registers), up to [`TILE`] inputs
+/// per pass over the group's blocks. `vpdpbusd` multiplies unsigned by signed bytes, so the
+/// inputs go in offset by 128 (x + 128, unsigned) and each lane starts from −128·Σw over its four
+/// weights: a lane then holds the same four products' sum as the AVX2 kernel's `maddubs` +
+/// `madd` lane, so both give the same integers and the same floats. Per (block, row, input)
+/// that leaves three instructions (`vpdpbusd`, convert, multiply-add with the block's scale
+/// product, read broadcast from a small table), with every accumulator in a register.
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::{Input, WeightFormat, BLOCK, GROUP, TILE};
@@ -467,11 +533,14 @@ mod vnni {
     ) {
         let low = _mm256_set1_epi8(0x0F);
         let eight = _mm256_set1_epi8(8);
+        let offset = _mm256_set1_epi8(-128);
         let zero = _mm256_setzero_si256();
         let mut acc = [[_mm256_setzero_ps(); GROUP]; R];
+        // scale[r][j]: row j's block scale times input r's.
+        let mut scale = [[0f32; GROUP]; R];
         for b in 0..xs[0].scales.len() {
             let mut w = [zero; GROUP];
-            let mut abs = [zero; GROUP];
+            let mut start = [zero; GROUP];
             for j in 0..GROUP {
                 let k = b * GROUP + j;
                 w[j] = match format {
@@ -482,24 +551,30 @@ mod vnni {
                     }
                     _ => _mm256_loadu_si256(q.as_ptr().add(k * BLOCK) as *const __m256i),
                 };
-                abs[j] = _mm256_abs_epi8(w[j]);
+                // 128·Σw per lane (offset read as unsigned 128), negated.
+                start[j] = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, offset, w[j]));
             }
-            for (x, acc) in xs.iter().zip(acc.iter_mut()) {
-                let xv = _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK) as *const __m256i);
-                let xd = *x.scales.get_unchecked(b);
+            let ws = _mm_loadu_ps(s.as_ptr().add(b * GROUP));
+            for r in 0..R {
+                let xd = _mm_set1_ps(*xs[r].scales.get_unchecked(b));
+                _mm_storeu_ps(scale[r].as_mut_ptr(), _mm_mul_ps(ws, xd));
+            }
+            for r in 0..R {
+                let xq = _mm256_loadu_si256(xs[r].quants.as_ptr().add(b * BLOCK) as *const __m256i);
+                let xu = _mm256_xor_si256(xq, offset);
                 for j in 0..GROUP {
-                    // |w| (unsigned) times x with w's sign, four products to a lane.
-                    let p = _mm256_dpbusd_epi32(zero, abs[j], _mm256_sign_epi8(xv, w[j]));
-                    let scale = _mm256_set1_ps(*s.get_unchecked(b * GROUP + j) * xd);
-                    acc[j] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[j]);
+                    let p = _mm256_dpbusd_epi32(start[j], xu, w[j]);
+                    let d = _mm256_set1_ps(scale[r][j]);
+                    acc[r][j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r][j]);
                 }
             }
         }
-        for (a, o) in acc.iter().zip(out.iter_mut()) {
-            for (a, o) in a.iter().zip(o.iter_mut()) {
-                let h = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
+        for r in 0..R {
+            for j in 0..GROUP {
+                let a = acc[r][j];
+                let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
                 let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                *o = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+                out[r][j] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
             }
         }
     }
@@ -566,13 +641,14 @@ mod tests {
     /// The kernel against the dequantized f32 product (the inputs' own 8-bit rounding is
     /// the difference) and against the portable integer path, which it must equal.
     #[test]
-    fn gemv_equals_the_dequantized_product() {
+    fn product_equals_the_dequantized_product() {
         // 70 rows: 17 interleaved groups and 2 rows after them.
         let w = matrix(70, 96);
         for format in [WeightFormat::Q8_0, WeightFormat::Q4_0] {
             let m = QMatrix::quantize(&w, format).unwrap();
             let wd = m.dequantize(&Device::Cpu).unwrap();
-            for n in 1..=5 {
+            // Up to five rows (a batch of steps) and a prompt's rows, quantized on both cores.
+            for n in (1..=5).chain([16, 70]) {
                 let x = matrix(n, 96);
                 let want: Vec<f32> = x
                     .matmul(&wd.t().unwrap())
@@ -582,7 +658,7 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-                let got = m.gemv(&xs, n);
+                let got = m.product(&xs, n);
                 let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
                 let d = crate::testing::max_diff(&got, &want);
                 assert!(
@@ -639,10 +715,10 @@ mod tests {
             let m = QMatrix::quantize(&w, format).unwrap();
             let x = matrix(9, 96);
             let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-            let alone: Vec<f32> = xs.chunks(96).flat_map(|r| m.gemv(r, 1)).collect();
+            let alone: Vec<f32> = xs.chunks(96).flat_map(|r| m.product(r, 1)).collect();
             for n in 1..=9 {
                 assert_eq!(
-                    m.gemv(&xs[..n * 96], n),
+                    m.product(&xs[..n * 96], n),
                     alone[..n * 70],
                     "{format:?}, {n} rows"
                 );
@@ -670,6 +746,46 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_vector_quantizer_gives_the_scalar_values() {
+        let mut x: Vec<f32> = Tensor::randn(0f32, 3.0, 32 * 64, &Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // Exact halves after scaling (max 127: d = 1), zeros and a zero block.
+        x[..32].copy_from_slice(&std::array::from_fn::<f32, 32, _>(|i| i as f32 - 15.5));
+        x[0] = 127.0;
+        x[64..96].fill(0.0);
+        let (mut s1, mut q1) = (vec![0f32; 64], vec![0u8; 32 * 64]);
+        quantize_q8_row(&x, &mut s1, &mut q1);
+        let (mut s2, mut q2) = (vec![0f32; 64], vec![0u8; 32 * 64]);
+        for ((s, q), x) in s2.iter_mut().zip(q2.chunks_mut(BLOCK)).zip(x.chunks(BLOCK)) {
+            *s = quantize_q8(x, q);
+        }
+        assert_eq!(s1, s2);
+        assert_eq!(q1, q2);
+    }
+
+    #[test]
+    fn rounding_is_f32_round() {
+        let mut x = vec![
+            0.5f32,
+            -0.5,
+            1.5,
+            -2.5,
+            0.49999997,
+            -0.49999997,
+            126.5,
+            -126.5,
+            0.0,
+            -0.0,
+        ];
+        x.extend((0..20_000).map(|i| (i as f32 - 10_000.0) * 0.0127));
+        for v in x {
+            assert_eq!(round_half_away(v), v.round(), "{v}");
         }
     }
 

@@ -150,6 +150,40 @@ pub fn split(len: usize, align: usize, part: usize) -> std::ops::Range<usize> {
     (part * per).min(len)..((part + 1) * per).min(len)
 }
 
+/// `f(r, items[r])` for every r, the items split across the cores (a decoding step's
+/// sequences: each one's attention on its own state); the results in order. Each call gets its
+/// item alone, so what it computes does not depend on the split.
+pub fn map_rows<S: Send, T: Send>(
+    items: &mut [S],
+    f: &(dyn Fn(usize, &mut S) -> T + Sync),
+) -> Vec<T> {
+    if items.len() < 2 {
+        return items.iter_mut().enumerate().map(|(r, s)| f(r, s)).collect();
+    }
+    let n = items.len();
+    // Uncontended locks hand each part its own items through the shared closure.
+    let cells: Vec<std::sync::Mutex<(&mut S, Option<T>)>> = items
+        .iter_mut()
+        .map(|s| std::sync::Mutex::new((s, None)))
+        .collect();
+    for_each_part(&|part| {
+        for r in split(n, 1, part) {
+            let mut cell = cells[r].lock().unwrap_or_else(|e| e.into_inner());
+            let y = f(r, cell.0);
+            cell.1 = Some(y);
+        }
+    });
+    cells
+        .into_iter()
+        .map(|c| {
+            c.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .1
+                .expect("every row ran")
+        })
+        .collect()
+}
+
 /// Where parallel parts write their disjoint pieces of one output buffer.
 pub struct OutPtr(pub *mut f32);
 
@@ -190,5 +224,18 @@ mod tests {
         assert_eq!(total.load(Ordering::Relaxed), 2000);
         let covered: Vec<usize> = (0..parts()).flat_map(|p| split(70, 4, p)).collect();
         assert_eq!(covered, (0..70).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn map_rows_gives_each_item_to_one_call_and_the_results_in_order() {
+        for n in [0, 1, 2, 3, 17] {
+            let mut items: Vec<usize> = (0..n).map(|i| 100 * i).collect();
+            let out = map_rows(&mut items, &|r, x| {
+                *x += 1;
+                (r, *x)
+            });
+            assert_eq!(out, (0..n).map(|i| (i, 100 * i + 1)).collect::<Vec<_>>());
+            assert_eq!(items, (0..n).map(|i| 100 * i + 1).collect::<Vec<_>>());
+        }
     }
 }

@@ -7,10 +7,11 @@
 //! is read in the same pieces and each of its steps takes the same kernels alone or batched
 //! ([`Llama::decode_step`]).
 
-use crate::infer::generate::TextStream;
+use crate::infer::generate::{Pick, Picker, TextStream};
 use crate::infer::sampler::{Sampler, SamplingParams};
 use crate::infer::state::State;
 use crate::model::llama::{Cache, Llama};
+use crate::model::spin;
 use crate::serve::api::{PromptDetails, Settings, Usage};
 use crate::serve::Shared;
 use anyhow::Result;
@@ -84,10 +85,9 @@ struct Active<'a> {
     state: State,
     cached_tokens: usize,
     checkpoint: Option<usize>,
-    sampler: Sampler,
+    picker: Picker,
     text: TextStream<'a>,
     scan: StopScan,
-    generated: usize,
     /// Set when it ended.
     ended: Option<End>,
     /// Its stream was cut by a stop string (the rest of the text is dropped).
@@ -111,22 +111,22 @@ impl Active<'_> {
     /// Takes the next token from the state's logits and emits it. Returns the token when the
     /// generation goes on (it is then read in the next decoding step).
     fn sample(&mut self, ctx: usize) -> Result<Option<u32>> {
-        let s = &self.job.settings;
-        if self.generated >= s.max_tokens {
-            self.ended = Some(End::Finished("length"));
-            return Ok(None);
-        }
         let logits = self
             .state
             .logits
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("nothing to continue from: the prompt is empty"))?;
-        let next = self.sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?);
-        if self.job.stop_ids.contains(&next) {
-            self.ended = Some(End::Finished("stop"));
-            return Ok(None);
-        }
-        self.generated += 1;
+        let next = match self.picker.pick(logits)? {
+            Pick::Limit => {
+                self.ended = Some(End::Finished("length"));
+                return Ok(None);
+            }
+            Pick::Stop(_) => {
+                self.ended = Some(End::Finished("stop"));
+                return Ok(None);
+            }
+            Pick::Token(id) => id,
+        };
         if let Some(piece) = self.text.push(next)? {
             let (out, hit) = self.scan.push(&piece);
             if !self.send(out) || self.cancelled() {
@@ -139,7 +139,8 @@ impl Active<'_> {
                 return Ok(None);
             }
         }
-        if self.state.cache.pos + 1 >= ctx || self.generated == s.max_tokens {
+        // The end of the context and max_tokens are both "length" to a client.
+        if self.picker.ends_after(self.state.cache.pos, ctx).is_some() {
             self.ended = Some(End::Finished("length"));
             return Ok(None);
         }
@@ -200,15 +201,15 @@ impl<'a> Batch<'a> {
             top_p: s.top_p,
         };
         let sampler = Sampler::new(params, s.seed.unwrap_or_else(rand::random));
+        let picker = Picker::new(sampler, job.stop_ids.clone(), s.max_tokens);
         self.active.push(Active {
             checkpoint: job.checkpoint.filter(|&at| at > cached_tokens),
             scan: StopScan::new(s.stop.clone()),
             job,
             state,
             cached_tokens,
-            sampler,
+            picker,
             text: TextStream::new(&self.shared.tokenizer),
-            generated: 0,
             ended: None,
             stopped_by_string: false,
         });
@@ -277,13 +278,19 @@ impl<'a> Batch<'a> {
     /// One decoding step for every generation past its prompt that goes on.
     fn step(&mut self) -> Result<()> {
         let ctx = self.model.context_limit().unwrap_or(usize::MAX);
+        let mut live: Vec<(usize, &mut Active)> = self
+            .active
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, a)| a.ended.is_none() && a.prompt_read())
+            .collect();
+        // Each row's sampling (a softmax over the vocabulary) and text on both cores: one
+        // after another they took a good part of a large batch's step.
+        let picks = spin::map_rows(&mut live, &|_, (_, a)| a.sample(ctx));
         let mut ids = Vec::new();
         let mut rows = Vec::new();
-        for (i, a) in self.active.iter_mut().enumerate() {
-            if a.ended.is_some() || !a.prompt_read() {
-                continue;
-            }
-            match a.sample(ctx) {
+        for ((i, a), pick) in live.into_iter().zip(picks) {
+            match pick {
                 Ok(Some(id)) => {
                     ids.push(id);
                     rows.push(i);
@@ -356,8 +363,8 @@ impl<'a> Batch<'a> {
             finish_reason,
             usage: Usage {
                 prompt_tokens,
-                completion_tokens: a.generated,
-                total_tokens: prompt_tokens + a.generated,
+                completion_tokens: a.picker.generated,
+                total_tokens: prompt_tokens + a.picker.generated,
                 prompt_tokens_details: PromptDetails {
                     cached_tokens: a.cached_tokens,
                 },

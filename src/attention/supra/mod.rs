@@ -32,6 +32,7 @@ use crate::attention::softmax::SoftmaxAttention;
 use crate::attention::{repeat_kv, split_heads, Exec, Projections};
 use crate::model::linear::Linear;
 use crate::model::rope::Rope;
+use crate::model::spin;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Tensor};
 
@@ -320,12 +321,11 @@ impl SupraAttention {
                 .rotate_rows([&mut q, &mut k], offsets, self.feature_dim)?;
         }
         let (lq, lk, lv) = (q.len() / rows, k.len() / rows, v.len() / rows);
-        let mut out = Vec::with_capacity(rows * self.proj.n_heads * self.proj.head_dim);
-        for (r, state) in states.iter_mut().enumerate() {
+        let outs = spin::map_rows(states, &|r, state| {
             let (qr, kr) = (&q[r * lq..(r + 1) * lq], &k[r * lk..(r + 1) * lk]);
-            out.extend(self.scan(qr, kr, &v[r * lv..(r + 1) * lv], (1, 1), state)?);
-        }
-        Ok(out)
+            self.scan(qr, kr, &v[r * lv..(r + 1) * lv], (1, 1), state)
+        });
+        Ok(outs.into_iter().collect::<Result<Vec<_>>>()?.concat())
     }
 
     /// The inference side's sums over q̃ (B, H, T, d'), k̃ and v (B, H_kv, T, ·) on slices,

@@ -32,6 +32,7 @@ use crate::attention::supra::{Dims, HeadDecays};
 use crate::attention::{split_heads, Exec, Projections};
 use crate::config::Mix;
 use crate::model::rope::Rope;
+use crate::model::spin;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Tensor};
 pub use scan::{StateDims, WindowState};
@@ -239,8 +240,7 @@ impl WindowAttention {
         let fq = self.phi.apply_rows(&q, rows, Role::Query)?;
         let fk = self.phi.apply_rows(&k, rows, Role::Key)?;
         let (lfq, lfk) = (fq.len() / rows, fk.len() / rows);
-        let mut out = Vec::with_capacity(rows * self.proj.n_heads * d);
-        for (r, (state, &p)) in states.iter_mut().zip(offsets).enumerate() {
+        let outs = spin::map_rows(states, &|r, state| {
             let inputs = [
                 &q[r * lq..(r + 1) * lq],
                 &k[r * lk..(r + 1) * lk],
@@ -248,9 +248,9 @@ impl WindowAttention {
                 &fq[r * lfq..(r + 1) * lfq],
                 &fk[r * lfk..(r + 1) * lfk],
             ];
-            out.extend(self.scan(inputs, (1, 1), p, Some(state))?);
-        }
-        Ok(out)
+            self.scan(inputs, (1, 1), offsets[r], Some(state))
+        });
+        Ok(outs.into_iter().collect::<Result<Vec<_>>>()?.concat())
     }
 
     /// The inference side's sums on slices (q, k, v, φq, φk as [`scan::Inputs`] lays them
