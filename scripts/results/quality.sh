@@ -60,8 +60,11 @@ declare -A ROWS=(
   [td-hedgehog-w64]="transfer+distill --feature-map hedgehog --window 64"
   [td-relu-all]="transfer+distill --feature-map relu"
   [td-relu-raw]="transfer+distill --feature-map relu"
+  [td-relu-all-raw]="transfer+distill --feature-map relu"
   [long-td-relu-w64]="transfer+distill --feature-map relu --window 64"
   [long-td-relu]="transfer+distill --feature-map relu"
+  # The pure linear long run with every parameter trained (td-relu-all: 2.79× against LoRA's).
+  [long-td-relu-all]="transfer+distill --feature-map relu"
   # The bounded-state long run after the window and decay rows: window 256, lightning decay,
   # 2,048-token training windows throughout.
   [long-td-relu-w256-s2048]="transfer+distill --feature-map relu --window 256"
@@ -87,8 +90,10 @@ declare -A ROWS=(
 declare -A TRAIN_FLAGS=(
   [td-relu-all]="--tokens 262144 --train all"
   [td-relu-raw]="--tokens 262144 --transfer-target raw"
+  [td-relu-all-raw]="--tokens 262144 --train all --transfer-target raw"
   [long-td-relu-w64]="--tokens 1048576 --transfer-tokens 131072"
   [long-td-relu]="--tokens 1048576 --transfer-tokens 131072"
+  [long-td-relu-all]="--tokens 1048576 --transfer-tokens 131072 --train all"
   [long-td-relu-w256-s2048]="--tokens 1048576 --transfer-tokens 131072 --seq-len 2048"
   [long-td-relu-w64-more512]="--tokens 131072 --seq-len 512"
   [long-td-relu-w64-more2048]="--tokens 131072 --seq-len 2048"
