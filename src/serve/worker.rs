@@ -176,7 +176,7 @@ impl<'a> Batch<'a> {
         }
     }
 
-    fn admit(&mut self, job: Job) {
+    fn admit(&mut self, mut job: Job) {
         let counters = &self.shared.counters;
         let cached = match self.shared.prompt_cache.lock() {
             Ok(mut c) => c.lookup(&job.prompt),
@@ -201,7 +201,8 @@ impl<'a> Batch<'a> {
             top_p: s.top_p,
         };
         let sampler = Sampler::new(params, s.seed.unwrap_or_else(rand::random));
-        let picker = Picker::new(sampler, job.stop_ids.clone(), s.max_tokens);
+        // The picker holds the stop ids from here on.
+        let picker = Picker::new(sampler, std::mem::take(&mut job.stop_ids), s.max_tokens);
         self.active.push(Active {
             checkpoint: job.checkpoint.filter(|&at| at > cached_tokens),
             scan: StopScan::new(s.stop.clone()),
