@@ -139,6 +139,18 @@ fn window_models_convert_reload_and_agree_in_every_form() {
             logits(&Llama::new(&e.config, &e.weights).unwrap(), &ids),
             whole
         );
+        // ...and transformers' too: the model file beside it, the config pointing to it.
+        let code = std::fs::read_to_string(exported.join("modeling_supra.py")).unwrap();
+        assert_eq!(
+            code,
+            include_str!("../python/supra_torch/modeling_supra.py")
+        );
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(exported.join("config.json")).unwrap()).unwrap();
+        assert_eq!(
+            cfg["auto_map"]["AutoModelForCausalLM"],
+            "modeling_supra.SupraForCausalLM"
+        );
 
         // Q8_0 weights: token by token within quantization noise of the f32 pass.
         model.quantize(WeightFormat::Q8_0).unwrap();

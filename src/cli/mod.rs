@@ -50,7 +50,8 @@ pub enum Command {
     /// OUT/metrics.jsonl and OUT/loss.png, the result in OUT/final.
     Train(Box<train::TrainArgs>),
     /// Write a model as an HF-layout directory of f32 weights (config.json, model.safetensors,
-    /// tokenizer.json) that every command loads.
+    /// tokenizer.json) that every command loads, and transformers too: modeling_supra.py beside
+    /// it, named in config.json's auto_map (from_pretrained(DIR, trust_remote_code=True)).
     Export(convert::ExportArgs),
     /// Benchmark accuracy and perplexity the way lm-evaluation-harness scores them: the paper's
     /// multiple-choice tasks, LAMBADA, MMLU, WikiText, or your own .jsonl / .txt files.

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
-use supra::model::llama::Form;
+use supra::model::llama::{Form, Llama};
 
 use super::model::{BranchesArg, ModelArg};
 use super::read_text;
@@ -37,6 +37,11 @@ pub(crate) struct ScoreArgs {
     pub(crate) max_tokens: Option<usize>,
     #[command(flatten)]
     pub(crate) branches: BranchesArg,
+    /// Run the model with every weight and activation in f64: the definition, against which
+    /// the f32 forward and other implementations (the PyTorch package) are checked. With
+    /// --mode parallel (the definition's form; the fast forms are f32 only).
+    #[arg(long, conflicts_with = "window")]
+    pub(crate) f64: bool,
 }
 
 pub(crate) fn score(a: &ScoreArgs) -> Result<()> {
@@ -54,6 +59,17 @@ pub(crate) fn score(a: &ScoreArgs) -> Result<()> {
     };
     let form: Form = a.mode.parse()?;
     let (loaded, mut model) = a.model.load()?;
+    if a.f64 {
+        if !matches!(form, Form::Parallel) {
+            bail!("--f64 runs the parallel form only (--mode parallel): the fast forms are f32");
+        }
+        let weights = loaded
+            .weights
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_dtype(candle_core::DType::F64)?)))
+            .collect::<Result<_>>()?;
+        model = Llama::new(&loaded.config, &weights)?;
+    }
     a.branches.apply(&mut model)?;
     let ids = loaded.tokenizer.encode(&text)?;
     if ids.len() < 2 {

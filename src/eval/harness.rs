@@ -10,7 +10,7 @@
 //! one whole sequence: the reference the tests compare against.
 
 use crate::io::tokenizer::TextTokenizer;
-use crate::model::llama::{Cache, Llama};
+use crate::model::llama::{log_softmax_f64, Cache, Llama};
 use anyhow::{bail, Result};
 use candle_core::{IndexOp, Tensor, D};
 
@@ -318,16 +318,16 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 /// (n, hidden) that predict them.
 fn score(model: &Llama, hidden: &Tensor, targets: &[u32]) -> Result<Vec<(f64, bool)>> {
     let logits = model.logits(hidden)?;
-    let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let lsm = log_softmax_f64(&logits)?;
     let t = Tensor::new(targets, hidden.device())?;
     let picked = lsm
         .gather(&t.unsqueeze(1)?, 1)?
         .squeeze(1)?
-        .to_vec1::<f32>()?;
+        .to_vec1::<f64>()?;
     let best = lsm.argmax(D::Minus1)?.to_vec1::<u32>()?;
     Ok(picked
         .iter()
         .zip(best.iter().zip(targets))
-        .map(|(&lp, (b, t))| (lp as f64, b == t))
+        .map(|(&lp, (b, t))| (lp, b == t))
         .collect())
 }

@@ -167,8 +167,20 @@ fn recover(parent: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The model as transformers code (python/supra_torch/modeling_supra.py), written beside every
+/// config.json, which points to it (`auto_map`): `AutoModelForCausalLM.from_pretrained(dir,
+/// trust_remote_code=True)` then loads any directory supra writes, with no other step.
+const MODELING_FILE: &str = "modeling_supra.py";
+const MODELING_CODE: &str = include_str!("../../python/supra_torch/modeling_supra.py");
+
 fn write_files(model: &LoadedModel, dir: &Path) -> Result<()> {
-    let cfg = serde_json::to_string_pretty(&model.config.to_hf_json())?;
+    let mut json = model.config.to_hf_json();
+    json["auto_map"] = serde_json::json!({
+        "AutoConfig": "modeling_supra.SupraConfig",
+        "AutoModelForCausalLM": "modeling_supra.SupraForCausalLM",
+    });
+    atomic_write(&dir.join(MODELING_FILE), MODELING_CODE.as_bytes())?;
+    let cfg = serde_json::to_string_pretty(&json)?;
     atomic_write(&dir.join("config.json"), cfg.as_bytes())?;
     atomic_write_with(&dir.join("model.safetensors"), |f| {
         let data: Vec<(&str, &candle_core::Tensor)> =

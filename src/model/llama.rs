@@ -561,7 +561,7 @@ impl Llama {
         while start < n {
             let len = SLICE.min(n - start);
             let logits = self.logits(&hidden.narrow(0, start, len)?)?;
-            let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let lsm = log_softmax_f64(&logits)?;
             let targets = Tensor::new(&ids[start + 1..start + 1 + len], self.device())?;
             let picked = lsm.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
             // Models run in f64 too (examples/conditioning), log-probs are reported in f32.
@@ -570,6 +570,16 @@ impl Llama {
         }
         Ok(out)
     }
+}
+
+/// Log-softmax over the last axis in f64. Its sum of exponentials in f32 (49,152 of them one
+/// after another) came out short: every log-prob ~1.2e-4 too high against transformers and
+/// against the same model in PyTorch, far above the f32 forward's own ~1e-5.
+pub fn log_softmax_f64(logits: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::log_softmax(
+        &logits.to_dtype(candle_core::DType::F64)?,
+        D::Minus1,
+    )?)
 }
 
 #[cfg(test)]
