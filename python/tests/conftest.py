@@ -58,7 +58,12 @@ def tiny(tmp_path_factory, models):
                       rms_norm_eps=1e-5, max_position_embeddings=512, tie_word_embeddings=True,
                       bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    save(SupraForCausalLM(cfg), cfg, str(models / "teacher"), str(d / "teacher"))
+    teacher = SupraForCausalLM(cfg)
+    with torch.no_grad():  # weights large enough that the next-token distribution is far from flat
+        for name, p in teacher.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.5)
+    save(teacher, cfg, str(models / "teacher"), str(d / "teacher"))
     supra("convert", d / "teacher", "--out", d / "model", "--softmax-layers", "0", "--supra-layers", "1",
           "--window", "4", "--sinks", "1", "--feature-dim", "8", "--chunk-size", "4", "--mix-share", "0.5")
     text = " ".join(p["text"] for p in PROMPTS) * 4

@@ -1,6 +1,7 @@
 """Training in PyTorch: torchrun's processes take the step one process takes on the same global
 batch, and what PyTorch writes comes back to supra: the same weights, the same log-probs."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,11 +16,11 @@ from supra_torch.modeling_supra import SupraForCausalLM
 ARGS = ["--updates", "3", "--seq-len", "16", "--batch", "4", "--threads", "1", "--lr", "1e-2"]
 
 
-def train(tiny, out, recipe, procs):
+def train(tiny, out, recipe, procs, *extra):
     """python -m supra_torch.train on the tiny model, under torchrun (gloo) when procs > 1."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs)] if procs > 1 else [sys.executable]
     cmd = launch + ["-m", "supra_torch.train", str(tiny / "model"), "--data", str(tiny / "data.txt"),
-                    "--out", str(out), "--recipe", recipe, *ARGS]
+                    "--out", str(out), "--recipe", recipe, *ARGS, *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}"
@@ -63,6 +64,38 @@ def test_round_trip_pytorch_supra_pytorch(tiny, tmp_path):
         a = SupraForCausalLM.from_pretrained(trained).eval()(ids).logits
         b = SupraForCausalLM.from_pretrained(tmp_path / "back").eval()(ids).logits
     assert torch.equal(a, b)
+
+
+def test_resume_continues_exactly(tiny, tmp_path):
+    """A run stopped after its update-2 checkpoint and resumed ends where the whole run ends."""
+    whole = train(tiny, tmp_path / "whole", "distill", 1)
+    train(tiny, tmp_path / "cut", "distill", 1, "--save-every", "2")
+    assert (tmp_path / "cut" / "checkpoints" / "update-2" / "trainer.pt").exists()
+    shutil.rmtree(tmp_path / "cut" / "final")
+    resumed = train(tiny, tmp_path / "cut", "distill", 1, "--resume")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--feature-map", "hedgehog", "--decay", "retnet"],
+    ["--window", "4", "--sinks", "1", "--feature-map", "hedgehog", "--mix", "gated", "--decay", "learnable",
+     "--mix-share", "0.5"],
+    ["--window", "3", "--sinks", "0", "--decay", "none", "--mix-share", "0.5", "--feature-dim", "6"],
+])
+def test_every_cell_variant_equals_supra(tiny, tmp_path, flags):
+    """The cells and options beyond the default model's tests (Hedgehog, the gated mix, learned
+    and no decay, no sinks, d' ≠ d) on the tiny model: f64 log-probs equal supra's, chunked
+    (blocks of 4, crossing the window) and recurrent."""
+    out = tmp_path / "model"
+    supra("convert", tiny / "teacher", "--out", out, "--chunk-size", "4", *flags)
+    model = SupraForCausalLM.from_pretrained(out).double().eval()
+    ref = score(out, PROMPTS[0]["text"], f64=True)
+    want = torch.tensor(ref["logprobs"], dtype=torch.float64)
+    assert want.std() > 1.0, "the tiny model's log-probs are too flat to tell models apart"
+    for kw in ({}, {"form": "recurrent"}):
+        diff = (torch_logprobs(model, ref["token_ids"], **kw) - want).abs().max().item()
+        print(f"{' '.join(flags)} {kw}: max |log-prob diff| {diff:.2e}")
+        assert diff <= 1e-5, f"{flags} {kw}: {diff:.2e}"
 
 
 def test_supra_writes_the_package_model(models):
