@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import supra_torch.modeling_supra as modeling
 from conftest import PROMPTS, score, supra, torch_logprobs
@@ -107,6 +107,24 @@ def test_every_cell_variant_equals_supra(tiny, tmp_path, flags):
         diff = (torch_logprobs(model, ref["token_ids"], **kw) - want).abs().max().item()
         print(f"{' '.join(flags)} {kw}: max |log-prob diff| {diff:.2e}")
         assert diff <= 1e-5, f"{flags} {kw}: {diff:.2e}"
+
+
+def test_a_checkpoint_with_unmerged_adapters_loads(tiny, tmp_path):
+    """supra train's checkpoints carry LoRA adapters beside the weights (config `lora`): the
+    PyTorch model applies them as supra does (adapters scaled up 100× so that they matter)."""
+    supra("train", tiny / "model", "--recipe", "transfer+finetune", "--data", tiny / "data.txt", "--out",
+          tmp_path / "run", "--tokens", "512", "--seq-len", "16", "--batch-tokens", "64", "--checkpoint-every", "8")
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000008" / "model"
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert any(".lora_B" in k for k in weights)
+    save_file({k: v * 100 if ".lora_B" in k else v for k, v in weights.items()}, str(ckpt / "model.safetensors"))
+    model = SupraForCausalLM.from_pretrained(ckpt).double().eval()
+    ref = score(ckpt, PROMPTS[0]["text"], f64=True)
+    diff = (torch_logprobs(model, ref["token_ids"]) - torch.tensor(ref["logprobs"], dtype=torch.float64)).abs().max()
+    assert diff <= 1e-5, f"{diff:.2e}"
+    model.model.layers[1].self_attn.q_proj.lora_scale = None  # the adapters off: far from supra
+    off = (torch_logprobs(model, ref["token_ids"]) - torch.tensor(ref["logprobs"], dtype=torch.float64)).abs().max()
+    assert off > 1e-3, f"the adapters change nothing ({off:.2e}): the test cannot tell"
 
 
 def test_supra_writes_the_package_model(models):
