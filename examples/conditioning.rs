@@ -52,20 +52,6 @@ fn perturbed(m: &LoadedModel, eps: f64, seed: u64) -> Result<LoadedModel> {
     })
 }
 
-/// The same model with every weight in f64.
-fn in_f64(m: &LoadedModel) -> Result<LoadedModel> {
-    let weights = m
-        .weights
-        .iter()
-        .map(|(k, v)| Ok((k.clone(), v.to_dtype(DType::F64)?)))
-        .collect::<Result<_>>()?;
-    Ok(LoadedModel {
-        config: m.config.clone(),
-        weights,
-        tokenizer: m.tokenizer.clone(),
-    })
-}
-
 fn values(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
 }
@@ -144,7 +130,7 @@ fn main() -> Result<()> {
             |m: &LoadedModel, form| Llama::new(&m.config, &m.weights)?.score_with(&ids, form);
         let p = score(&m, Form::Parallel)?;
         let (c, r) = (score(&m, Form::Chunked)?, score(&m, Form::Recurrent)?);
-        let m64 = in_f64(&m)?;
+        let m64 = m.to_dtype(DType::F64)?;
         let exact = score(&m64, Form::Parallel)?;
         let layer = worst_layer(&m, &m64, &ids)?;
         let off: Vec<String> = [&p, &c, &r]

@@ -60,7 +60,7 @@ def is_phi(name):
     return any(s in name for s in (".phi_", ".decay_logit", ".window_mix"))
 
 
-def read_windows(model_dir, data, seq_len, seed):
+def read_windows(model_dir, data, seq_len, seed, eos):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
@@ -71,8 +71,6 @@ def read_windows(model_dir, data, seq_len, seed):
         files += sorted(glob.glob(os.path.join(d, "**", "*.txt"), recursive=True)) if os.path.isdir(d) else [d]
     if not files:
         sys.exit(f"--data {data}: no .txt files")
-    eos = json.load(open(os.path.join(model_dir, "config.json"))).get("eos_token_id") or 0
-    eos = eos[0] if isinstance(eos, list) else eos
     ids = []
     for f in files:
         ids += tok.encode(open(f, encoding="utf-8").read()).ids + [eos]
@@ -180,10 +178,11 @@ def main(argv=None):
 
     preset = PRESETS[a.recipe]
     a.seq_len = a.seq_len or preset["seq_len"]
-    windows = read_windows(a.model, a.data, a.seq_len, a.seed)
+    config = SupraConfig.from_pretrained(a.model)
+    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    windows = read_windows(a.model, a.data, a.seq_len, a.seed, eos or 0)
     per_update = a.batch * a.seq_len
     updates = a.updates or max(1, (a.tokens or len(windows) * a.seq_len) // per_update)
-    config = SupraConfig.from_pretrained(a.model)
     model = SupraForCausalLM.from_pretrained(a.model, config=config).float()
     teacher = make_teacher(model).to(device) if a.recipe == "distill" else None
     train = a.train or preset["train"]

@@ -63,12 +63,8 @@ pub(crate) fn score(a: &ScoreArgs) -> Result<()> {
         if !matches!(form, Form::Parallel) {
             bail!("--f64 runs the parallel form only (--mode parallel): the fast forms are f32");
         }
-        let weights = loaded
-            .weights
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), v.to_dtype(candle_core::DType::F64)?)))
-            .collect::<Result<_>>()?;
-        model = Llama::new(&loaded.config, &weights)?;
+        let m64 = loaded.to_dtype(candle_core::DType::F64)?;
+        model = Llama::new(&m64.config, &m64.weights)?;
     }
     a.branches.apply(&mut model)?;
     let ids = loaded.tokenizer.encode(&text)?;

@@ -20,6 +20,23 @@ pub struct LoadedModel {
     pub tokenizer: TextTokenizer,
 }
 
+impl LoadedModel {
+    /// The same model with every weight in `dtype` (f64: the reference the f32 forms are
+    /// checked against).
+    pub fn to_dtype(&self, dtype: candle_core::DType) -> Result<LoadedModel> {
+        let weights = self
+            .weights
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?)))
+            .collect::<Result<_>>()?;
+        Ok(LoadedModel {
+            config: self.config.clone(),
+            weights,
+            tokenizer: self.tokenizer.clone(),
+        })
+    }
+}
+
 /// Loads a GGUF file or an HF-layout directory.
 pub fn load(path: &Path) -> Result<LoadedModel> {
     if !path.exists() {
