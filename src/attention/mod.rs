@@ -114,7 +114,7 @@ pub enum CellState {
     /// Softmax: keys and values of every position so far.
     Kv(KvCache),
     /// SUPRA: the (B, H, d', d_v) state, of constant size; `None` before the first token.
-    Rnn(Option<Tensor>),
+    Rnn(Option<supra::RnnState>),
     /// Window + linear: sinks, window and the linear state; `None` before the first token.
     Window(Option<WindowState>),
 }
@@ -290,7 +290,9 @@ impl Cell {
                 if s.is_none() && pos > 0 {
                     bail!("{prefix} (SUPRA) needs '{prefix}.state'");
                 }
-                Ok(CellState::Rnn(s))
+                Ok(CellState::Rnn(
+                    s.as_ref().map(supra::RnnState::from_tensor).transpose()?,
+                ))
             }
             Cell::Window(a) => {
                 if pos == 0 {
@@ -371,7 +373,7 @@ impl CellState {
                 }
                 CellState::Kv(kv)
             }
-            CellState::Rnn(s) => CellState::Rnn(s.as_ref().map(rows).transpose()?),
+            CellState::Rnn(s) => CellState::Rnn(s.as_ref().map(|s| s.repeat(n)).transpose()?),
             CellState::Window(s) => CellState::Window(match s {
                 None => None,
                 Some(s) => {
@@ -402,7 +404,10 @@ impl CellState {
                 (Some(k), Some(v)) => vec![(format!("{prefix}.k"), k), (format!("{prefix}.v"), v)],
                 _ => Vec::new(),
             },
-            CellState::Rnn(Some(s)) => vec![(format!("{prefix}.state"), s.clone())],
+            CellState::Rnn(Some(s)) => {
+                ensure!(s.dims[0] == 1, "only a single-sequence state is saved");
+                vec![(format!("{prefix}.state"), s.to_tensor()?)]
+            }
             CellState::Rnn(None) => Vec::new(),
             CellState::Window(None) => Vec::new(),
             CellState::Window(Some(s)) => {
@@ -435,7 +440,7 @@ impl CellState {
             |t: candle_core::Result<Option<Tensor>>| t.ok().flatten().map_or(0, |t| bytes(&t));
         match self {
             CellState::Kv(c) => cached(c.k()) + cached(c.v()),
-            CellState::Rnn(s) => s.as_ref().map_or(0, bytes),
+            CellState::Rnn(s) => s.as_ref().map_or(0, supra::RnnState::bytes),
             CellState::Window(s) => s.as_ref().map_or(0, WindowState::bytes),
         }
     }

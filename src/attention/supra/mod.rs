@@ -36,6 +36,60 @@ use crate::model::spin;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Tensor};
 
+/// A SUPRA layer's state between calls, S (B, H, d', d_v) as plain values that the inference
+/// scan updates in place. (As a tensor it was copied out and back on every token: 4.4 MiB a
+/// decoding step of the default model, per sequence, the largest per-sequence cost of a
+/// batched step after the products.)
+#[derive(Debug, Clone, PartialEq)]
+pub struct RnnState {
+    /// (B, H, d', d_v).
+    pub dims: [usize; 4],
+    pub values: Vec<f32>,
+}
+
+impl RnnState {
+    fn zeros(dims: [usize; 4]) -> Self {
+        Self {
+            dims,
+            values: vec![0f32; dims.iter().product()],
+        }
+    }
+
+    pub fn from_tensor(t: &Tensor) -> Result<Self> {
+        let (b, h, f, d) = t.dims4()?;
+        Ok(Self {
+            dims: [b, h, f, d],
+            values: t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+        })
+    }
+
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            self.values.clone(),
+            self.dims.to_vec(),
+            &candle_core::Device::Cpu,
+        )?)
+    }
+
+    /// `n` copies of a single-sequence state as one batch.
+    pub fn repeat(&self, n: usize) -> Result<Self> {
+        ensure!(
+            self.dims[0] == 1,
+            "only a single-sequence state repeats (batch {})",
+            self.dims[0]
+        );
+        let [_, h, f, d] = self.dims;
+        Ok(Self {
+            dims: [n, h, f, d],
+            values: self.values.repeat(n),
+        })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.values.len() * std::mem::size_of::<f32>()
+    }
+}
+
 /// Sizes of one call of the sums: B sequences, H query heads over H_kv key/value heads, T
 /// tokens, feature dim d', value dim d_v.
 #[derive(Debug, Clone, Copy)]
@@ -249,7 +303,7 @@ impl SupraAttention {
         &self,
         x: &Tensor,
         offset: usize,
-        state: Option<&mut Option<Tensor>>,
+        state: Option<&mut Option<RnnState>>,
         exec: Exec,
     ) -> Result<Tensor> {
         self.proj
@@ -261,7 +315,7 @@ impl SupraAttention {
         &self,
         x: &Tensor,
         offset: usize,
-        state: Option<&mut Option<Tensor>>,
+        state: Option<&mut Option<RnnState>>,
         exec: Exec,
     ) -> Result<Tensor> {
         let (q, k, v) = self.features(x, offset, exec)?;
@@ -272,10 +326,14 @@ impl SupraAttention {
                 let o = match state {
                     None => training_sums(&q, &k, &v, &self.gammas, self.chunk_size)?,
                     Some(st) => {
+                        // A state carried between training calls is plain values: the
+                        // gradient stops at it (truncated backpropagation).
                         let (k, v) = (repeat_kv(&k, h)?, repeat_kv(&v, h)?);
-                        let s0 = st.as_ref();
-                        let (o, s) = chunk::chunked(&q, &k, &v, &self.gammas, self.chunk_size, s0)?;
-                        *st = Some(s);
+                        let s0 = st.as_ref().map(RnnState::to_tensor).transpose()?;
+                        let s0 = s0.map(|t| t.to_dtype(q.dtype())).transpose()?;
+                        let (o, s) =
+                            chunk::chunked(&q, &k, &v, &self.gammas, self.chunk_size, s0.as_ref())?;
+                        *st = Some(RnnState::from_tensor(&s)?);
                         o
                     }
                 };
@@ -305,7 +363,7 @@ impl SupraAttention {
         &self,
         [mut q, mut k, v]: [Vec<f32>; 3],
         offsets: &[usize],
-        states: &mut [&mut Option<Tensor>],
+        states: &mut [&mut Option<RnnState>],
     ) -> Result<Vec<f32>> {
         let rows = offsets.len();
         if !self.phi.rope_after() {
@@ -337,14 +395,15 @@ impl SupraAttention {
         k: &[f32],
         v: &[f32],
         (batch, len): (usize, usize),
-        state: &mut Option<Tensor>,
+        state: &mut Option<RnnState>,
     ) -> Result<Vec<f32>> {
         let (h, f, d) = (self.proj.n_heads, self.feature_dim, self.proj.head_dim);
-        let shape = (batch, h, f, d);
-        let mut s = match state.take() {
-            Some(t) => t.flatten_all()?.to_vec1::<f32>()?,
-            None => vec![0f32; batch * h * f * d],
-        };
+        let st = state.get_or_insert_with(|| RnnState::zeros([batch, h, f, d]));
+        ensure!(
+            st.dims == [batch, h, f, d],
+            "a SUPRA state of shape {:?} does not fit this layer's ({batch}, {h}, {f}, {d})",
+            st.dims
+        );
         let dims = Dims {
             batch,
             heads: h,
@@ -357,13 +416,12 @@ impl SupraAttention {
             q,
             k,
             v,
-            &mut s,
+            &mut st.values,
             &self.gammas.gammas()?,
             self.chunk_size,
             dims,
         );
         group_norm::normalize_rows(&mut o, d);
-        *state = Some(Tensor::from_vec(s, shape, &candle_core::Device::Cpu)?);
         Ok(o)
     }
 
@@ -636,7 +694,7 @@ mod tests {
                 let (cont, state) = prefill_then_steps(&layer, &x0, t * 2 / 3);
                 let e = rel_err(&cont, want0);
                 assert!(e <= 1e-5, "H={h}/{hkv} T={t} prefill + steps: {e}");
-                assert_eq!(state.unwrap().dims(), &[1, h, 8, 8]);
+                assert_eq!(state.unwrap().dims, [1, h, 8, 8]);
             }
         }
     }
@@ -647,7 +705,7 @@ mod tests {
         layer: &SupraAttention,
         x0: &Tensor,
         split: usize,
-    ) -> (Vec<f64>, Option<Tensor>) {
+    ) -> (Vec<f64>, Option<RnnState>) {
         let t = x0.dim(1).unwrap();
         let mut state = None;
         let prefix = x0.narrow(1, 0, split).unwrap();

@@ -206,6 +206,26 @@ impl<'a, T: WithDType> Chunk<'a, T> {
     /// The state update S ← γ^len S + (Σ_j γ^(len−1−j) k̃_jᵀ v_j)/√d'.
     pub fn update(&self, s: &mut [T], bufs: &mut Buffers<T>) {
         let (len, dk, dv) = (self.len, self.dk, self.dv);
+        let (whole, sc) = (self.pow.rows[len], scale::<T>(dk));
+        if len == 1 {
+            // A decoding step's rank-one update without the product's call and packing (a
+            // good part of a batched step's per-sequence work): each k̃_i·v_j is one rounded
+            // product either way (γ^0 = 1), so the state is the same to the bit.
+            for (s, &ki) in s.chunks_exact_mut(dv).zip(self.k) {
+                let ki = ki * self.pow.rows[0];
+                s.iter_mut()
+                    .zip(self.v)
+                    .for_each(|(s, &vj)| *s = *s * whole + ki * vj * sc);
+            }
+            return;
+        }
+        self.update_by_product(s, bufs);
+    }
+
+    /// [`Self::update`] through the product, for any chunk length.
+    fn update_by_product(&self, s: &mut [T], bufs: &mut Buffers<T>) {
+        let (len, dk, dv) = (self.len, self.dk, self.dv);
+        let (whole, sc) = (self.pow.rows[len], scale::<T>(dk));
         self.key_decayed(self.k, dk, &mut bufs.decayed);
         let kdt = Strided::transposed_rows(&bufs.decayed, dk);
         product(
@@ -214,9 +234,40 @@ impl<'a, T: WithDType> Chunk<'a, T> {
             kdt,
             Strided::rows(self.v, dv),
         );
-        let (whole, sc) = (self.pow.rows[len], scale::<T>(dk));
         s.iter_mut()
             .zip(&bufs.product)
             .for_each(|(s, &u)| *s = *s * whole + u * sc);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step's rank-one update gives the state the product gives, to the bit.
+    #[test]
+    fn one_token_update_is_the_products() {
+        let (dk, dv) = (12, 8); // 1/√12 is not a power of two: the order of rounding shows
+        let vals = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 377.0 - 1.3)
+                .collect()
+        };
+        let (q, k, v) = (vals(dk, 1), vals(dk, 2), vals(dv, 3));
+        let pows = powers::<f32>(&[0.93], 1);
+        let d = Dims {
+            batch: 1,
+            heads: 1,
+            kv_heads: 1,
+            len: 1,
+            feature_dim: dk,
+            value_dim: dv,
+        };
+        let one = Chunk::at((&q, &k, &v), 0, (0, 1), d, &pows);
+        let s0 = vals(dk * dv, 4);
+        let (mut fast, mut general) = (s0.clone(), s0);
+        one.update(&mut fast, &mut Buffers::default());
+        one.update_by_product(&mut general, &mut Buffers::default());
+        assert_eq!(fast, general);
     }
 }
