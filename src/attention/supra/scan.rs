@@ -38,7 +38,12 @@ pub fn scan<T: WithDType>(
         let mut bufs = Buffers::default();
         for c0 in (0..t).step_by(chunk) {
             let one = Chunk::at((q, k, v), bh, (c0, chunk), d, &pows);
-            one.run(s, &mut o[c0 * dv..(c0 + one.len) * dv], &mut bufs);
+            let o = &mut o[c0 * dv..(c0 + one.len) * dv];
+            if t == 1 {
+                one.run_one(s, o, &mut bufs);
+            } else {
+                one.run(s, o, &mut bufs);
+            }
         }
     };
     let heads = state.chunks_mut(dk * dv).zip(out.chunks_mut(t * dv));
@@ -199,6 +204,35 @@ impl<'a, T: WithDType> Chunk<'a, T> {
         for (i, (o, p)) in o.chunks_exact_mut(dv).zip(p.chunks_exact(dv)).enumerate() {
             let g = self.pow.rows[i + 1];
             o.iter_mut().zip(p).for_each(|(o, &p)| *o += p * g);
+        }
+        self.update(s, bufs);
+    }
+
+    /// [`Self::run`] for a decoding step's one token, with loops instead of the three product
+    /// calls, each of which packed its operands for a 1 × 1, 1 × d_v or 1 × d' product: a
+    /// batched step makes them once per sequence, head and layer. The sums over d' run in
+    /// index order, so a step's values may differ from the chunked form's in the last bits
+    /// (both are held to the definition); the training form (`fused`), held to the composed
+    /// one to the bit, keeps [`Self::run`].
+    fn run_one(&self, s: &mut [T], o: &mut [T], bufs: &mut Buffers<T>) {
+        let (dk, dv) = (self.dk, self.dv);
+        let dot = self
+            .q
+            .iter()
+            .zip(self.k)
+            .fold(T::zero(), |a, (&q, &k)| a + q * k);
+        let a = dot * scale::<T>(dk) * self.pow.mask[0];
+        let p = &mut bufs.product;
+        p.clear();
+        p.resize(dv, T::zero());
+        for (&qi, row) in self.q.iter().zip(s.chunks_exact(dv)) {
+            p.iter_mut()
+                .zip(row)
+                .for_each(|(p, &sij)| *p += qi * sij);
+        }
+        let g = self.pow.rows[1];
+        for ((o, &v), &p) in o.iter_mut().zip(self.v).zip(p.iter()) {
+            *o = a * v + p * g;
         }
         self.update(s, bufs);
     }
