@@ -1,6 +1,7 @@
 //! Inference on plain slices: the chunked form once per (sequence, query head), keys and values
 //! read in place at their own heads ([`kv_head`]). Prefill and the single-token step both run
-//! it (a step is a chunk of one token); the state update below is the only one on this side.
+//! it (a step is a chunk of one token, with loops for its 1-row products: [`Chunk::run_one`]);
+//! the state update below is the only one on this side.
 //! At evaluation's shapes (tens of rows of ~100 tokens) and in decoding, a dozen small candle
 //! operations per chunk cost more than the products themselves.
 
@@ -226,9 +227,7 @@ impl<'a, T: WithDType> Chunk<'a, T> {
         p.clear();
         p.resize(dv, T::zero());
         for (&qi, row) in self.q.iter().zip(s.chunks_exact(dv)) {
-            p.iter_mut()
-                .zip(row)
-                .for_each(|(p, &sij)| *p += qi * sij);
+            p.iter_mut().zip(row).for_each(|(p, &sij)| *p += qi * sij);
         }
         let g = self.pow.rows[1];
         for ((o, &v), &p) in o.iter_mut().zip(self.v).zip(p.iter()) {

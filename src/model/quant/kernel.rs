@@ -1,4 +1,4 @@
-//! The SIMD kernels of the block products: a group's panels against up to [`TILE`] inputs,
+//! The SIMD kernels of the block products: a group's panels against up to [`super::TILE`] inputs,
 //! with AVX-512 VNNI's `vpdpbusd` where the CPU has it, else AVX2's `maddubs`. Each gives every
 //! (row, input) pair [`QMatrix::dot_row_portable`](super::QMatrix)'s integers and floats, so a
 //! sequence's products do not depend on the batch it is in nor on the CPU's kernel.
