@@ -245,13 +245,7 @@ impl QMatrix {
         } else {
             quantize_q8_row(xs, &mut x_scales, &mut x_sums, &mut x_quants);
         }
-        let inputs: Vec<Input> = (0..n)
-            .map(|r| Input {
-                scales: &x_scales[r * nb..(r + 1) * nb],
-                sums: &x_sums[r * nb..(r + 1) * nb],
-                quants: &x_quants[r * self.cols..(r + 1) * self.cols],
-            })
-            .collect();
+        let inputs = Input::rows(&x_scales, &x_sums, &x_quants, nb);
         // Rows split across the cores; each group of rows meets every input row while its
         // blocks are in L1, so a batch of decoding steps reads the weights once.
         let mut out = vec![0f32; n * self.rows];
@@ -329,6 +323,22 @@ struct Input<'a> {
     scales: &'a [f32],
     sums: &'a [i32],
     quants: &'a [u8],
+}
+
+impl<'a> Input<'a> {
+    /// Each row's blocks out of [`quantize_q8_row`]'s output for rows of `nb` blocks.
+    fn rows(scales: &'a [f32], sums: &'a [i32], quants: &'a [u8], nb: usize) -> Vec<Self> {
+        scales
+            .chunks(nb)
+            .zip(sums.chunks(nb))
+            .zip(quants.chunks(nb * BLOCK))
+            .map(|((scales, sums), quants)| Input {
+                scales,
+                sums,
+                quants,
+            })
+            .collect()
+    }
 }
 
 /// Blocks of Q8_0 for rows of inputs (whole blocks): [`quantize_q8`]'s values, with AVX2
@@ -482,14 +492,9 @@ mod tests {
                     "{format:?} {n} rows: differ by {d} (scale {scale})"
                 );
                 let (s, sums, q) = quantized(&xs, n);
-                for r in 0..n {
-                    let input = Input {
-                        scales: &s[r * 3..(r + 1) * 3],
-                        sums: &sums[r * 3..(r + 1) * 3],
-                        quants: &q[r * cols..(r + 1) * cols],
-                    };
+                for (r, input) in Input::rows(&s, &sums, &q, cols / BLOCK).iter().enumerate() {
                     for row in 0..rows {
-                        let want = m.dot_row_portable(row, &input);
+                        let want = m.dot_row_portable(row, input);
                         assert_eq!(
                             got[r * rows + row],
                             want,
@@ -524,13 +529,7 @@ mod tests {
                 // The dispatcher picks VNNI where the CPU has it; the AVX2 kernel is checked
                 // here on its own.
                 let (s, sums, q) = quantized(&xs, 9);
-                let inputs: Vec<Input> = (0..9)
-                    .map(|r| Input {
-                        scales: &s[r * 3..(r + 1) * 3],
-                        sums: &sums[r * 3..(r + 1) * 3],
-                        quants: &q[r * cols..(r + 1) * cols],
-                    })
-                    .collect();
+                let inputs = Input::rows(&s, &sums, &q, cols / BLOCK);
                 let bb = format.block_bytes();
                 for g in 0..rows / GROUP {
                     let first = m.block_index(g * GROUP, 0);
