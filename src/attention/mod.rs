@@ -66,20 +66,29 @@ impl Projections {
     /// q (B, H, T, d), k and v (B, H_kv, T, d) for `x` (B, T, hidden), before RoPE.
     pub fn heads(&self, x: &Tensor, exec: Exec) -> Result<(Tensor, Tensor, Tensor)> {
         let (h, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let [q, k, v] = self.qkv(x, exec)?;
         Ok((
-            split_heads(&self.q.forward(x, exec)?, h, d)?,
-            split_heads(&self.k.forward(x, exec)?, hkv, d)?,
-            split_heads(&self.v.forward(x, exec)?, hkv, d)?,
+            split_heads(&q, h, d)?,
+            split_heads(&k, hkv, d)?,
+            split_heads(&v, hkv, d)?,
         ))
+    }
+
+    /// q, k and v (B, T, heads·d) for `x` (B, T, hidden), all heads side by side, before RoPE:
+    /// one call of the three products (quantized, the input is quantized once for the three).
+    pub fn qkv(&self, x: &Tensor, exec: Exec) -> Result<[Tensor; 3]> {
+        let [q, k, v]: [Tensor; 3] = Linear::forward_each(&[&self.q, &self.k, &self.v], x, exec)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("three products give three outputs"))?;
+        Ok([q, k, v])
     }
 
     /// One token's q, k and v (all heads side by side) on slices, for decoding steps: a
     /// dozen small tensor operations per layer would cost more than the products.
     pub fn token(&self, x: &Tensor) -> Result<[Vec<f32>; 3]> {
-        let row = |lin: &Linear| -> Result<Vec<f32>> {
-            Ok(lin.forward(x, Exec::Infer)?.flatten_all()?.to_vec1()?)
-        };
-        Ok([row(&self.q)?, row(&self.k)?, row(&self.v)?])
+        let [q, k, v] = self.qkv(x, Exec::Infer)?;
+        let row = |y: Tensor| -> Result<Vec<f32>> { Ok(y.flatten_all()?.to_vec1()?) };
+        Ok([row(q)?, row(k)?, row(v)?])
     }
 
     /// Per-head outputs (B, H, T, d) through Wo: (B, T, hidden).

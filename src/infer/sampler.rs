@@ -40,6 +40,9 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// Every token's weight for the unfiltered draw, kept from call to call: a fresh buffer of
+    /// the vocabulary's size a token was an allocation and its page faults each time.
+    weights: Vec<f64>,
 }
 
 impl Sampler {
@@ -47,6 +50,7 @@ impl Sampler {
         Self {
             params,
             rng: StdRng::seed_from_u64(seed),
+            weights: Vec::new(),
         }
     }
 
@@ -56,21 +60,32 @@ impl Sampler {
         }
         let inv_t = 1.0 / self.params.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let weight = |l: f32| ((l as f64 - max) * inv_t).exp();
+        if self.params.top_k == 0 && self.params.top_p >= 1.0 {
+            // No filter: every token a candidate, in id order.
+            self.weights.clear();
+            self.weights.extend(logits.iter().map(|&l| weight(l)));
+            let total: f64 = self.weights.iter().sum();
+            return draw(
+                &mut self.rng,
+                total,
+                self.weights.iter().copied().enumerate(),
+            )
+            .unwrap_or(logits.len().saturating_sub(1)) as u32;
+        }
         let mut cands: Vec<(u32, f64)> = logits
             .iter()
             .enumerate()
-            .map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp()))
+            .map(|(i, &l)| (i as u32, weight(l)))
             .collect();
-        // Only the filters need the candidates in order; a full sort of the vocabulary costs
-        // milliseconds a token.
-        if self.params.top_k > 0 || self.params.top_p < 1.0 {
-            cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        }
+        // The filters need the candidates in order (sorting the vocabulary costs milliseconds
+        // a token, which is why the unfiltered draw above does not).
+        cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
         if self.params.top_k > 0 {
             cands.truncate(self.params.top_k);
         }
-        let total: f64 = cands.iter().map(|c| c.1).sum();
         if self.params.top_p < 1.0 {
+            let total: f64 = cands.iter().map(|c| c.1).sum();
             let mut acc = 0.0;
             let mut keep = cands.len();
             for (i, c) in cands.iter().enumerate() {
@@ -83,15 +98,26 @@ impl Sampler {
             cands.truncate(keep);
         }
         let total: f64 = cands.iter().map(|c| c.1).sum();
-        let mut r = self.rng.random::<f64>() * total;
-        for &(id, p) in &cands {
-            if r < p {
-                return id;
-            }
-            r -= p;
-        }
-        cands.last().map_or(0, |c| c.0)
+        let picked = draw(
+            &mut self.rng,
+            total,
+            cands.iter().map(|&(id, p)| (id as usize, p)),
+        );
+        picked.map_or_else(|| cands.last().map_or(0, |c| c.0), |id| id as u32)
     }
+}
+
+/// A candidate drawn with probability weight / total from (id, weight) pairs: one uniform
+/// number; `None` when rounding leaves it past the last candidate.
+fn draw(rng: &mut StdRng, total: f64, cands: impl Iterator<Item = (usize, f64)>) -> Option<usize> {
+    let mut r = rng.random::<f64>() * total;
+    for (id, p) in cands {
+        if r < p {
+            return Some(id);
+        }
+        r -= p;
+    }
+    None
 }
 
 pub fn argmax(xs: &[f32]) -> u32 {
@@ -138,6 +164,41 @@ mod tests {
         let picks: Vec<u32> = (0..200).map(|_| s.sample(&logits)).collect();
         assert!(picks.iter().all(|&p| p == 1 || p == 2));
         assert!(picks.contains(&1) && picks.contains(&2));
+    }
+
+    /// The unfiltered draw is the plain definition: softmax weights at temperature t in id
+    /// order, one uniform number scaled by their sum.
+    #[test]
+    fn unfiltered_draw_is_the_definition() {
+        let logits: Vec<f32> = (0..300).map(|i| (i as f32 * 0.11).cos() * 3.0).collect();
+        let t = 0.7;
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: t,
+                top_k: 0,
+                top_p: 1.0,
+            },
+            11,
+        );
+        let mut rng = StdRng::seed_from_u64(11);
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let w: Vec<f64> = logits
+            .iter()
+            .map(|&l| ((l as f64 - max) * (1.0 / t)).exp())
+            .collect();
+        let total: f64 = w.iter().sum();
+        for _ in 0..200 {
+            let mut r = rng.random::<f64>() * total;
+            let want = w
+                .iter()
+                .position(|&p| {
+                    let hit = r < p;
+                    r -= p;
+                    hit
+                })
+                .unwrap_or(w.len() - 1);
+            assert_eq!(s.sample(&logits), want as u32);
+        }
     }
 
     #[test]

@@ -115,13 +115,41 @@ impl Linear {
     /// a few hundred tokens) and a prompt read in pieces gets the projections that steps get.
     fn forward_quantized(&self, q: &QMatrix, x: &Tensor, rows: usize) -> Result<Tensor> {
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        self.quantized_output(q, q.product(&xs, rows), x)
+    }
+
+    /// The layer's output for input `x` from the values `y` of its product `q`: shaped like
+    /// `x` with q's width, plus the bias.
+    fn quantized_output(&self, q: &QMatrix, y: Vec<f32>, x: &Tensor) -> Result<Tensor> {
         let mut shape = x.dims().to_vec();
         *shape.last_mut().unwrap() = q.dims().0;
-        let y = Tensor::from_vec(q.product(&xs, rows), shape, x.device())?;
+        let y = Tensor::from_vec(y, shape, x.device())?;
         Ok(match self.inner.bias() {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// Each of `layers` applied to the same `x` (a layer's q, k and v; gate and up). Quantized
+    /// layers in inference take one [`QMatrix::products`] call: the input quantized once and
+    /// one fork-join for all, the values each layer's own `forward` gives.
+    pub fn forward_each(layers: &[&Linear], x: &Tensor, exec: Exec) -> Result<Vec<Tensor>> {
+        let quant: Option<Vec<&QMatrix>> = layers.iter().map(|l| l.quant.as_deref()).collect();
+        match quant {
+            Some(qs)
+                if exec == Exec::Infer && qs.windows(2).all(|w| w[0].dims().1 == w[1].dims().1) =>
+            {
+                let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                layers
+                    .iter()
+                    .zip(&qs)
+                    .zip(QMatrix::products(&qs, &xs, rows))
+                    .map(|((l, q), y)| l.quantized_output(q, y, x))
+                    .collect()
+            }
+            _ => layers.iter().map(|l| l.forward(x, exec)).collect(),
+        }
     }
 
     /// `None` when the weight is not a contiguous f32 CPU tensor.

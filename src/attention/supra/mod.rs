@@ -30,7 +30,6 @@ pub mod scan;
 use crate::attention::feature_map::{FeatureMap, Role};
 use crate::attention::softmax::SoftmaxAttention;
 use crate::attention::{repeat_kv, split_heads, Exec, Projections};
-use crate::model::linear::Linear;
 use crate::model::rope::Rope;
 use crate::model::spin;
 use anyhow::{bail, ensure, Result};
@@ -271,14 +270,15 @@ impl SupraAttention {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let p = &self.proj;
         let (h, hkv, d, f) = (p.n_heads, p.n_kv_heads, p.head_dim, self.feature_dim);
-        let v = split_heads(&p.v.forward(x, exec)?, hkv, d)?;
+        let [q, k, v] = p.qkv(x, exec)?;
+        let v = split_heads(&v, hkv, d)?;
         let phi = |y: &Tensor, role: Role, n: usize| -> Result<Tensor> {
             split_heads(&self.phi.apply(y, role, exec)?, n, f)
         };
         if self.phi.rope_after() {
             // RoPE acts per head, so rotating keys before any GQA repeat is the same and cheaper.
-            let q = phi(&p.q.forward(x, exec)?, Role::Query, h)?;
-            let k = phi(&p.k.forward(x, exec)?, Role::Key, hkv)?;
+            let q = phi(&q, Role::Query, h)?;
+            let k = phi(&k, Role::Key, hkv)?;
             return Ok((
                 self.rope.apply(&q, offset, exec)?,
                 self.rope.apply(&k, offset, exec)?,
@@ -286,14 +286,12 @@ impl SupraAttention {
             ));
         }
         let (b, t, _) = x.dims3()?;
-        let roped = |lin: &Linear, n: usize| -> Result<Tensor> {
-            let r = self
-                .rope
-                .apply(&split_heads(&lin.forward(x, exec)?, n, d)?, offset, exec)?;
+        let roped = |y: &Tensor, n: usize| -> Result<Tensor> {
+            let r = self.rope.apply(&split_heads(y, n, d)?, offset, exec)?;
             Ok(r.transpose(1, 2)?.reshape((b, t, n * d))?)
         };
-        let q = phi(&roped(&p.q, h)?, Role::Query, h)?;
-        let k = phi(&roped(&p.k, hkv)?, Role::Key, hkv)?;
+        let q = phi(&roped(&q, h)?, Role::Query, h)?;
+        let k = phi(&roped(&k, hkv)?, Role::Key, hkv)?;
         Ok((q, k, v))
     }
 
@@ -437,6 +435,7 @@ impl SupraAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::linear::Linear;
     use crate::testing::{check_grad, flat_f64 as flat, rel_err};
     use candle_core::{Device, Var};
 

@@ -227,19 +227,30 @@ impl QMatrix {
     /// y = x Wᵀ for `n` input rows of `cols` values each (row-major in `xs`); returns
     /// `n × rows` values, row-major. The inputs are quantized to 8-bit blocks first.
     pub fn product(&self, xs: &[f32], n: usize) -> Vec<f32> {
-        assert!(n >= 1 && xs.len() == n * self.cols);
-        let nb = self.cols / BLOCK;
+        let mut ys = Self::products(&[self], xs, n);
+        ys.pop().expect("one matrix gives one product")
+    }
+
+    /// [`QMatrix::product`] of the same inputs with several matrices of one width (a layer's
+    /// q, k and v; its gate and up): the inputs quantized once and every matrix's rows split
+    /// across the cores in one fork-join, where separate calls would repeat both for each
+    /// matrix (a decoding step makes seven products a layer). Each value is what `product`
+    /// gives.
+    pub fn products(mats: &[&QMatrix], xs: &[f32], n: usize) -> Vec<Vec<f32>> {
+        let cols = mats.first().map_or(0, |m| m.cols);
+        assert!(n >= 1 && xs.len() == n * cols && mats.iter().all(|m| m.cols == cols));
+        let nb = cols / BLOCK;
         let mut x_scales = vec![0f32; n * nb];
         let mut x_sums = vec![0i32; n * nb];
-        let mut x_quants = vec![0u8; n * self.cols];
+        let mut x_quants = vec![0u8; n * cols];
         if n > 64 {
             // A prompt's rows: quantized on both cores (on one, the other core waits for it);
             // a decoding step's few rows are not worth waking the pool for.
             x_scales
                 .par_chunks_mut(nb)
                 .zip(x_sums.par_chunks_mut(nb))
-                .zip(x_quants.par_chunks_mut(self.cols))
-                .zip(xs.par_chunks(self.cols))
+                .zip(x_quants.par_chunks_mut(cols))
+                .zip(xs.par_chunks(cols))
                 .with_min_len(8)
                 .for_each(|(((s, sums), q), x)| quantize_q8_row(x, s, sums, q));
         } else {
@@ -248,17 +259,22 @@ impl QMatrix {
         let inputs = Input::rows(&x_scales, &x_sums, &x_quants, nb);
         // Rows split across the cores; each group of rows meets every input row while its
         // blocks are in L1, so a batch of decoding steps reads the weights once.
-        let mut out = vec![0f32; n * self.rows];
-        let dst = spin::OutPtr(out.as_mut_ptr());
+        let mut ys: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; n * m.rows]).collect();
+        let dsts: Vec<spin::OutPtr> = ys
+            .iter_mut()
+            .map(|y| spin::OutPtr(y.as_mut_ptr()))
+            .collect();
         spin::for_each_part(&|part| {
-            let rows = spin::split(self.rows, GROUP, part);
-            self.dot_rows(rows, &inputs, &mut |r, row, y| {
-                // SAFETY: the parts' row ranges are disjoint and inside `out`, which outlives
-                // the call.
-                unsafe { dst.write(r * self.rows + row, y) }
-            });
+            for (m, dst) in mats.iter().zip(&dsts) {
+                let rows = spin::split(m.rows, GROUP, part);
+                m.dot_rows(rows, &inputs, &mut |r, row, y| {
+                    // SAFETY: the parts' row ranges are disjoint and inside this matrix's
+                    // output, which outlives the call.
+                    unsafe { dst.write(r * m.rows + row, y) }
+                });
+            }
         });
-        out
+        ys
     }
 
     /// Hands `put(r, row, y)` the dot products of rows row.. with xs[r] (eight at a time for a
@@ -544,6 +560,34 @@ mod tests {
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Several matrices' products of one input in one call (a layer's q, k and v) are each
+    /// matrix's portable definition, bit for bit, whatever their heights (groups and leftover
+    /// rows); `product` is the one-matrix case.
+    #[test]
+    fn products_of_one_input_are_each_matrixs_own() {
+        let cols = 64;
+        for format in [WeightFormat::Q8_0, WeightFormat::Q4_0] {
+            let ms: Vec<QMatrix> = [24, 13, 8]
+                .into_iter()
+                .map(|rows| QMatrix::quantize(&matrix(rows, cols), format).unwrap())
+                .collect();
+            let refs: Vec<&QMatrix> = ms.iter().collect();
+            for n in [1, 5] {
+                let xs: Vec<f32> = matrix(n, cols).flatten_all().unwrap().to_vec1().unwrap();
+                let (s, sums, q) = quantized(&xs, n);
+                let inputs = Input::rows(&s, &sums, &q, cols / BLOCK);
+                let ys = QMatrix::products(&refs, &xs, n);
+                for (m, y) in ms.iter().zip(&ys) {
+                    let want: Vec<f32> = inputs
+                        .iter()
+                        .flat_map(|x| (0..m.rows).map(|row| m.dot_row_portable(row, x)))
+                        .collect();
+                    assert_eq!(*y, want, "{format:?}, {} rows, {n} inputs", m.rows);
                 }
             }
         }
