@@ -77,10 +77,9 @@ impl Projections {
     /// q, k and v (B, T, heads·d) for `x` (B, T, hidden), all heads side by side, before RoPE:
     /// one call of the three products (quantized, the input is quantized once for the three).
     pub fn qkv(&self, x: &Tensor, exec: Exec) -> Result<[Tensor; 3]> {
-        let [q, k, v]: [Tensor; 3] = Linear::forward_each(&[&self.q, &self.k, &self.v], x, exec)?
+        Linear::forward_each(&[&self.q, &self.k, &self.v], x, exec)?
             .try_into()
-            .map_err(|_| anyhow::anyhow!("three products give three outputs"))?;
-        Ok([q, k, v])
+            .map_err(|_| anyhow!("three products give three outputs"))
     }
 
     /// One token's q, k and v (all heads side by side) on slices, for decoding steps: a
