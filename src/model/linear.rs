@@ -79,7 +79,8 @@ impl Linear {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
         if let Some(q) = &self.quant {
             anyhow::ensure!(exec == Exec::Infer, "a quantized layer cannot be trained");
-            return self.forward_quantized(q, x, rows);
+            let mut y = Self::forward_quantized(&[self], &[q], x)?;
+            return Ok(y.remove(0));
         }
         if exec == Exec::Train {
             return self.train_forward(x);
@@ -113,9 +114,16 @@ impl Linear {
     /// Any number of rows takes the blocks' integer kernel: a prompt's rows too, so that the
     /// matrix is never dequantized on a call (that cost more than the product for a prompt of
     /// a few hundred tokens) and a prompt read in pieces gets the projections that steps get.
-    fn forward_quantized(&self, q: &QMatrix, x: &Tensor, rows: usize) -> Result<Tensor> {
+    /// `layers[i]`'s matrix is `qs[i]`.
+    fn forward_quantized(layers: &[&Linear], qs: &[&QMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        self.quantized_output(q, q.product(&xs, rows), x)
+        layers
+            .iter()
+            .zip(qs)
+            .zip(QMatrix::products(qs, &xs, rows))
+            .map(|((l, q), y)| l.quantized_output(q, y, x))
+            .collect()
     }
 
     /// The layer's output for input `x` from the values `y` of its product `q`: shaped like
@@ -139,14 +147,7 @@ impl Linear {
             Some(qs)
                 if exec == Exec::Infer && qs.windows(2).all(|w| w[0].dims().1 == w[1].dims().1) =>
             {
-                let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
-                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                layers
-                    .iter()
-                    .zip(&qs)
-                    .zip(QMatrix::products(&qs, &xs, rows))
-                    .map(|((l, q), y)| l.quantized_output(q, y, x))
-                    .collect()
+                Self::forward_quantized(layers, &qs, x)
             }
             _ => layers.iter().map(|l| l.forward(x, exec)).collect(),
         }

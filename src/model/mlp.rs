@@ -48,7 +48,8 @@ fn swiglu_infer(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     let dst = spin::OutPtr(h.as_mut_ptr());
     spin::for_each_part(&|part| {
         let at = spin::split(gv.len(), 16, part);
-        let y: Vec<f32> = at.clone().map(|i| silu(gv[i]) * uv[i]).collect();
+        let mut y = vec![0f32; at.len()];
+        swiglu_into(&mut y, &gv[at.clone()], &uv[at.clone()]);
         // SAFETY: the parts' ranges are disjoint and inside `h`, which outlives the call.
         unsafe { dst.write(at.start, &y) };
     });
@@ -99,12 +100,15 @@ fn forward<T: Float>(g: &[T], u: &[T]) -> Vec<T> {
     let mut h = vec![T::zero(); g.len()];
     h.par_chunks_mut(PER_TASK)
         .zip(g.par_chunks(PER_TASK).zip(u.par_chunks(PER_TASK)))
-        .for_each(|(h, (g, u))| {
-            for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
-                *h = silu(g) * u;
-            }
-        });
+        .for_each(|(h, (g, u))| swiglu_into(h, g, u));
     h
+}
+
+/// h = silu(g) ⊙ u, value by value: both forms' one definition.
+fn swiglu_into<T: Float>(h: &mut [T], g: &[T], u: &[T]) {
+    for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
+        *h = silu(g) * u;
+    }
 }
 
 impl CustomOp2 for SwiGlu {
