@@ -15,8 +15,8 @@
 #   phase probes    perplexity by position with the whole history (5 books × 8k tokens),
 #                   passkey at 1k and 2k
 #   phase validpos  perplexity by position on text/valid (3 books × 8k), where choices are made
-#   phase tasks     lambada_openai, piqa, arc_easy (full sets), hellaswag (first 1,000; the
-#                   long runs: full)
+#   phase tasks     lambada_openai, piqa, arc_easy (full sets), hellaswag (first 1,000); the
+#                   long runs: phase all, whose full sets hold these four
 #   phase all       every task on its full set (`supra eval --tasks all`; for the long runs)
 #   phase samples   greedy continuations and chat answers of fixed prompts
 #
@@ -194,6 +194,17 @@ task() { # row, name, eval flags...
   "$S" eval "${m[@]}" "$@" --json "$json" "${resume[@]}" > "$OUT/$row/$name.md"
 }
 
+# The whole table (the paper's Table 1; hours per model). Answers journaled by an earlier
+# `tasks` pass of the same model (the same requests, keyed by task and item, each checked
+# against its request's hash) start its journal, so they are not computed twice.
+all_tasks() { # row
+  local row=$1 json="$OUT/$1/all.json"
+  if [ ! -f "$json" ] && [ ! -f "$json.partial.jsonl" ] && [ -f "$OUT/$row/tasks.json.partial.jsonl" ]; then
+    cp "$OUT/$row/tasks.json.partial.jsonl" "$json.partial.jsonl"
+  fi
+  task "$row" all --tasks all
+}
+
 # Greedy samples (temperature 0, 96 new tokens) of fixed prompts, the same for every row: plain
 # continuations (where the early models looped) and chat turns (the teacher is an instruct
 # model). Markdown, one section per prompt.
@@ -240,14 +251,13 @@ for row in "${ORDER[@]}"; do
       ;;
     tasks)
       [[ $row == control-* ]] && continue
+      # The long runs are judged on full sets, which `all` holds: their four tasks come from
+      # its report, not from a second pass over the same requests.
+      [[ $row == long-* ]] && { all_tasks "$row"; continue; }
       task "$row" tasks --tasks piqa,arc_easy,lambada_openai
-      # The long runs are judged on the full set; the fixed-budget rows on its first 1,000.
-      limit=(--limit 1000); [[ $row == long-* ]] && limit=()
-      task "$row" hellaswag --tasks hellaswag "${limit[@]}"
+      task "$row" hellaswag --tasks hellaswag --limit 1000
       ;;
-    all) # The long runs' whole table (the paper's Table 1), hours per model.
-      task "$row" all --tasks all
-      ;;
+    all) all_tasks "$row" ;;
     samples) once "$OUT/$row/samples.md" samples "$row" ;;
     *) echo "unknown phase $PHASE (train, probes, validpos, tasks, all or samples)" >&2; exit 2 ;;
   esac
