@@ -61,6 +61,10 @@ declare -A ROWS=(
   [td-relu-all]="transfer+distill --feature-map relu"
   [td-relu-raw]="transfer+distill --feature-map relu"
   [td-relu-all-raw]="transfer+distill --feature-map relu"
+  # The pure linear cell's state, one change each against td-relu-all: twice the feature
+  # dimension (a state of 128 × 64 per head), or a decay learned with φ.
+  [td-relu-all-fd128]="transfer+distill --feature-map relu --feature-dim 128"
+  [td-relu-all-learn]="transfer+distill --feature-map relu --decay learnable"
   [long-td-relu-w64]="transfer+distill --feature-map relu --window 64"
   [long-td-relu]="transfer+distill --feature-map relu"
   # The pure linear long run with every parameter trained (td-relu-all: 2.79× against LoRA's).
@@ -91,6 +95,8 @@ declare -A TRAIN_FLAGS=(
   [td-relu-all]="--tokens 262144 --train all"
   [td-relu-raw]="--tokens 262144 --transfer-target raw"
   [td-relu-all-raw]="--tokens 262144 --train all --transfer-target raw"
+  [td-relu-all-fd128]="--tokens 262144 --train all"
+  [td-relu-all-learn]="--tokens 262144 --train all"
   [long-td-relu-w64]="--tokens 1048576 --transfer-tokens 131072"
   [long-td-relu]="--tokens 1048576 --transfer-tokens 131072"
   [long-td-relu-all]="--tokens 1048576 --transfer-tokens 131072 --train all"
