@@ -164,6 +164,9 @@ train_row() {
   "$S" train "$start" --recipe "$recipe" --data "$DATA/text/train" "${teacher[@]}" \
     "${budget[@]}" --checkpoint-every 8 --out "$OUT/$row/run" "${resume[@]}"
   echo $(( $(cat "$OUT/$row/wall_s" 2>/dev/null || echo 0) + SECONDS - t0 )) > "$OUT/$row/wall_s"
+  # A finished run needs no resume point; every-parameter checkpoints are ~1.1 GB each and the
+  # ablation's rows together would fill the disk.
+  [ -f "$OUT/$row/run/final/config.json" ] && rm -rf "$OUT/$row/run/checkpoints"
 }
 
 heldout() { # row, branches
