@@ -72,6 +72,9 @@ declare -A ROWS=(
   # The bounded-state long run after the window and decay rows: window 256, lightning decay,
   # 2,048-token training windows throughout.
   [long-td-relu-w256-s2048]="transfer+distill --feature-map relu --window 256"
+  # The pure linear long run's 1,048,576 tokens continued by as many again (2.79× at 262,144
+  # tokens, 1.92× at 1,048,576, its validation KL still falling at the end).
+  [long-td-relu-all-more1M]="distill --feature-map relu"
   [long-td-relu-w64-more512]="distill --feature-map relu --window 64"
   [long-td-relu-w64-more2048]="distill --feature-map relu --window 64"
   # The linear state's decay (half-lives lightning 1.3-177 tokens, retnet 22-5,678, none ∞),
@@ -101,6 +104,7 @@ declare -A TRAIN_FLAGS=(
   [long-td-relu]="--tokens 1048576 --transfer-tokens 131072"
   [long-td-relu-all]="--tokens 1048576 --transfer-tokens 131072 --train all"
   [long-td-relu-w256-s2048]="--tokens 1048576 --transfer-tokens 131072 --seq-len 2048"
+  [long-td-relu-all-more1M]="--tokens 1048576 --train all"
   [long-td-relu-w64-more512]="--tokens 131072 --seq-len 512"
   [long-td-relu-w64-more2048]="--tokens 131072 --seq-len 2048"
   [d131-relu-w64-lightning]="--tokens 131072"
@@ -114,7 +118,9 @@ declare -A TRAIN_FLAGS=(
 # Continuations: a trained row's final model trained further (distillation from the original
 # teacher, given with --teacher), to separate what longer training windows do for the long
 # context from what more tokens do: the same 131,072 tokens in 512- or 2,048-token windows.
+# And the pure linear long run trained twice as long.
 declare -A BASE=(
+  [long-td-relu-all-more1M]=long-td-relu-all
   [long-td-relu-w64-more512]=long-td-relu-w64
   [long-td-relu-w64-more2048]=long-td-relu-w64
 )
