@@ -310,12 +310,16 @@ fn decode_batch(
     }
     println!("| sequences | ms per step | generated tokens/s | × one sequence |");
     println!("|---:|---:|---:|---:|");
+    // The ratio needs one sequence's figure first: rows before it (or without it) say "–".
     let mut one = None;
     for &b in batch {
         let step = supra::bench::decode_batch(&llama, &loaded.tokenizer, b, context, steps)?;
         let tps = b as f64 / step;
-        let base = *one.get_or_insert(if b == 1 { tps } else { f64::NAN });
-        println!("| {b} | {:.1} | {tps:.1} | {:.2} |", 1e3 * step, tps / base);
+        if b == 1 {
+            one.get_or_insert(tps);
+        }
+        let ratio = one.map_or("–".to_string(), |base| format!("{:.2}", tps / base));
+        println!("| {b} | {:.1} | {tps:.1} | {ratio} |", 1e3 * step);
     }
     Ok(())
 }

@@ -215,25 +215,35 @@ impl<'a, T: WithDType> Chunk<'a, T> {
     /// index order, so a step's values may differ from the chunked form's in the last bits
     /// (both are held to the definition); the training form (`fused`), held to the composed
     /// one to the bit, keeps [`Self::run`].
+    ///
+    /// The read q̃S and the update go over the state once, row by row (each row read before
+    /// it is rewritten): at a batch of 8 the states are tens of MB a step, and a second pass
+    /// over them cost as much as the arithmetic. The values are those of a read followed by
+    /// [`Self::update`] (a test holds them to the bit).
     fn run_one(&self, s: &mut [T], o: &mut [T], bufs: &mut Buffers<T>) {
         let (dk, dv) = (self.dk, self.dv);
+        let sc = scale::<T>(dk);
         let dot = self
             .q
             .iter()
             .zip(self.k)
             .fold(T::zero(), |a, (&q, &k)| a + q * k);
-        let a = dot * scale::<T>(dk) * self.pow.mask[0];
+        let a = dot * sc * self.pow.mask[0];
         let p = &mut bufs.product;
         p.clear();
         p.resize(dv, T::zero());
-        for (&qi, row) in self.q.iter().zip(s.chunks_exact(dv)) {
-            p.iter_mut().zip(row).for_each(|(p, &sij)| *p += qi * sij);
+        let whole = self.pow.rows[1];
+        for ((&qi, &ki), row) in self.q.iter().zip(self.k).zip(s.chunks_exact_mut(dv)) {
+            let ki = ki * self.pow.rows[0];
+            for ((p, s), &vj) in p.iter_mut().zip(row.iter_mut()).zip(self.v) {
+                *p += qi * *s;
+                *s = *s * whole + ki * vj * sc;
+            }
         }
         let g = self.pow.rows[1];
         for ((o, &v), &p) in o.iter_mut().zip(self.v).zip(p.iter()) {
             *o = a * v + p * g;
         }
-        self.update(s, bufs);
     }
 
     /// The state update S ← γ^len S + (Σ_j γ^(len−1−j) k̃_jᵀ v_j)/√d'.
@@ -302,5 +312,50 @@ mod tests {
         one.update(&mut fast, &mut Buffers::default());
         one.update_by_product(&mut general, &mut Buffers::default());
         assert_eq!(fast, general);
+    }
+
+    /// A step's one pass over the state gives what reading it and then updating it give, to
+    /// the bit: the output from the old state, the state from [`Chunk::update`].
+    #[test]
+    fn one_token_step_reads_then_updates() {
+        let (dk, dv) = (12, 8);
+        let vals = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 377.0 - 1.3)
+                .collect()
+        };
+        let (q, k, v) = (vals(dk, 5), vals(dk, 6), vals(dv, 7));
+        let pows = powers::<f32>(&[0.9], 1);
+        let d = Dims {
+            batch: 1,
+            heads: 1,
+            kv_heads: 1,
+            len: 1,
+            feature_dim: dk,
+            value_dim: dv,
+        };
+        let one = Chunk::at((&q, &k, &v), 0, (0, 1), d, &pows);
+        let s0 = vals(dk * dv, 8);
+        // The definition: o = (q̃·k̃/√d') v + (q̃ S) γ, then S ← γ S + k̃ᵀv/√d'.
+        let a = q.iter().zip(&k).fold(0f32, |a, (&q, &k)| a + q * k)
+            * scale::<f32>(dk)
+            * pows[0].mask[0];
+        let mut read = vec![0f32; dv];
+        for (&qi, row) in q.iter().zip(s0.chunks_exact(dv)) {
+            read.iter_mut()
+                .zip(row)
+                .for_each(|(p, &sij)| *p += qi * sij);
+        }
+        let want: Vec<f32> = v
+            .iter()
+            .zip(&read)
+            .map(|(&v, &p)| a * v + p * pows[0].rows[1])
+            .collect();
+        let mut want_state = s0.clone();
+        one.update(&mut want_state, &mut Buffers::default());
+        let (mut state, mut o) = (s0, vec![0f32; dv]);
+        one.run_one(&mut state, &mut o, &mut Buffers::default());
+        assert_eq!(o, want);
+        assert_eq!(state, want_state);
     }
 }
