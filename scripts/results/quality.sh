@@ -218,6 +218,9 @@ all_tasks() { # row
     cp "$OUT/$row/tasks.json.partial.jsonl" "$json.partial.jsonl"
   fi
   task "$row" all --tasks all
+  # The paper's Table 1 for the row: each task beside the teacher's full report (issue 20's
+  # reference, docs/results/eval.md), with retention and retention above chance.
+  once "$OUT/$row/compare.md" "$S" compare docs/results/eval/full_teacher.json "$json"
 }
 
 # Greedy samples (temperature 0, 96 new tokens) of fixed prompts, the same for every row: plain
