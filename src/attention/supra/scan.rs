@@ -232,13 +232,11 @@ impl<'a, T: WithDType> Chunk<'a, T> {
         let p = &mut bufs.product;
         p.clear();
         p.resize(dv, T::zero());
-        let whole = self.pow.rows[1];
         for ((&qi, &ki), row) in self.q.iter().zip(self.k).zip(s.chunks_exact_mut(dv)) {
-            let ki = ki * self.pow.rows[0];
-            for ((p, s), &vj) in p.iter_mut().zip(row.iter_mut()).zip(self.v) {
-                *p += qi * *s;
-                *s = *s * whole + ki * vj * sc;
-            }
+            p.iter_mut()
+                .zip(row.iter())
+                .for_each(|(p, &sij)| *p += qi * sij);
+            self.update_row(row, ki, sc);
         }
         let g = self.pow.rows[1];
         for ((o, &v), &p) in o.iter_mut().zip(self.v).zip(p.iter()) {
@@ -248,21 +246,25 @@ impl<'a, T: WithDType> Chunk<'a, T> {
 
     /// The state update S ← γ^len S + (Σ_j γ^(len−1−j) k̃_jᵀ v_j)/√d'.
     pub fn update(&self, s: &mut [T], bufs: &mut Buffers<T>) {
-        let (len, dk, dv) = (self.len, self.dk, self.dv);
-        let (whole, sc) = (self.pow.rows[len], scale::<T>(dk));
-        if len == 1 {
+        if self.len == 1 {
+            let sc = scale::<T>(self.dk);
             // A decoding step's rank-one update without the product's call and packing (a
             // good part of a batched step's per-sequence work): each k̃_i·v_j is one rounded
             // product either way (γ^0 = 1), so the state is the same to the bit.
-            for (s, &ki) in s.chunks_exact_mut(dv).zip(self.k) {
-                let ki = ki * self.pow.rows[0];
-                s.iter_mut()
-                    .zip(self.v)
-                    .for_each(|(s, &vj)| *s = *s * whole + ki * vj * sc);
+            for (row, &ki) in s.chunks_exact_mut(self.dv).zip(self.k) {
+                self.update_row(row, ki, sc);
             }
             return;
         }
         self.update_by_product(s, bufs);
+    }
+
+    /// A one-token chunk's update of the state's row for feature i: s_i ← γ s_i + (k̃_i γ^0) v / √d'.
+    fn update_row(&self, row: &mut [T], ki: T, sc: T) {
+        let (whole, ki) = (self.pow.rows[1], ki * self.pow.rows[0]);
+        row.iter_mut()
+            .zip(self.v)
+            .for_each(|(s, &vj)| *s = *s * whole + ki * vj * sc);
     }
 
     /// [`Self::update`] through the product, for any chunk length.
