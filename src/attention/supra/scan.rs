@@ -289,25 +289,33 @@ impl<'a, T: WithDType> Chunk<'a, T> {
 mod tests {
     use super::*;
 
-    /// A step's rank-one update gives the state the product gives, to the bit.
-    #[test]
-    fn one_token_update_is_the_products() {
-        let (dk, dv) = (12, 8); // 1/√12 is not a power of two: the order of rounding shows
-        let vals = |n: usize, seed: u32| -> Vec<f32> {
-            (0..n)
-                .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 377.0 - 1.3)
-                .collect()
-        };
-        let (q, k, v) = (vals(dk, 1), vals(dk, 2), vals(dv, 3));
-        let pows = powers::<f32>(&[0.93], 1);
-        let d = Dims {
+    /// Deterministic test values in [−1.3, 1.35).
+    fn vals(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 377.0 - 1.3)
+            .collect()
+    }
+
+    /// One sequence, one head, one token; d' = 12 in the tests, where 1/√12 is not a power of
+    /// two, so the order of rounding shows.
+    fn one_token(dk: usize, dv: usize) -> Dims {
+        Dims {
             batch: 1,
             heads: 1,
             kv_heads: 1,
             len: 1,
             feature_dim: dk,
             value_dim: dv,
-        };
+        }
+    }
+
+    /// A step's rank-one update gives the state the product gives, to the bit.
+    #[test]
+    fn one_token_update_is_the_products() {
+        let (dk, dv) = (12, 8);
+        let (q, k, v) = (vals(dk, 1), vals(dk, 2), vals(dv, 3));
+        let pows = powers::<f32>(&[0.93], 1);
+        let d = one_token(dk, dv);
         let one = Chunk::at((&q, &k, &v), 0, (0, 1), d, &pows);
         let s0 = vals(dk * dv, 4);
         let (mut fast, mut general) = (s0.clone(), s0);
@@ -321,21 +329,9 @@ mod tests {
     #[test]
     fn one_token_step_reads_then_updates() {
         let (dk, dv) = (12, 8);
-        let vals = |n: usize, seed: u32| -> Vec<f32> {
-            (0..n)
-                .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 377.0 - 1.3)
-                .collect()
-        };
         let (q, k, v) = (vals(dk, 5), vals(dk, 6), vals(dv, 7));
         let pows = powers::<f32>(&[0.9], 1);
-        let d = Dims {
-            batch: 1,
-            heads: 1,
-            kv_heads: 1,
-            len: 1,
-            feature_dim: dk,
-            value_dim: dv,
-        };
+        let d = one_token(dk, dv);
         let one = Chunk::at((&q, &k, &v), 0, (0, 1), d, &pows);
         let s0 = vals(dk * dv, 8);
         // The definition: o = (q̃·k̃/√d') v + (q̃ S) γ, then S ← γ S + k̃ᵀv/√d'.
