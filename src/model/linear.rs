@@ -65,6 +65,12 @@ impl Linear {
         })
     }
 
+    /// Whether the product takes the blocks' integer kernel, whose every output row is the
+    /// same whatever rows it runs with (f32 takes candle's product past [`GEMV_MAX_ROWS`]).
+    pub fn is_quantized(&self) -> bool {
+        self.quant.is_some()
+    }
+
     fn merged_weight(&self) -> Result<Tensor> {
         let w = self.weight()?;
         Ok(match &self.lora {

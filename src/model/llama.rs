@@ -492,6 +492,72 @@ impl Llama {
         Ok(self.logits(&h)?.squeeze(1)?)
     }
 
+    /// [`Llama::decode_step`] for `ids` and, in the same pass over the weights, the next piece
+    /// of one more sequence's prompt (`piece`, read into `piece_cache`, as
+    /// [`Llama::forward_last`] reads it): the server's pass while a prompt is being read. The
+    /// MLPs and the LM head take the step's rows and the piece's together, each layer's
+    /// attention the two apart (the step's rows as a step, the piece as a prompt's piece), so
+    /// every row's values are what the two calls would give, bit for bit, as long as the
+    /// products' rows are independent ([`Llama::can_read_beside_steps`]). Returns the step's
+    /// logits (B, vocab) and the piece's last position's (1, vocab).
+    pub fn step_and_read(
+        &self,
+        ids: &[u32],
+        caches: &mut [&mut Cache],
+        piece: &[u32],
+        piece_cache: &mut Cache,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, p) = (ids.len(), piece.len());
+        ensure!(
+            self.can_read_beside_steps(b + p) && b == caches.len() && b > 0 && p > 0,
+            "a step of {b} rows and a piece of {p} prompt tokens cannot share a pass"
+        );
+        let offsets: Vec<usize> = caches.iter().map(|c| c.pos).collect();
+        let at = piece_cache.pos;
+        if let Some(limit) = self.context_limit() {
+            let longest = offsets.iter().map(|o| o + 1).chain([at + p]).max();
+            if let Some(n) = longest.filter(|&n| n > limit) {
+                bail!("sequence of {n} tokens exceeds the model's context length {limit}");
+            }
+        }
+        let all: Vec<u32> = ids.iter().chain(piece).copied().collect();
+        let tokens = Tensor::from_vec(all, (1, b + p), self.device())?;
+        let h = self.forward_with(&tokens, Exec::Infer, |i, cell, xn| {
+            let step = xn.narrow(1, 0, b)?.reshape((b, 1, ()))?;
+            let mut states: Vec<&mut CellState> =
+                caches.iter_mut().map(|c| &mut c.layers[i]).collect();
+            let stepped = cell.step_batch(&step, &offsets, &mut states)?;
+            let read = cell.forward(
+                &xn.narrow(1, b, p)?,
+                at,
+                Some(&mut piece_cache.layers[i]),
+                Exec::Infer,
+            )?;
+            Ok(Tensor::cat(&[stepped.reshape((1, b, ()))?, read], 1)?)
+        })?;
+        for c in caches.iter_mut() {
+            c.pos += 1;
+        }
+        piece_cache.pos += p;
+        // The step's rows and the piece's last: one product with the LM head.
+        let rows = Tensor::cat(&[h.narrow(1, 0, b)?, h.narrow(1, b + p - 1, 1)?], 1)?;
+        let logits = self.logits(&rows)?.squeeze(0)?;
+        Ok((logits.narrow(0, 0, b)?, logits.narrow(0, b, 1)?))
+    }
+
+    /// Whether `rows` rows can share the MLPs' and the LM head's products without changing any
+    /// row's values: always with quantized weights, with f32 up to [`GEMV_MAX_ROWS`].
+    pub fn can_read_beside_steps(&self, rows: usize) -> bool {
+        self.exec == Exec::Infer
+            && (rows <= GEMV_MAX_ROWS
+                || self.lm_head.is_quantized()
+                    && self.blocks.iter().all(|b| {
+                        [&b.mlp.gate, &b.mlp.up, &b.mlp.down]
+                            .iter()
+                            .all(|l| l.is_quantized())
+                    }))
+    }
+
     /// Log-probability of each next token: for each sequence of n tokens, n−1 values
     /// log p(ids[i+1] | ids[..=i]). Sequences of different lengths run as one right-padded batch
     /// (the causal mask keeps padding out of real positions).
@@ -589,14 +655,11 @@ mod tests {
     use crate::convert::{convert, ConvertOptions};
     use crate::testing::tiny_loaded;
 
-    /// Every kind of layer in one model each (softmax beside SUPRA; window + linear beside
-    /// SUPRA), in f32 and Q8_0: sequences at different positions stepped together (more of them
-    /// than one group of rows) give each the logits it gets stepped alone, exactly.
-    #[test]
-    fn a_batched_decoding_step_gives_each_row_its_lone_logits() {
-        let dir = tempfile::tempdir().unwrap();
-        let hybrid = tiny_loaded(dir.path(), 3, Some(&[1])).unwrap();
-        let teacher = tiny_loaded(dir.path(), 3, None).unwrap();
+    /// Every kind of layer in one model each: softmax beside SUPRA; window + linear beside
+    /// SUPRA.
+    fn every_kind_of_layer(dir: &std::path::Path) -> [crate::io::LoadedModel; 2] {
+        let hybrid = tiny_loaded(dir, 3, Some(&[1])).unwrap();
+        let teacher = tiny_loaded(dir, 3, None).unwrap();
         let window = convert(
             &teacher,
             &ConvertOptions {
@@ -611,6 +674,16 @@ mod tests {
             },
         )
         .unwrap();
+        [hybrid, window]
+    }
+
+    /// Every kind of layer in one model each (softmax beside SUPRA; window + linear beside
+    /// SUPRA), in f32 and Q8_0: sequences at different positions stepped together (more of them
+    /// than one group of rows) give each the logits it gets stepped alone, exactly.
+    #[test]
+    fn a_batched_decoding_step_gives_each_row_its_lone_logits() {
+        let dir = tempfile::tempdir().unwrap();
+        let [hybrid, window] = every_kind_of_layer(dir.path());
         for loaded in [&hybrid, &window] {
             for format in [WeightFormat::F32, WeightFormat::Q8_0] {
                 let mut model = Llama::new(&loaded.config, &loaded.weights).unwrap();
@@ -657,6 +730,74 @@ mod tests {
                         assert_eq!(one, batch[b], "row {b} at step {step} ({format:?})");
                         assert_eq!(cache.pos, together[b].pos);
                     }
+                }
+            }
+        }
+    }
+
+    /// A step and a prompt's piece in one pass give what the step and the piece give apart,
+    /// bit for bit (every kind of layer, f32 with rows that fit the matrix-vector path and
+    /// Q8_0 with more), the states included (the same next logits after it), and a pass that
+    /// cannot keep that is refused.
+    #[test]
+    fn a_step_and_a_prompt_piece_share_a_pass_without_changing_either() {
+        let dir = tempfile::tempdir().unwrap();
+        let [hybrid, window] = every_kind_of_layer(dir.path());
+        let prompt: Vec<u32> = (0..23).map(|i| (i * 13 % 37) as u32 + 2).collect();
+        for loaded in [&hybrid, &window] {
+            for (format, piece) in [(WeightFormat::F32, 5), (WeightFormat::Q8_0, 9)] {
+                let mut model = Llama::new(&loaded.config, &loaded.weights).unwrap();
+                if format != WeightFormat::F32 {
+                    model.quantize(format).unwrap();
+                }
+                let seqs: Vec<Vec<u32>> = (0..3)
+                    .map(|n| (0..2 + 5 * n).map(|i| (i * 7 % 29) as u32 + 3).collect())
+                    .collect();
+                let fresh = || -> (Vec<Cache>, Cache) {
+                    let caches = seqs
+                        .iter()
+                        .map(|p| {
+                            let mut c = model.new_cache();
+                            model.prefill(&mut c, p, 4).unwrap();
+                            c
+                        })
+                        .collect();
+                    (caches, model.new_cache())
+                };
+                let (mut apart, mut reader_apart) = fresh();
+                let (mut shared, mut reader_shared) = fresh();
+                for (n, part) in prompt.chunks(piece).enumerate() {
+                    let ids: Vec<u32> = (0..seqs.len() as u32)
+                        .map(|b| 4 + 3 * b + n as u32)
+                        .collect();
+                    let mut refs: Vec<&mut Cache> = apart.iter_mut().collect();
+                    let want_step = model.decode_step(&ids, &mut refs).unwrap();
+                    let want_last = model
+                        .forward_last(
+                            &Tensor::new(part, model.device())
+                                .unwrap()
+                                .unsqueeze(0)
+                                .unwrap(),
+                            &mut reader_apart,
+                        )
+                        .unwrap();
+                    let mut refs: Vec<&mut Cache> = shared.iter_mut().collect();
+                    let (step, last) = model
+                        .step_and_read(&ids, &mut refs, part, &mut reader_shared)
+                        .unwrap();
+                    let v = |t: &Tensor| -> Vec<Vec<f32>> { t.to_vec2().unwrap() };
+                    assert_eq!(v(&step), v(&want_step), "step rows, piece {n} ({format:?})");
+                    assert_eq!(v(&last), v(&want_last), "piece {n}'s logits ({format:?})");
+                    assert_eq!(reader_shared.pos, reader_apart.pos);
+                }
+                // f32 past the matrix-vector path's rows would change the products' values.
+                if format == WeightFormat::F32 {
+                    let mut refs: Vec<&mut Cache> = shared.iter_mut().collect();
+                    let long = vec![3u32; GEMV_MAX_ROWS];
+                    let err = model
+                        .step_and_read(&[3, 4, 5], &mut refs, &long, &mut reader_shared)
+                        .unwrap_err();
+                    assert!(err.to_string().contains("cannot share a pass"), "{err}");
                 }
             }
         }

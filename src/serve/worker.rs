@@ -1,20 +1,23 @@
 //! The one thread that runs the model, batching continuously: up to `max_batch` generations
-//! are active at once. Each pass reads one piece of a waiting prompt (at most `prefill_chunk`
-//! tokens, so that a long prompt does not freeze the others' streams), then advances every
-//! generation past its prompt by one token in a single decoding step, which reads the weights
-//! once for all of them. New requests join at the next pass; finished and cancelled ones leave
-//! without stopping the others. A sequence's tokens do not depend on its company: its prompt
-//! is read in the same pieces and each of its steps takes the same kernels alone or batched
-//! ([`Llama::decode_step`]).
+//! are active at once. Each pass advances every generation past its prompt by one token in a
+//! single decoding step, which reads the weights once for all of them, and reads one piece of
+//! a waiting prompt (at most `prefill_chunk` tokens, so that a long prompt does not freeze the
+//! others' streams) in the same pass over the weights where that changes no row's values
+//! ([`Llama::step_and_read`]; else right before the step). New requests join at the next
+//! pass; finished and cancelled ones leave without stopping the others. A sequence's tokens do
+//! not depend on its company: its prompt is read in the same pieces and each of its steps
+//! takes the same kernels alone or batched ([`Llama::decode_step`]).
 
 use crate::infer::generate::{Pick, Picker, TextStream};
 use crate::infer::sampler::{Sampler, SamplingParams};
 use crate::infer::state::State;
+use crate::model::linear::GEMV_MAX_ROWS;
 use crate::model::llama::{Cache, Llama};
 use crate::model::spin;
 use crate::serve::api::{PromptDetails, Settings, Usage};
 use crate::serve::Shared;
 use anyhow::Result;
+use candle_core::Tensor;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Weak};
@@ -217,33 +220,53 @@ impl<'a> Batch<'a> {
         counters.running.store(self.active.len(), Ordering::Relaxed);
     }
 
-    /// One pass: a piece of the first unread prompt, then one token for every generation past
-    /// its prompt; then those that ended leave.
+    /// One pass: one token for every generation past its prompt and a piece of the first
+    /// unread prompt, in one pass over the weights where the model allows it
+    /// ([`Llama::step_and_read`]); then those that ended leave.
     fn pass(&mut self) {
         for a in &mut self.active {
             if a.cancelled() {
                 a.ended = Some(End::Gone);
             }
         }
-        if let Some(i) = self
+        let reader = self
             .active
             .iter()
-            .position(|a| a.ended.is_none() && !a.prompt_read())
-        {
-            if let Err(e) = self.read_prompt(i) {
-                fail(&self.shared.counters, &self.active[i].job, &e);
-                self.active[i].ended = Some(End::Failed);
+            .position(|a| a.ended.is_none() && !a.prompt_read());
+        let (ids, rows) = self.pick();
+        let piece = reader.map(|i| (i, self.next_piece(i)));
+        let together = match &piece {
+            Some((_, piece)) => {
+                !ids.is_empty()
+                    && ids.len() <= GEMV_MAX_ROWS
+                    && self.model.can_read_beside_steps(ids.len() + piece.len())
             }
-        }
-        if let Err(e) = self.step() {
-            // A failed step leaves its sequences' states unusable: all of them fail.
-            for a in self
-                .active
-                .iter_mut()
-                .filter(|a| a.ended.is_none() && a.prompt_read())
-            {
-                fail(&self.shared.counters, &a.job, &e);
-                a.ended = Some(End::Failed);
+            None => false,
+        };
+        if together {
+            let (i, piece) = piece.expect("a piece to read beside the step");
+            if let Err(e) = self.step_and_read(&ids, &rows, i, piece) {
+                // Every state the pass touched is unusable.
+                for r in rows.iter().chain([&i]) {
+                    let a = &mut self.active[*r];
+                    fail(&self.shared.counters, &a.job, &e);
+                    a.ended = Some(End::Failed);
+                }
+            }
+        } else {
+            if let Some((i, piece)) = piece {
+                if let Err(e) = self.read_prompt(i, piece) {
+                    fail(&self.shared.counters, &self.active[i].job, &e);
+                    self.active[i].ended = Some(End::Failed);
+                }
+            }
+            if let Err(e) = self.step(&ids, &rows) {
+                // A failed step leaves its sequences' states unusable: all of them fail.
+                for &r in &rows {
+                    let a = &mut self.active[r];
+                    fail(&self.shared.counters, &a.job, &e);
+                    a.ended = Some(End::Failed);
+                }
             }
         }
         let mut i = 0;
@@ -259,25 +282,41 @@ impl<'a> Batch<'a> {
         c.running.store(self.active.len(), Ordering::Relaxed);
     }
 
-    /// Reads the next piece of generation `i`'s prompt: up to the checkpoint (where the prompt
-    /// cache keeps a state) or `prefill_chunk` tokens, whichever comes first.
-    fn read_prompt(&mut self, i: usize) -> Result<()> {
-        let a = &mut self.active[i];
+    /// The next piece of generation `i`'s prompt: up to the checkpoint (where the prompt cache
+    /// keeps a state) or `prefill_chunk` tokens, whichever comes first.
+    fn next_piece(&self, i: usize) -> std::ops::Range<usize> {
+        let a = &self.active[i];
         let from = a.state.tokens.len();
         let to = match a.checkpoint {
             Some(at) if from < at => at,
             _ => a.job.prompt.len(),
         }
         .min(from + self.opts.prefill_chunk.max(1));
-        a.state.feed(self.model, &a.job.prompt[from..to])?;
-        if Some(to) == a.checkpoint || to == a.job.prompt.len() {
+        from..to
+    }
+
+    /// Reads `piece` of generation `i`'s prompt on its own.
+    fn read_prompt(&mut self, i: usize, piece: std::ops::Range<usize>) -> Result<()> {
+        let a = &mut self.active[i];
+        a.state.feed(self.model, &a.job.prompt[piece])?;
+        self.remember_at_marks(i)
+    }
+
+    /// Keeps generation `i`'s state in the prompt cache where its prompt ends or reaches the
+    /// checkpoint.
+    fn remember_at_marks(&self, i: usize) -> Result<()> {
+        let a = &self.active[i];
+        let read = a.state.tokens.len();
+        if Some(read) == a.checkpoint || read == a.job.prompt.len() {
             remember(self.shared, &a.state)?;
         }
         Ok(())
     }
 
-    /// One decoding step for every generation past its prompt that goes on.
-    fn step(&mut self) -> Result<()> {
+    /// The next token of every generation past its prompt that goes on (sampled from its
+    /// logits, sent to its client): the tokens and the generations' indices. Those that end
+    /// here are marked.
+    fn pick(&mut self) -> (Vec<u32>, Vec<usize>) {
         let ctx = self.model.context_limit().unwrap_or(usize::MAX);
         let mut live: Vec<(usize, &mut Active)> = self
             .active
@@ -303,22 +342,46 @@ impl<'a> Batch<'a> {
                 }
             }
         }
+        (ids, rows)
+    }
+
+    /// The decoding step that reads `ids[r]` into generation `rows[r]`.
+    fn step(&mut self, ids: &[u32], rows: &[usize]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut caches: Vec<&mut Cache> = self
-            .active
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| rows.contains(i))
-            .map(|(_, a)| &mut a.state.cache)
-            .collect();
-        let logits = self.model.decode_step(&ids, &mut caches)?;
+        let model = self.model;
+        let mut caches = caches(&mut self.active, rows);
+        let logits = model.decode_step(ids, &mut caches)?;
+        self.stepped(ids, rows, &logits)
+    }
+
+    /// [`Batch::step`] and generation `i`'s `piece` of prompt in one pass.
+    fn step_and_read(
+        &mut self,
+        ids: &[u32],
+        rows: &[usize],
+        i: usize,
+        piece: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let model = self.model;
+        let (mut caches, reader) = caches_and(&mut self.active, rows, i);
+        let prompt = &reader.job.prompt[piece];
+        let (logits, last) =
+            model.step_and_read(ids, &mut caches, prompt, &mut reader.state.cache)?;
+        reader.state.tokens.extend_from_slice(prompt);
+        reader.state.logits = Some(last);
+        self.remember_at_marks(i)?;
+        self.stepped(ids, rows, &logits)
+    }
+
+    /// Counts a step and hands each of its generations its logits and token.
+    fn stepped(&mut self, ids: &[u32], rows: &[usize], logits: &Tensor) -> Result<()> {
         let c = &self.shared.counters;
         c.decode_steps.fetch_add(1, Ordering::Relaxed);
         c.decode_rows.fetch_add(ids.len(), Ordering::Relaxed);
         c.largest_batch.fetch_max(ids.len(), Ordering::Relaxed);
-        for (r, (&i, &id)) in rows.iter().zip(&ids).enumerate() {
+        for (r, (&i, &id)) in rows.iter().zip(ids).enumerate() {
             let a = &mut self.active[i];
             a.state.logits = Some(logits.narrow(0, r, 1)?.contiguous()?);
             a.state.tokens.push(id);
@@ -375,6 +438,38 @@ impl<'a> Batch<'a> {
         counters.completed.fetch_add(1, Ordering::Relaxed);
         let _ = a.job.events.send(done);
     }
+}
+
+/// The states of generations `rows`, in that order.
+fn caches<'s>(active: &'s mut [Active], rows: &[usize]) -> Vec<&'s mut Cache> {
+    let mut by_index: Vec<Option<&mut Cache>> = active
+        .iter_mut()
+        .map(|a| Some(&mut a.state.cache))
+        .collect();
+    rows.iter()
+        .map(|&r| by_index[r].take().expect("each generation steps once"))
+        .collect()
+}
+
+/// [`caches`] and generation `i` (not among `rows`) itself.
+fn caches_and<'s, 'a>(
+    active: &'s mut [Active<'a>],
+    rows: &[usize],
+    i: usize,
+) -> (Vec<&'s mut Cache>, &'s mut Active<'a>) {
+    let mut by_index: Vec<Option<&mut Active<'a>>> = active.iter_mut().map(Some).collect();
+    let reader = by_index[i].take().expect("the reader does not step");
+    let caches = rows
+        .iter()
+        .map(|&r| {
+            &mut by_index[r]
+                .take()
+                .expect("each generation steps once")
+                .state
+                .cache
+        })
+        .collect();
+    (caches, reader)
 }
 
 fn fail(counters: &crate::serve::Counters, job: &Job, e: &anyhow::Error) {

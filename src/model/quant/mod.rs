@@ -10,17 +10,18 @@
 //! whatever the number of rows, and never dequantized.
 //!
 //! Scales are kept as f32 (ggml stores f16): 1/32 more memory for exactly the block values.
-//! Rows are stored in groups of eight, each block of the eight as one panel whose 32-bit words
-//! go row by row (row 0's bytes 0..4, row 1's bytes 0..4, …, row 7's, then every row's bytes
-//! 4..8, …), as llama.cpp repacks its weights for batched products: one 256-bit load holds four
-//! weights of each of the eight rows, so a SIMD lane is a row and an integer multiply-add of the
-//! load with four input bytes broadcast advances all eight dot products at once; a block's sums
-//! then come out one row per lane, and its scales (one per row, read as one vector) apply with
-//! one multiply-add for the eight rows. Q8_0's bytes are stored offset by 128 (unsigned, what
-//! `vpdpbusd` multiplies), Q4_0's nibbles as they are (0..16); the zero point (128 or 8) times
-//! the input block's sum is taken off each sum. (The previous layout, four rows with a lane per
-//! four products, needed a conversion, a broadcast and a multiply-add per row, block and input,
-//! and its zero-point correction per row and block: about 2.5× the instructions a block.)
+//! Rows are stored in groups of sixteen, each block of the sixteen as one panel whose 32-bit
+//! words go row by row (row 0's bytes 0..4, row 1's bytes 0..4, …, row 15's, then every row's
+//! bytes 4..8, …), as llama.cpp repacks its weights for batched products: one 512-bit load holds
+//! four weights of each of the sixteen rows, so a SIMD lane is a row and an integer multiply-add
+//! of the load with four input bytes broadcast advances sixteen dot products at once; a block's
+//! sums then come out one row per lane, and its scales (one per row, read as one vector) apply
+//! with one multiply-add for the group. (AVX2 takes a panel as two halves of eight rows.) Q8_0's
+//! bytes are stored offset by 128 (unsigned, what `vpdpbusd` multiplies), Q4_0's nibbles as
+//! they are (0..16); the zero point (128 or 8) times the input block's sum is taken off each
+//! sum. (Groups of eight on 256-bit registers issued as many `vpdpbusd` for half the products:
+//! at eight inputs, a batch's decoding step, the kernel was bound by that issue rate, not by
+//! reading the weights.)
 
 use crate::model::spin;
 use anyhow::{bail, Result};
@@ -80,10 +81,11 @@ impl WeightFormat {
 }
 
 pub const BLOCK: usize = 32;
-/// Rows in one panel: one per 32-bit lane of a 256-bit register.
-const GROUP: usize = 8;
-/// Inputs a kernel takes against one group of rows at once.
-const TILE: usize = 4;
+/// Rows in one panel: one per 32-bit lane of a 512-bit register.
+const GROUP: usize = 16;
+/// Inputs a kernel takes against one group of rows at once (a batch of eight decoding steps
+/// in one pass over the group's blocks).
+const TILE: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct QMatrix {
@@ -160,7 +162,7 @@ impl QMatrix {
     }
 
     /// Where block `b` of `row` is counted (its scale's index): a group's blocks one after
-    /// another, each with its eight rows; the last `rows % 8` rows follow one after another.
+    /// another, each with its sixteen rows; the last `rows % 16` rows follow one after another.
     fn block_index(&self, row: usize, b: usize) -> usize {
         let nb = self.cols / BLOCK;
         let grouped = self.rows / GROUP * GROUP;
@@ -277,7 +279,7 @@ impl QMatrix {
         ys
     }
 
-    /// Hands `put(r, row, y)` the dot products of rows row.. with xs[r] (eight at a time for a
+    /// Hands `put(r, row, y)` the dot products of rows row.. with xs[r] (sixteen at a time for a
     /// group, one for the rows after the groups), for a range of rows that starts on a group
     /// boundary.
     fn dot_rows(
