@@ -21,7 +21,9 @@
 //! they are (0..16); the zero point (128 or 8) times the input block's sum is taken off each
 //! sum. (Groups of eight on 256-bit registers issued as many `vpdpbusd` for half the products:
 //! at eight inputs, a batch's decoding step, the kernel was bound by that issue rate, not by
-//! reading the weights.)
+//! reading the weights.) Rows after the last whole group take the portable code, one value at
+//! a time: every matrix of the models we convert has a multiple of sixteen rows (SmolLM2's 576,
+//! 192, 1,536 and 49,152; φ's 64 or 128).
 
 use crate::model::spin;
 use anyhow::{bail, Result};
