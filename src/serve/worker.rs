@@ -351,7 +351,7 @@ impl<'a> Batch<'a> {
             return Ok(());
         }
         let model = self.model;
-        let mut caches = caches(&mut self.active, rows);
+        let (mut caches, _) = split_states(&mut self.active, rows, None);
         let logits = model.decode_step(ids, &mut caches)?;
         self.stepped(ids, rows, &logits)
     }
@@ -365,7 +365,8 @@ impl<'a> Batch<'a> {
         piece: std::ops::Range<usize>,
     ) -> Result<()> {
         let model = self.model;
-        let (mut caches, reader) = caches_and(&mut self.active, rows, i);
+        let (mut caches, reader) = split_states(&mut self.active, rows, Some(i));
+        let reader = reader.expect("the reader's state");
         let prompt = &reader.job.prompt[piece];
         let (logits, last) =
             model.step_and_read(ids, &mut caches, prompt, &mut reader.state.cache)?;
@@ -440,25 +441,15 @@ impl<'a> Batch<'a> {
     }
 }
 
-/// The states of generations `rows`, in that order.
-fn caches<'s>(active: &'s mut [Active], rows: &[usize]) -> Vec<&'s mut Cache> {
-    let mut by_index: Vec<Option<&mut Cache>> = active
-        .iter_mut()
-        .map(|a| Some(&mut a.state.cache))
-        .collect();
-    rows.iter()
-        .map(|&r| by_index[r].take().expect("each generation steps once"))
-        .collect()
-}
-
-/// [`caches`] and generation `i` (not among `rows`) itself.
-fn caches_and<'s, 'a>(
+/// The states of generations `rows`, in that order, and generation `reader` (not among them)
+/// itself.
+fn split_states<'s, 'a>(
     active: &'s mut [Active<'a>],
     rows: &[usize],
-    i: usize,
-) -> (Vec<&'s mut Cache>, &'s mut Active<'a>) {
+    reader: Option<usize>,
+) -> (Vec<&'s mut Cache>, Option<&'s mut Active<'a>>) {
     let mut by_index: Vec<Option<&mut Active<'a>>> = active.iter_mut().map(Some).collect();
-    let reader = by_index[i].take().expect("the reader does not step");
+    let reader = reader.map(|i| by_index[i].take().expect("the reader does not step"));
     let caches = rows
         .iter()
         .map(|&r| {
