@@ -1,9 +1,10 @@
 //! One matrix product on plain slices (the gemm crate that candle's CPU matmul uses). [`gemm`]
 //! runs on the calling thread, for kernels that split their work into tasks of their own and
-//! would only oversubscribe the cores with a threaded product inside each; [`gemm_threaded`]
+//! would only oversubscribe the cores with a threaded product inside each; [`product_threaded`]
 //! splits one product across rayon's threads, for an op whose whole work it is.
 
 use candle_core::WithDType;
+use std::mem::MaybeUninit;
 
 /// A read-only matrix: element (i, j) at `data[i·rs + j·cs]`.
 #[derive(Clone, Copy)]
@@ -43,25 +44,44 @@ pub fn gemm<T: WithDType>(
     keep: Option<T>,
     scale: T,
 ) {
+    // SAFETY: initialised values are possibly uninitialised ones; the product only writes
+    // values into them.
+    let dst = unsafe { &mut *(dst as *mut [T] as *mut [MaybeUninit<T>]) };
     product(dst, dims, lhs, rhs, keep, scale, gemm::Parallelism::None)
 }
 
-/// dst ← lhs·rhs as [`gemm`] computes it, split across rayon's threads.
-pub fn gemm_threaded<T: WithDType>(
-    dst: &mut [T],
+/// lhs·rhs (m × n, row-major) in a new vector, split across rayon's threads. The vector is
+/// not zeroed first: the product writes every element, and zeroing a training step's outputs
+/// (the weight gradients alone are the model's size) was a pass on one core while the other
+/// waited.
+pub fn product_threaded<T: WithDType>(
     dims: (usize, usize, usize),
     lhs: Strided<T>,
     rhs: Strided<T>,
-) {
+) -> Vec<T> {
+    let (m, n, _) = dims;
     let par = match rayon::current_num_threads() {
         1 => gemm::Parallelism::None,
         n => gemm::Parallelism::Rayon(n),
     };
-    product(dst, dims, lhs, rhs, None, T::one(), par)
+    let mut dst = Vec::with_capacity(m * n);
+    product(
+        dst.spare_capacity_mut(),
+        dims,
+        lhs,
+        rhs,
+        None,
+        T::one(),
+        par,
+    );
+    // SAFETY: with `keep: None` the product wrote all m·n elements and read none.
+    unsafe { dst.set_len(m * n) };
+    dst
 }
 
+/// `dst` may be uninitialised only with `keep: None` (it is then written, never read).
 fn product<T: WithDType>(
-    dst: &mut [T],
+    dst: &mut [MaybeUninit<T>],
     (m, n, k): (usize, usize, usize),
     lhs: Strided<T>,
     rhs: Strided<T>,
@@ -79,7 +99,7 @@ fn product<T: WithDType>(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.as_mut_ptr().cast::<T>(),
             1,
             n as isize,
             keep.is_some(),

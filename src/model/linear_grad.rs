@@ -6,9 +6,10 @@
 //! when W is frozen (every base weight under LoRA). Here the backward writes dW = dyᵀ·x straight
 //! in W's (out, in) layout and computes only the gradients that reach a variable.
 
-use crate::model::gemm::{gemm_threaded, Strided};
+use crate::attention::supra::fused::with_slices;
+use crate::model::gemm::{product_threaded, Strided};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 
 struct MatmulWt;
 
@@ -19,10 +20,37 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> anyhow::Result<Tensor> {
 
 /// y (rows × out) = x (rows × in) · Wᵀ for W (out × in), both row-major, on rayon's threads.
 fn product<T: WithDType>(x: &[T], w: &[T], (rows, out, inp): (usize, usize, usize)) -> Vec<T> {
-    let mut y = vec![T::zero(); rows * out];
     let (lhs, rhs) = (Strided::rows(x, inp), Strided::transposed_rows(w, inp));
-    gemm_threaded(&mut y, (rows, out, inp), lhs, rhs);
-    y
+    product_threaded((rows, out, inp), lhs, rhs)
+}
+
+/// The wanted gradients of y = x·Wᵀ from dy (rows × out): dx = dy·W (rows × in) and
+/// dW = dyᵀ·x (out × in), straight in W's layout.
+fn gradients<T: WithDType>(
+    [dy, x, w]: [&[T]; 3],
+    (rows, out, inp): (usize, usize, usize),
+    (want_dx, want_dw): (bool, bool),
+) -> (Option<Vec<T>>, Option<Vec<T>>) {
+    let dx = want_dx.then(|| {
+        let (lhs, rhs) = (Strided::rows(dy, out), Strided::rows(w, inp));
+        product_threaded((rows, inp, out), lhs, rhs)
+    });
+    let dw = want_dw.then(|| {
+        let (lhs, rhs) = (Strided::transposed_rows(dy, out), Strided::rows(x, inp));
+        product_threaded((out, inp, rows), lhs, rhs)
+    });
+    (dx, dw)
+}
+
+/// (dx, dW) as tensors of x's and W's shapes.
+fn as_tensors<T: WithDType>(
+    x: &Tensor,
+    w: &Tensor,
+    (dx, dw): (Option<Vec<T>>, Option<Vec<T>>),
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), x.device()));
+    let dw = dw.map(|v| Tensor::from_vec(v, w.shape(), w.device()));
+    Ok((dx.transpose()?, dw.transpose()?))
 }
 
 impl CustomOp2 for MatmulWt {
@@ -74,17 +102,23 @@ impl CustomOp2 for MatmulWt {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (out, inp) = w.dims2()?;
-        let dy = dy.reshape(((), out))?;
-        // The inputs are detached so the gradients themselves build no graph.
-        let dx = match x.track_op() {
-            true => Some(dy.matmul(&w.detach())?.reshape(x.shape())?),
-            false => None,
-        };
-        let dw = match w.track_op() {
-            true => Some(dy.t()?.matmul(&x.detach().reshape(((), inp))?)?),
-            false => None,
-        };
-        Ok((dx, dw))
+        let dims = (x.elem_count() / inp.max(1), out, inp);
+        let want = (x.track_op(), w.track_op());
+        let dy = dy.contiguous()?;
+        let ts = [&dy, x, w];
+        // Products into vectors of our own (candle's zeroes its output first), which build
+        // no graph.
+        match dy.dtype() {
+            DType::F32 => {
+                let grads = with_slices(ts, |s: [&[f32]; 3]| gradients(s, dims, want))?;
+                as_tensors(x, w, grads)
+            }
+            DType::F64 => {
+                let grads = with_slices(ts, |s: [&[f64]; 3]| gradients(s, dims, want))?;
+                as_tensors(x, w, grads)
+            }
+            other => candle_core::bail!("matmul_wt: gradients in f32 or f64, got {other:?}"),
+        }
     }
 }
 
