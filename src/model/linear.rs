@@ -5,7 +5,7 @@
 //! independent dot products over memory read once: split them across cores.
 
 use crate::attention::Exec;
-use crate::model::linear_grad::matmul_wt;
+use crate::model::linear_grad::{add_bias, matmul_wt};
 use crate::model::quant::{QMatrix, WeightFormat};
 use crate::model::spin;
 use anyhow::Result;
@@ -112,7 +112,7 @@ impl Linear {
             y = (y + (matmul_wt(&matmul_wt(x, a)?, b)? * *scale)?)?;
         }
         Ok(match self.inner.bias() {
-            Some(bias) => y.broadcast_add(bias)?,
+            Some(bias) => add_bias(&y, bias)?,
             None => y,
         })
     }
