@@ -8,6 +8,7 @@
 //! and du = dy ⊙ silu(g).
 
 use crate::attention::Exec;
+use crate::model::expf::exp_in_place;
 use crate::model::linear::Linear;
 use crate::model::spin;
 use anyhow::Result;
@@ -61,24 +62,32 @@ const PER_TASK: usize = 8192;
 
 /// The element types the fused op runs on.
 trait Float: WithDType {
-    fn exp(self) -> Self;
+    /// x ← e^x over a slice.
+    fn exp_all(xs: &mut [Self]);
 }
 
 impl Float for f32 {
-    fn exp(self) -> Self {
-        f32::exp(self)
+    /// libm's own values, in vector lanes.
+    fn exp_all(xs: &mut [Self]) {
+        exp_in_place(xs)
     }
 }
 
 impl Float for f64 {
-    fn exp(self) -> Self {
-        f64::exp(self)
+    fn exp_all(xs: &mut [Self]) {
+        for x in xs {
+            *x = x.exp();
+        }
     }
 }
 
-/// silu(g) as candle computes it: g / (1 + e^(−g)).
-fn silu<T: Float>(g: T) -> T {
-    g / (T::one() + (T::zero() - g).exp())
+/// e ← e^(−g): the one exp of silu(g) = g / (1 + e^(−g)) and of sigmoid(g) = 1 / (e^(−g) + 1),
+/// both as candle computes them.
+fn exp_neg<T: Float>(e: &mut [T], g: &[T]) {
+    for (e, &g) in e.iter_mut().zip(g) {
+        *e = T::zero() - g;
+    }
+    T::exp_all(e);
 }
 
 /// (g, u) → silu(g) ⊙ u.
@@ -106,8 +115,9 @@ fn forward<T: Float>(g: &[T], u: &[T]) -> Vec<T> {
 
 /// h = silu(g) ⊙ u, value by value: both forms' one definition.
 fn swiglu_into<T: Float>(h: &mut [T], g: &[T], u: &[T]) {
+    exp_neg(h, g);
     for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
-        *h = silu(g) * u;
+        *h = g / (T::one() + *h) * u;
     }
 }
 
@@ -174,10 +184,11 @@ fn backward<T: Float>(g: &[T], u: &[T], dh: &[T]) -> Vec<T> {
         )
         .for_each(|((dg, du), (g, (u, dh)))| {
             // Rounded as candle's backward of silu and of the product: s = 1 / (e^(−g) + 1),
-            // silu'(g) = s·(1 − silu(g)) + silu(g).
+            // silu'(g) = s·(1 − silu(g)) + silu(g). dg holds e^(−g) until overwritten.
+            exp_neg(dg, g);
             for i in 0..g.len() {
-                let h = silu(g[i]);
-                let s = T::one() / ((T::zero() - g[i]).exp() + T::one());
+                let h = g[i] / (T::one() + dg[i]);
+                let s = T::one() / (dg[i] + T::one());
                 dg[i] = dh[i] * u[i] * (s * (T::one() - h) + h);
                 du[i] = dh[i] * h;
             }

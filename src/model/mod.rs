@@ -1,5 +1,6 @@
 //! The llama-family decoder and its parts.
 
+pub mod expf;
 pub mod gemm;
 pub mod linear;
 pub mod linear_grad;

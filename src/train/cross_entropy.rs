@@ -10,6 +10,7 @@
 //! forward (max, then Σ exp), keeps one log-sum-exp per row, and writes the gradient in one
 //! pass, on both cores. `naive` (candle-nn's composition) is the reference the tests check.
 
+use crate::model::expf::exp_map;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -61,9 +62,12 @@ fn dims(logits: &Layout, targets: &Layout) -> candle_core::Result<(usize, usize)
     Ok((n, v))
 }
 
-fn log_sum_exp(row: &[f32]) -> f32 {
+/// log Σ e^x over a row; `scratch` holds the row's e^(x − max), summed in order afterwards.
+fn log_sum_exp(row: &[f32], scratch: &mut Vec<f32>) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+    scratch.resize(row.len(), 0.0);
+    exp_map(scratch, row, |x| x - max);
+    let sum: f32 = scratch.iter().sum();
     max + sum.ln()
 }
 
@@ -87,7 +91,10 @@ impl CustomOp2 for FusedCrossEntropy {
         if let Some(&bad) = t.iter().find(|&&t| t as usize >= v) {
             candle_core::bail!("fused cross-entropy: target {bad} outside a vocabulary of {v}");
         }
-        let lse: Vec<f32> = x.par_chunks(v).map(log_sum_exp).collect();
+        let lse: Vec<f32> = x
+            .par_chunks(v)
+            .map_init(Vec::new, |scratch, row| log_sum_exp(row, scratch))
+            .collect();
         let total: f64 = lse
             .iter()
             .zip(x.chunks(v).zip(t))
@@ -123,8 +130,9 @@ impl CustomOp2 for FusedCrossEntropy {
             .zip(lse.par_iter().zip(targets.par_iter()))
             .for_each(|((g, row), (&l, &t))| {
                 let p_scale = scale * (1.0 + 2.0 * self.z_loss * l);
-                for (g, &x) in g.iter_mut().zip(row) {
-                    *g = (x - l).exp() * p_scale;
+                exp_map(g, row, |x| x - l);
+                for g in g.iter_mut() {
+                    *g *= p_scale;
                 }
                 g[t as usize] -= scale;
             });

@@ -23,6 +23,7 @@ use std::sync::Mutex;
 use crate::attention::supra::fused::slice;
 use crate::config::AttentionKind;
 use crate::io::LoadedModel;
+use crate::model::expf::exp_map;
 use crate::model::llama::Llama;
 
 /// Mean distillation loss of `student` logits (N, V) against `teacher` logits (N, V) at
@@ -86,19 +87,31 @@ struct FusedDistill {
 
 impl FusedDistill {
     /// Row statistics and the row's loss term T²·KL + w·CE.
-    fn row(&self, s: &[f32], t: &[f32], y: u32) -> (Row, f64) {
+    /// `buf` holds the row's exps (of s/T, t/T and, for the cross-entropy term at T ≠ 1, of s),
+    /// summed in order afterwards.
+    fn row(&self, s: &[f32], t: &[f32], y: u32, buf: &mut [Vec<f32>; 3]) -> (Row, f64) {
         let inv_t = 1.0 / self.temperature;
         let max_s = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let max_t = t.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let (mut zs, mut zt, mut cross, mut z1) = (0f64, 0f64, 0f64, 0f64);
         let one = self.temperature == 1.0;
-        for (&s, &t) in s.iter().zip(t) {
-            let et = ((t - max_t) * inv_t).exp() as f64;
+        let plain = !one && self.ce_weight > 0.0;
+        let [es, et, e1] = buf;
+        for b in [&mut *es, &mut *et, &mut *e1] {
+            b.resize(s.len(), 0.0);
+        }
+        exp_map(et, t, |t| (t - max_t) * inv_t);
+        exp_map(es, s, |s| (s - max_s) * inv_t);
+        if plain {
+            exp_map(e1, s, |s| s - max_s);
+        }
+        for i in 0..s.len() {
+            let et = et[i] as f64;
             zt += et;
-            cross += et * (t - s) as f64;
-            zs += ((s - max_s) * inv_t).exp() as f64;
-            if !one && self.ce_weight > 0.0 {
-                z1 += (s - max_s).exp() as f64;
+            cross += et * (t[i] - s[i]) as f64;
+            zs += es[i] as f64;
+            if plain {
+                z1 += e1[i] as f64;
             }
         }
         let temp = self.temperature as f64;
@@ -165,7 +178,7 @@ impl CustomOp3 for FusedDistill {
             .par_chunks(v)
             .zip(t.par_chunks(v))
             .zip(y.par_iter())
-            .map(|((s, t), &y)| self.row(s, t, y))
+            .map_init(Default::default, |buf, ((s, t), &y)| self.row(s, t, y, buf))
             .unzip();
         *self.rows.lock().expect("rows lock") = rows;
         let total: f64 = terms.iter().sum();
@@ -200,20 +213,31 @@ impl CustomOp3 for FusedDistill {
         grad.par_chunks_mut(v)
             .zip(s.par_chunks(v).zip(t.par_chunks(v)))
             .zip(rows.par_iter().zip(y.par_iter()))
-            .for_each(|((g, (s, t)), (r, &y))| {
-                for ((g, &s), &t) in g.iter_mut().zip(s).zip(t) {
-                    let q = ((s - r.max_s) * inv_t - r.log_zs).exp();
-                    let p = ((t - r.max_t) * inv_t - r.log_zt).exp();
-                    let mut d = temp * (q - p);
-                    if w > 0.0 {
-                        d += w * if one { q } else { (s - r.lse1).exp() };
+            .for_each_init(
+                || [Vec::new(), Vec::new()],
+                |[p, e1], ((g, (s, t)), (r, &y))| {
+                    // g holds q until overwritten.
+                    exp_map(g, s, |s| (s - r.max_s) * inv_t - r.log_zs);
+                    p.resize(v, 0.0);
+                    exp_map(p, t, |t| (t - r.max_t) * inv_t - r.log_zt);
+                    let plain = w > 0.0 && !one;
+                    if plain {
+                        e1.resize(v, 0.0);
+                        exp_map(e1, s, |s| s - r.lse1);
                     }
-                    *g = scale * d;
-                }
-                if w > 0.0 {
-                    g[y as usize] -= scale * w;
-                }
-            });
+                    for i in 0..v {
+                        let q = g[i];
+                        let mut d = temp * (q - p[i]);
+                        if w > 0.0 {
+                            d += w * if one { q } else { e1[i] };
+                        }
+                        g[i] = scale * d;
+                    }
+                    if w > 0.0 {
+                        g[y as usize] -= scale * w;
+                    }
+                },
+            );
         let grad = Tensor::from_vec(grad, (n, v), student.device())?;
         Ok((Some(grad), None, None))
     }
