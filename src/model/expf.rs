@@ -165,8 +165,11 @@ mod tests {
     #[test]
     fn equals_libm_bit_for_bit() {
         use rayon::prelude::*;
-        let glibc_fma = cfg!(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))
-            && std::arch::is_x86_feature_detected!("fma")
+        let glibc_fma = cfg!(all(
+            target_arch = "x86_64",
+            target_os = "linux",
+            target_env = "gnu"
+        )) && std::arch::is_x86_feature_detected!("fma")
             && std::arch::is_x86_feature_detected!("avx2");
         let check = |xs: &[f32]| {
             let mut got = xs.to_vec();
@@ -174,7 +177,11 @@ mod tests {
             for (&x, &y) in xs.iter().zip(&got) {
                 if glibc_fma {
                     let libm = x.exp();
-                    assert_eq!(y.to_bits(), libm.to_bits(), "exp({x:e}) = {y:e}, libm {libm:e}");
+                    assert_eq!(
+                        y.to_bits(),
+                        libm.to_bits(),
+                        "exp({x:e}) = {y:e}, libm {libm:e}"
+                    );
                     continue;
                 }
                 let want = (x as f64).exp() as f32;

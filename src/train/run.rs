@@ -608,7 +608,7 @@ impl<'a> Trainer<'a> {
             done += n;
         }
         let loss = loss_sum / per_step as f64;
-        let grad_norm = self.opt.grad_norm();
+        let grad_norm = self.opt.grad_norm()?;
         let skipped = !loss.is_finite() || !grad_norm.is_finite();
         if skipped {
             self.opt.zero_grad();
