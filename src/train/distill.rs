@@ -97,12 +97,13 @@ impl FusedDistill {
         let one = self.temperature == 1.0;
         let plain = !one && self.ce_weight > 0.0;
         let [es, et, e1] = buf;
-        for b in [&mut *es, &mut *et, &mut *e1] {
+        for b in [&mut *es, &mut *et] {
             b.resize(s.len(), 0.0);
         }
         exp_map(et, t, |t| (t - max_t) * inv_t);
         exp_map(es, s, |s| (s - max_s) * inv_t);
         if plain {
+            e1.resize(s.len(), 0.0);
             exp_map(e1, s, |s| s - max_s);
         }
         for i in 0..s.len() {

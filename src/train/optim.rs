@@ -230,7 +230,6 @@ impl AdamW {
                     scale: grad_scale as f32,
                 })
             })??;
-            p.clear();
         }
         self.zero_grad();
         Ok(())
