@@ -55,7 +55,7 @@ impl FeatureMap {
         match self {
             Self::Relu { q, k } => {
                 let lin = relu_linear(q, k, role);
-                Ok(lin.forward(x, exec)?.relu()?)
+                lin.forward_relu(x, exec)
             }
             Self::Hedgehog { q, k } => {
                 let w = if role == Role::Query { q } else { k };

@@ -5,7 +5,7 @@
 //! independent dot products over memory read once: split them across cores.
 
 use crate::attention::Exec;
-use crate::model::linear_grad::{add_bias, matmul_wt};
+use crate::model::linear_grad::{add_bias, add_bias_relu, matmul_wt};
 use crate::model::quant::{QMatrix, WeightFormat};
 use crate::model::spin;
 use anyhow::Result;
@@ -89,7 +89,7 @@ impl Linear {
             return Ok(y.remove(0));
         }
         if exec == Exec::Train {
-            return self.train_forward(x);
+            return self.train_forward(x, false);
         }
         if let Some((a, b, scale)) = &self.lora {
             let base = self.inner.forward(x)?;
@@ -106,15 +106,25 @@ impl Linear {
 
     /// The differentiable form: products whose backward computes only the gradients that
     /// reach a variable, each in its weight's own layout ([`matmul_wt`]).
-    fn train_forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn train_forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let mut y = matmul_wt(x, self.inner.weight())?;
         if let Some((a, b, scale)) = &self.lora {
             y = (y + (matmul_wt(&matmul_wt(x, a)?, b)? * *scale)?)?;
         }
-        Ok(match self.inner.bias() {
-            Some(bias) => add_bias(&y, bias)?,
-            None => y,
+        Ok(match (self.inner.bias(), relu) {
+            (Some(bias), false) => add_bias(&y, bias)?,
+            (Some(bias), true) => add_bias_relu(&y, bias)?,
+            (None, false) => y,
+            (None, true) => y.relu()?,
         })
+    }
+
+    /// ReLU(`forward`): the bias and the ReLU one op in training (φ of the SUPRA cell).
+    pub fn forward_relu(&self, x: &Tensor, exec: Exec) -> Result<Tensor> {
+        match exec == Exec::Train && self.quant.is_none() {
+            true => self.train_forward(x, true),
+            false => Ok(self.forward(x, exec)?.relu()?),
+        }
     }
 
     /// Any number of rows takes the blocks' integer kernel: a prompt's rows too, so that the

@@ -123,30 +123,77 @@ impl CustomOp2 for MatmulWt {
     }
 }
 
-struct BiasAdd;
+/// y + b, then ReLU where `relu`.
+struct BiasAdd {
+    relu: bool,
+}
 
 /// y + b for b (out) along y's last dimension (…, out); f32 or f64. candle's broadcast sums
 /// b's gradient on one core while the other waits (a fifth of a cross-entropy step's serial
 /// work, from φ's biases); here the rows' blocks are summed on rayon's threads.
 pub fn add_bias(y: &Tensor, b: &Tensor) -> anyhow::Result<Tensor> {
-    Ok(y.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)?)
+    Ok(y.contiguous()?
+        .apply_op2(&b.contiguous()?, BiasAdd { relu: false })?)
+}
+
+/// ReLU(y + b), the values and gradients of `add_bias(y, b)?.relu()`. candle's ReLU runs on
+/// one core both ways and its backward builds a zero tensor, a comparison, a conversion and a
+/// product, one pass each, while the other core waits; here each way is one pass on rayon's
+/// threads.
+pub fn add_bias_relu(y: &Tensor, b: &Tensor) -> anyhow::Result<Tensor> {
+    Ok(y.contiguous()?
+        .apply_op2(&b.contiguous()?, BiasAdd { relu: true })?)
 }
 
 /// Rows a task of the forward, columns a task of the backward.
 const BIAS_ROWS: usize = 64;
 const BIAS_COLUMNS: usize = 64;
 
-/// Every row of `y` (rows × b.len()) plus `b`.
-fn plus_rows<T: WithDType>(y: &[T], b: &[T]) -> Vec<T> {
+/// candle's ReLU: `max(v, 0)`, NaN to 0.
+fn relu<T: WithDType>(v: T) -> T {
+    if v > T::zero() {
+        v
+    } else {
+        T::zero()
+    }
+}
+
+/// Every row of `y` (rows × b.len()) plus `b`, then ReLU where `relu`.
+fn plus_rows<T: WithDType>(y: &[T], b: &[T], relu_after: bool) -> Vec<T> {
     let mut out = y.to_vec();
     out.par_chunks_mut(b.len() * BIAS_ROWS).for_each(|block| {
         for row in block.chunks_mut(b.len()) {
             for (o, &c) in row.iter_mut().zip(b) {
                 *o += c;
+                if relu_after {
+                    *o = relu(*o);
+                }
             }
         }
     });
     out
+}
+
+/// ReLU's backward: `dy` where y + b ≥ 0, else 0 (times 1 or 0, as candle's backward: the
+/// same bits, signed zeros included).
+fn relu_grad<T: WithDType>(dy: &[T], y: &[T], b: &[T]) -> Vec<T> {
+    let mut dx = dy.to_vec();
+    let block = b.len() * BIAS_ROWS;
+    dx.par_chunks_mut(block)
+        .zip(y.par_chunks(block))
+        .for_each(|(dx, y)| {
+            for (dx, y) in dx.chunks_mut(b.len()).zip(y.chunks(b.len())) {
+                for ((d, &y), &c) in dx.iter_mut().zip(y).zip(b) {
+                    let open = if y + c >= T::zero() {
+                        T::one()
+                    } else {
+                        T::zero()
+                    };
+                    *d *= open;
+                }
+            }
+        });
+    dx
 }
 
 /// The column sums of `dy` (rows × out), the columns split among rayon's threads, each
@@ -168,7 +215,10 @@ fn column_sums<T: WithDType>(dy: &[T], out: usize) -> Vec<T> {
 
 impl CustomOp2 for BiasAdd {
     fn name(&self) -> &'static str {
-        "bias-add"
+        match self.relu {
+            false => "bias-add",
+            true => "bias-add-relu",
+        }
     }
 
     fn cpu_fwd(
@@ -182,12 +232,13 @@ impl CustomOp2 for BiasAdd {
         if yl.shape().dims().last() != Some(&out) {
             candle_core::bail!("add_bias: y {:?} against a bias of {out}", yl.shape());
         }
+        let relu = self.relu;
         let y = match (ys.dtype(), bs.dtype()) {
             (DType::F32, DType::F32) => {
-                CpuStorage::F32(plus_rows(slice::<f32>(ys, yl)?, slice(bs, bl)?))
+                CpuStorage::F32(plus_rows(slice::<f32>(ys, yl)?, slice(bs, bl)?, relu))
             }
             (DType::F64, DType::F64) => {
-                CpuStorage::F64(plus_rows(slice::<f64>(ys, yl)?, slice(bs, bl)?))
+                CpuStorage::F64(plus_rows(slice::<f64>(ys, yl)?, slice(bs, bl)?, relu))
             }
             _ => candle_core::bail!(
                 "add_bias: y is {:?} and b {:?}; both f32 or both f64",
@@ -206,23 +257,39 @@ impl CustomOp2 for BiasAdd {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let db = match b.track_op() {
-            false => None,
-            true => {
-                let out = b.elem_count();
-                let db = match dy.dtype() {
-                    DType::F32 => with_slices([&dy], |[d]: [&[f32]; 1]| {
-                        Tensor::from_vec(column_sums(d, out), out, b.device())
-                    })?,
-                    DType::F64 => with_slices([&dy], |[d]: [&[f64]; 1]| {
-                        Tensor::from_vec(column_sums(d, out), out, b.device())
-                    })?,
-                    other => candle_core::bail!("add_bias: gradients in f32 or f64, got {other:?}"),
-                };
-                Some(db?)
-            }
+        let want = (y.track_op(), b.track_op());
+        match dy.dtype() {
+            DType::F32 => self.gradients::<f32>(y, b, &dy, want),
+            DType::F64 => self.gradients::<f64>(y, b, &dy, want),
+            other => candle_core::bail!("add_bias: gradients in f32 or f64, got {other:?}"),
+        }
+    }
+}
+
+impl BiasAdd {
+    /// (dy, db) as tensors of y's and b's shapes. Without the ReLU, y's gradient is the
+    /// output's as it is: no pass over it.
+    fn gradients<T: WithDType>(
+        &self,
+        y: &Tensor,
+        b: &Tensor,
+        dy: &Tensor,
+        (want_dy, want_db): (bool, bool),
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (masked, db) = with_slices([dy, y, b], |[dy, y, b]: [&[T]; 3]| {
+            let masked = (self.relu && (want_dy || want_db)).then(|| relu_grad(dy, y, b));
+            let db = want_db.then(|| column_sums(masked.as_deref().unwrap_or(dy), b.len()));
+            (masked, db)
+        })?;
+        let dy = match (want_dy, masked) {
+            (false, _) => None,
+            (true, Some(m)) => Some(Tensor::from_vec(m, y.shape(), y.device())?),
+            (true, None) => Some(dy.clone()),
         };
-        Ok((y.track_op().then_some(dy), db))
+        let db = db
+            .map(|v| Tensor::from_vec(v, b.shape(), b.device()))
+            .transpose()?;
+        Ok((dy, db))
     }
 }
 
@@ -275,6 +342,60 @@ mod tests {
         let dev = Device::Cpu;
         let y = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
         assert!(add_bias(&y, &Tensor::zeros(5, DType::F32, &dev).unwrap()).is_err());
+    }
+
+    /// The fused ReLU's value and both gradients equal candle's `broadcast_add` then `relu`
+    /// to the bit, f32 and f64, with some y + b exactly zero (where candle's backward lets the
+    /// gradient through) and some NaN (where it does not).
+    #[test]
+    fn bias_relu_equals_candles_composition_to_the_bit() {
+        let bits = |t: &Tensor| -> Vec<u64> {
+            let t = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
+            t.to_vec1::<f64>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        for dtype in [DType::F32, DType::F64] {
+            let (rows, out) = (150, 70);
+            let b = randn_in(dtype, 0.0, 1.0, &[out]);
+            // Row 3 is −b (exact zeros after the add), one element NaN.
+            let mut y = randn_in(dtype, 0.0, 1.0, &[rows, out]);
+            let minus_b = b.neg().unwrap().unsqueeze(0).unwrap();
+            y = y.slice_assign(&[3..4, 0..out], &minus_b).unwrap();
+            let nan = Tensor::full(f32::NAN, (1, 1), &Device::Cpu).unwrap();
+            y = y
+                .slice_assign(&[5..6, 2..3], &nan.to_dtype(dtype).unwrap())
+                .unwrap();
+            let (y, b) = (Var::from_tensor(&y).unwrap(), Var::from_tensor(&b).unwrap());
+            let r = randn_in(dtype, 0.0, 1.0, &[rows, out]);
+            let ours = add_bias_relu(y.as_tensor(), b.as_tensor()).unwrap();
+            let theirs = y
+                .as_tensor()
+                .broadcast_add(b.as_tensor())
+                .unwrap()
+                .relu()
+                .unwrap();
+            assert_eq!(bits(&ours), bits(&theirs), "{dtype:?} values");
+            // Σ r ⊙ out without the NaN's row, which would make every sum NaN.
+            let keep = Tensor::ones((rows, out), dtype, &Device::Cpu).unwrap();
+            let zero_row = Tensor::zeros((1, out), dtype, &Device::Cpu).unwrap();
+            let r = (r * keep.slice_assign(&[5..6, 0..out], &zero_row).unwrap()).unwrap();
+            let grads = |t: &Tensor| t.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+            let (g1, g2) = (grads(&ours), grads(&theirs));
+            for v in [&y, &b] {
+                let (a, c) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+                assert_eq!(bits(a), bits(c), "{dtype:?} gradient of {:?}", v.dims());
+            }
+            let dy = g1.get(&y).unwrap().to_dtype(DType::F64).unwrap();
+            let r3 = r.get(3).unwrap().to_dtype(DType::F64).unwrap();
+            assert_eq!(
+                dy.get(3).unwrap().to_vec1::<f64>().unwrap(),
+                r3.to_vec1::<f64>().unwrap(),
+                "{dtype:?}: y + b = 0 passes the gradient"
+            );
+        }
     }
 
     /// A frozen operand gets no gradient computed: the backward returns None for it.

@@ -201,7 +201,7 @@ fn backward<T: WithDType>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
         });
     // dw = Σ_rows dy ⊙ (x / rms), each column summed over the rows in order, as candle's
     // reduction over the broadcast dimensions adds; columns in blocks on rayon's threads.
-    let inv: Vec<T> = x.chunks_exact(d).map(|x| rms(x, eps).1).collect();
+    let inv: Vec<T> = x.par_chunks_exact(d).map(|x| rms(x, eps).1).collect();
     dw.par_chunks_mut(COLUMNS_PER_TASK)
         .enumerate()
         .for_each(|(blk, dw)| {
