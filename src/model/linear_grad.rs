@@ -7,7 +7,7 @@
 //! in W's (out, in) layout and computes only the gradients that reach a variable.
 
 use crate::attention::supra::fused::{slice, with_slices};
-use crate::model::gemm::{product_threaded, Strided};
+use crate::model::gemm::{product_threaded, transposed_product_threaded, Strided};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -36,10 +36,8 @@ fn gradients<T: WithDType>(
         let (lhs, rhs) = (Strided::rows(dy, out), Strided::rows(w, inp));
         product_threaded((rows, inp, out), lhs, rhs)
     });
-    let dw = want_dw.then(|| {
-        let (lhs, rhs) = (Strided::transposed_rows(dy, out), Strided::rows(x, inp));
-        product_threaded((out, inp, rows), lhs, rhs)
-    });
+    let dw =
+        want_dw.then(|| transposed_product_threaded((out, inp, rows), dy, Strided::rows(x, inp)));
     (dx, dw)
 }
 
