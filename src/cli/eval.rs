@@ -60,6 +60,9 @@ pub(crate) fn eval(a: &EvalArgs) -> Result<()> {
     let dir = data_dir(&a.data_dir);
     let (loaded, mut model) = a.model.load()?;
     a.branches.apply(&mut model)?;
+    // Every forward pass allocates and frees the same buffers (its logits alone are tens of
+    // MB): kept in the process, their pages are not faulted in and zeroed again each pass.
+    supra::heap::keep_freed_for_reuse();
     let engine = Engine {
         model: &model,
         tokenizer: &loaded.tokenizer,

@@ -111,6 +111,8 @@ pub(crate) fn score_windows(a: &ScoreArgs, window: usize) -> Result<()> {
     let form: Form = a.mode.parse()?;
     let (loaded, mut model) = a.model.load()?;
     a.branches.apply(&mut model)?;
+    // Each window's pass allocates and frees the same buffers: keep their pages (as eval).
+    supra::heap::keep_freed_for_reuse();
     let limit = a.max_tokens.unwrap_or(usize::MAX);
     let docs: Vec<Vec<u32>> = docs
         .iter()
