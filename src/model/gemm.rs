@@ -111,7 +111,7 @@ pub fn transposed_product_threaded<T: WithDType>(
         .enumerate()
         .for_each_init(Vec::new, |block, (i, out)| {
             let (from, rows) = (i * TRANSPOSED_BLOCK_ROWS, out.len() / n.max(1));
-            block.clear();
+            // Every element is written below: only a longer block needs new ones.
             block.resize(rows * k, T::zero());
             // Sixteen output rows at a time: their sixteen lines of `block` stay in L1 while
             // each row of `a` gives one line of values.
