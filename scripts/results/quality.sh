@@ -15,10 +15,14 @@
 #   phase probes    perplexity by position with the whole history (5 books × 8k tokens),
 #                   passkey at 1k and 2k
 #   phase validpos  perplexity by position on text/valid (3 books × 8k), where choices are made
-#   phase tasks     lambada_openai, piqa, arc_easy (full sets), hellaswag (first 1,000); the
-#                   long runs: phase all, whose full sets hold these four
+#   phase tasks     lambada_openai, piqa, arc_easy (full sets), hellaswag (first 1,000), a
+#                   control with its window only; the long runs: phase all, whose full sets
+#                   hold these four
 #   phase all       every task on its full set (`supra eval --tasks all`; for the long runs)
 #   phase samples   greedy continuations and chat answers of fixed prompts
+#   phase longprobes  the teacher's own long-context probes (docs/results/eval.md: passkey and
+#                   needle at 1k-32k, one trial per cell; perplexity by position in 4 windows
+#                   of 32k tokens of text/longctx), the same prompts, for the long runs' models
 #
 #   scripts/results/quality.sh PHASE [ROW...]   (OUT=runs/quality, from $QUALITY_OUT)
 #
@@ -28,7 +32,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${QUALITY_OUT:-runs/quality}
 DATA=${SUPRA_DATA_DIR:-../shared/data}
-PHASE=${1:?usage: scripts/results/quality.sh train|probes|validpos|tasks|all|samples [ROW...]}
+PHASE=${1:?usage: scripts/results/quality.sh train|probes|validpos|tasks|all|samples|longprobes [ROW...]}
 shift
 TOKENS=262144
 mkdir -p "$OUT"
@@ -268,15 +272,22 @@ for row in "${ORDER[@]}"; do
         --length 8k --sequences 3 --edges 1k,2k
       ;;
     tasks)
-      [[ $row == control-* ]] && continue
       # The long runs are judged on full sets, which `all` holds: their four tasks come from
       # its report, not from a second pass over the same requests.
       [[ $row == long-* ]] && { all_tasks "$row"; continue; }
-      task "$row" tasks --tasks piqa,arc_easy,lambada_openai
-      task "$row" hellaswag --tasks hellaswag --limit 1000
+      # A control is its converted model with the (untrained) linear branch off.
+      b=$(probe_branches "$row")
+      task "$row" tasks --tasks piqa,arc_easy,lambada_openai --branches "$b"
+      task "$row" hellaswag --tasks hellaswag --limit 1000 --branches "$b"
       ;;
     all) all_tasks "$row" ;;
     samples) once "$OUT/$row/samples.md" samples "$row" ;;
-    *) echo "unknown phase $PHASE (train, probes, validpos, tasks, all or samples)" >&2; exit 2 ;;
+    longprobes) # scripts/results/probes.sh's settings, so that the grids match the teacher's.
+      b=$(probe_branches "$row")
+      probe long-position "$row" position --branches "$b"
+      probe long-passkey "$row" passkey --branches "$b" --trials 1
+      probe long-needle "$row" needle --branches "$b" --trials 1
+      ;;
+    *) echo "unknown phase $PHASE (train, probes, validpos, tasks, all, samples or longprobes)" >&2; exit 2 ;;
   esac
 done
