@@ -24,6 +24,8 @@ pub struct LinearizeOptions {
     /// Held-out text for perplexity.
     pub test: PathBuf,
     pub eval_tokens: usize,
+    /// Tokens per perplexity window (each scored with no history before it).
+    pub eval_window: usize,
     pub prompt: String,
     pub token_cache: PathBuf,
 }
@@ -166,7 +168,7 @@ pub fn linearize(teacher: LoadedModel, opts: &LinearizeOptions) -> Result<Report
     let text = read_held_out(&opts.test, opts.eval_tokens * 8)?;
     let mut ids = teacher.tokenizer.encode(&text)?;
     ids.truncate(opts.eval_tokens);
-    let window = opts.train.seq_len;
+    let window = opts.eval_window;
     let both = Branches::Both;
     let teacher_ppl = held_out_ppl(&teacher, both, &ids, window, "teacher (softmax)")?;
     let control = match opts.convert.window {

@@ -257,8 +257,9 @@ pub(crate) struct LinearizeArgs {
     pub(crate) recipe: String,
     /// Exact softmax attention over the last W tokens (and 4 sinks) beside each layer's linear
     /// state, which stays constant in the context; 0 converts to pure linear layers (the
-    /// paper's RNN, further from the teacher at this budget).
-    #[arg(long, default_value_t = 64)]
+    /// paper's RNN, further from the teacher at this budget). 256 reads the teacher's held-out
+    /// perplexity after 131,072 tokens where 64 reads 1.11× (docs/results/quality.md).
+    #[arg(long, default_value_t = 256)]
     pub(crate) window: usize,
     /// Feature map of the linear branch (see `supra convert --help`; relu and hedgehog tie on
     /// text/valid after 262,144 tokens of transfer+distill, docs/results/quality.md, and relu
@@ -271,8 +272,9 @@ pub(crate) struct LinearizeArgs {
     /// Shared data directory [default: $SUPRA_DATA_DIR or ../shared/data].
     #[arg(long)]
     pub(crate) data_dir: Option<PathBuf>,
-    /// Tokens per window (training and perplexity).
-    #[arg(long, default_value_t = 512)]
+    /// Tokens per training window: longer than the attention window, so that the linear state
+    /// learns to carry what falls out of it (2,048 moved the long positions most).
+    #[arg(long, default_value_t = 2048)]
     pub(crate) seq_len: usize,
     /// Tokens per optimizer update.
     #[arg(long, default_value_t = 4096)]
@@ -280,12 +282,24 @@ pub(crate) struct LinearizeArgs {
     /// Held-out tokens for perplexity (from DATA_DIR/text/test).
     #[arg(long, default_value_t = 8192)]
     pub(crate) eval_tokens: usize,
+    /// Tokens per perplexity window (each window starts with no history, as `supra score
+    /// --window` scores; docs/results/quality.md uses 512).
+    #[arg(long, default_value_t = 512)]
+    pub(crate) eval_window: usize,
     /// Prompt for the sample.
     #[arg(long, default_value = "The old house at the end of the lane")]
     pub(crate) prompt: String,
 }
 
 pub(crate) fn linearize(a: &LinearizeArgs) -> Result<()> {
+    // Checked before training, not after it.
+    if a.eval_window < 2 || a.eval_tokens < 2 {
+        bail!(
+            "--eval-window {} and --eval-tokens {}: perplexity needs at least 2 of each",
+            a.eval_window,
+            a.eval_tokens
+        );
+    }
     let dir = data_dir(&a.data_dir);
     let data = if a.data.is_empty() {
         vec![dir.join("text/train")]
@@ -337,6 +351,7 @@ pub(crate) fn linearize(a: &LinearizeArgs) -> Result<()> {
         valid: valid.exists().then(|| vec![valid]),
         test,
         eval_tokens: a.eval_tokens,
+        eval_window: a.eval_window,
         prompt: a.prompt.clone(),
         token_cache: fetch::cache_dir().join("tokens"),
     };
