@@ -474,3 +474,21 @@ fn inputs_that_once_panicked_fail_cleanly() {
     }
     assert!(n >= 3);
 }
+
+#[test]
+fn linearize_refuses_an_empty_perplexity_window_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("out");
+    for (flag, value) in [("--eval-window", "1"), ("--eval-tokens", "0")] {
+        let out = common::supra(&[
+            "linearize",
+            "/nonexistent/model.gguf",
+            "--out",
+            out_dir.to_str().unwrap(),
+            flag,
+            value,
+        ]);
+        assert_clean_error(&out, &[flag, "at least 2"]);
+        assert!(!out_dir.exists(), "{flag} {value}: nothing written");
+    }
+}
