@@ -3,8 +3,10 @@
 
     python3 scripts/results/quality_table.py [OUT=runs/quality]
 
-One row per directory under OUT, in quality.sh's order (the fixed-budget rows, then the two long
-runs); a figure not measured yet is "…".
+One row per directory under OUT, in quality.sh's order (the teacher, the window-only control, the
+fixed-budget grid recipe × cell × window, the paper's preset, then the pure linear cell's
+one-change rows); a figure not measured yet is "…". The long runs have tables of their own in
+quality.md.
 Held-out perplexity is over text/test (5 books × their first 8,192 tokens, 512-token windows);
 positions are perplexity by position with the whole history (5 books × 8k tokens); wall time
 is training only (summed over resumed invocations); tokens/s is the median of the run's
@@ -16,7 +18,11 @@ OUT = sys.argv[1] if len(sys.argv) > 1 else "runs/quality"
 ORDER = ["teacher", "control-w64", "td-relu-w64", "td-hedgehog-w64", "tce-relu-w64",
          "tce-hedgehog-w64", "td-relu", "td-hedgehog", "tce-relu", "tce-hedgehog", "supra-relu",
          "supra-hedgehog", "supra-relu-w64", "supra-hedgehog-w64", "supra-paper-relu",
-         "long-td-relu-w64", "long-td-relu"]
+         "td-relu-all", "td-relu-all-raw", "td-relu-all-fd128", "td-relu-all-learn"]
+# The pure linear cell's one-change rows: transfer+distill relu with these changes.
+CHANGES = {"all": "every parameter", "all-raw": "every parameter, raw transfer target",
+           "all-fd128": "every parameter, feature dim 128",
+           "all-learn": "every parameter, learned decay"}
 RECIPE = {"td": "transfer+distill", "tce": "transfer+finetune", "supra": "supra (all, CE)",
           "supra-paper": "supra-paper (all, CE)"}
 
@@ -35,14 +41,12 @@ def describe(row):
         return "teacher (softmax)", "—", "—"
     if row.startswith("control"):
         return "window + 4 sinks only (untrained)", "—", "64"
-    # The long runs: 1,048,576 tokens, judged on hellaswag's full set.
-    long = row.startswith("long-")
-    base = row[len("long-"):] if long else row
-    window = "64" if base.endswith("-w64") else "none"
-    base = base[: -len("-w64")] if base.endswith("-w64") else base
+    if row.startswith("td-relu-all"):
+        return f"transfer+distill, {CHANGES[row[len('td-relu-'):]]}", "SUPRA relu", "none"
+    window = "64" if row.endswith("-w64") else "none"
+    base = row[: -len("-w64")] if row.endswith("-w64") else row
     recipe, cell = base.rsplit("-", 1)
-    recipe = RECIPE[recipe] + (", 1,048,576 tokens (hellaswag: full set)" if long else "")
-    return recipe, {"relu": "SUPRA relu", "hedgehog": "Hedgehog"}[cell], window
+    return RECIPE[recipe], {"relu": "SUPRA relu", "hedgehog": "Hedgehog"}[cell], window
 
 
 def task(report, name, metric):
