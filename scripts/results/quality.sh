@@ -252,22 +252,23 @@ samples() { # row
 for row in "${ORDER[@]}"; do
   [ -n "${ROWS[$row]+x}" ] || { echo "unknown row $row (rows: ${!ROWS[*]})" >&2; exit 2; }
   mkdir -p "$OUT/$row"
+  # The branches a row is measured with: a control (the converted model with its untrained
+  # linear branch off) has only its window.
+  b=$(probe_branches "$row")
   case $PHASE in
     train)
       train_row "$row"
-      branches=("$(probe_branches "$row")")
+      branches=("$b")
       [[ $row != control-* ]] && is_window "$row" && branches=(both window linear)
       for b in "${branches[@]}"; do heldout "$row" "$b"; done
       valid "$row" "${branches[0]}"
       ;;
     probes)
-      b=$(probe_branches "$row")
       probe position "$row" position --branches "$b" --text "$DATA/text/test" --length 8k \
         --sequences 5 --edges 1k,2k
       probe passkey "$row" passkey --branches "$b" --lengths 1k,2k
       ;;
     validpos) # Perplexity by position on text/valid (3 books × 8k), where choices are made.
-      b=$(probe_branches "$row")
       probe valid-position "$row" position --branches "$b" --text "$DATA/text/valid" \
         --length 8k --sequences 3 --edges 1k,2k
       ;;
@@ -275,15 +276,12 @@ for row in "${ORDER[@]}"; do
       # The long runs are judged on full sets, which `all` holds: their four tasks come from
       # its report, not from a second pass over the same requests.
       [[ $row == long-* ]] && { all_tasks "$row"; continue; }
-      # A control is its converted model with the (untrained) linear branch off.
-      b=$(probe_branches "$row")
       task "$row" tasks --tasks piqa,arc_easy,lambada_openai --branches "$b"
       task "$row" hellaswag --tasks hellaswag --limit 1000 --branches "$b"
       ;;
     all) all_tasks "$row" ;;
     samples) once "$OUT/$row/samples.md" samples "$row" ;;
     longprobes) # scripts/results/probes.sh's settings, so that the grids match the teacher's.
-      b=$(probe_branches "$row")
       probe long-position "$row" position --branches "$b"
       probe long-passkey "$row" passkey --branches "$b" --trials 1
       probe long-needle "$row" needle --branches "$b" --trials 1

@@ -15,7 +15,7 @@ updates.
 import json, os, statistics, sys
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else "runs/quality"
-ORDER = ["teacher", "control-w64", "td-relu-w64", "td-hedgehog-w64", "tce-relu-w64",
+ORDER = ["teacher", "control-w64", "control-w256", "td-relu-w64", "td-hedgehog-w64", "tce-relu-w64",
          "tce-hedgehog-w64", "td-relu", "td-hedgehog", "tce-relu", "tce-hedgehog", "supra-relu",
          "supra-hedgehog", "supra-relu-w64", "supra-hedgehog-w64", "supra-paper-relu",
          "td-relu-all", "td-relu-all-raw", "td-relu-all-fd128", "td-relu-all-learn"]
@@ -39,8 +39,8 @@ def fmt(x, spec=".2f"):
 def describe(row):
     if row == "teacher":
         return "teacher (softmax)", "—", "—"
-    if row.startswith("control"):
-        return "window + 4 sinks only (untrained)", "—", "64"
+    if row.startswith("control-w"):
+        return "window + 4 sinks only (untrained)", "—", row[len("control-w"):]
     if row.startswith("td-relu-all"):
         return f"transfer+distill, {CHANGES[row[len('td-relu-'):]]}", "SUPRA relu", "none"
     window = "64" if row.endswith("-w64") else "none"
