@@ -32,9 +32,12 @@ def load(path, model=None):
 
 
 def spans(result):
-    if result.get("bucket") != 1024:
-        sys.exit(f"{result['model']}: expected 1k buckets")
-    by_start = {b["start"]: b["perplexity"] for b in result["buckets"]}
+    # Reports before the --edges option hold "bucket" and "buckets", later ones "rows".
+    buckets = result["rows"] if "rows" in result else result["buckets"]
+    starts = [b["start"] for b in buckets]
+    if starts != list(range(0, 1024 * len(starts), 1024)):
+        sys.exit(f"{result['model']}: expected 1k buckets from position 0")
+    by_start = {b["start"]: b["perplexity"] for b in buckets}
     out = []
     for lo, hi in SPANS:
         ppls = [by_start[s] for s in range(lo * 1024, hi * 1024, 1024) if s in by_start]
