@@ -260,7 +260,7 @@ for row in "${ORDER[@]}"; do
       train_row "$row"
       branches=("$b")
       [[ $row != control-* ]] && is_window "$row" && branches=(both window linear)
-      for b in "${branches[@]}"; do heldout "$row" "$b"; done
+      for br in "${branches[@]}"; do heldout "$row" "$br"; done
       valid "$row" "${branches[0]}"
       ;;
     probes)
