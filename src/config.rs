@@ -147,6 +147,40 @@ impl std::str::FromStr for Mix {
     }
 }
 
+/// Where a window layer's queries see the attention sinks, for RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkPositions {
+    /// At their own positions 0..s: a query at n sees sink j at distance n − j, which passes
+    /// the teacher's context on long inputs (models converted before cache positions).
+    #[default]
+    Absolute,
+    /// At their place in the cache, just before the window (StreamingLLM): no query sees sink
+    /// j farther than s + w − 1 − j, so the exact part never leaves the teacher's distances.
+    Cache,
+}
+
+impl SinkPositions {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Absolute => "absolute",
+            Self::Cache => "cache",
+        }
+    }
+}
+
+impl std::str::FromStr for SinkPositions {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "absolute" => Ok(Self::Absolute),
+            "cache" => Ok(Self::Cache),
+            other => bail!("unknown sink positions '{other}' (known: absolute, cache)"),
+        }
+    }
+}
+
 /// The window of the window layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -156,6 +190,9 @@ pub struct WindowConfig {
     /// s: and to the first s tokens of the sequence (attention sinks).
     pub sinks: usize,
     pub mix: Mix,
+    /// Absent in configs written before the option: the positions those models had.
+    #[serde(default)]
+    pub sink_positions: SinkPositions,
 }
 
 /// How φ's parameters start.

@@ -1095,7 +1095,7 @@ enum Cell {
 }
 
 fn tiny_cell(dir: &Path, cell: Cell) -> LoadedModel {
-    use supra::config::{FeatureKind, Mix, WindowConfig};
+    use supra::config::{FeatureKind, Mix, SinkPositions, WindowConfig};
     let p = dir.join("teacher.gguf");
     write_tiny_gguf(&p, 21).unwrap();
     let teacher = supra::io::load(&p).unwrap();
@@ -1107,6 +1107,7 @@ fn tiny_cell(dir: &Path, cell: Cell) -> LoadedModel {
         window: 8,
         sinks: 2,
         mix: Mix::Shared,
+        sink_positions: SinkPositions::Cache,
     });
     convert(
         &teacher,

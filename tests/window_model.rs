@@ -6,7 +6,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::testing::{logits, max_diff, stepwise_logits, write_tiny_gguf};
 use supra::attention::window::Branches;
-use supra::config::{AttentionKind, FeatureKind, Mix, WindowConfig};
+use supra::config::{AttentionKind, FeatureKind, Mix, SinkPositions, WindowConfig};
 use supra::convert::{convert, ConvertOptions};
 use supra::io::LoadedModel;
 use supra::model::llama::{Form, Llama};
@@ -29,6 +29,7 @@ fn window_opts(window: usize, feature_map: FeatureKind, mix: Mix) -> ConvertOpti
             window,
             sinks: 2,
             mix,
+            sink_positions: SinkPositions::Cache,
         }),
         feature_map,
         mix_share: AUDIBLE,
@@ -73,7 +74,7 @@ fn window_models_convert_reload_and_agree_in_every_form() {
         let info = String::from_utf8_lossy(&info.stdout).to_string();
         assert!(
             info.contains("window ×1, supra at layers 1")
-                && info.contains("8 tokens + 2 sinks")
+                && info.contains("8 tokens + 2 sinks (at cache positions)")
                 && info.contains(&format!("φ {fm}")),
             "{info}"
         );
@@ -355,7 +356,8 @@ fn window_smollm2_modes_agree_on_1000_tokens() {
     }
 }
 
-/// A hand-edited config.json with a bad window is refused by name, never run.
+/// A hand-edited config.json with a bad window is refused by name, never run; one without
+/// the sinks' positions (written before the option) reads as absolute.
 #[test]
 fn bad_window_configs_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -387,6 +389,22 @@ fn bad_window_configs_are_clear_errors() {
     common::assert_clean_error(&o, &["config.json", "blend"]);
     let o = edit(&|v| v["supra"]["feature_map"] = "cosine".into());
     common::assert_clean_error(&o, &["config.json", "cosine"]);
+    let o = edit(&|v| v["supra"]["window"]["sink_positions"] = "middle".into());
+    common::assert_clean_error(&o, &["config.json", "middle"]);
+    // A config from before the option loads with the positions its model had.
+    let o = edit(&|v| {
+        v["supra"]["window"]
+            .as_object_mut()
+            .unwrap()
+            .remove("sink_positions")
+            .map(drop)
+            .unwrap()
+    });
+    let info = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && info.contains("2 sinks (at absolute positions)"),
+        "{info}"
+    );
 }
 
 /// `supra bench infer` on a window hybrid: one row per context, each decode rate paired with

@@ -15,7 +15,9 @@ DESIGN.md and the cells' module docs, in the same names as model.safetensors:
            decay γ; o = GroupNorm(((φq φkᵀ / √d') ⊙ D) V) with D[n, m] = γ^(n−m), m ≤ n
   window   exact softmax over the first `sinks` and the last `window` keys, the rest through
            φ (on the RoPE'd q, k) with decay γ^(n−w−m); one shared normaliser
-           (A + α B) / (a + α b + ε), α = sigmoid(θ), or gated (1 − g) A/a + g GroupNorm(B)
+           (A + α B) / (a + α b + ε), α = sigmoid(θ), or gated (1 − g) A/a + g GroupNorm(B);
+           with `sink_positions` "cache" query n scores the sinks RoPE'd at min(n, s + w − 1),
+           as if they sat just before the window (StreamingLLM's cache), not at its own n
 
 Two forms of each cell, one function: a block of T tokens read against the state left by the
 tokens before it. Training reads a sequence in blocks of `chunk_size` (the chunked form: exact
@@ -81,8 +83,11 @@ class SupraConfig(PretrainedConfig):
         kinds = self.attention_kinds
         if len(kinds) != num_hidden_layers or any(k not in KINDS for k in kinds):
             raise ValueError(f"supra.attention_kinds {kinds}: one of {KINDS} per layer")
-        if "window" in kinds and not (supra or {}).get("window"):
+        window = (supra or {}).get("window")
+        if "window" in kinds and not window:
             raise ValueError("window layers without supra.window (window, sinks, mix)")
+        if window and window.get("sink_positions", "absolute") not in ("absolute", "cache"):
+            raise ValueError(f"supra.window.sink_positions {window['sink_positions']!r}: absolute or cache")
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @classmethod
@@ -264,6 +269,8 @@ class Attention(nn.Module):
         if kind == "window":
             w = s["window"]
             self.window, self.sinks, self.mix = w["window"], w.get("sinks", 0), w.get("mix", "shared")
+            # Configs from before the option had the sinks at their own positions.
+            self.sink_positions = w.get("sink_positions", "absolute")
             self.window_mix = nn.Parameter(torch.zeros(self.H))
 
     def gammas(self, like):
@@ -295,11 +302,20 @@ class Attention(nn.Module):
         else:  # Hedgehog and every window cell read the RoPE'd q and k.
             fq, fk = self.phi(qr, "q"), self.phi(kr, "k")
         cell = self.supra if self.kind == "supra" else self.window_cell
+        qs = self.sink_queries(q, qr, pos)
         ys = []
         for a in range(0, q.shape[2], chunk):
             b = slice(a, a + chunk)
-            ys.append(cell(qr[:, :, b], kr[:, :, b], v[:, :, b], fq[:, :, b], fk[:, :, b], pos[b], state))
+            ys.append(cell(qr[:, :, b], qs[:, :, b], kr[:, :, b], v[:, :, b], fq[:, :, b], fk[:, :, b], pos[b], state))
         return torch.cat(ys, 2)
+
+    def sink_queries(self, q, qr, pos):
+        """The queries the sinks are scored with: RoPE'd at min(n, s + w − 1) with cache
+        positions, else the RoPE'd q itself."""
+        if self.kind != "window" or self.sink_positions == "absolute":
+            return qr
+        at = pos.clamp(max=max(self.sinks + self.window - 1, 0))
+        return rope(q, rope_tables(self.d, self.theta, at))
 
     def forward(self, x, state, start, chunk=None):
         """x (B, T, hidden) at positions start.. start+T−1 → (B, T, hidden); updates `state`
@@ -331,7 +347,7 @@ class Attention(nn.Module):
         causal = torch.ones(t, n, dtype=torch.bool, device=q.device).tril(n - t)
         return F.scaled_dot_product_attention(q, self.repeat(k), self.repeat(v), attn_mask=causal)
 
-    def supra(self, _q, _k, v, fq, fk, pos, st):
+    def supra(self, _q, _qs, _k, v, fq, fk, pos, st):
         """One block of the SUPRA cell: exact inside the block, S for every key before it."""
         g = self.gammas(v)[:, None, None]  # (H, 1, 1)
         fk, v = self.repeat(fk), self.repeat(v)
@@ -347,9 +363,9 @@ class Attention(nn.Module):
         st.S = carried + (fk * g ** (t - 1 - i[:, None]).float()).transpose(-1, -2) @ v
         return group_norm(o)
 
-    def window_cell(self, q, k, v, fq, fk, pos, st):
+    def window_cell(self, q, qs, k, v, fq, fk, pos, st):
         """One block of the window cell against the kept keys (sinks and the last window) and
-        the linear state S, z of every key that has left the window."""
+        the linear state S, z of every key that has left the window; qs scores the sinks."""
         w, s = self.window, self.sinks
         p, t = int(pos[0]), pos.shape[0]
         if st.positions is not None:
@@ -362,7 +378,8 @@ class Attention(nn.Module):
         exact = (m <= n) & ((m < s) | (m + w > n))
         # Keys not yet in S: S holds those m ≤ p − 1 − w (what query p − 1 reads linearly).
         linear = (m >= s) & (m + w <= n) & (m + w > p - 1)
-        logits = (q @ K.transpose(-1, -2)) / math.sqrt(self.d)
+        Kt = K.transpose(-1, -2)
+        logits = torch.where(m < s, qs @ Kt, q @ Kt) / math.sqrt(self.d)
         logits = logits.masked_fill(~exact, float("-inf"))
         c = logits.amax(-1, keepdim=True).detach()
         c = torch.where(torch.isfinite(c), c, torch.zeros((), device=c.device))

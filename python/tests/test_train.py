@@ -92,10 +92,11 @@ def test_resume_continues_exactly(tiny, tmp_path):
     ["--window", "4", "--sinks", "1", "--feature-map", "hedgehog", "--mix", "gated", "--decay", "learnable",
      "--mix-share", "0.5"],
     ["--window", "3", "--sinks", "0", "--decay", "none", "--mix-share", "0.5", "--feature-dim", "6"],
+    ["--window", "3", "--sinks", "2", "--sink-positions", "absolute", "--mix-share", "0.5"],
 ])
 def test_every_cell_variant_equals_supra(tiny, tmp_path, flags):
     """The cells and options beyond the default model's tests (Hedgehog, the gated mix, learned
-    and no decay, no sinks, d' ≠ d) on the tiny model: f64 log-probs equal supra's, chunked
+    and no decay, no sinks, d' ≠ d, sinks at their absolute positions) on the tiny model: f64 log-probs equal supra's, chunked
     (blocks of 4, crossing the window) and recurrent."""
     out = tmp_path / "model"
     supra("convert", tiny / "teacher", "--out", out, "--chunk-size", "4", *flags)

@@ -40,6 +40,11 @@ pub(crate) struct ConvertArgs {
     /// With --window: the first S tokens of a sequence stay in every window (attention sinks).
     #[arg(long, default_value_t = 4, requires = "window")]
     pub(crate) sinks: usize,
+    /// With --window: where queries see the sinks for RoPE: cache (StreamingLLM: at their place
+    /// just before the window, so no distance passes the teacher's, at any length) or absolute
+    /// (at positions 0..S; past the teacher's context the window path breaks).
+    #[arg(long, default_value = "cache", requires = "window")]
+    pub(crate) sink_positions: supra::config::SinkPositions,
     /// With --window: shared (one normaliser over both branches, LoLCATs) or gated (each
     /// normalised on its own, the linear one GroupNorm'd, blended by a learned per-head gate).
     #[arg(long, default_value = "shared", requires = "window")]
@@ -92,6 +97,7 @@ pub(crate) fn convert(a: &ConvertArgs) -> Result<()> {
             window,
             sinks: a.sinks,
             mix: a.mix,
+            sink_positions: a.sink_positions,
         }),
         supra_layers: a.supra_layers.clone(),
         mix_share: a.mix_share,

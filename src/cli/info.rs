@@ -39,9 +39,10 @@ pub(crate) fn info(m: &ModelArg) -> Result<()> {
         );
         if let Some(w) = &sc.window {
             println!(
-                "window              {} tokens + {} sinks, {} mix",
+                "window              {} tokens + {} sinks (at {} positions), {} mix",
                 w.window,
                 w.sinks,
+                w.sink_positions.name(),
                 w.mix.name()
             );
         }

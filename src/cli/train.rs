@@ -338,6 +338,7 @@ pub(crate) fn linearize(a: &LinearizeArgs) -> Result<()> {
             window: a.window,
             sinks: 4,
             mix: supra::config::Mix::Shared,
+            sink_positions: supra::config::SinkPositions::Cache,
         }),
         ..Default::default()
     };

@@ -237,6 +237,7 @@ impl Llama {
                     span: Span {
                         window: w.window,
                         sinks: w.sinks,
+                        sink_positions: w.sink_positions,
                     },
                     rope: head_rope.clone(),
                     branches: Branches::Both,
@@ -651,7 +652,7 @@ pub fn log_softmax_f64(logits: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Mix, WindowConfig};
+    use crate::config::{Mix, SinkPositions, WindowConfig};
     use crate::convert::{convert, ConvertOptions};
     use crate::testing::tiny_loaded;
 
@@ -667,6 +668,7 @@ mod tests {
                     window: 4,
                     sinks: 1,
                     mix: Mix::Shared,
+                    sink_positions: SinkPositions::Cache,
                 }),
                 supra_layers: vec![0],
                 mix_share: Some(0.3),

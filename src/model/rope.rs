@@ -138,11 +138,25 @@ impl Rope {
         let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
     }
+
+    /// The rotation that turns row t of a RoPE'd (…, T, dim) back by `backs[t]` positions
+    /// (R(−b) undoes b positions of RoPE).
+    pub fn turning_back(&self, backs: &[usize]) -> Result<Rotation> {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for &b in backs {
+            let (c, s) = self.row(b)?;
+            cos.extend(c.iter().map(|&v| f64::from(v)));
+            sin.extend(s.iter().map(|&v| -f64::from(v)));
+        }
+        Ok(Rotation { cos, sin })
+    }
 }
 
-/// Training's rotation of (…, T, dim) by the angles of T positions: cos and sin (T, dim/2),
-/// read in the tables' f32 values whatever the element type.
-struct Rotation {
+/// A rotation of (…, T, dim) by the angles of T positions: cos and sin (T, dim/2), read in the
+/// tables' f32 values whatever the element type. Training's RoPE, and the turn back of
+/// [`Rope::turning_back`].
+#[derive(Debug, Clone)]
+pub struct Rotation {
     cos: Vec<f64>,
     sin: Vec<f64>,
 }
@@ -151,6 +165,32 @@ struct Rotation {
 const ROWS_PER_TASK: usize = 64;
 
 impl Rotation {
+    /// Rotates `x` (…, T, dim), differentiable.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.contiguous()?.apply_op1(self.clone())?)
+    }
+
+    /// Whether this rotates `rows` positions of `dim` values each.
+    pub fn covers(&self, rows: usize, dim: usize) -> bool {
+        dim.is_multiple_of(2) && self.cos.len() == rows * dim / 2
+    }
+
+    /// Rotates one head's vector `x` at position t in place, by the rotation or (`inverse`)
+    /// back.
+    pub fn rotate_row<T: WithDType>(&self, t: usize, x: &mut [T], inverse: bool) {
+        let half = x.len() / 2;
+        let sign = if inverse { -1.0 } else { 1.0 };
+        let cos: Vec<T> = self.cos[t * half..][..half]
+            .iter()
+            .map(|&c| T::from_f64(c))
+            .collect();
+        let sin: Vec<T> = self.sin[t * half..][..half]
+            .iter()
+            .map(|&s| T::from_f64(sign * s))
+            .collect();
+        Rope::rotate(x, &cos, &sin);
+    }
+
     fn rotate<T: WithDType>(&self, x: &[T], dim: usize) -> Vec<T> {
         let half = dim / 2;
         let positions = self.cos.len() / half;

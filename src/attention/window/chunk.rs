@@ -9,6 +9,7 @@ use super::{fused, Span, EPS};
 use crate::attention::repeat_kv;
 use crate::attention::supra::{group_norm::group_norm, training_sums, HeadDecays};
 use crate::config::Mix;
+use crate::model::rope::Rotation;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
@@ -25,10 +26,11 @@ fn shifted(x: &Tensor, span: Span) -> Result<Tensor> {
     Ok(Tensor::cat(&[&zeros, &moved], 2)?)
 }
 
-/// q (B, H, T, d), k and v (B, H_kv, T, d) RoPE'd as the teacher's; φq (B, H, T, d') and φk
+/// q (B, H, T, d), k and v (B, H_kv, T, d) RoPE'd as the teacher's, `sinks` the turn of q
+/// into the queries that score the sinks (none: q scores them); φq (B, H, T, d') and φk
 /// (B, H_kv, T, d'); `weights` (1, H, 1, 1) the mix (α or g). Returns y (B, H, T, d).
 pub fn chunked(
-    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    ((q, k, v), sinks): ((&Tensor, &Tensor, &Tensor), Option<&Rotation>),
     (fq, fk): (&Tensor, &Tensor),
     weights: &Tensor,
     decays: &HeadDecays,
@@ -46,7 +48,7 @@ pub fn chunked(
         }
         Mix::Gated => training_sums(fq, &shifted(fk, span)?, &shifted(v, span)?, decays, chunk)?,
     };
-    let ex = exact_sums((q, k, v), span, chunk)?;
+    let ex = exact_sums(((q, k, v), sinks), span, chunk)?;
     let (big_a, a) = (ex.narrow(3, 0, d)?, ex.narrow(3, d, 1)?);
     Ok(match mix {
         Mix::Shared => {
@@ -70,20 +72,22 @@ pub fn chunked(
 /// the parallel form (`score --mode parallel`), kept composed as the reference the others are
 /// held to.
 pub fn exact_sums(
-    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    ((q, k, v), sinks): ((&Tensor, &Tensor, &Tensor), Option<&Rotation>),
     span: Span,
     chunk: usize,
 ) -> Result<Tensor> {
     let (_, h, t, _) = q.dims4()?;
     if chunk < t && matches!(q.dtype(), DType::F32 | DType::F64) {
-        return fused::exact(q, k, v, span, chunk);
+        return fused::exact((q, k, v), sinks, span, chunk);
     }
-    exact_composed((q, &repeat_kv(k, h)?, &repeat_kv(v, h)?), span, chunk)
+    let qs = sinks.map(|r| r.apply(q)).transpose()?;
+    let kv = (repeat_kv(k, h)?, repeat_kv(v, h)?);
+    exact_composed((q, qs.as_ref(), &kv.0, &kv.1), span, chunk)
 }
 
 /// [`exact_sums`] from candle ops, keys and values at the query heads.
 pub fn exact_composed(
-    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (q, qs, k, v): (&Tensor, Option<&Tensor>, &Tensor, &Tensor),
     span: Span,
     chunk: usize,
 ) -> Result<Tensor> {
@@ -123,8 +127,20 @@ pub fn exact_composed(
         let allowed = Tensor::from_vec(allowed, (1, 1, len, keys), dev)?.to_dtype(dtype)?;
         // Masked logits far below any real one, so the max is over allowed keys only; the exp
         // is multiplied by the mask as well, for rows that allow none.
-        let masked = ((qc.matmul(&kc.contiguous()?.t()?)? * scale)?
-            .broadcast_add(&((&allowed - 1.0)? * 1e30)?))?;
+        let kt = kc.contiguous()?.t()?;
+        let mut logits = qc.matmul(&kt)?;
+        if let Some(qs) = qs.filter(|_| positions[0] < span.sinks) {
+            // The sinks' columns (positions below s, a prefix) from q̃.
+            let sink: Vec<f64> = positions
+                .iter()
+                .map(|&m| f64::from(u8::from(m < span.sinks)))
+                .collect();
+            let sink = Tensor::from_vec(sink, (1, 1, 1, keys), dev)?.to_dtype(dtype)?;
+            let from_qs = qs.narrow(2, c0, len)?.contiguous()?.matmul(&kt)?;
+            logits = (logits.broadcast_mul(&sink.affine(-1.0, 1.0)?)?
+                + from_qs.broadcast_mul(&sink)?)?;
+        }
+        let masked = ((logits * scale)?.broadcast_add(&((&allowed - 1.0)? * 1e30)?))?;
         let c = masked.max_keepdim(D::Minus1)?;
         let e = masked.broadcast_sub(&c)?.exp()?.broadcast_mul(&allowed)?;
         outs.push(Tensor::cat(

@@ -21,27 +21,37 @@
 //! dQ = dS K      dK = dSᵀ Q      dV = Eᵀ dA
 //! ```
 //!
+//! With the sinks at cache positions their columns of S are scored from q̃_n, q_n turned
+//! back to the position [`Span::sink_query_position`] gives it; the op turns the rows itself,
+//! and turns their share of dQ forward again, so that q̃ is never a tensor of its own.
+//!
 //! Each task's key and value gradients are added to their positions afterwards in task order,
 //! so the result does not depend on the thread count.
 
 use super::Span;
 use crate::attention::supra::fused::{op3_grads, slice};
 use crate::model::gemm::{gemm, Strided};
+use crate::model::rope::Rotation;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
 /// [A, a] (B, H, T, d + 1) for q (B, H, T, d) and k, v (B, H_kv, T, d) RoPE'd as the teacher's,
-/// queries taken `chunk` at a time; differentiable in all three. f32 or f64.
+/// queries taken `chunk` at a time; differentiable in all three. `sinks`, where given, turns
+/// each q row into the query that scores the sinks (q̃, [`Span::sink_query_position`]). f32
+/// or f64.
 pub fn exact(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    sinks: Option<&Rotation>,
     span: Span,
     chunk: usize,
 ) -> anyhow::Result<Tensor> {
-    let op = Exact { span, chunk };
+    let op = Exact {
+        span,
+        chunk,
+        sinks: sinks.cloned(),
+    };
     Ok(q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
@@ -49,6 +59,8 @@ pub fn exact(
 struct Exact {
     span: Span,
     chunk: usize,
+    /// q_n → q̃_n, for the sinks' columns; `None`: q scores them.
+    sinks: Option<Rotation>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -72,9 +84,16 @@ impl Exact {
         let (&[b, h, t, d], &[b2, hkv, t2, d2]) = (q, k) else {
             candle_core::bail!("window exact: q, k must be 4-d, got {q:?}, {k:?}");
         };
-        if (b2, t2, d2) != (b, t, d) || v != k || hkv == 0 || h % hkv != 0 || self.chunk == 0 {
+        let turned = self.sinks.as_ref().is_none_or(|r| r.covers(t, d));
+        if (b2, t2, d2) != (b, t, d)
+            || v != k
+            || hkv == 0
+            || h % hkv != 0
+            || self.chunk == 0
+            || !turned
+        {
             candle_core::bail!(
-                "window exact: q {q:?}, k {k:?}, v {v:?}, chunk {}",
+                "window exact: q {q:?}, k {k:?}, v {v:?}, chunk {} (or the sinks' turn for another length)",
                 self.chunk
             );
         }
@@ -102,6 +121,10 @@ struct Block<T> {
     len: usize,
     /// The reached key positions (sinks, then a run up to the chunk's last query).
     positions: Vec<usize>,
+    /// How many of them, from the first, are sinks that q̃ scores (0 without q̃), and q̃'s
+    /// rows (len × d) where there are any.
+    sink_columns: usize,
+    sink_queries: Vec<T>,
     keys: Vec<T>,
     values: Vec<T>,
     /// S (len × keys), masked keys at −∞, and E; a row with no key is all zeros in E.
@@ -117,6 +140,12 @@ impl<T: WithDType + Float> Block<T> {
         let len = op.chunk.min(t - c0);
         let lo = (c0 + 1).saturating_sub(span.window).min(c0 + len);
         let positions: Vec<usize> = (0..span.sinks.min(lo)).chain(lo..c0 + len).collect();
+        // The sinks lead `positions` (in the window's run too, while it still reaches them).
+        let sink_columns = if op.sinks.is_some() {
+            positions.iter().take_while(|&&m| m < span.sinks).count()
+        } else {
+            0
+        };
         let nk = positions.len();
         let kv = d.kv_of(bh);
         let gather = |x: &[T]| -> Vec<T> {
@@ -142,6 +171,29 @@ impl<T: WithDType + Float> Block<T> {
                 scale,
             );
         }
+        let mut sink_queries = Vec::new();
+        if let (Some(turn), true) = (&op.sinks, sink_columns > 0) {
+            // The sinks' columns again, from q̃.
+            sink_queries = qc.to_vec();
+            for (r, row) in sink_queries.chunks_exact_mut(dh).enumerate() {
+                turn.rotate_row(c0 + r, row, false);
+            }
+            let mut sinks = vec![T::zero(); len * sink_columns];
+            gemm(
+                &mut sinks,
+                (len, sink_columns, dh),
+                Strided::rows(&sink_queries, dh),
+                Strided::transposed_rows(&keys, dh),
+                None,
+                scale,
+            );
+            for (row, from) in scores
+                .chunks_exact_mut(nk)
+                .zip(sinks.chunks_exact(sink_columns))
+            {
+                row[..sink_columns].copy_from_slice(from);
+            }
+        }
         for (r, (row, erow)) in scores
             .chunks_exact_mut(nk.max(1))
             .zip(e.chunks_exact_mut(nk.max(1)))
@@ -162,6 +214,8 @@ impl<T: WithDType + Float> Block<T> {
         Self {
             len,
             positions,
+            sink_columns,
+            sink_queries,
             keys,
             values,
             scores,
@@ -318,15 +372,32 @@ fn backward<T: WithDType + Float>(
                     *x *= scale;
                 }
             }
+            // dQ from the columns q scored, and from the sinks' (which q̃ scored) dQ̃ turned
+            // forward again: q̃_n = R q_n gives dq_n += Rᵀ dq̃_n, R orthogonal.
+            let sc = blk.sink_columns;
+            let product = |dst: &mut [T], cols: std::ops::Range<usize>| {
+                if !cols.is_empty() {
+                    gemm(
+                        dst,
+                        (len, dh, cols.len()),
+                        Strided::rows(&ds[cols.start..], nk),
+                        Strided::rows(&blk.keys[cols.start * dh..], dh),
+                        None,
+                        T::one(),
+                    );
+                }
+            };
             let mut dq = vec![T::zero(); len * dh];
-            gemm(
-                &mut dq,
-                (len, dh, nk),
-                Strided::rows(&ds, nk),
-                Strided::rows(&blk.keys, dh),
-                None,
-                T::one(),
-            );
+            product(&mut dq, sc..nk);
+            if let (Some(turn), true) = (&op.sinks, sc > 0) {
+                let mut dqs = vec![T::zero(); len * dh];
+                product(&mut dqs, 0..sc);
+                let rows = dqs.chunks_exact_mut(dh).zip(dq.chunks_exact_mut(dh));
+                for (r, (from, to)) in rows.enumerate() {
+                    turn.rotate_row(c0 + r, from, true);
+                    to.iter_mut().zip(from.iter()).for_each(|(a, &b)| *a += b);
+                }
+            }
             let qc = &q[(bh * t + c0) * dh..][..len * dh];
             let mut dk = vec![T::zero(); nk * dh];
             gemm(
@@ -337,6 +408,17 @@ fn backward<T: WithDType + Float>(
                 None,
                 T::one(),
             );
+            if sc > 0 {
+                // The sinks' rows, which q̃ scored.
+                gemm(
+                    &mut dk[..sc * dh],
+                    (sc, dh, len),
+                    Strided::transposed_rows(&ds, nk),
+                    Strided::rows(&blk.sink_queries, dh),
+                    None,
+                    T::one(),
+                );
+            }
             let mut dv = vec![T::zero(); nk * dh];
             gemm(
                 &mut dv,
@@ -376,30 +458,32 @@ mod tests {
     use super::*;
     use crate::attention::repeat_kv;
     use crate::attention::window::chunk::exact_composed;
+    use crate::config::SinkPositions;
     use crate::testing::{assert_matches_composed, check_grad, randn_in};
     use candle_core::{DType, Var};
 
-    const SPAN: Span = Span {
-        window: 5,
-        sinks: 2,
+    const SPAN: Span = Span::absolute(5, 2);
+
+    /// The turn of 13 rows of head dimension 4 into the sinks' queries under `span`.
+    fn turn(span: Span) -> Rotation {
+        let rope = crate::model::rope::Rope::new(4, 10_000.0, 64, &candle_core::Device::Cpu);
+        let backs: Vec<usize> = (0..13).map(|n| n - span.sink_query_position(n)).collect();
+        rope.unwrap().turning_back(&backs).unwrap()
+    }
+
+    /// Window 3 and 2 sinks at cache positions: rows past 4 score the sinks with q̃ ≠ q.
+    const CACHE: Span = Span {
+        sink_positions: SinkPositions::Cache,
+        ..Span::absolute(3, 2)
     };
 
     /// The op against the composed exact part, values and the three gradients, f32 and f64:
     /// 2 sequences, 6 query heads over 2 kv heads, 13 tokens in chunks of 4 (a short last
-    /// chunk) and 16 (one chunk); sinks and window, the window alone, the sinks alone.
+    /// chunk) and 16 (one chunk); sinks and window, the window alone, the sinks alone, and the
+    /// sinks at cache positions (q̃ turned inside the op, against the composed form's q̃).
     #[test]
     fn matches_the_composed_form_and_its_gradients() {
-        let spans = [
-            SPAN,
-            Span {
-                window: 3,
-                sinks: 0,
-            },
-            Span {
-                window: 1,
-                sinks: 4,
-            },
-        ];
+        let spans = [SPAN, Span::absolute(3, 0), Span::absolute(1, 4), CACHE];
         for dtype in [DType::F32, DType::F64] {
             // Logits of a few units, so the exponentials spread as real attention's do.
             let var = |dims: &[usize]| Var::from_tensor(&randn_in(dtype, 0.0, 2.0, dims)).unwrap();
@@ -413,11 +497,13 @@ mod tests {
                 DType::F32 => (f64::MIN_POSITIVE, 1e-6),
                 _ => (f64::MIN_POSITIVE, 1e-14),
             };
+            let (kr, vr) = (repeat_kv(&k, 6).unwrap(), repeat_kv(&v, 6).unwrap());
             for span in spans {
+                let turn = (span == CACHE).then(|| turn(span));
                 for chunk in [4, 16] {
-                    let ours = exact(&q, &k, &v, span, chunk).unwrap();
-                    let (kr, vr) = (repeat_kv(&k, 6).unwrap(), repeat_kv(&v, 6).unwrap());
-                    let want = exact_composed((&q, &kr, &vr), span, chunk).unwrap();
+                    let ours = exact((&q, &k, &v), turn.as_ref(), span, chunk).unwrap();
+                    let qs = turn.as_ref().map(|t| t.apply(&q).unwrap());
+                    let want = exact_composed((&q, qs.as_ref(), &kr, &vr), span, chunk).unwrap();
                     let what = format!("{dtype:?}, {span:?}, chunks of {chunk}");
                     assert_matches_composed(
                         (ours, want),
@@ -431,31 +517,42 @@ mod tests {
         }
     }
 
-    /// Central differences through the op, for each operand; the weight on a (the last
-    /// column) differs from A's, so the shift by each row's max does not cancel.
+    /// Central differences through the op, for each operand, with the sinks at both
+    /// positions; the weight on a (the last column) differs from A's, so the shift by each
+    /// row's max does not cancel.
     #[test]
     fn gradients_match_finite_differences() {
         let var = |dims: &[usize]| Var::from_tensor(&randn_in(DType::F64, 0.0, 1.0, dims)).unwrap();
-        let (q, k, v) = (var(&[1, 4, 9, 3]), var(&[1, 2, 9, 3]), var(&[1, 2, 9, 3]));
-        let r = randn_in(DType::F64, 0.0, 1.0, &[1, 4, 9, 4]);
-        let loss = || {
-            let o = exact(&q, &k, &v, SPAN, 3).unwrap();
-            (o * &r).unwrap().sum_all().unwrap()
-        };
-        for (x, name) in [(&q, "q"), (&k, "k"), (&v, "v")] {
-            check_grad(x, loss, name);
+        let (q, k, v) = (
+            var(&[1, 4, 13, 4]),
+            var(&[1, 2, 13, 4]),
+            var(&[1, 2, 13, 4]),
+        );
+        let r = randn_in(DType::F64, 0.0, 1.0, &[1, 4, 13, 5]);
+        for span in [SPAN, CACHE] {
+            let turn = (span == CACHE).then(|| turn(span));
+            let loss = || {
+                let o = exact((&q, &k, &v), turn.as_ref(), span, 3).unwrap();
+                (o * &r).unwrap().sum_all().unwrap()
+            };
+            for (x, name) in [(&q, "q"), (&k, "k"), (&v, "v")] {
+                check_grad(x, loss, &format!("{name}, {span:?}"));
+            }
         }
     }
 
     #[test]
     fn mismatched_operands_are_errors() {
         let t = |dims: &[usize], dtype| randn_in(dtype, 0.0, 1.0, dims);
-        let (q, k) = (t(&[1, 4, 7, 3], DType::F32), t(&[1, 2, 7, 3], DType::F32));
+        let (q, k) = (t(&[1, 4, 7, 4], DType::F32), t(&[1, 2, 7, 4], DType::F32));
         // 3 kv heads do not divide 4; a value of another width; f64 among f32; no chunk.
-        let k3 = t(&[1, 3, 7, 3], DType::F32);
-        assert!(exact(&q, &k3, &k3, SPAN, 3).is_err());
-        assert!(exact(&q, &k, &t(&[1, 2, 7, 4], DType::F32), SPAN, 3).is_err());
-        assert!(exact(&q, &k, &t(&[1, 2, 7, 3], DType::F64), SPAN, 3).is_err());
-        assert!(exact(&q, &k, &k, SPAN, 0).is_err());
+        let k3 = t(&[1, 3, 7, 4], DType::F32);
+        let op = |q: &Tensor, k: &Tensor, v: &Tensor, chunk| exact((q, k, v), None, SPAN, chunk);
+        assert!(op(&q, &k3, &k3, 3).is_err());
+        assert!(op(&q, &k, &t(&[1, 2, 7, 6], DType::F32), 3).is_err());
+        assert!(op(&q, &k, &t(&[1, 2, 7, 4], DType::F64), 3).is_err());
+        assert!(op(&q, &k, &k, 0).is_err());
+        // A turn of 13 rows for 7.
+        assert!(exact((&q, &k, &k), Some(&turn(CACHE)), CACHE, 3).is_err());
     }
 }

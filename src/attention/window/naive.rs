@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! exact keys  E(n) = { m ≤ n : m < s  or  m > n − w }          logits l_m = q_n·k_m/√d
+//!                                              (a sink's, m < s: l_m = q̃_n·k_m/√d)
 //! linear keys L(n) = { s ≤ m ≤ n − w }                        c_n = max_{m∈E(n)} l_m
 //! A = Σ_{E} exp(l_m − c_n) v_m        a = Σ_{E} exp(l_m − c_n)
 //! B = Σ_{L} γ^(n−w−m) (φq_n·φk_m/√d') v_m     b = Σ_{L} γ^(n−w−m) φq_n·φk_m/√d'
@@ -17,9 +18,12 @@ use crate::attention::supra::{group_norm::EPS as GN_EPS, Dims};
 use crate::config::Mix;
 
 /// One call's inputs: q (B, H, T, d), k and v (B, H_kv, T, d) RoPE'd as the teacher's;
-/// φq (B, H, T, d'), φk (B, H_kv, T, d'); per head γ and the mix weight (α or g).
+/// q̃ (B, H, T, d), the queries the sinks' logits read (q RoPE'd at
+/// [`Span::sink_query_position`]; q itself with absolute sink positions); φq (B, H, T, d'),
+/// φk (B, H_kv, T, d'); per head γ and the mix weight (α or g).
 pub struct Inputs<'a> {
     pub q: &'a [f64],
+    pub qs: &'a [f64],
     pub k: &'a [f64],
     pub v: &'a [f64],
     pub fq: &'a [f64],
@@ -41,11 +45,14 @@ pub fn naive(x: &Inputs, span: Span, mix: Mix, d: Dims) -> Vec<f64> {
             };
             let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
             for n in 0..t {
-                let q = row(x.q, bh, n, dv);
+                let (q, qs) = (row(x.q, bh, n, dv), row(x.qs, bh, n, dv));
                 let exact: Vec<usize> = (0..=n).filter(|&m| span.exact(n, m)).collect();
                 let logits: Vec<f64> = exact
                     .iter()
-                    .map(|&m| dot(&q, &row(x.k, kv, m, dv)) / (dv as f64).sqrt())
+                    .map(|&m| {
+                        let q = if m < span.sinks { &qs } else { &q };
+                        dot(q, &row(x.k, kv, m, dv)) / (dv as f64).sqrt()
+                    })
                     .collect();
                 let c = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let (mut big_a, mut a) = (vec![0.0; dv], 0.0);

@@ -129,6 +129,9 @@ impl WindowState {
 /// φk (B, H_kv, T, d').
 pub struct Inputs<'a> {
     pub q: &'a [f32],
+    /// q̃, the queries the sinks' logits read ([`naive::Inputs`](super::naive::Inputs));
+    /// `None`: q itself (absolute sink positions, or no query past s + w − 1).
+    pub qs: Option<&'a [f32]>,
     pub k: &'a [f32],
     pub v: &'a [f32],
     pub fq: &'a [f32],
@@ -176,6 +179,7 @@ pub fn prefill(
         state.batch == nb
             && (sd.heads, sd.kv_heads, sd.head_dim, sd.feature_dim) == (nh, nkv, dv, f)
             && x.q.len() == nb * nh * t * dv
+            && x.qs.is_none_or(|qs| qs.len() == x.q.len())
             && x.k.len() == nb * nkv * t * dv
             && x.v.len() == nb * nkv * t * dv
             && x.fq.len() == nb * nh * t * f
@@ -261,6 +265,30 @@ pub fn prefill(
                 Strided::transposed_rows(&kbuf, dv),
             );
             gemm(&mut scores, (nrows, nk, dv), qm, km, None, scale);
+            // The sinks' logits from q̃ (the sinks lead `positions`).
+            let nsk = positions.iter().take_while(|&&m| m < span.sinks).count();
+            if let (Some(qs), true) = (x.qs, nsk > 0) {
+                let mut qsbuf = Vec::with_capacity(nrows * dv);
+                for h in g * group..(g + 1) * group {
+                    let bh = b * nh + h;
+                    qsbuf.extend_from_slice(&qs[(bh * t + i0) * dv..(bh * t + i1) * dv]);
+                }
+                let mut sink_scores = vec![0f32; nrows * nsk];
+                gemm(
+                    &mut sink_scores,
+                    (nrows, nsk, dv),
+                    Strided::rows(&qsbuf, dv),
+                    Strided::transposed_rows(&kbuf[..nsk * dv], dv),
+                    None,
+                    scale,
+                );
+                for (row, s) in scores
+                    .chunks_exact_mut(nk)
+                    .zip(sink_scores.chunks_exact(nsk))
+                {
+                    row[..nsk].copy_from_slice(s);
+                }
+            }
             for (r, row) in scores.chunks_exact_mut(nk).enumerate() {
                 let n = n0 + r % tq;
                 for (s, &m) in row.iter_mut().zip(&positions) {

@@ -1,6 +1,6 @@
 use super::*;
 use crate::attention::Cell;
-use crate::config::Decay;
+use crate::config::{Decay, SinkPositions};
 use crate::model::linear::Linear;
 use crate::testing::{check_grad, flat_f64 as flat, rel_err};
 use candle_core::{Device, Var};
@@ -30,10 +30,7 @@ fn randn(shape: &[usize], std: f64) -> Tensor {
 
 const W: usize = 8;
 const S: usize = 3;
-const SPAN: Span = Span {
-    window: W,
-    sinks: S,
-};
+const SPAN: Span = Span::absolute(W, S);
 
 fn dims(heads: usize, kv_heads: usize, len: usize) -> Dims {
     Dims {
@@ -67,18 +64,19 @@ fn inputs(d: Dims) -> [Tensor; 5] {
 fn settings(h: usize) -> Vec<(Vec<f64>, Span, &'static str)> {
     let random: Vec<f64> = (0..h).map(|i| 0.1 + 0.8 * i as f64 / h as f64).collect();
     vec![
-        (random, SPAN, "both"),
+        (random.clone(), SPAN, "both"),
         (vec![0.0; h], SPAN, "window only"),
-        (
-            vec![1.0; h],
-            Span {
-                window: 0,
-                sinks: 0,
-            },
-            "linear only",
-        ),
+        (vec![1.0; h], Span::absolute(0, 0), "linear only"),
+        (random, CACHE, "both, q̃ for the sinks"),
+        (vec![0.0; h], CACHE, "window only, q̃ for the sinks"),
     ]
 }
+
+/// [`SPAN`] with the sinks at their cache positions: the forms read q̃ for them.
+const CACHE: Span = Span {
+    sink_positions: SinkPositions::Cache,
+    ..SPAN
+};
 
 /// The training form and the slice forms (one prefill; a prefill split into pieces and single
 /// steps, state carried across) against the definition: lengths around the window, chunks
@@ -99,10 +97,19 @@ fn forms_agree_with_the_definition() {
             let d = dims(h, hkv, t);
             let [q, k, v, fq, fk] = inputs(d);
             let (qf, kf, vf, fqf, fkf) = (flat(&q), flat(&k), flat(&v), flat(&fq), flat(&fk));
+            // The sinks' queries at cache positions: q turned back (rows past s + w − 1).
+            let backs: Vec<usize> = (0..t).map(|n| n - CACHE.sink_query_position(n)).collect();
+            let turn = crate::model::rope::Rope::new(8, 10_000.0, 512, &Device::Cpu)
+                .and_then(|r| r.turning_back(&backs))
+                .unwrap();
+            let qs = turn.apply(&q).unwrap();
+            let qsf = flat(&qs);
             for mix in [Mix::Shared, Mix::Gated] {
                 for (weights, span, what) in settings(h) {
+                    let cache = span.sink_positions == SinkPositions::Cache;
                     let x = naive::Inputs {
                         q: &qf,
+                        qs: if cache { &qsf } else { &qf },
                         k: &kf,
                         v: &vf,
                         fq: &fqf,
@@ -115,9 +122,16 @@ fn forms_agree_with_the_definition() {
                     let wt = Tensor::from_vec(weights.clone(), (1, h, 1, 1), &Device::Cpu).unwrap();
                     let decays = HeadDecays::Fixed(gammas.clone());
                     for c in [5, 16, usize::MAX] {
-                        let got =
-                            chunk::chunked((&q, &k, &v), (&fq, &fk), &wt, &decays, span, mix, c)
-                                .unwrap();
+                        let got = chunk::chunked(
+                            ((&q, &k, &v), cache.then_some(&turn)),
+                            (&fq, &fk),
+                            &wt,
+                            &decays,
+                            span,
+                            mix,
+                            c,
+                        )
+                        .unwrap();
                         let e = rel_err(&flat(&got), &want);
                         assert!(e < 1e-10, "{label} training C={c}: {e}");
                     }
@@ -145,8 +159,10 @@ fn forms_agree_with_the_definition() {
                             let part = |x: &Tensor| f32s(&x.narrow(2, a, n).unwrap());
                             let (pq, pk, pv, pfq, pfk) =
                                 (part(&q), part(&k), part(&v), part(&fq), part(&fk));
+                            let pqs = part(&qs);
                             let xs = scan::Inputs {
                                 q: &pq,
+                                qs: cache.then_some(&pqs[..]),
                                 k: &pk,
                                 v: &pv,
                                 fq: &pfq,
@@ -181,17 +197,7 @@ fn forms_agree_with_the_definition() {
 /// and a state keeps what the next token needs and no more.
 #[test]
 fn every_token_is_read_once() {
-    for span in [
-        SPAN,
-        Span {
-            window: 1,
-            sinks: 0,
-        },
-        Span {
-            window: 0,
-            sinks: 0,
-        },
-    ] {
+    for span in [SPAN, Span::absolute(1, 0), Span::absolute(0, 0)] {
         for n in 0..40 {
             for m in 0..=n {
                 assert!(span.exact(n, m) ^ span.linear(n, m), "{span:?} n={n} m={m}");
@@ -270,60 +276,110 @@ fn random_layer(
     }
 }
 
-/// The whole layer (φ of each kind, RoPE, GQA, both mixes): training form in one chunk and in
-/// chunks, inference prefill, and a prefill continued token by token, whose state is saved and
-/// restored midway.
+/// The whole layer (φ of each kind, RoPE, GQA, both mixes, the sinks at either positions):
+/// training form in one chunk and in chunks, inference prefill, and a prefill continued token
+/// by token, whose state is saved and restored midway.
 #[test]
 fn layer_forms_agree_and_states_round_trip() {
     use crate::config::FeatureKind;
     let dev = Device::Cpu;
-    for kind in [FeatureKind::Relu, FeatureKind::Hedgehog] {
-        for mix in [Mix::Shared, Mix::Gated] {
-            for (h, hkv) in [(9, 3), (4, 4)] {
-                let mut layer = random_layer((h, hkv, 8, 24), kind, mix, DType::F32, &mut |t| t);
-                let t = 3 * W + 5;
-                let x = Tensor::randn(0f32, 1.0, (2, t, 24), &dev).unwrap();
-                layer.chunk_size = usize::MAX;
-                let want = flat(&layer.forward(&x, 0, None, Exec::Train).unwrap());
-                let label = format!("{kind:?} {mix:?} H={h}/{hkv}");
-                for c in [4, 16] {
-                    layer.chunk_size = c;
-                    for exec in [Exec::Train, Exec::Infer] {
-                        let got = flat(&layer.forward(&x, 0, None, exec).unwrap());
-                        let e = rel_err(&got, &want);
-                        assert!(e < 1e-5, "{label} C={c} {exec:?}: {e}");
-                    }
+    let cases = [FeatureKind::Relu, FeatureKind::Hedgehog]
+        .into_iter()
+        .flat_map(|k| [Mix::Shared, Mix::Gated].map(|m| (k, m)))
+        .flat_map(|(k, m)| [SPAN, CACHE].map(|s| (k, m, s)));
+    for (kind, mix, span) in cases {
+        for (h, hkv) in [(9, 3), (4, 4)] {
+            let mut layer = random_layer((h, hkv, 8, 24), kind, mix, DType::F32, &mut |t| t);
+            layer.span = span;
+            let t = 3 * W + 5;
+            let x = Tensor::randn(0f32, 1.0, (2, t, 24), &dev).unwrap();
+            layer.chunk_size = usize::MAX;
+            let want = flat(&layer.forward(&x, 0, None, Exec::Train).unwrap());
+            let label = format!("{kind:?} {mix:?} {:?} H={h}/{hkv}", span.sink_positions);
+            for c in [4, 16] {
+                layer.chunk_size = c;
+                for exec in [Exec::Train, Exec::Infer] {
+                    let got = flat(&layer.forward(&x, 0, None, exec).unwrap());
+                    let e = rel_err(&got, &want);
+                    assert!(e < 1e-5, "{label} C={c} {exec:?}: {e}");
                 }
-                let cell = Cell::Window(layer.clone());
-                let x0 = x.narrow(0, 0, 1).unwrap();
-                let split = W + 2;
-                let mut state = cell.new_state(0);
-                let mut outs = vec![cell
-                    .forward(
-                        &x0.narrow(1, 0, split).unwrap(),
-                        0,
-                        Some(&mut state),
-                        Exec::Infer,
-                    )
-                    .unwrap()];
-                for i in split..t {
-                    if i == 2 * W + 1 {
-                        // Saved and restored: the continuation cannot tell.
-                        let mut named: std::collections::HashMap<_, _> =
-                            state.named_tensors("l").unwrap().into_iter().collect();
-                        state = cell.state_from_tensors(&named, "l", i).unwrap();
-                        // Before the window is full, another position keeps another count.
-                        assert!(cell.state_from_tensors(&named, "l", W).is_err());
-                        named.remove("l.linear");
-                        assert!(cell.state_from_tensors(&named, "l", i).is_err());
-                    }
-                    let xi = x0.narrow(1, i, 1).unwrap();
-                    outs.push(cell.forward(&xi, i, Some(&mut state), Exec::Infer).unwrap());
+            }
+            let cell = Cell::Window(layer.clone());
+            let x0 = x.narrow(0, 0, 1).unwrap();
+            let split = W + 2;
+            let mut state = cell.new_state(0);
+            let mut outs = vec![cell
+                .forward(
+                    &x0.narrow(1, 0, split).unwrap(),
+                    0,
+                    Some(&mut state),
+                    Exec::Infer,
+                )
+                .unwrap()];
+            for i in split..t {
+                if i == 2 * W + 1 {
+                    // Saved and restored: the continuation cannot tell.
+                    let mut named: std::collections::HashMap<_, _> =
+                        state.named_tensors("l").unwrap().into_iter().collect();
+                    state = cell.state_from_tensors(&named, "l", i).unwrap();
+                    // Before the window is full, another position keeps another count.
+                    assert!(cell.state_from_tensors(&named, "l", W).is_err());
+                    named.remove("l.linear");
+                    assert!(cell.state_from_tensors(&named, "l", i).is_err());
                 }
-                let cont = flat(&Tensor::cat(&outs, 1).unwrap());
-                let e = rel_err(&cont, &want[..want.len() / 2]);
-                assert!(e < 1e-5, "{label} prefill + steps: {e}");
-                assert_eq!(state.bytes(), cell.state_bytes(t), "{label}");
+                let xi = x0.narrow(1, i, 1).unwrap();
+                outs.push(cell.forward(&xi, i, Some(&mut state), Exec::Infer).unwrap());
+            }
+            let cont = flat(&Tensor::cat(&outs, 1).unwrap());
+            let e = rel_err(&cont, &want[..want.len() / 2]);
+            assert!(e < 1e-5, "{label} prefill + steps: {e}");
+            assert_eq!(state.bytes(), cell.state_bytes(t), "{label}");
+        }
+    }
+}
+
+/// With the sinks at their cache positions and the window alone, token n past s + w − 1 is
+/// the teacher's attention over a sequence of the sinks and the window only, as StreamingLLM's
+/// cache holds them: the sinks at 0..s, the window's w tokens at s..s + w, the query last.
+/// With absolute positions it is not (the test's own control).
+#[test]
+fn cache_positions_are_streaming_llms_cache() {
+    use crate::config::FeatureKind;
+    let dev = Device::Cpu;
+    let t = 3 * W + 5;
+    let x = Tensor::randn(0f32, 1.0, (1, t, 16), &dev).unwrap();
+    for (span, same) in [(CACHE, true), (SPAN, false)] {
+        let mut layer = random_layer(
+            (4, 2, 8, 16),
+            FeatureKind::Relu,
+            Mix::Shared,
+            DType::F32,
+            &mut |t| t,
+        );
+        layer.span = span;
+        layer.branches = Branches::Window;
+        let teacher = layer.teacher();
+        for exec in [Exec::Train, Exec::Infer] {
+            let ours = layer.forward(&x, 0, None, exec).unwrap();
+            for n in [S + W - 1, S + W + 3, t - 1] {
+                let kept = Tensor::cat(
+                    &[
+                        &x.narrow(1, 0, S).unwrap(),
+                        &x.narrow(1, n + 1 - W, W).unwrap(),
+                    ],
+                    1,
+                )
+                .unwrap();
+                let cache = teacher.forward(&kept, 0, None, Exec::Infer).unwrap();
+                let want = flat(&cache.narrow(1, S + W - 1, 1).unwrap());
+                let e = rel_err(&flat(&ours.narrow(1, n, 1).unwrap()), &want);
+                // At n = s + w − 1 the two positions agree.
+                let label = format!("{:?} {exec:?} n={n}", span.sink_positions);
+                if same || n == S + W - 1 {
+                    assert!(e < 1e-5, "{label}: {e}");
+                } else {
+                    assert!(e > 1e-3, "{label}: {e}");
+                }
             }
         }
     }
