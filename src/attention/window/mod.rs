@@ -3,17 +3,17 @@
 //!
 //! Token n attends exactly (softmax over q·k/√d with the teacher's RoPE'd q and k) to the last
 //! w tokens (itself included) and to the first s tokens of the sequence, and through a linear
-//! state to every other earlier token. [`naive`] spells the sums out.
+//! state to every other earlier token. [`naive`] spells the sums out. Two ways to combine them
+//! ([`Mix`]): one shared normaliser, the linear branch's weights scaled by α_h = sigmoid(θ_h);
+//! or each branch normalised on its own (the linear one GroupNorm'd, as SUPRA) and blended by a
+//! gate g_h = sigmoid(θ_h). Either way one parameter θ per head, the linear branch's share.
 //!
 //! The sinks keep the RoPE of positions 0..s. Scored with q_n, a query far into a long input
 //! sees them at distances n − j past any the teacher was trained on, and the window breaks
 //! there (measured: perplexity 877 at 16k-32k on SmolLM2's 8k context). With cache positions
 //! ([`SinkPositions::Cache`], StreamingLLM's) they are scored with q̃_n, the query RoPE'd at
 //! min(n, s + w − 1): as if they sat just before the window, so no exact distance ever passes
-//! s + w − 1. Up to that position q̃ is q, and the two settings agree. Two ways to combine them
-//! ([`Mix`]): one shared normaliser, the linear branch's weights scaled by α_h = sigmoid(θ_h);
-//! or each branch normalised on its own (the linear one GroupNorm'd, as SUPRA) and blended by a
-//! gate g_h = sigmoid(θ_h). Either way one parameter θ per head, the linear branch's share.
+//! s + w − 1. Up to that position q̃ is q, and the two settings agree.
 //!
 //! φ reads the RoPE'd q and k with either feature map, so the linear branch's weights
 //! φ(q)·φ(k) are never negative and can share a normaliser with exp-scores (RoPE after a ReLU
