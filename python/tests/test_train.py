@@ -96,8 +96,8 @@ def test_resume_continues_exactly(tiny, tmp_path):
 ])
 def test_every_cell_variant_equals_supra(tiny, tmp_path, flags):
     """The cells and options beyond the default model's tests (Hedgehog, the gated mix, learned
-    and no decay, no sinks, d' ≠ d, sinks at their absolute positions) on the tiny model: f64 log-probs equal supra's, chunked
-    (blocks of 4, crossing the window) and recurrent."""
+    and no decay, no sinks, d' ≠ d, sinks at their absolute positions) on the tiny model: f64
+    log-probs equal supra's, chunked (blocks of 4, crossing the window) and recurrent."""
     out = tmp_path / "model"
     supra("convert", tiny / "teacher", "--out", out, "--chunk-size", "4", *flags)
     model = SupraForCausalLM.from_pretrained(out).double().eval()
