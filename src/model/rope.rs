@@ -67,15 +67,23 @@ impl Rope {
         })
     }
 
+    /// cos and sin (len, dim/2) at positions start..start + len: the precomputed tables' rows
+    /// where they reach, else computed (on `device`).
+    fn at(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        if start + len <= self.cos.dim(0)? {
+            Ok((
+                self.cos.narrow(0, start, len)?,
+                self.sin.narrow(0, start, len)?,
+            ))
+        } else {
+            tables(self.dim, self.theta, start, len, device)
+        }
+    }
+
     /// cos and sin (dim/2 each) at one position.
     pub fn row(&self, pos: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (cos, sin) = if pos < self.cos.dim(0)? {
-            (self.cos.get(pos)?, self.sin.get(pos)?)
-        } else {
-            let (c, s) = tables(self.dim, self.theta, pos, 1, &Device::Cpu)?;
-            (c.get(0)?, s.get(0)?)
-        };
-        Ok((cos.to_vec1()?, sin.to_vec1()?))
+        let (cos, sin) = self.at(pos, 1, &Device::Cpu)?;
+        Ok((cos.get(0)?.to_vec1()?, sin.get(0)?.to_vec1()?))
     }
 
     /// Rotates the heads (`width` values each) of several tokens in place, each row of `xs`
@@ -114,15 +122,7 @@ impl Rope {
     /// Training runs the differentiable op (candle's fused rope has no backward); inference
     /// takes candle's kernel.
     pub fn apply(&self, x: &Tensor, offset: usize, exec: Exec) -> Result<Tensor> {
-        let t = x.dim(2)?;
-        let (cos, sin) = if offset + t <= self.cos.dim(0)? {
-            (
-                self.cos.narrow(0, offset, t)?,
-                self.sin.narrow(0, offset, t)?,
-            )
-        } else {
-            tables(self.dim, self.theta, offset, t, x.device())?
-        };
+        let (cos, sin) = self.at(offset, x.dim(2)?, x.device())?;
         if exec == Exec::Train {
             let flat = |t: Tensor| -> Result<Vec<f64>> {
                 Ok(t.to_dtype(candle_core::DType::F64)?
@@ -142,11 +142,14 @@ impl Rope {
     /// The rotation that turns row t of a RoPE'd (…, T, dim) back by `backs[t]` positions
     /// (R(−b) undoes b positions of RoPE).
     pub fn turning_back(&self, backs: &[usize]) -> Result<Rotation> {
+        // One read of the tables up to the largest turn, not one per row.
+        let reach = backs.iter().max().map_or(0, |&b| b + 1);
+        let (c, s) = self.at(0, reach, &Device::Cpu)?;
+        let (c, s): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (c.to_vec2()?, s.to_vec2()?);
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         for &b in backs {
-            let (c, s) = self.row(b)?;
-            cos.extend(c.iter().map(|&v| f64::from(v)));
-            sin.extend(s.iter().map(|&v| -f64::from(v)));
+            cos.extend(c[b].iter().map(|&v| f64::from(v)));
+            sin.extend(s[b].iter().map(|&v| -f64::from(v)));
         }
         Ok(Rotation { cos, sin })
     }
