@@ -69,6 +69,11 @@ declare -A ROWS=(
   # dimension (a state of 128 × 64 per head), or a decay learned with φ.
   [td-relu-all-fd128]="transfer+distill --feature-map relu --feature-dim 128"
   [td-relu-all-learn]="transfer+distill --feature-map relu --decay learnable"
+  # Transfer as LoLCATs runs it, the options never measured: relu φ starting at the identity,
+  # the transfer phase's learning rate at LoLCATs' 1e-2, a quarter of the budget in transfer.
+  [td-relu-all-ident]="transfer+distill --feature-map relu --phi-init identity"
+  [td-relu-all-tlr1e2]="transfer+distill --feature-map relu"
+  [td-relu-all-tt65k]="transfer+distill --feature-map relu"
   [long-td-relu-w64]="transfer+distill --feature-map relu --window 64"
   [long-td-relu]="transfer+distill --feature-map relu"
   # The pure linear long run with every parameter trained (td-relu-all: 2.79× against LoRA's).
@@ -104,6 +109,9 @@ declare -A TRAIN_FLAGS=(
   [td-relu-all-raw]="--tokens 262144 --train all --transfer-target raw"
   [td-relu-all-fd128]="--tokens 262144 --train all"
   [td-relu-all-learn]="--tokens 262144 --train all"
+  [td-relu-all-ident]="--tokens 262144 --train all"
+  [td-relu-all-tlr1e2]="--tokens 262144 --train all --transfer-lr 1e-2"
+  [td-relu-all-tt65k]="--tokens 262144 --train all --transfer-tokens 65536"
   [long-td-relu-w64]="--tokens 1048576 --transfer-tokens 131072"
   [long-td-relu]="--tokens 1048576 --transfer-tokens 131072"
   [long-td-relu-all]="--tokens 1048576 --transfer-tokens 131072 --train all"

@@ -18,11 +18,15 @@ OUT = sys.argv[1] if len(sys.argv) > 1 else "runs/quality"
 ORDER = ["teacher", "control-w64", "control-w256", "td-relu-w64", "td-hedgehog-w64", "tce-relu-w64",
          "tce-hedgehog-w64", "td-relu", "td-hedgehog", "tce-relu", "tce-hedgehog", "supra-relu",
          "supra-hedgehog", "supra-relu-w64", "supra-hedgehog-w64", "supra-paper-relu",
-         "td-relu-all", "td-relu-all-raw", "td-relu-all-fd128", "td-relu-all-learn"]
+         "td-relu-all", "td-relu-all-raw", "td-relu-all-fd128", "td-relu-all-learn",
+         "td-relu-all-ident", "td-relu-all-tlr1e2", "td-relu-all-tt65k"]
 # The pure linear cell's one-change rows: transfer+distill relu with these changes.
 CHANGES = {"all": "every parameter", "all-raw": "every parameter, raw transfer target",
            "all-fd128": "every parameter, feature dim 128",
-           "all-learn": "every parameter, learned decay"}
+           "all-learn": "every parameter, learned decay",
+           "all-ident": "every parameter, φ starting at the identity",
+           "all-tlr1e2": "every parameter, transfer lr 1e-2",
+           "all-tt65k": "every parameter, a quarter of the tokens in transfer"}
 RECIPE = {"td": "transfer+distill", "tce": "transfer+finetune", "supra": "supra (all, CE)",
           "supra-paper": "supra-paper (all, CE)"}
 
@@ -109,12 +113,15 @@ def main():
             rates = [json.loads(l)["tokens_per_s"] for l in open(metrics)]
             tps = statistics.median(rates) if rates else None
         pct = lambda x: fmt(x and 100 * x, ".1f")
+        trained = row != "teacher" and not row.startswith("control")
+        wall_s = ("…" if wall is None else f"{wall // 60} min") if trained else "—"
+        tps_s = fmt(tps, ".0f") if trained else "—"
         print(f"| {recipe} | {cell} | {window} | {fmt(ppl)} | {fmt(ratio, '.3f')} | {at(1024)} | "
               f"{at(2048)} | {pct(lam)} / {fmt(lam_ppl, '.1f')} | "
               f"{pct(task(tasks, 'piqa', 'acc'))} | {pct(task(tasks, 'arc_easy', 'acc'))} | "
               f"{pct(task(hs, 'hellaswag', 'acc_norm'))} | {fmt(passkey(row, 1024), '.0f')} / "
               f"{fmt(passkey(row, 2048), '.0f')} | {branches} | {fmt(v and v['ppl'])} | "
-              f"{'…' if wall is None else f'{wall // 60} min'} | {fmt(tps, '.0f')} |")
+              f"{wall_s} | {tps_s} |")
 
 
 if __name__ == "__main__":
