@@ -99,8 +99,9 @@ def main():
         tasks, hs = load(row, "tasks.json"), load(row, "hellaswag.json")
         lam = task(tasks, "lambada_openai", "acc")
         lam_ppl = task(tasks, "lambada_openai", "perplexity")
+        trained = row != "teacher" and not row.startswith("control")
         branches = "—"
-        if window == "64" and not row.startswith("control"):
+        if window == "64" and trained:
             w, l = load(row, "heldout-window.json"), load(row, "heldout-linear.json")
             branches = f"{fmt(w and w['ppl'])} / {fmt(l and l['ppl'], '.4g')}"
         v = load(row, f"valid-{branch}.json")
@@ -113,7 +114,6 @@ def main():
             rates = [json.loads(l)["tokens_per_s"] for l in open(metrics)]
             tps = statistics.median(rates) if rates else None
         pct = lambda x: fmt(x and 100 * x, ".1f")
-        trained = row != "teacher" and not row.startswith("control")
         wall_s = ("…" if wall is None else f"{wall // 60} min") if trained else "—"
         tps_s = fmt(tps, ".0f") if trained else "—"
         print(f"| {recipe} | {cell} | {window} | {fmt(ppl)} | {fmt(ratio, '.3f')} | {at(1024)} | "
