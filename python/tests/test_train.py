@@ -27,30 +27,36 @@ def train(tiny, out, recipe, procs, *extra):
     return load_file(str(out / "final" / "model.safetensors"))
 
 
+def gap(tiny, one, two):
+    """How far two trainings end apart, relative to how far they moved: the norm of their
+    difference over the norm of one's change, all parameters as one vector (and the largest
+    elements of each, printed). The norm, not the largest element: Adam divides by √v, so where
+    a gradient is near zero the order of its sums (one process, or two all-reduced) moves that
+    element by ~1e-3 of the largest change on some machines, while in norm the gap is ~1e-6
+    (measured 3e-7 to 2e-6); processes that skip the all-reduce end 0.6 away."""
+    start = load_file(str(tiny / "model" / "model.safetensors"))
+    assert one.keys() == two.keys() == start.keys()
+    norm = lambda d: sum(t.double().pow(2).sum() for t in d.values()).sqrt().item()
+    moved = norm({k: one[k] - start[k] for k in one})
+    diff = norm({k: one[k] - two[k] for k in one})
+    largest = max((one[k] - two[k]).abs().max().item() for k in one)
+    print(f"change {moved:.2e}, difference {diff:.2e} ({diff / moved:.1e} of it; largest element {largest:.2e})")
+    assert moved > 1e-2, "3 updates did not move the parameters"
+    return diff / moved
+
+
 @pytest.mark.parametrize("recipe", ["supra", "supra-paper", "transfer", "distill"])
 def test_two_processes_take_the_one_process_step(tiny, tmp_path, recipe):
     one = train(tiny, tmp_path / "one", recipe, 1)
     two = train(tiny, tmp_path / "two", recipe, 2)
-    start = load_file(str(tiny / "model" / "model.safetensors"))
-    assert one.keys() == two.keys() == start.keys()
-    moved = max((one[k] - start[k]).abs().max().item() for k in one)
-    diff = max((one[k] - two[k]).abs().max().item() for k in one)
-    print(f"{recipe}: largest change {moved:.2e}, largest difference 1 vs 2 processes {diff:.2e}")
-    assert moved > 1e-3, f"{recipe}: 3 updates did not move the parameters"
-    # Float tolerance: Adam divides by √v, so where a gradient is near zero the order of its
-    # sums (one process, or two all-reduced) shows at ~1e-3 of the step (measured 1e-6-5e-4).
-    assert diff <= 1e-3 * moved, f"{recipe}: 2 processes end {diff:.2e} away from 1"
+    assert gap(tiny, one, two) <= 1e-4, f"{recipe}: 2 processes end away from 1"
 
 
 def test_fsdp_takes_the_one_process_step(tiny, tmp_path):
     """FSDP (FSDP2, parameters sharded over 2 gloo processes) ends where one process ends."""
     one = train(tiny, tmp_path / "one", "supra", 1)
     two = train(tiny, tmp_path / "two", "supra", 2, "--fsdp")
-    start = load_file(str(tiny / "model" / "model.safetensors"))
-    moved = max((one[k] - start[k]).abs().max().item() for k in one)
-    diff = max((one[k] - two[k]).abs().max().item() for k in one)
-    print(f"fsdp: largest change {moved:.2e}, largest difference 1 process vs 2 sharded {diff:.2e}")
-    assert one.keys() == two.keys() and diff <= 1e-3 * moved
+    assert gap(tiny, one, two) <= 1e-4, "FSDP's 2 processes end away from 1"
 
 
 def test_round_trip_pytorch_supra_pytorch(tiny, tmp_path):
