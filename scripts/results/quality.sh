@@ -15,6 +15,7 @@
 #   phase probes    perplexity by position with the whole history (5 books × 8k tokens),
 #                   passkey at 1k and 2k
 #   phase validpos  perplexity by position on text/valid (3 books × 8k), where choices are made
+#   phase stateoff  a trained window row's perplexity by position with its linear branch off
 #   phase tasks     lambada_openai, piqa, arc_easy (full sets), hellaswag (first 1,000), a
 #                   control with its window only; the long runs: phase all, whose full sets
 #                   hold these four
@@ -32,7 +33,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${QUALITY_OUT:-runs/quality}
 DATA=${SUPRA_DATA_DIR:-../shared/data}
-PHASE=${1:?usage: scripts/results/quality.sh train|probes|validpos|tasks|all|samples|longprobes [ROW...]}
+PHASE=${1:?usage: scripts/results/quality.sh train|probes|validpos|stateoff|tasks|all|samples|longprobes [ROW...]}
 shift
 TOKENS=262144
 mkdir -p "$OUT"
@@ -49,6 +50,7 @@ declare -A ROWS=(
   [teacher]="-"
   [control-w64]="- --window 64"
   [control-w256]="- --window 256"
+  [control-w128]="- --window 128"
   [supra-paper-relu]="supra-paper --feature-map relu"
   [supra-relu]="supra --feature-map relu"
   [supra-hedgehog]="supra --feature-map hedgehog"
@@ -97,6 +99,17 @@ declare -A ROWS=(
   # A 4× wider window, trained: beside control-w256, what the linear state adds to it.
   [d131-relu-w256-lightning-s2048]="transfer+distill --feature-map relu --window 256 --decay lightning"
   [d131-relu-w256-retnet-s2048]="transfer+distill --feature-map relu --window 256 --decay retnet"
+  # Between the two: at w64 the state carries part of the long context but the window misses
+  # 1.15x at 1k-2k by far; at w256 the window alone is inside it and the state adds 0.7 %.
+  [d131-relu-w128-lightning-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning"
+  [long-td-relu-w128-s2048]="transfer+distill --feature-map relu --window 128"
+  # Why the state stays quiet past the window (1.1 % of the w128 row's 1k-2k gain): one change
+  # each against d131-relu-w128-lightning-s2048. No decay (LoLCATs' hybrid has none: lightning
+  # keeps at most 2 % of a token 1,000 back); each branch normalised on its own (the shared
+  # normaliser sets φ(q)·φ(k) beside exp-scores); twice the state (feature dim 128).
+  [d131-relu-w128-none-s2048]="transfer+distill --feature-map relu --window 128 --decay none"
+  [d131-relu-w128-gated-s2048]="transfer+distill --feature-map relu --window 128 --mix gated"
+  [d131-relu-w128-fd128-s2048]="transfer+distill --feature-map relu --window 128 --feature-dim 128"
 )
 # Flags beyond the recipe's. The pure linear cell's ablation (one change each against
 # td-relu): every parameter trained instead of LoRA 16 + φ; the transfer target raw instead of
@@ -126,6 +139,11 @@ declare -A TRAIN_FLAGS=(
   [d131-relu-w64-retnet-s2048]="--tokens 131072 --seq-len 2048"
   [d131-relu-w256-lightning-s2048]="--tokens 131072 --seq-len 2048"
   [d131-relu-w256-retnet-s2048]="--tokens 131072 --seq-len 2048"
+  [d131-relu-w128-lightning-s2048]="--tokens 131072 --seq-len 2048"
+  [long-td-relu-w128-s2048]="--tokens 1048576 --transfer-tokens 131072 --seq-len 2048"
+  [d131-relu-w128-none-s2048]="--tokens 131072 --seq-len 2048"
+  [d131-relu-w128-gated-s2048]="--tokens 131072 --seq-len 2048"
+  [d131-relu-w128-fd128-s2048]="--tokens 131072 --seq-len 2048"
 )
 # Continuations: a trained row's final model trained further (distillation from the original
 # teacher, given with --teacher), to separate what longer training windows do for the long
@@ -276,6 +294,13 @@ for row in "${ORDER[@]}"; do
         --sequences 5 --edges 1k,2k
       probe passkey "$row" passkey --branches "$b" --lengths 1k,2k
       ;;
+    stateoff) # A trained hybrid's long positions with its linear branch off (the same 5
+      # books as probes): beside `probes`, the linear state's own share of the gain over the
+      # untrained window control, apart from what the adapters did to the window path.
+      is_window "$row" && [[ $row != control-* ]] || { echo "$row: stateoff needs a trained window row" >&2; exit 2; }
+      probe position-window "$row" position --branches window --text "$DATA/text/test" \
+        --length 8k --sequences 5 --edges 1k,2k
+      ;;
     validpos) # Perplexity by position on text/valid (3 books × 8k), where choices are made.
       probe valid-position "$row" position --branches "$b" --text "$DATA/text/valid" \
         --length 8k --sequences 3 --edges 1k,2k
@@ -294,6 +319,6 @@ for row in "${ORDER[@]}"; do
       probe long-passkey "$row" passkey --branches "$b" --trials 1
       probe long-needle "$row" needle --branches "$b" --trials 1
       ;;
-    *) echo "unknown phase $PHASE (train, probes, validpos, tasks, all, samples or longprobes)" >&2; exit 2 ;;
+    *) echo "unknown phase $PHASE (train, probes, validpos, stateoff, tasks, all, samples or longprobes)" >&2; exit 2 ;;
   esac
 done
