@@ -110,6 +110,8 @@ declare -A ROWS=(
   [d131-relu-w128-none-s2048]="transfer+distill --feature-map relu --window 128 --decay none"
   [d131-relu-w128-gated-s2048]="transfer+distill --feature-map relu --window 128 --mix gated"
   [d131-relu-w128-fd128-s2048]="transfer+distill --feature-map relu --window 128 --feature-dim 128"
+  # The gated row's gate never opened from 0.001: the same, started open.
+  [d131-relu-w128-gated-open-s2048]="transfer+distill --feature-map relu --window 128 --mix gated --mix-share 0.5"
 )
 # Flags beyond the recipe's. The pure linear cell's ablation (one change each against
 # td-relu): every parameter trained instead of LoRA 16 + φ; the transfer target raw instead of
@@ -144,6 +146,7 @@ declare -A TRAIN_FLAGS=(
   [d131-relu-w128-none-s2048]="--tokens 131072 --seq-len 2048"
   [d131-relu-w128-gated-s2048]="--tokens 131072 --seq-len 2048"
   [d131-relu-w128-fd128-s2048]="--tokens 131072 --seq-len 2048"
+  [d131-relu-w128-gated-open-s2048]="--tokens 131072 --seq-len 2048"
 )
 # Continuations: a trained row's final model trained further (distillation from the original
 # teacher, given with --teacher), to separate what longer training windows do for the long
