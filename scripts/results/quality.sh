@@ -102,7 +102,6 @@ declare -A ROWS=(
   # Between the two: at w64 the state carries part of the long context but the window misses
   # 1.15x at 1k-2k by far; at w256 the window alone is inside it and the state adds 0.7 %.
   [d131-relu-w128-lightning-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning"
-  [long-td-relu-w128-s2048]="transfer+distill --feature-map relu --window 128"
   # Why the state stays quiet past the window (1.1 % of the w128 row's 1k-2k gain): one change
   # each against d131-relu-w128-lightning-s2048. No decay (LoLCATs' hybrid has none: lightning
   # keeps at most 2 % of a token 1,000 back); each branch normalised on its own (the shared
@@ -142,7 +141,6 @@ declare -A TRAIN_FLAGS=(
   [d131-relu-w256-lightning-s2048]="--tokens 131072 --seq-len 2048"
   [d131-relu-w256-retnet-s2048]="--tokens 131072 --seq-len 2048"
   [d131-relu-w128-lightning-s2048]="--tokens 131072 --seq-len 2048"
-  [long-td-relu-w128-s2048]="--tokens 1048576 --transfer-tokens 131072 --seq-len 2048"
   [d131-relu-w128-none-s2048]="--tokens 131072 --seq-len 2048"
   [d131-relu-w128-gated-s2048]="--tokens 131072 --seq-len 2048"
   [d131-relu-w128-fd128-s2048]="--tokens 131072 --seq-len 2048"
