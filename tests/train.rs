@@ -82,6 +82,7 @@ fn config(recipe: Recipe) -> TrainConfig {
         lora_alpha: 8.0,
         temperature: 1.0,
         ce_weight: 0.0,
+        min_window: None,
     }
 }
 
@@ -380,6 +381,11 @@ fn bad_training_input_is_refused_clearly() {
     common::assert_clean_error(
         &with_cache(&out, &good[0], &[]),
         &["already holds checkpoints", "--resume"],
+    );
+    // --min-window needs window layers (the flag reaches the run's settings).
+    common::assert_clean_error(
+        &with_cache(&dir.path().join("o9"), &good[0], &["--min-window", "4"]),
+        &["--min-window applies to models with window layers"],
     );
     // The transfer recipe needs SUPRA layers.
     let teacher = dir.path().join("teacher.gguf");
@@ -1204,4 +1210,98 @@ fn a_damaged_token_cache_is_rebuilt() {
         assert_eq!(tokens(&again), want, "{what}");
         assert_eq!(std::fs::read(&path).unwrap(), whole, "{what}");
     }
+}
+
+/// `--min-window`: each update trains the window layers at a window drawn from min..=w (the
+/// metrics say which), the same draws after a resume; validation runs at the model's own
+/// window; a model without window layers, or a minimum past its window, is refused.
+#[test]
+fn drawn_windows_train_shorter_and_validate_at_the_model_window() {
+    let (dir, data, cache) = workspace();
+    let windows = |out: &Path| -> Vec<u64> {
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["window"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let mut cfg = config(Recipe::TransferDistill);
+    (cfg.steps, cfg.transfer_steps, cfg.min_window) = (12, 6, Some(2));
+    let go = |name: &str, cfg: &TrainConfig, resume, stop| {
+        let out = dir.path().join(name);
+        let model = tiny_cell(dir.path(), Cell::WindowRelu);
+        run(model, cfg, &data, &out, &cache, resume, stop);
+        out
+    };
+    let straight = go("straight", &cfg, false, None);
+    go("split", &cfg, false, Some(5));
+    let split = go("split", &cfg, true, None);
+    let drawn = windows(&straight);
+    assert_eq!(drawn, windows(&split));
+    assert!(drawn.iter().all(|w| (2..=8).contains(w)), "{drawn:?}");
+    let mut distinct = drawn.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(distinct.len() >= 3, "{drawn:?}");
+    for ((s, x), (_, y)) in losses(&straight).iter().zip(&losses(&split)) {
+        assert!((x - y).abs() <= 1e-6, "step {s}: {x} vs {y}");
+    }
+    assert_eq!(
+        supra::io::load(&straight.join("final"))
+            .unwrap()
+            .config
+            .supra
+            .unwrap()
+            .window
+            .unwrap()
+            .window,
+        8
+    );
+
+    // With no learning the weights stay the model's: the update's loss is at its drawn window
+    // (so not the full window's), the validation at the model's (so the full window's).
+    let mut still = config(Recipe::Distill);
+    (still.steps, still.eval_every, still.lr, still.min_lr) = (1, 1, 0.0, 0.0);
+    let full = go("full", &still, false, None);
+    still.min_window = Some(2);
+    let short = go("short", &still, false, None);
+    assert_ne!(
+        windows(&short)[0],
+        8,
+        "the test needs a draw below the window"
+    );
+    let (loss, val) = (metric(&short, "loss")[0], metric(&short, "val_loss")[0]);
+    assert_ne!(loss, metric(&full, "loss")[0]);
+    assert_eq!(val, metric(&full, "val_loss")[0]);
+
+    let err = |model, cfg: &TrainConfig, name: &str| {
+        let inputs = TrainInputs {
+            data: &data,
+            valid: None,
+            out: &dir.path().join(name),
+            resume: false,
+            stop_after: None,
+            token_cache: &cache,
+            teacher: None,
+        };
+        format!(
+            "{:#}",
+            train(model, cfg, &inputs).err().expect("must refuse")
+        )
+    };
+    let e = err(tiny_linear(dir.path()), &still, "linear");
+    assert!(
+        e.contains("--min-window applies to models with window layers"),
+        "{e}"
+    );
+    still.min_window = Some(9);
+    let e = err(tiny_cell(dir.path(), Cell::WindowRelu), &still, "wide");
+    assert!(
+        e.contains("--min-window 9 must be between 1 and the model's window, 8"),
+        "{e}"
+    );
 }

@@ -111,6 +111,12 @@ declare -A ROWS=(
   [d131-relu-w128-fd128-s2048]="transfer+distill --feature-map relu --window 128 --feature-dim 128"
   # The gated row's gate never opened from 0.001: the same, started open.
   [d131-relu-w128-gated-open-s2048]="transfer+distill --feature-map relu --window 128 --mix gated --mix-share 0.5"
+  # The training signal: each update at a window drawn from 32..128 (--min-window), so that
+  # the state must carry what a shorter window drops; evaluated at 128 as the others.
+  [d131-relu-w128-minw32-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning"
+  # The shared α's θ moves about one learning rate per update (every row's α ended within 1 %
+  # of its start, 0.001): the branch ten times louder from the start.
+  [d131-relu-w128-share01-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning --mix-share 0.01"
 )
 # Flags beyond the recipe's. The pure linear cell's ablation (one change each against
 # td-relu): every parameter trained instead of LoRA 16 + φ; the transfer target raw instead of
@@ -145,6 +151,8 @@ declare -A TRAIN_FLAGS=(
   [d131-relu-w128-gated-s2048]="--tokens 131072 --seq-len 2048"
   [d131-relu-w128-fd128-s2048]="--tokens 131072 --seq-len 2048"
   [d131-relu-w128-gated-open-s2048]="--tokens 131072 --seq-len 2048"
+  [d131-relu-w128-minw32-s2048]="--tokens 131072 --seq-len 2048 --min-window 32"
+  [d131-relu-w128-share01-s2048]="--tokens 131072 --seq-len 2048"
 )
 # Continuations: a trained row's final model trained further (distillation from the original
 # teacher, given with --teacher), to separate what longer training windows do for the long

@@ -85,6 +85,12 @@ pub(crate) struct TrainArgs {
     /// [default: 0, pure distillation].
     #[arg(long)]
     pub(crate) ce_weight: Option<f64>,
+    /// Window layers: each update trains at a window drawn uniformly from N tokens up to the
+    /// model's window (the same draws on a resume), so that the linear state must carry what
+    /// a shorter window drops; validation and the final model keep the model's window
+    /// [default: always the model's window].
+    #[arg(long, value_name = "N")]
+    pub(crate) min_window: Option<usize>,
     /// Number of updates (instead of --tokens).
     #[arg(long)]
     pub(crate) steps: Option<u64>,
@@ -171,6 +177,7 @@ impl TrainArgs {
             lora_alpha: self.lora_alpha,
             temperature: self.temperature,
             ce_weight: self.ce_weight,
+            min_window: self.min_window,
             freeze: match &self.freeze {
                 Some(s) => supra::model::params::ParamGroup::parse_list(s)?,
                 None => Vec::new(),

@@ -331,6 +331,17 @@ impl Llama {
         }
     }
 
+    /// Runs every window layer with a window of `window` tokens (the sinks unchanged); no
+    /// effect on other layers. Training draws shorter windows than the config's
+    /// (`--min-window`) so that the linear state must carry what the window drops.
+    pub fn set_window(&mut self, window: usize) {
+        for b in &mut self.blocks {
+            if let Cell::Window(a) = &mut b.attn {
+                a.span.window = window;
+            }
+        }
+    }
+
     /// Sets the chunk size of every layer's chunked forms.
     pub fn set_chunk_size(&mut self, chunk: usize) {
         for b in &mut self.blocks {

@@ -85,6 +85,7 @@ mod tests {
             grad_norm: 1.0,
             tokens_per_s: 100.0,
             skipped: false,
+            window: None,
         }
     }
 

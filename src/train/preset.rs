@@ -228,6 +228,7 @@ pub struct Overrides {
     pub lora_alpha: Option<f64>,
     pub temperature: Option<f64>,
     pub ce_weight: Option<f64>,
+    pub min_window: Option<usize>,
     pub freeze: Vec<ParamGroup>,
 }
 
@@ -388,6 +389,7 @@ impl Preset {
             lora_alpha: o.lora_alpha.unwrap_or(lora_rank as f64),
             temperature,
             ce_weight,
+            min_window: o.min_window,
         })
     }
 }

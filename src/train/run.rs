@@ -78,6 +78,12 @@ pub struct TrainConfig {
     pub temperature: f64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub ce_weight: f64,
+    /// Window layers: each update trains at a window drawn uniformly from this many tokens
+    /// up to the model's own (seeded by the update), so the linear state must carry what a
+    /// shorter window drops; validation and the saved model keep the model's window. None:
+    /// always the model's window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_window: Option<usize>,
 }
 
 fn one() -> f64 {
@@ -151,6 +157,9 @@ pub struct Metrics {
     pub tokens_per_s: f64,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
+    /// The window the update trained at, when `--min-window` draws it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<usize>,
 }
 
 pub struct Summary {
@@ -346,7 +355,34 @@ fn check_settings(cfg: &TrainConfig, model: &LoadedModel) -> Result<()> {
             cfg.seq_len
         );
     }
+    if let Some(min) = cfg.min_window {
+        let Some(w) = model_window(model) else {
+            bail!("--min-window applies to models with window layers; this one has none");
+        };
+        if min == 0 || min > w {
+            bail!("--min-window {min} must be between 1 and the model's window, {w}");
+        }
+    }
     Ok(())
+}
+
+/// The window of the model's window layers, if it has any.
+fn model_window(model: &LoadedModel) -> Option<usize> {
+    let c = &model.config;
+    c.layer_kinds
+        .contains(&crate::config::AttentionKind::Window)
+        .then(|| c.supra.as_ref()?.window.map(|w| w.window))
+        .flatten()
+}
+
+/// The window update `step` trains at under `--min-window min` for a model window of `full`:
+/// uniform over min..=full, from the run's seed and the step alone, so a resumed run draws
+/// the same ones.
+pub fn drawn_window(seed: u64, step: u64, min: usize, full: usize) -> usize {
+    use rand::{Rng, SeedableRng};
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    rng.random_range(min..=full)
 }
 
 /// AdamW's moments and step counts, by name, as a checkpoint holds them.
@@ -504,6 +540,8 @@ struct Trainer<'a> {
     schedule: Schedule,
     /// Updates of the transfer schedule before the cross-entropy one starts.
     offset: u64,
+    /// The window layers' own window, restored after an update trained at a drawn one.
+    full_window: Option<usize>,
 }
 
 impl<'a> Trainer<'a> {
@@ -572,7 +610,14 @@ impl<'a> Trainer<'a> {
                 total_steps: cfg.steps - offset,
             },
             offset,
+            full_window: model_window(model),
         })
+    }
+
+    /// Runs the window layers of both phases' models at `window` tokens.
+    fn set_window(&mut self, window: usize) {
+        self.transfer_model.set_window(window);
+        self.tune_model.set_window(window);
     }
 
     fn model(&self, objective: Objective) -> &Llama {
@@ -595,19 +640,18 @@ impl<'a> Trainer<'a> {
             self.schedule.lr(progress.step - self.offset)
         };
         let per_step = cfg.windows_per_step();
-        let (mut loss_sum, mut done) = (0.0, 0);
-        while done < per_step {
-            let n = cfg.micro_batch.min(per_step - done);
-            let windows = data.batch(progress.cursor, n)?;
-            let model = self.model(objective);
-            let loss = recipe::loss(model, &self.targets, objective, &windows)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
-            let grads = loss.backward()?;
-            self.opt.accumulate(&grads, n as f32 / per_step as f32)?;
-            progress.cursor += n as u64;
-            done += n;
+        let drawn = cfg
+            .min_window
+            .zip(self.full_window)
+            .map(|(min, full)| (drawn_window(cfg.seed, progress.step, min, full), full));
+        if let Some((w, _)) = drawn {
+            self.set_window(w);
         }
-        let loss = loss_sum / per_step as f64;
+        let summed = self.accumulate(data, progress, objective);
+        if let Some((_, full)) = drawn {
+            self.set_window(full);
+        }
+        let loss = summed? / per_step as f64;
         let grad_norm = self.opt.grad_norm()?;
         let skipped = !loss.is_finite() || !grad_norm.is_finite();
         if skipped {
@@ -627,7 +671,32 @@ impl<'a> Trainer<'a> {
             grad_norm,
             tokens_per_s: (per_step * cfg.seq_len) as f64 / t0.elapsed().as_secs_f64(),
             skipped,
+            window: drawn.map(|(w, _)| w),
         })
+    }
+
+    /// Forward and backward over the update's windows, micro-batch by micro-batch, into the
+    /// optimizer's gradient; returns the loss summed over windows.
+    fn accumulate(
+        &mut self,
+        data: &mut Data,
+        progress: &mut Progress,
+        objective: Objective,
+    ) -> Result<f64> {
+        let per_step = self.cfg.windows_per_step();
+        let (mut loss_sum, mut done) = (0.0, 0);
+        while done < per_step {
+            let n = self.cfg.micro_batch.min(per_step - done);
+            let windows = data.batch(progress.cursor, n)?;
+            let model = self.model(objective);
+            let loss = recipe::loss(model, &self.targets, objective, &windows)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
+            let grads = loss.backward()?;
+            self.opt.accumulate(&grads, n as f32 / per_step as f32)?;
+            progress.cursor += n as u64;
+            done += n;
+        }
+        Ok(loss_sum)
     }
 
     /// The objective's mean loss over the first `eval_windows` windows of `valid`.
