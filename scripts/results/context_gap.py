@@ -8,10 +8,11 @@ and a trained hybrid with both branches and with its linear branch off, one toke
 control's per-token NLL minus the teacher's, and the table says what share of the whole gap
 the tokens with the largest gaps carry, and how much of it the hybrid and its state alone
 (branch off minus both) win back there, and how many of those tokens a long-range copy could
-predict: the next token occurs earlier in the book but not in the last WINDOW tokens, or
+predict: the next token occurs earlier in the book but not in the control's window, or
 completes a pair of tokens seen before them.
 
-    scripts/results/context_gap.py CONTROL_MODEL HYBRID_MODEL [--supra BIN] [--data-dir D]
+    scripts/results/context_gap.py CONTROL_MODEL HYBRID_MODEL [--window 128] [--supra BIN]
+                                   [--data-dir D]
 
 Writes nothing but its own scratch directory (removed at the end); prints a markdown table.
 """
@@ -25,7 +26,6 @@ import tempfile
 
 BOOK_CHARS = 9500  # about 2,000 tokens of these books
 FIRST, LAST = 1000, 2000
-WINDOW = 128  # the control's
 
 
 def nll(supra, model, text, branches=None):
@@ -37,10 +37,10 @@ def nll(supra, model, text, branches=None):
     return [-x for x in out["logprobs"]], out["token_ids"]
 
 
-def copies(ids, i):
+def copies(ids, i, window):
     """Whether token i + 1 occurs before the window of query i and not in it, and whether
     (token i, token i + 1) occurs as a pair before that window."""
-    start = max(0, i + 1 - WINDOW)
+    start = max(0, i + 1 - window)
     before, inside = ids[:start], ids[start : i + 1]
     nxt = ids[i + 1]
     pair = any(before[j] == ids[i] and ids[j + 1] == nxt for j in range(len(before)))
@@ -51,6 +51,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("control")
     ap.add_argument("hybrid")
+    ap.add_argument("--window", type=int, default=128, help="the control's window")
     ap.add_argument("--supra", default="target/release/supra")
     ap.add_argument(
         "--data-dir",
@@ -76,7 +77,7 @@ def main():
             n = min(len(r) for r, _ in runs)
             for dst, (r, _) in zip((t, c, h, o), runs):
                 dst.extend(r[FIRST : min(n, LAST)])
-            cp.extend(copies(ids, i) for i in range(FIRST, min(n, LAST)))
+            cp.extend(copies(ids, i, a.window) for i in range(FIRST, min(n, LAST)))
     n = len(t)
     gap = [ci - ti for ci, ti in zip(c, t)]
     whole = sum(gap)
