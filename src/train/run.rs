@@ -378,7 +378,7 @@ fn model_window(model: &LoadedModel) -> Option<usize> {
 /// The window update `step` trains at under `--min-window min` for a model window of `full`:
 /// uniform over min..=full, from the run's seed and the step alone, so a resumed run draws
 /// the same ones.
-pub fn drawn_window(seed: u64, step: u64, min: usize, full: usize) -> usize {
+fn drawn_window(seed: u64, step: u64, min: usize, full: usize) -> usize {
     use rand::{Rng, SeedableRng};
     let mut rng =
         rand::rngs::StdRng::seed_from_u64(seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15));
@@ -640,15 +640,16 @@ impl<'a> Trainer<'a> {
             self.schedule.lr(progress.step - self.offset)
         };
         let per_step = cfg.windows_per_step();
+        let full = self.full_window;
         let drawn = cfg
             .min_window
-            .zip(self.full_window)
-            .map(|(min, full)| (drawn_window(cfg.seed, progress.step, min, full), full));
-        if let Some((w, _)) = drawn {
+            .zip(full)
+            .map(|(min, full)| drawn_window(cfg.seed, progress.step, min, full));
+        if let Some(w) = drawn {
             self.set_window(w);
         }
         let summed = self.accumulate(data, progress, objective);
-        if let Some((_, full)) = drawn {
+        if let (Some(_), Some(full)) = (drawn, full) {
             self.set_window(full);
         }
         let loss = summed? / per_step as f64;
@@ -671,7 +672,7 @@ impl<'a> Trainer<'a> {
             grad_norm,
             tokens_per_s: (per_step * cfg.seq_len) as f64 / t0.elapsed().as_secs_f64(),
             skipped,
-            window: drawn.map(|(w, _)| w),
+            window: drawn,
         })
     }
 
