@@ -237,6 +237,7 @@ pub fn train_step(
     let targets = recipe::Targets {
         transfer: crate::train::transfer::Teacher::new(model, &[], Default::default())?,
         distill: teacher,
+        gap: None,
         z_loss: 0.0,
         temperature: 1.0,
         ce_weight: 0.0,
@@ -248,7 +249,7 @@ pub fn train_step(
     let bar = indicatif::ProgressBar::new(steps as u64 + 1);
     for i in 0..=steps {
         let t0 = std::time::Instant::now();
-        let loss = recipe::loss(&llama, &targets, objective, &window)?;
+        let loss = recipe::loss(&llama, &targets, objective, &window, true)?;
         let _ = loss.to_scalar::<f32>()?;
         let t1 = std::time::Instant::now();
         let grads = loss.backward()?;

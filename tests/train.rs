@@ -2,6 +2,7 @@
 
 mod common;
 
+use candle_core::Tensor;
 use common::testing::write_tiny_gguf;
 use std::path::{Path, PathBuf};
 use supra::convert::{convert, ConvertOptions};
@@ -83,6 +84,7 @@ fn config(recipe: Recipe) -> TrainConfig {
         temperature: 1.0,
         ce_weight: 0.0,
         min_window: None,
+        gap_weight: 0.0,
     }
 }
 
@@ -386,6 +388,10 @@ fn bad_training_input_is_refused_clearly() {
     common::assert_clean_error(
         &with_cache(&dir.path().join("o9"), &good[0], &["--min-window", "4"]),
         &["--min-window applies to models with window layers"],
+    );
+    common::assert_clean_error(
+        &with_cache(&dir.path().join("o10"), &good[0], &["--gap-weight", "0.5"]),
+        &["--gap-weight applies to models with window layers"],
     );
     // The transfer recipe needs SUPRA layers.
     let teacher = dir.path().join("teacher.gguf");
@@ -1302,6 +1308,123 @@ fn drawn_windows_train_shorter_and_validate_at_the_model_window() {
     let e = err(tiny_cell(dir.path(), Cell::WindowRelu), &still, "wide");
     assert!(
         e.contains("--min-window 9 must be between 1 and the model's window, 8"),
+        "{e}"
+    );
+}
+
+/// `--gap-weight`: distillation's token weights average 1 and sit at their floor (1 − share)
+/// where the window still sees the whole history; a run with them resumes exactly, weighs its
+/// updates (not its validation, which stays even), and a model without window layers, a
+/// recipe that does not distil or a share outside 0..=1 is refused.
+#[test]
+fn gap_weights_follow_the_window_and_weigh_updates_only() {
+    use supra::train::distill::{GapWeights, Teacher};
+    let (dir, data, cache) = workspace();
+    let model = tiny_cell(dir.path(), Cell::WindowRelu);
+    let inputs = Tensor::new(
+        &[[
+            3u32, 9, 14, 2, 7, 7, 1, 30, 3, 9, 14, 2, 11, 5, 3, 9, 14, 2, 8, 6, 3, 9, 14, 2, 19, 4,
+            3, 9, 14, 2, 0, 12,
+        ]],
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let teacher = Teacher::new(&model).unwrap().logits(&inputs).unwrap();
+    let w = GapWeights::new(&model, 0.75)
+        .unwrap()
+        .weights(&inputs, &teacher)
+        .unwrap();
+    assert_eq!(w.len(), 32);
+    let mean = w.iter().sum::<f32>() / 32.0;
+    assert!((mean - 1.0).abs() < 1e-5, "mean {mean}");
+    assert!(w[..8].iter().all(|&x| (x - 0.25).abs() < 1e-3), "{w:?}");
+    // The linear branch is off in the reference: a louder one changes no weight.
+    let mut louder = model.clone();
+    for (name, t) in louder.weights.iter_mut() {
+        if name.ends_with("window_mix") {
+            *t = (&*t + 2.0).unwrap();
+        }
+    }
+    let again = GapWeights::new(&louder, 0.75)
+        .unwrap()
+        .weights(&inputs, &teacher)
+        .unwrap();
+    assert_eq!(w, again);
+    assert!(w.iter().any(|&x| x > 1.5), "{w:?}");
+
+    let mut cfg = config(Recipe::TransferDistill);
+    (cfg.steps, cfg.transfer_steps, cfg.gap_weight) = (12, 6, 0.5);
+    let go = |name: &str, cfg: &TrainConfig, resume, stop| {
+        let out = dir.path().join(name);
+        run(
+            tiny_cell(dir.path(), Cell::WindowRelu),
+            cfg,
+            &data,
+            &out,
+            &cache,
+            resume,
+            stop,
+        );
+        out
+    };
+    let straight = go("straight", &cfg, false, None);
+    go("split", &cfg, false, Some(8));
+    let split = go("split", &cfg, true, None);
+    for ((s, x), (_, y)) in losses(&straight).iter().zip(&losses(&split)) {
+        assert!((x - y).abs() <= 1e-6, "step {s}: {x} vs {y}");
+    }
+    let last = supra::train::checkpoint::list(&straight)
+        .unwrap()
+        .pop()
+        .unwrap();
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(last.join("run.json")).unwrap()).unwrap();
+    assert_eq!(recorded["gap_weight"].as_f64(), Some(0.5), "{recorded}");
+
+    // With no learning: the update's loss is weighted (so not the even one), the validation
+    // loss even (so the same).
+    let mut still = config(Recipe::Distill);
+    (still.steps, still.eval_every, still.lr, still.min_lr) = (1, 1, 0.0, 0.0);
+    let even = go("even", &still, false, None);
+    still.gap_weight = 0.9;
+    let weighted = go("weighted", &still, false, None);
+    assert_ne!(metric(&weighted, "loss")[0], metric(&even, "loss")[0]);
+    assert_eq!(
+        metric(&weighted, "val_loss")[0],
+        metric(&even, "val_loss")[0]
+    );
+
+    let err = |model, cfg: &TrainConfig, name: &str| {
+        let inputs = TrainInputs {
+            data: &data,
+            valid: None,
+            out: &dir.path().join(name),
+            resume: false,
+            stop_after: None,
+            token_cache: &cache,
+            teacher: None,
+        };
+        format!(
+            "{:#}",
+            train(model, cfg, &inputs).err().expect("must refuse")
+        )
+    };
+    let e = err(tiny_linear(dir.path()), &still, "linear");
+    assert!(
+        e.contains("--gap-weight applies to models with window layers"),
+        "{e}"
+    );
+    still.gap_weight = 1.5;
+    let e = err(tiny_cell(dir.path(), Cell::WindowRelu), &still, "big");
+    assert!(
+        e.contains("--gap-weight 1.5 must be between 0 and 1"),
+        "{e}"
+    );
+    let mut ce = config(Recipe::TransferFinetune);
+    ce.gap_weight = 0.5;
+    let e = err(tiny_cell(dir.path(), Cell::WindowRelu), &ce, "ce");
+    assert!(
+        e.contains("--gap-weight: the transfer+finetune recipe does not distil"),
         "{e}"
     );
 }

@@ -117,6 +117,9 @@ declare -A ROWS=(
   # The shared α's θ moves about one learning rate per update (every row's α ended within 1 %
   # of its start, 0.001): the branch ten times louder from the start.
   [d131-relu-w128-share01-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning --mix-share 0.01"
+  # Distillation weighted toward the tokens the window misses (--gap-weight 0.5: half of each
+  # token's weight even, half following KL(teacher ‖ teacher within its window) there).
+  [d131-relu-w128-gap05-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning"
 )
 # Flags beyond the recipe's. The pure linear cell's ablation (one change each against
 # td-relu): every parameter trained instead of LoRA 16 + φ; the transfer target raw instead of
@@ -153,6 +156,7 @@ declare -A TRAIN_FLAGS=(
   [d131-relu-w128-gated-open-s2048]="--tokens 131072 --seq-len 2048"
   [d131-relu-w128-minw32-s2048]="--tokens 131072 --seq-len 2048 --min-window 32"
   [d131-relu-w128-share01-s2048]="--tokens 131072 --seq-len 2048"
+  [d131-relu-w128-gap05-s2048]="--tokens 131072 --seq-len 2048 --gap-weight 0.5"
 )
 # Continuations: a trained row's final model trained further (distillation from the original
 # teacher, given with --teacher), to separate what longer training windows do for the long

@@ -91,6 +91,13 @@ pub(crate) struct TrainArgs {
     /// [default: always the model's window].
     #[arg(long, value_name = "N")]
     pub(crate) min_window: Option<usize>,
+    /// distill, transfer+distill on window models: the share (0 to 1) of each token's weight
+    /// in the KL that follows how much the teacher's prediction there gains over its own
+    /// window (KL(teacher ‖ the starting model with its linear branch off)), the rest even;
+    /// weights average 1 and validation stays even. Pushes the linear state toward the
+    /// tokens that need the long context [default: 0, every token the same].
+    #[arg(long, value_name = "SHARE")]
+    pub(crate) gap_weight: Option<f64>,
     /// Number of updates (instead of --tokens).
     #[arg(long)]
     pub(crate) steps: Option<u64>,
@@ -178,6 +185,7 @@ impl TrainArgs {
             temperature: self.temperature,
             ce_weight: self.ce_weight,
             min_window: self.min_window,
+            gap_weight: self.gap_weight,
             freeze: match &self.freeze {
                 Some(s) => supra::model::params::ParamGroup::parse_list(s)?,
                 None => Vec::new(),

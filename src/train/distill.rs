@@ -3,11 +3,12 @@
 //! distribution is an unbiased target: caching the teacher's top-k probabilities is not
 //! (Sparse Logit Sampling, ACL 2025).
 //!
-//! loss = (1/N) Σᵢ [T² · KL(pᵢ ‖ qᵢ) + w · CEᵢ],  pᵢ = softmax(tᵢ/T), qᵢ = softmax(sᵢ/T)
-//! ∂loss/∂sᵢ = (T · (qᵢ − pᵢ) + w · (softmax(sᵢ) − onehot(yᵢ))) / N
+//! loss = (1/N) Σᵢ aᵢ [T² · KL(pᵢ ‖ qᵢ) + w · CEᵢ],  pᵢ = softmax(tᵢ/T), qᵢ = softmax(sᵢ/T)
+//! ∂loss/∂sᵢ = aᵢ (T · (qᵢ − pᵢ) + w · (softmax(sᵢ) − onehot(yᵢ))) / N
 //!
-//! (t the teacher's logits, s the student's, y the data's next token; T² keeps the gradient's
-//! size independent of the temperature, as Hinton et al. 2015 scale it.) With Lₜ, Lₛ the
+//! (t the teacher's logits, s the student's, y the data's next token, aᵢ a constant weight
+//! per token, 1 unless [`GapWeights`] sets it; T² keeps the gradient's size independent of
+//! the temperature, as Hinton et al. 2015 scale it.) With Lₜ, Lₛ the
 //! log-sum-exps of t/T and s/T and mₜ the row's max of t,
 //! KL = Σᵥ e^{(tᵥ − mₜ)/T} (tᵥ − sᵥ) / (T · Σᵥ e^{(tᵥ − mₜ)/T}) − Lₜ + Lₛ,
 //! so [`loss`] reads each pair of rows twice forward (maxima, then every sum in one pass) and
@@ -21,19 +22,22 @@ use sha2::{Digest, Sha256};
 use std::sync::Mutex;
 
 use crate::attention::supra::fused::slice;
+use crate::attention::window::Branches;
 use crate::config::AttentionKind;
 use crate::io::LoadedModel;
 use crate::model::expf::exp_map;
 use crate::model::llama::Llama;
 
 /// Mean distillation loss of `student` logits (N, V) against `teacher` logits (N, V) at
-/// `temperature`, plus `ce_weight` × the cross-entropy against `targets` (N, u32).
+/// `temperature`, plus `ce_weight` × the cross-entropy against `targets` (N, u32); with
+/// `weights` (N, constants), each token's term times its weight.
 pub fn loss(
     student: &Tensor,
     teacher: &Tensor,
     targets: &Tensor,
     temperature: f64,
     ce_weight: f64,
+    weights: Option<Vec<f32>>,
 ) -> candle_core::Result<Tensor> {
     let valid = temperature > 0.0 && temperature.is_finite() && ce_weight >= 0.0;
     if !valid {
@@ -41,31 +45,47 @@ pub fn loss(
             "distillation: temperature {temperature} must be positive and the cross-entropy weight {ce_weight} non-negative"
         );
     }
+    if let Some(w) = &weights {
+        if w.len() != student.dim(0)? || w.iter().any(|w| !w.is_finite() || *w < 0.0) {
+            candle_core::bail!(
+                "distillation: {} token weights for {} tokens (each finite and non-negative)",
+                w.len(),
+                student.dim(0)?
+            );
+        }
+    }
     let op = FusedDistill {
         temperature: temperature as f32,
         ce_weight: ce_weight as f32,
+        weights,
         rows: Mutex::default(),
     };
     student.apply_op3(&teacher.detach(), targets, op)
 }
 
-/// The reference: the same loss composed of candle ops (log-softmax, exp, sums).
+/// The reference: the same loss composed of candle ops (log-softmax, exp, gather, sums);
+/// `weights` (N) in the students's dtype.
 pub fn naive(
     student: &Tensor,
     teacher: &Tensor,
     targets: &Tensor,
     temperature: f64,
     ce_weight: f64,
+    weights: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     use candle_nn::ops::log_softmax;
     let log_q = log_softmax(&(student / temperature)?, 1)?;
     let log_p = log_softmax(&(teacher.detach() / temperature)?, 1)?;
-    let kl = (log_p.exp()? * (log_p - log_q)?)?.sum(1)?.mean_all()?;
-    let kl = (kl * (temperature * temperature))?;
-    if ce_weight == 0.0 {
-        return Ok(kl);
+    let kl = (log_p.exp()? * (log_p - log_q)?)?.sum(1)?;
+    let mut rows = (kl * (temperature * temperature))?;
+    if ce_weight > 0.0 {
+        let picked = log_softmax(student, 1)?.gather(&targets.unsqueeze(1)?, 1)?;
+        rows = (rows - (picked.squeeze(1)? * ce_weight)?)?;
     }
-    kl + (candle_nn::loss::cross_entropy(student, targets)? * ce_weight)?
+    match weights {
+        Some(w) => (rows * w.detach())?.mean_all(),
+        None => rows.mean_all(),
+    }
 }
 
 /// What the backward pass needs of each row: maxima and log-sums of s/T and t/T, and the
@@ -82,6 +102,8 @@ struct Row {
 struct FusedDistill {
     temperature: f32,
     ce_weight: f32,
+    /// Per token, the constant its term is multiplied by (None: 1).
+    weights: Option<Vec<f32>>,
     rows: Mutex<Vec<Row>>,
 }
 
@@ -182,7 +204,10 @@ impl CustomOp3 for FusedDistill {
             .map_init(Default::default, |buf, ((s, t), &y)| self.row(s, t, y, buf))
             .unzip();
         *self.rows.lock().expect("rows lock") = rows;
-        let total: f64 = terms.iter().sum();
+        let total: f64 = match &self.weights {
+            Some(w) => terms.iter().zip(w).map(|(x, &w)| x * w as f64).sum(),
+            None => terms.iter().sum(),
+        };
         Ok((
             CpuStorage::F32(vec![(total / n as f64) as f32]),
             Shape::from(()),
@@ -211,12 +236,15 @@ impl CustomOp3 for FusedDistill {
         let (temp, inv_t, w) = (self.temperature, 1.0 / self.temperature, self.ce_weight);
         let one = temp == 1.0;
         let mut grad = vec![0f32; n * v];
+        let weight = |i: usize| self.weights.as_ref().map_or(1.0, |w| w[i]);
         grad.par_chunks_mut(v)
             .zip(s.par_chunks(v).zip(t.par_chunks(v)))
             .zip(rows.par_iter().zip(y.par_iter()))
+            .enumerate()
             .for_each_init(
                 || [Vec::new(), Vec::new()],
-                |[p, e1], ((g, (s, t)), (r, &y))| {
+                |[p, e1], (row, ((g, (s, t)), (r, &y)))| {
+                    let scale = scale * weight(row);
                     // g holds q until overwritten.
                     exp_map(g, s, |s| (s - r.max_s) * inv_t - r.log_zs);
                     p.resize(v, 0.0);
@@ -312,12 +340,92 @@ impl Teacher {
     }
 }
 
+/// Per row of `teacher` and `other` logits (N, V): KL(softmax(teacher) ‖ softmax(other)),
+/// with the loss's own row arithmetic (at T = 1, no cross-entropy).
+pub fn row_kl(teacher: &Tensor, other: &Tensor) -> Result<Vec<f32>> {
+    let v = teacher.dim(1)?;
+    if other.dims() != teacher.dims() {
+        bail!(
+            "row_kl: logits {:?} and {:?} do not match",
+            teacher.dims(),
+            other.dims()
+        );
+    }
+    let op = FusedDistill {
+        temperature: 1.0,
+        ce_weight: 0.0,
+        weights: None,
+        rows: Mutex::default(),
+    };
+    let (t, o) = (teacher.flatten_all()?, other.flatten_all()?);
+    let (t, o) = (t.to_vec1::<f32>()?, o.to_vec1::<f32>()?);
+    Ok(t.par_chunks(v)
+        .zip(o.par_chunks(v))
+        .map_init(Default::default, |buf, (t, o)| {
+            op.row(o, t, 0, buf).1 as f32
+        })
+        .collect())
+}
+
+/// Distillation weighted toward the tokens that need the long context. Most of what the
+/// teacher gains over its own window comes from a few tokens (long-range copies: on
+/// text/valid at window 128, 5 % of the tokens carry 86 % of the gain), which plain
+/// distillation weighs like any other; the linear state is what can win them back. Each
+/// token's weight is `(1 − share) + share · gᵢ / ḡ`, with gᵢ = KL(teacher ‖ local) at that
+/// token, ḡ its mean over the micro-batch, and `local` the model the run starts from with
+/// its linear branch off (for a converted model: the teacher restricted to its window and
+/// sinks), so the weights are constants of the data and average 1.
+pub struct GapWeights {
+    local: Llama,
+    share: f64,
+}
+
+impl GapWeights {
+    /// `start`: the model the run starts from, with window layers; `share` in 0..=1.
+    pub fn new(start: &LoadedModel, share: f64) -> Result<Self> {
+        if !(0.0..=1.0).contains(&share) {
+            bail!("--gap-weight {share} must be between 0 and 1");
+        }
+        let c = &start.config;
+        if !c.layer_kinds.contains(&AttentionKind::Window) {
+            bail!("--gap-weight applies to models with window layers (it weighs tokens by what the window misses); this one has none");
+        }
+        if c.lora.is_some() {
+            bail!("--gap-weight: the model carries unmerged LoRA adapters; give a merged model (a run's final/)");
+        }
+        let mut local = Llama::new(c, &start.weights)?;
+        local.set_branches(Branches::Window);
+        Ok(Self { local, share })
+    }
+
+    /// The weights of the tokens of `inputs` (batch, seq), given the teacher's logits on them
+    /// (batch · seq, vocab).
+    pub fn weights(&self, inputs: &Tensor, teacher: &Tensor) -> Result<Vec<f32>> {
+        let local = self
+            .local
+            .logits(&self.local.forward_hidden(inputs, None)?)?;
+        let local = local.reshape(teacher.dims())?;
+        let gap: Vec<f64> = row_kl(teacher, &local)?
+            .into_iter()
+            .map(|g| g.max(0.0) as f64)
+            .collect();
+        let mean = gap.iter().sum::<f64>() / gap.len().max(1) as f64;
+        Ok(gap
+            .iter()
+            .map(|&g| match mean > 0.0 {
+                true => ((1.0 - self.share) + self.share * g / mean) as f32,
+                false => 1.0,
+            })
+            .collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn case(t: f64, w: f64) -> candle_core::Result<()> {
+    fn case(t: f64, w: f64, weights: Option<Vec<f32>>) -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let (n, v) = (6, 257);
         let s = Var::from_tensor(&Tensor::randn(0f32, 3.0, (n, v), &dev)?)?;
@@ -326,15 +434,20 @@ mod tests {
         let far = Tensor::randn(0f32, 4.0, (n, v), &dev)?;
         let y = Tensor::new(&[0u32, 256, 5, 5, 100, 1], &dev)?;
         for teacher in [near, far] {
-            let fused = loss(&s, &teacher, &y, t, w)?;
+            let fused = loss(&s, &teacher, &y, t, w, weights.clone())?;
             // The reference in f64, so that what is compared is this op's own rounding.
             let f64 = candle_core::DType::F64;
-            let reference = naive(&s.to_dtype(f64)?, &teacher.to_dtype(f64)?, &y, t, w)?
-                .to_dtype(candle_core::DType::F32)?;
+            let a = match &weights {
+                Some(a) => Some(Tensor::new(a.as_slice(), &dev)?.to_dtype(f64)?),
+                None => None,
+            };
+            let (s64, t64) = (s.to_dtype(f64)?, teacher.to_dtype(f64)?);
+            let reference =
+                naive(&s64, &t64, &y, t, w, a.as_ref())?.to_dtype(candle_core::DType::F32)?;
             let (a, b) = (fused.to_scalar::<f32>()?, reference.to_scalar::<f32>()?);
             assert!(
                 (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                "T {t}, w {w}: loss {a} vs {b}"
+                "T {t}, w {w}, {weights:?}: loss {a} vs {b}"
             );
             // Scaled, so the incoming gradient is not 1 and the op must use it.
             let gf = (fused * 3.0)?.backward()?;
@@ -344,7 +457,7 @@ mod tests {
             let size = gr.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(
                 d <= 1e-5 * size,
-                "T {t}, w {w}: gradients differ by {d} (max {size})"
+                "T {t}, w {w}, {weights:?}: gradients differ by {d} (max {size})"
             );
         }
         Ok(())
@@ -352,9 +465,34 @@ mod tests {
 
     #[test]
     fn matches_its_composition_at_every_setting() -> candle_core::Result<()> {
+        // Token weights as the gap weighting gives them: mean 1, one token left out.
+        let weights = vec![0.2f32, 3.0, 1.0, 0.0, 0.5, 1.3];
         for (t, w) in [(1.0, 0.0), (2.0, 0.0), (1.0, 0.5), (0.5, 0.25)] {
-            case(t, w)?;
+            case(t, w, None)?;
+            case(t, w, Some(weights.clone()))?;
         }
+        Ok(())
+    }
+
+    #[test]
+    fn row_kl_is_each_rows_composed_kl() -> Result<()> {
+        let dev = Device::Cpu;
+        let t = Tensor::randn(0f32, 3.0, (5, 300), &dev)?;
+        let o = (&t + Tensor::randn(0f32, 1.0, (5, 300), &dev)?)?;
+        let y = Tensor::zeros(1, candle_core::DType::U32, &dev)?;
+        let kl = row_kl(&t, &o)?;
+        assert_eq!(kl.len(), 5);
+        let f64 = candle_core::DType::F64;
+        for (i, &k) in kl.iter().enumerate() {
+            let one = |x: &Tensor| x.narrow(0, i, 1)?.to_dtype(f64);
+            let want = naive(&one(&o)?, &one(&t)?, &y, 1.0, 0.0, None)?.to_scalar::<f64>()?;
+            assert!(
+                (k as f64 - want).abs() <= 1e-5 * want.max(1.0),
+                "row {i}: {k} vs {want}"
+            );
+        }
+        let same = row_kl(&t, &t)?.iter().map(|k| k.abs()).fold(0f32, f32::max);
+        assert!(same < 1e-5, "KL of a distribution to itself: {same}");
         Ok(())
     }
 
@@ -363,7 +501,7 @@ mod tests {
         let dev = Device::Cpu;
         let s = Var::from_tensor(&Tensor::randn(0f32, 3.0, (4, 100), &dev)?)?;
         let y = Tensor::new(&[0u32, 1, 2, 3], &dev)?;
-        let l = loss(&s, &s.as_tensor().copy()?, &y, 1.5, 0.0)?;
+        let l = loss(&s, &s.as_tensor().copy()?, &y, 1.5, 0.0, None)?;
         assert!(l.to_scalar::<f32>()?.abs() < 1e-5);
         let g = l.backward()?;
         let m = g.get(&s).unwrap().abs()?.max_all()?.to_scalar::<f32>()?;
@@ -376,14 +514,21 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::zeros((2, 4), candle_core::DType::F32, &dev)?;
         let y = Tensor::new(&[1u32, 4], &dev)?;
-        let e = loss(&x, &x, &y, 1.0, 0.0).unwrap_err().to_string();
+        let e = loss(&x, &x, &y, 1.0, 0.0, None).unwrap_err().to_string();
         assert!(e.contains("target 4 outside a vocabulary of 4"), "{e}");
         let wide = Tensor::zeros((2, 5), candle_core::DType::F32, &dev)?;
         let y = Tensor::new(&[1u32, 2], &dev)?;
-        let e = loss(&x, &wide, &y, 1.0, 0.0).unwrap_err().to_string();
+        let e = loss(&x, &wide, &y, 1.0, 0.0, None).unwrap_err().to_string();
         assert!(e.contains("do not match"), "{e}");
-        let e = loss(&x, &x, &y, 0.0, 0.0).unwrap_err().to_string();
+        let e = loss(&x, &x, &y, 0.0, 0.0, None).unwrap_err().to_string();
         assert!(e.contains("must be positive"), "{e}");
+        let e = loss(&x, &x, &y, 1.0, 0.0, Some(vec![1.0])).unwrap_err();
+        assert!(
+            e.to_string().contains("1 token weights for 2 tokens"),
+            "{e}"
+        );
+        let e = loss(&x, &x, &y, 1.0, 0.0, Some(vec![1.0, -1.0])).unwrap_err();
+        assert!(e.to_string().contains("non-negative"), "{e}");
         Ok(())
     }
 }

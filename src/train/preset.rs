@@ -229,6 +229,7 @@ pub struct Overrides {
     pub temperature: Option<f64>,
     pub ce_weight: Option<f64>,
     pub min_window: Option<usize>,
+    pub gap_weight: Option<f64>,
     pub freeze: Vec<ParamGroup>,
 }
 
@@ -390,6 +391,7 @@ impl Preset {
             temperature,
             ce_weight,
             min_window: o.min_window,
+            gap_weight: o.gap_weight.unwrap_or(0.0),
         })
     }
 }

@@ -166,6 +166,8 @@ pub struct Targets {
     pub transfer: transfer::Teacher,
     /// Distillation's teacher (the distilling recipes only).
     pub distill: Option<distill::Teacher>,
+    /// Distillation's token weights in training updates (`--gap-weight`; None: even).
+    pub gap: Option<distill::GapWeights>,
     /// Weight of the cross-entropy's z-loss.
     pub z_loss: f64,
     /// Distillation's temperature and the weight of the cross-entropy added to it.
@@ -174,12 +176,14 @@ pub struct Targets {
 }
 
 /// The objective's loss on a batch of windows (batch, seq_len + 1). `model` is built for
-/// training.
+/// training. `update`: the loss of a training update, where distillation weighs tokens as
+/// `targets.gap` says; validation weighs them evenly, so that runs compare.
 pub fn loss(
     model: &Llama,
     targets: &Targets,
     objective: Objective,
     windows: &Tensor,
+    update: bool,
 ) -> Result<Tensor> {
     let t = windows.dim(1)? - 1;
     let inputs = windows.narrow(1, 0, t)?;
@@ -195,12 +199,18 @@ pub fn loss(
             let Some(teacher) = &targets.distill else {
                 bail!("the distillation objective needs a teacher");
             };
+            let teacher = teacher.logits(&inputs)?;
+            let weights = match (&targets.gap, update) {
+                (Some(gap), true) => Some(gap.weights(&inputs, &teacher)?),
+                _ => None,
+            };
             distill::loss(
                 &logits,
-                &teacher.logits(&inputs)?,
+                &teacher,
                 &next,
                 targets.temperature,
                 targets.ce_weight,
+                weights,
             )?
         }
         Objective::Transfer => unreachable!("handled above"),

@@ -84,6 +84,11 @@ pub struct TrainConfig {
     /// always the model's window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_window: Option<usize>,
+    /// Distilling recipes on window models: the share of each token's distillation weight
+    /// that follows what the teacher gains over its own window there ([`distill::GapWeights`];
+    /// 0: every token weighs the same).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gap_weight: f64,
 }
 
 fn one() -> f64 {
@@ -219,7 +224,7 @@ fn evaluate(
     for chunk in (0..n).collect::<Vec<_>>().chunks(cfg.micro_batch) {
         let starts: Vec<usize> = chunk.iter().map(|i| i * cfg.seq_len).collect();
         let windows = batch(stream, &starts, cfg.seq_len)?;
-        let l = recipe::loss(model, targets, objective, &windows)?;
+        let l = recipe::loss(model, targets, objective, &windows, false)?;
         total += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
     }
     Ok(total / n as f64)
@@ -242,6 +247,11 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
         ),
         (false, None) => None,
     };
+    // From the model given, before any update, as the teacher: a resume weighs as the start.
+    let gap = match cfg.gap_weight > 0.0 {
+        true => Some(distill::GapWeights::new(&model, cfg.gap_weight)?),
+        false => None,
+    };
     let (mut model, opt_state, mut progress) = start_or_resume(model, cfg, inputs, &run_config)?;
     if let Some(t) = &distill_teacher {
         if !inputs.resume {
@@ -261,7 +271,7 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
     if cfg.recipe.uses_transfer() && !inputs.resume {
         progress.wo_scales = calibrate(&mut model, &mut data, cfg)?;
     }
-    let mut trainer = Trainer::new(&model, &trained, cfg, &progress, distill_teacher)?;
+    let mut trainer = Trainer::new(&model, &trained, cfg, &progress, distill_teacher, gap)?;
     if let Some(state) = &opt_state {
         trainer.opt.load_state(state)?;
     }
@@ -362,6 +372,12 @@ fn check_settings(cfg: &TrainConfig, model: &LoadedModel) -> Result<()> {
         if min == 0 || min > w {
             bail!("--min-window {min} must be between 1 and the model's window, {w}");
         }
+    }
+    if cfg.gap_weight != 0.0 && !cfg.recipe.distills() {
+        bail!(
+            "--gap-weight: the {} recipe does not distil (distill and transfer+distill do)",
+            cfg.recipe.name()
+        );
     }
     Ok(())
 }
@@ -551,6 +567,7 @@ impl<'a> Trainer<'a> {
         cfg: &'a TrainConfig,
         progress: &Progress,
         distill: Option<distill::Teacher>,
+        gap: Option<distill::GapWeights>,
     ) -> Result<Self> {
         let (weights, vars) = recipe::with_variables(model, trained)?;
         let table = params::by_name(&model.config);
@@ -590,6 +607,7 @@ impl<'a> Trainer<'a> {
                 // The teacher's hidden states must not see the calibration.
                 transfer: transfer::Teacher::new(model, &progress.wo_scales, cfg.transfer_target)?,
                 distill,
+                gap,
                 z_loss: cfg.z_loss,
                 temperature: cfg.temperature,
                 ce_weight: cfg.ce_weight,
@@ -690,7 +708,7 @@ impl<'a> Trainer<'a> {
             let n = self.cfg.micro_batch.min(per_step - done);
             let windows = data.batch(progress.cursor, n)?;
             let model = self.model(objective);
-            let loss = recipe::loss(model, &self.targets, objective, &windows)?;
+            let loss = recipe::loss(model, &self.targets, objective, &windows, true)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
             let grads = loss.backward()?;
             self.opt.accumulate(&grads, n as f32 / per_step as f32)?;
