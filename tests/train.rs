@@ -1414,12 +1414,14 @@ fn gap_weights_follow_the_window_and_weigh_updates_only() {
         e.contains("--gap-weight applies to models with window layers"),
         "{e}"
     );
-    still.gap_weight = 1.5;
-    let e = err(tiny_cell(dir.path(), Cell::WindowRelu), &still, "big");
-    assert!(
-        e.contains("--gap-weight 1.5 must be between 0 and 1"),
-        "{e}"
-    );
+    for share in [1.5, -0.5] {
+        still.gap_weight = share;
+        let e = err(tiny_cell(dir.path(), Cell::WindowRelu), &still, "outside");
+        assert!(
+            e.contains(&format!("--gap-weight {share} must be between 0 and 1")),
+            "{e}"
+        );
+    }
     let mut ce = config(Recipe::TransferFinetune);
     ce.gap_weight = 0.5;
     let e = err(tiny_cell(dir.path(), Cell::WindowRelu), &ce, "ce");

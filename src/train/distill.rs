@@ -64,7 +64,7 @@ pub fn loss(
 }
 
 /// The reference: the same loss composed of candle ops (log-softmax, exp, gather, sums);
-/// `weights` (N) in the students's dtype.
+/// `weights` (N) in the student's dtype.
 pub fn naive(
     student: &Tensor,
     teacher: &Tensor,
@@ -410,12 +410,13 @@ impl GapWeights {
             .map(|g| g.max(0.0) as f64)
             .collect();
         let mean = gap.iter().sum::<f64>() / gap.len().max(1) as f64;
+        if mean <= 0.0 {
+            // The window sees the whole history of every token here: nothing to weigh by.
+            return Ok(vec![1.0; gap.len()]);
+        }
         Ok(gap
             .iter()
-            .map(|&g| match mean > 0.0 {
-                true => ((1.0 - self.share) + self.share * g / mean) as f32,
-                false => 1.0,
-            })
+            .map(|&g| ((1.0 - self.share) + self.share * g / mean) as f32)
             .collect())
     }
 }

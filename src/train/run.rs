@@ -248,9 +248,10 @@ pub fn train(model: LoadedModel, cfg: &TrainConfig, inputs: &TrainInputs) -> Res
         (false, None) => None,
     };
     // From the model given, before any update, as the teacher: a resume weighs as the start.
-    let gap = match cfg.gap_weight > 0.0 {
-        true => Some(distill::GapWeights::new(&model, cfg.gap_weight)?),
-        false => None,
+    let gap = if cfg.gap_weight == 0.0 {
+        None
+    } else {
+        Some(distill::GapWeights::new(&model, cfg.gap_weight)?)
     };
     let (mut model, opt_state, mut progress) = start_or_resume(model, cfg, inputs, &run_config)?;
     if let Some(t) = &distill_teacher {
