@@ -390,7 +390,11 @@ fn bad_training_input_is_refused_clearly() {
         &["--min-window applies to models with window layers"],
     );
     common::assert_clean_error(
-        &with_cache(&dir.path().join("o10"), &good[0], &["--gap-weight", "0.5"]),
+        &with_cache(
+            &dir.path().join("o10"),
+            &good[0],
+            &["--recipe", "distill", "--gap-weight", "0.5"],
+        ),
         &["--gap-weight applies to models with window layers"],
     );
     // The transfer recipe needs SUPRA layers.
