@@ -109,6 +109,29 @@ fn run(
     train(model, cfg, &inputs).unwrap()
 }
 
+/// The error (with its causes) of a fresh run that must be refused.
+fn refusal(
+    model: LoadedModel,
+    cfg: &TrainConfig,
+    data: &[PathBuf],
+    out: &Path,
+    cache: &Path,
+) -> String {
+    let inputs = TrainInputs {
+        data,
+        valid: None,
+        out,
+        resume: false,
+        stop_after: None,
+        token_cache: cache,
+        teacher: None,
+    };
+    format!(
+        "{:#}",
+        train(model, cfg, &inputs).err().expect("must refuse")
+    )
+}
+
 fn losses(out: &Path) -> Vec<(u64, f64)> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
@@ -1289,19 +1312,7 @@ fn drawn_windows_train_shorter_and_validate_at_the_model_window() {
     assert_eq!(val, metric(&full, "val_loss")[0]);
 
     let err = |model, cfg: &TrainConfig, name: &str| {
-        let inputs = TrainInputs {
-            data: &data,
-            valid: None,
-            out: &dir.path().join(name),
-            resume: false,
-            stop_after: None,
-            token_cache: &cache,
-            teacher: None,
-        };
-        format!(
-            "{:#}",
-            train(model, cfg, &inputs).err().expect("must refuse")
-        )
+        refusal(model, cfg, &data, &dir.path().join(name), &cache)
     };
     let e = err(tiny_linear(dir.path()), &still, "linear");
     assert!(
@@ -1399,19 +1410,7 @@ fn gap_weights_follow_the_window_and_weigh_updates_only() {
     );
 
     let err = |model, cfg: &TrainConfig, name: &str| {
-        let inputs = TrainInputs {
-            data: &data,
-            valid: None,
-            out: &dir.path().join(name),
-            resume: false,
-            stop_after: None,
-            token_cache: &cache,
-            teacher: None,
-        };
-        format!(
-            "{:#}",
-            train(model, cfg, &inputs).err().expect("must refuse")
-        )
+        refusal(model, cfg, &data, &dir.path().join(name), &cache)
     };
     let e = err(tiny_linear(dir.path()), &still, "linear");
     assert!(
