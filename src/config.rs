@@ -90,6 +90,10 @@ pub enum FeatureKind {
     Relu,
     /// Hedgehog's [softmax(xW), softmax(−xW)] per head on the RoPE'd q and k; d' = 2d.
     Hedgehog,
+    /// Based's second-order Taylor features [1, y, y⊗y/√2] of a per-head projection y = xW
+    /// (p dims) of the RoPE'd q and k, so φ(q)·φ(k) = 1 + u + u²/2 with u = y_q·y_k;
+    /// d' = 1 + p + p(p+1)/2 (153 for p = 16).
+    Taylor,
 }
 
 impl std::str::FromStr for FeatureKind {
@@ -99,7 +103,8 @@ impl std::str::FromStr for FeatureKind {
         match s {
             "relu" => Ok(Self::Relu),
             "hedgehog" => Ok(Self::Hedgehog),
-            other => bail!("unknown feature map '{other}' (known: relu, hedgehog)"),
+            "taylor" => Ok(Self::Taylor),
+            other => bail!("unknown feature map '{other}' (known: relu, hedgehog, taylor)"),
         }
     }
 }
@@ -109,7 +114,14 @@ impl FeatureKind {
         match self {
             Self::Relu => "relu",
             Self::Hedgehog => "hedgehog",
+            Self::Taylor => "taylor",
         }
+    }
+
+    /// Whether φ reads the RoPE'd q and k (its own per-head maps, one set for queries and one
+    /// for keys) rather than the raw ones with RoPE rotating its output (relu, SUPRA's order).
+    pub fn per_head(self) -> bool {
+        self != Self::Relu
     }
 }
 
@@ -538,7 +550,18 @@ impl ModelConfig {
                         s.feature_dim
                     );
                 }
-                if s.feature_dim == 0 || !s.feature_dim.is_multiple_of(2) {
+                if s.feature_map == FeatureKind::Taylor
+                    && crate::attention::feature_map::taylor_projection(s.feature_dim).is_none()
+                {
+                    bail!(
+                        "the taylor feature map has 1 + p + p(p+1)/2 features (45, 153, 561 for p = 8, 16, 32), not feature_dim {}",
+                        s.feature_dim
+                    );
+                }
+                // Only relu's output is rotated; taylor's 1 + p + p(p+1)/2 may be odd.
+                if s.feature_map == FeatureKind::Relu
+                    && (s.feature_dim == 0 || !s.feature_dim.is_multiple_of(2))
+                {
                     bail!(
                         "supra feature_dim {} must be positive and even (RoPE rotates pairs)",
                         s.feature_dim
@@ -643,13 +666,13 @@ impl ModelConfig {
             .sum()
     }
 
-    /// Keys have their own φ under GQA, and always with hedgehog (LoLCATs learns separate
-    /// query and key maps); otherwise q and k share φ.
+    /// Keys have their own φ under GQA, and always with the per-head maps (LoLCATs learns
+    /// separate query and key maps); otherwise q and k share φ.
     pub fn separate_key_phi(&self) -> bool {
         self.num_key_value_heads != self.num_attention_heads
             || self
                 .supra
                 .as_ref()
-                .is_some_and(|s| s.feature_map == FeatureKind::Hedgehog)
+                .is_some_and(|s| s.feature_map.per_head())
     }
 }

@@ -1,6 +1,7 @@
 //! Teacher → linear model: keep every pretrained weight, switch the chosen layers to SUPRA
 //! attention (or window + linear attention) and add their φ parameters (and mix).
 
+use crate::attention::feature_map::{taylor_features, taylor_projection};
 use crate::config::{AttentionKind, Decay, FeatureKind, Mix, PhiInit, SupraConfig, WindowConfig};
 use crate::io::LoadedModel;
 use anyhow::{bail, Result};
@@ -44,6 +45,8 @@ pub fn initial_share(feature_map: FeatureKind, mix: Mix) -> f64 {
         (FeatureKind::Hedgehog, Mix::Shared) => 0.5,
         (FeatureKind::Relu, Mix::Gated) => 1e-3,
         (FeatureKind::Hedgehog, Mix::Gated) => 1e-3,
+        (FeatureKind::Taylor, Mix::Shared) => TAYLOR_SHARED_SHARE,
+        (FeatureKind::Taylor, Mix::Gated) => 1e-3,
     }
 }
 
@@ -101,6 +104,83 @@ fn phi_params(
     })
 }
 
+/// One layer's new φ parameters, named within its `self_attn`: each role's (queries', and
+/// keys' where `separate`) relu weight and bias or hedgehog identity, or taylor's pair.
+fn phi_weights(
+    opts: &ConvertOptions,
+    cfg: &crate::config::ModelConfig,
+    separate: bool,
+    f: usize,
+    rng: &mut StdRng,
+) -> Result<Vec<(String, Tensor)>> {
+    let d = cfg.head_dim;
+    let roles = [
+        ("phi_q", cfg.num_attention_heads),
+        ("phi_k", cfg.num_key_value_heads),
+    ];
+    let roles = roles.into_iter().take(if separate { 2 } else { 1 });
+    let mut out = Vec::new();
+    match opts.feature_map {
+        FeatureKind::Relu => {
+            for (role, heads) in roles {
+                let (w, b) = phi_params(opts.phi_init, heads, d, f, rng)?;
+                out.push((format!("{role}.weight"), w));
+                out.push((format!("{role}.bias"), b));
+            }
+        }
+        FeatureKind::Hedgehog => {
+            let eye = Tensor::eye(d, candle_core::DType::F32, &Device::Cpu)?.unsqueeze(0)?;
+            for (role, heads) in roles {
+                out.push((format!("{role}.weight"), eye.repeat((heads, 1, 1))?));
+            }
+        }
+        FeatureKind::Taylor => {
+            let (q, k) = taylor_params(cfg, f, rng)?;
+            out.push(("phi_q.weight".into(), q));
+            out.push(("phi_k.weight".into(), k));
+        }
+    }
+    Ok(out)
+}
+
+/// The taylor map's starting share in the shared mix. Its scores 1 + u + u²/2 are at least
+/// 1/2 for every token, so the untrained branch's weight grows with the context about as
+/// relu's does, and more where the teacher's logits are large; chosen on `text/valid` as for the
+/// others (docs/results/quality.md, "A state built for recall").
+const TAYLOR_SHARED_SHARE: f64 = 1e-4;
+
+/// A taylor layer's projections: the keys' (H_kv, d, p) and each query head the same as its
+/// key head's (H, d, p), entries U(±√(3/p)) times d^(-1/4). So y_q·y_k = q P Pᵀ k / √d with
+/// E[P Pᵀ] = I: at the start u is a random projection's estimate of the teacher's own logit
+/// q·k/√d, and φ(q)·φ(k) = 1 + u + u²/2 its exp's Taylor polynomial.
+fn taylor_params(
+    cfg: &crate::config::ModelConfig,
+    f: usize,
+    rng: &mut StdRng,
+) -> Result<(Tensor, Tensor)> {
+    let (h, hkv, d) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let p =
+        taylor_projection(f).ok_or_else(|| anyhow::anyhow!("no taylor map has {f} features"))?;
+    let bound = (3.0 / p as f32).sqrt();
+    let scale = (d as f32).powf(-0.25);
+    let k: Vec<f32> = (0..hkv * d * p)
+        .map(|_| rng.random_range(-bound..bound) * scale)
+        .collect();
+    let group = h / hkv;
+    let q: Vec<f32> = (0..h)
+        .flat_map(|i| k[i / group * d * p..][..d * p].iter().copied())
+        .collect();
+    let dev = Device::Cpu;
+    Ok((
+        Tensor::from_vec(q, (h, d, p), &dev)?,
+        Tensor::from_vec(k, (hkv, d, p), &dev)?,
+    ))
+}
+
 /// A converted copy of `teacher`. Converting an already converted model is refused: its φ
 /// would be silently replaced.
 pub fn convert(teacher: &LoadedModel, opts: &ConvertOptions) -> Result<LoadedModel> {
@@ -142,7 +222,20 @@ pub fn convert(teacher: &LoadedModel, opts: &ConvertOptions) -> Result<LoadedMod
             "--feature-dim {f}: the hedgehog map has 2 × head dim = {} features",
             2 * d
         ),
+        (FeatureKind::Taylor, f) => {
+            let f = f.unwrap_or(taylor_features(16));
+            if taylor_projection(f).is_none() {
+                bail!(
+                    "--feature-dim {f}: the taylor map has 1 + p + p(p+1)/2 features for a \
+                     projection of p dims (45, 153, 561 for p = 8, 16, 32)"
+                );
+            }
+            f
+        }
     };
+    if opts.feature_map == FeatureKind::Taylor && opts.phi_init != PhiInit::Random {
+        bail!("--phi-init identity: the taylor map's projections start random");
+    }
     let mut out_cfg = cfg.clone();
     out_cfg.layer_kinds = (0..n)
         .map(|i| {
@@ -180,29 +273,8 @@ pub fn convert(teacher: &LoadedModel, opts: &ConvertOptions) -> Result<LoadedMod
     let mut rng = StdRng::seed_from_u64(opts.seed);
     for i in (0..n).filter(|i| out_cfg.layer_kinds[*i].is_linear()) {
         let p = format!("model.layers.{i}.self_attn");
-        let key_heads = [
-            ("phi_q", cfg.num_attention_heads),
-            ("phi_k", cfg.num_key_value_heads),
-        ];
-        for (role, heads) in
-            key_heads
-                .into_iter()
-                .take(if out_cfg.separate_key_phi() { 2 } else { 1 })
-        {
-            match opts.feature_map {
-                FeatureKind::Relu => {
-                    let (w, b) = phi_params(opts.phi_init, heads, d, f, &mut rng)?;
-                    weights.insert(format!("{p}.{role}.weight"), w);
-                    weights.insert(format!("{p}.{role}.bias"), b);
-                }
-                FeatureKind::Hedgehog => {
-                    let eye = Tensor::eye(d, candle_core::DType::F32, &Device::Cpu)?;
-                    weights.insert(
-                        format!("{p}.{role}.weight"),
-                        eye.unsqueeze(0)?.repeat((heads, 1, 1))?,
-                    );
-                }
-            }
+        for (name, w) in phi_weights(opts, cfg, out_cfg.separate_key_phi(), f, &mut rng)? {
+            weights.insert(format!("{p}.{name}"), w);
         }
         if opts.decay == Decay::Learnable {
             let gammas = opts.decay.gammas(cfg.num_attention_heads)?;

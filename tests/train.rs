@@ -85,6 +85,7 @@ fn config(recipe: Recipe) -> TrainConfig {
         ce_weight: 0.0,
         min_window: None,
         gap_weight: 0.0,
+        mix_lr_scale: 1.0,
     }
 }
 
@@ -1129,8 +1130,10 @@ fn a_given_teacher_is_the_one_distilled_from() {
 enum Cell {
     SupraRelu,
     SupraHedgehog,
+    SupraTaylor,
     WindowRelu,
     WindowHedgehog,
+    WindowTaylor,
 }
 
 fn tiny_cell(dir: &Path, cell: Cell) -> LoadedModel {
@@ -1141,8 +1144,13 @@ fn tiny_cell(dir: &Path, cell: Cell) -> LoadedModel {
     let feature_map = match cell {
         Cell::SupraRelu | Cell::WindowRelu => FeatureKind::Relu,
         Cell::SupraHedgehog | Cell::WindowHedgehog => FeatureKind::Hedgehog,
+        Cell::SupraTaylor | Cell::WindowTaylor => FeatureKind::Taylor,
     };
-    let window = matches!(cell, Cell::WindowRelu | Cell::WindowHedgehog).then_some(WindowConfig {
+    let window = matches!(
+        cell,
+        Cell::WindowRelu | Cell::WindowHedgehog | Cell::WindowTaylor
+    )
+    .then_some(WindowConfig {
         window: 8,
         sinks: 2,
         mix: Mix::Shared,
@@ -1169,8 +1177,10 @@ fn every_recipe_trains_every_cell() {
     for cell in [
         Cell::SupraRelu,
         Cell::SupraHedgehog,
+        Cell::SupraTaylor,
         Cell::WindowRelu,
         Cell::WindowHedgehog,
+        Cell::WindowTaylor,
     ] {
         for recipe in Recipe::ALL {
             let mut cfg = config(recipe);
@@ -1432,4 +1442,70 @@ fn gap_weights_follow_the_window_and_weigh_updates_only() {
         e.contains("--gap-weight: the transfer+finetune recipe does not distil"),
         "{e}"
     );
+}
+
+/// `--mix-lr-scale K`: the window layers' mix θ learns K times every other parameter's rate
+/// (recorded in run.json, resumed exactly), and is refused where it means nothing.
+#[test]
+fn the_mix_learns_at_its_own_rate() {
+    let (dir, data, cache) = workspace();
+    let theta = |m: &LoadedModel| -> Vec<f32> {
+        m.weights["model.layers.1.self_attn.window_mix"]
+            .to_vec1()
+            .unwrap()
+    };
+    let start = theta(&tiny_cell(dir.path(), Cell::WindowRelu));
+    let mut cfg = config(Recipe::Distill);
+    cfg.steps = 6;
+    let go = |name: &str, cfg: &TrainConfig, resume, stop| {
+        let out = dir.path().join(name);
+        run(
+            tiny_cell(dir.path(), Cell::WindowRelu),
+            cfg,
+            &data,
+            &out,
+            &cache,
+            resume,
+            stop,
+        );
+        out
+    };
+    let moved = |out: &Path| -> f32 {
+        let end = theta(&supra::io::load(&out.join("final")).unwrap());
+        end.iter().zip(&start).map(|(a, b)| (a - b).abs()).sum()
+    };
+    let plain = moved(&go("plain", &cfg, false, None));
+    cfg.mix_lr_scale = 100.0;
+    let straight = go("straight", &cfg, false, None);
+    let fast = moved(&straight);
+    assert!(fast > 20.0 * plain && plain > 0.0, "{fast} vs {plain}");
+    go("split", &cfg, false, Some(4));
+    let split = go("split", &cfg, true, None);
+    for ((s, x), (_, y)) in losses(&straight).iter().zip(&losses(&split)) {
+        assert!((x - y).abs() <= 1e-6, "step {s}: {x} vs {y}");
+    }
+    let last = supra::train::checkpoint::list(&straight)
+        .unwrap()
+        .pop()
+        .unwrap();
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(last.join("run.json")).unwrap()).unwrap();
+    assert_eq!(recorded["mix_lr_scale"].as_f64(), Some(100.0), "{recorded}");
+
+    let err = |model, cfg: &TrainConfig, name: &str| {
+        refusal(model, cfg, &data, &dir.path().join(name), &cache)
+    };
+    let e = err(tiny_linear(dir.path()), &cfg, "linear");
+    assert!(
+        e.contains("--mix-lr-scale applies to models with window layers"),
+        "{e}"
+    );
+    for k in [0.0, -1.0, f64::NAN] {
+        cfg.mix_lr_scale = k;
+        let e = err(tiny_cell(dir.path(), Cell::WindowRelu), &cfg, "bad");
+        assert!(
+            e.contains(&format!("--mix-lr-scale {k} must be a positive number")),
+            "{e}"
+        );
+    }
 }

@@ -176,7 +176,11 @@ fn a_window_longer_than_the_text_is_the_teacher() {
         &Llama::new(&teacher.config, &teacher.weights).unwrap(),
         &ids,
     );
-    for fm in [FeatureKind::Relu, FeatureKind::Hedgehog] {
+    for fm in [
+        FeatureKind::Relu,
+        FeatureKind::Hedgehog,
+        FeatureKind::Taylor,
+    ] {
         let m = convert(&teacher, &window_opts(64, fm, Mix::Shared)).unwrap();
         let mut model = Llama::new(&m.config, &m.weights).unwrap();
         for b in [Branches::Both, Branches::Window] {
@@ -202,7 +206,11 @@ fn a_window_longer_than_the_text_is_the_teacher() {
 fn the_linear_share_starts_where_asked() {
     let dir = tempfile::tempdir().unwrap();
     let (_, teacher) = tiny_teacher(dir.path());
-    for fm in [FeatureKind::Relu, FeatureKind::Hedgehog] {
+    for fm in [
+        FeatureKind::Relu,
+        FeatureKind::Hedgehog,
+        FeatureKind::Taylor,
+    ] {
         for mix in [Mix::Shared, Mix::Gated] {
             for share in [None, Some(0.25)] {
                 let opts = ConvertOptions {
@@ -294,7 +302,11 @@ fn branch_controls_and_convert_errors_are_clear() {
 fn training_reaches_phi_the_mix_and_the_decays() {
     let dir = tempfile::tempdir().unwrap();
     let (_, teacher) = tiny_teacher(dir.path());
-    for fm in [FeatureKind::Relu, FeatureKind::Hedgehog] {
+    for fm in [
+        FeatureKind::Relu,
+        FeatureKind::Hedgehog,
+        FeatureKind::Taylor,
+    ] {
         let mut opts = window_opts(4, fm, Mix::Shared);
         opts.decay = supra::config::Decay::Learnable;
         let m = convert(&teacher, &opts).unwrap();
@@ -334,7 +346,11 @@ fn window_smollm2_modes_agree_on_1000_tokens() {
     let text = std::fs::read_to_string(common::data_dir().join("text/test/pg1342.txt")).unwrap();
     let mut ids = teacher.tokenizer.encode(&text[..20_000]).unwrap();
     ids.truncate(1000);
-    for fm in [FeatureKind::Hedgehog, FeatureKind::Relu] {
+    for fm in [
+        FeatureKind::Hedgehog,
+        FeatureKind::Relu,
+        FeatureKind::Taylor,
+    ] {
         let mut opts = window_opts(64, fm, Mix::Shared);
         opts.window.as_mut().unwrap().sinks = 4;
         opts.seed = 0;

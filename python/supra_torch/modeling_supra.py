@@ -200,7 +200,9 @@ class Linear(nn.Module):
 
 class FeatureMap(nn.Module):
     """φ of one role (q or k). ReLU: one affine map over the merged heads, (heads·d') × (heads·d);
-    Hedgehog: per head x W_h (d × d), then [softmax, softmax of the negation] (2d features)."""
+    Hedgehog: per head x W_h (d × d), then [softmax, softmax of the negation] (2d features);
+    Taylor: per head y = x W_h (d × p), then [1, y, y_i y_j for i < j and y_i²/√2, row by row]
+    (1 + p + p(p+1)/2 features), so that φ(q)·φ(k) = 1 + u + u²/2 with u = y_q·y_k."""
 
     def __init__(self, kind, heads, head_dim, feature_dim):
         super().__init__()
@@ -210,14 +212,25 @@ class FeatureMap(nn.Module):
             self.bias = nn.Parameter(torch.zeros(heads * feature_dim))
         elif kind == "hedgehog":
             self.weight = nn.Parameter(torch.zeros(heads, head_dim, head_dim))
+        elif kind == "taylor":
+            p = next((p for p in range(1, feature_dim + 1) if 1 + p + p * (p + 1) // 2 == feature_dim), None)
+            if p is None:
+                raise ValueError(f"supra.feature_dim {feature_dim} is no taylor map's 1 + p + p(p+1)/2")
+            self.weight = nn.Parameter(torch.zeros(heads, head_dim, p))
         else:
-            raise ValueError(f"unknown supra.feature_map {kind!r} (relu or hedgehog)")
+            raise ValueError(f"unknown supra.feature_map {kind!r} (relu, hedgehog or taylor)")
 
     def forward(self, x):
         """x (B, heads, T, d) → (B, heads, T, d')."""
         if self.kind == "relu":
             return split_heads(F.relu(F.linear(merge_heads(x), self.weight, self.bias)), self.heads)
         y = torch.einsum("bhti,hij->bhtj", x, self.weight)
+        if self.kind == "taylor":
+            # The pairs i ≤ j row by row, with 1/√2 on the diagonal.
+            i, j = torch.triu_indices(y.shape[-1], y.shape[-1], device=y.device)
+            c = torch.where(i == j, 0.5 ** 0.5, 1.0).to(y.dtype)
+            quad = y[..., i] * y[..., j] * c
+            return torch.cat([torch.ones_like(y[..., :1]), y, quad], -1)
         return torch.cat([y.softmax(-1), (-y).softmax(-1)], -1)
 
 
@@ -261,8 +274,8 @@ class Attention(nn.Module):
         self.decay = s["decay"]
         self.chunk = s.get("chunk_size", 64)
         self.phi_q = FeatureMap(self.fmap, self.H, self.d, self.f)
-        # Keys get their own map when they have their own heads (GQA) or under Hedgehog.
-        if self.Hk != self.H or self.fmap == "hedgehog":
+        # Keys get their own map when they have their own heads (GQA) or under a per-head map.
+        if self.Hk != self.H or self.fmap != "relu":
             self.phi_k = FeatureMap(self.fmap, self.Hk, self.d, self.f)
         if self.decay == "learnable":
             self.decay_logit = nn.Parameter(torch.zeros(self.H))
@@ -299,7 +312,7 @@ class Attention(nn.Module):
         if self.kind == "supra" and self.fmap == "relu":
             rf = rope_tables(self.f, self.theta, pos)
             fq, fk = rope(self.phi(q, "q"), rf), rope(self.phi(k, "k"), rf)
-        else:  # Hedgehog and every window cell read the RoPE'd q and k.
+        else:  # Hedgehog, Taylor and every window cell read the RoPE'd q and k.
             fq, fk = self.phi(qr, "q"), self.phi(kr, "k")
         cell = self.supra if self.kind == "supra" else self.window_cell
         qs = self.sink_queries(q, qr, pos)

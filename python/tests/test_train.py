@@ -100,9 +100,11 @@ def test_resume_continues_exactly(tiny, tmp_path):
      "--mix-share", "0.5"],
     ["--window", "3", "--sinks", "0", "--decay", "none", "--mix-share", "0.5", "--feature-dim", "6"],
     ["--window", "3", "--sinks", "2", "--sink-positions", "absolute", "--mix-share", "0.5"],
+    ["--feature-map", "taylor", "--feature-dim", "10", "--decay", "learnable"],
+    ["--window", "4", "--sinks", "1", "--feature-map", "taylor", "--mix-share", "0.01"],
 ])
 def test_every_cell_variant_equals_supra(tiny, tmp_path, flags):
-    """The cells and options beyond the default model's tests (Hedgehog, the gated mix, learned
+    """The cells and options beyond the default model's tests (Hedgehog, Taylor, the gated mix, learned
     and no decay, no sinks, d' ≠ d, sinks at their absolute positions) on the tiny model: f64
     log-probs equal supra's, chunked (blocks of 4, crossing the window) and recurrent."""
     out = tmp_path / "model"

@@ -120,6 +120,12 @@ declare -A ROWS=(
   # Distillation weighted toward the tokens the window misses (--gap-weight 0.5: half of each
   # token's weight even, half following KL(teacher ‖ teacher within its window) there).
   [d131-relu-w128-gap05-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning"
+  # A state built for recall: Based's second-order Taylor features (a 16-dim projection per
+  # head, 153 features: φ(q)·φ(k) = 1 + u + u²/2) in place of relu's 64.
+  [d131-taylor-w128-s2048]="transfer+distill --feature-map taylor --window 128 --decay lightning"
+  # Based itself: a sliding window beside Taylor features with no decay (the relu state without
+  # decay kept 0.9 % at 1k-2k and broke past the training windows).
+  [d131-taylor-w128-none-s2048]="transfer+distill --feature-map taylor --window 128 --decay none"
 )
 # Flags beyond the recipe's. The pure linear cell's ablation (one change each against
 # td-relu): every parameter trained instead of LoRA 16 + φ; the transfer target raw instead of
@@ -157,6 +163,8 @@ declare -A TRAIN_FLAGS=(
   [d131-relu-w128-minw32-s2048]="--tokens 131072 --seq-len 2048 --min-window 32"
   [d131-relu-w128-share01-s2048]="--tokens 131072 --seq-len 2048"
   [d131-relu-w128-gap05-s2048]="--tokens 131072 --seq-len 2048 --gap-weight 0.5"
+  [d131-taylor-w128-s2048]="--tokens 131072 --seq-len 2048"
+  [d131-taylor-w128-none-s2048]="--tokens 131072 --seq-len 2048"
 )
 # Continuations: a trained row's final model trained further (distillation from the original
 # teacher, given with --teacher), to separate what longer training windows do for the long

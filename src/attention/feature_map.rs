@@ -7,8 +7,13 @@
 //! - `hedgehog` (Zhang et al. 2024, arXiv 2402.04347): per head y = x W_h, then
 //!   φ(x) = [softmax(y), softmax(−y)] over the d features, 2d in all; W_h starts as the
 //!   identity. It reads the RoPE'd q and k (as LoLCATs applies it) and is not rotated after.
+//! - `taylor` (Based, Arora et al. 2024, arXiv 2402.18668): per head y = x W_h (p dims), then
+//!   φ(x) = [1, y, y_i y_j for i < j, y_i²/√2], 1 + p + p(p+1)/2 features, so that
+//!   φ(q)·φ(k) = 1 + u + u²/2 with u = y_q·y_k: exp's second-order Taylor polynomial, whose
+//!   quadratic term lets the state sharpen onto the keys a query matches (Based's recall). It
+//!   reads the RoPE'd q and k, as hedgehog does; W_h carries the 1/√d of the logits.
 //!
-//! Both take and give rows of all heads side by side, (B, T, n·d) → (B, T, n·d').
+//! All take and give rows of all heads side by side, (B, T, n·d) → (B, T, n·d').
 
 use crate::attention::signed_softmax::{signed_softmax, signed_softmax_row};
 use crate::attention::softmax::exp_shifted;
@@ -28,6 +33,20 @@ pub enum FeatureMap {
     },
     /// Per-head matrices, (H, d, d) for queries and (H_kv, d, d) for keys.
     Hedgehog { q: Tensor, k: Tensor },
+    /// Per-head projections, (H, d, p) for queries and (H_kv, d, p) for keys.
+    Taylor { q: Tensor, k: Tensor },
+}
+
+/// The taylor map's feature count for a projection of `p` dims: 1 + p + p(p+1)/2.
+pub fn taylor_features(p: usize) -> usize {
+    1 + p + p * (p + 1) / 2
+}
+
+/// The projection dims p of a taylor map with `f` features, if `f` is such a count.
+pub fn taylor_projection(f: usize) -> Option<usize> {
+    (1..=f)
+        .take_while(|&p| taylor_features(p) <= f)
+        .find(|&p| taylor_features(p) == f)
 }
 
 /// Which projection a map is applied to.
@@ -42,12 +61,13 @@ impl FeatureMap {
         match self {
             Self::Relu { .. } => FeatureKind::Relu,
             Self::Hedgehog { .. } => FeatureKind::Hedgehog,
+            Self::Taylor { .. } => FeatureKind::Taylor,
         }
     }
 
     /// Whether RoPE rotates φ's output (relu, SUPRA's order) rather than its input.
     pub fn rope_after(&self) -> bool {
-        matches!(self, Self::Relu { .. })
+        !self.kind().per_head()
     }
 
     /// `x` (B, T, n·d) → φ(x) (B, T, n·d') for the n heads of `role`.
@@ -58,18 +78,16 @@ impl FeatureMap {
                 lin.forward_relu(x, exec)
             }
             Self::Hedgehog { q, k } => {
-                let w = if role == Role::Query { q } else { k };
-                let (n, d, _) = w.dims3()?;
                 let (b, t, _) = x.dims3()?;
-                // (B·T, n, d) → per head (n, B·T, d) · W_h → back to (B·T, n, d).
-                let y = x
-                    .reshape((b * t, n, d))?
-                    .transpose(0, 1)?
-                    .contiguous()?
-                    .matmul(w)?
-                    .transpose(0, 1)?
-                    .contiguous()?;
+                let y = per_head(x, if role == Role::Query { q } else { k })?;
+                let (_, n, d) = y.dims3()?;
                 Ok(signed_softmax(&y)?.reshape((b, t, n * 2 * d))?)
+            }
+            Self::Taylor { q, k } => {
+                let (b, t, _) = x.dims3()?;
+                let y = per_head(x, if role == Role::Query { q } else { k })?;
+                let (_, n, p) = y.dims3()?;
+                Ok(taylor(&y)?.reshape((b, t, n * taylor_features(p)))?)
             }
         }
     }
@@ -89,27 +107,15 @@ impl FeatureMap {
             }
             Self::Hedgehog { q, k } => {
                 let w = if role == Role::Query { q } else { k };
-                let (n, d, _) = w.dims3()?;
-                let (storage, layout) = w.storage_and_layout();
-                let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
-                    (&*storage, layout.contiguous_offsets())
-                else {
-                    anyhow::bail!("hedgehog weights are not a contiguous CPU tensor");
-                };
-                let w = &cpu.as_slice::<f32>()?[start..end];
-                let mut out = vec![0f32; 2 * x.len()];
-                let mut y = vec![0f32; d];
-                let heads = out.chunks_exact_mut(2 * d).zip(x.chunks_exact(d));
-                for (i, (o, xh)) in heads.enumerate().take(n * rows) {
-                    let wh = &w[i % n * d * d..][..d * d];
-                    y.fill(0.0);
-                    // y = x W_h, row by row of W_h.
-                    for (xi, wrow) in xh.iter().zip(wh.chunks_exact(d)) {
-                        y.iter_mut().zip(wrow).for_each(|(a, b)| *a += xi * b);
-                    }
-                    signed_softmax_row(&y, o, exp_shifted);
-                }
-                Ok(out)
+                let d = w.dim(2)?;
+                per_head_rows(x, rows, w, 2 * d, |y, o| {
+                    signed_softmax_row(y, o, exp_shifted)
+                })
+            }
+            Self::Taylor { q, k } => {
+                let w = if role == Role::Query { q } else { k };
+                let p = w.dim(2)?;
+                per_head_rows(x, rows, w, taylor_features(p), taylor_row)
             }
         }
     }
@@ -123,8 +129,95 @@ impl FeatureMap {
                 l.extend(k.as_mut());
                 l
             }
-            Self::Hedgehog { .. } => Vec::new(),
+            Self::Hedgehog { .. } | Self::Taylor { .. } => Vec::new(),
         }
+    }
+}
+
+/// y = x W_h for each head h: `x` (B, T, n·d), `w` (n, d, p) → (B·T, n, p).
+fn per_head(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, d, _) = w.dims3()?;
+    let (b, t, _) = x.dims3()?;
+    // (B·T, n, d) → per head (n, B·T, d) · W_h → back to (B·T, n, p).
+    Ok(x.reshape((b * t, n, d))?
+        .transpose(0, 1)?
+        .contiguous()?
+        .matmul(w)?
+        .transpose(0, 1)?
+        .contiguous()?)
+}
+
+/// [`per_head`] then `map` (p values → `f` features) on slices: `rows` rows of n·d values.
+fn per_head_rows(
+    x: &[f32],
+    rows: usize,
+    w: &Tensor,
+    f: usize,
+    map: impl Fn(&[f32], &mut [f32]),
+) -> Result<Vec<f32>> {
+    let (n, d, p) = w.dims3()?;
+    let (storage, layout) = w.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        anyhow::bail!("per-head φ weights are not a contiguous CPU tensor");
+    };
+    let w = &cpu.as_slice::<f32>()?[start..end];
+    let mut out = vec![0f32; x.len() / d * f];
+    let mut y = vec![0f32; p];
+    let heads = out.chunks_exact_mut(f).zip(x.chunks_exact(d));
+    for (i, (o, xh)) in heads.enumerate().take(n * rows) {
+        let wh = &w[i % n * d * p..][..d * p];
+        y.fill(0.0);
+        // y = x W_h, row by row of W_h.
+        for (xi, wrow) in xh.iter().zip(wh.chunks_exact(p)) {
+            y.iter_mut().zip(wrow).for_each(|(a, b)| *a += xi * b);
+        }
+        map(&y, o);
+    }
+    Ok(out)
+}
+
+/// The quadratic features' pairs (i ≤ j, row by row of y⊗y) and their factors: 1 off the
+/// diagonal, where y_i y_j stands for both (i, j) and (j, i), and 1/√2 on it, so that their
+/// dot products sum to u²/2.
+fn pairs(p: usize) -> impl Iterator<Item = (usize, usize, f64)> {
+    (0..p).flat_map(move |i| {
+        (i..p).map(move |j| {
+            let c = if i == j {
+                std::f64::consts::FRAC_1_SQRT_2
+            } else {
+                1.0
+            };
+            (i, j, c)
+        })
+    })
+}
+
+/// [1, y, the quadratic features] of `y` (R, n, p) → (R, n, 1 + p + p(p+1)/2).
+fn taylor(y: &Tensor) -> Result<Tensor> {
+    let (r, n, p) = y.dims3()?;
+    let dev = y.device();
+    let (idx, c): (Vec<u32>, Vec<f64>) = pairs(p).map(|(i, j, c)| ((i * p + j) as u32, c)).unzip();
+    let outer = y
+        .unsqueeze(3)?
+        .broadcast_mul(&y.unsqueeze(2)?)?
+        .reshape((r, n, p * p))?;
+    let c = Tensor::new(c, dev)?.to_dtype(y.dtype())?;
+    let quad = outer
+        .index_select(&Tensor::new(idx, dev)?, 2)?
+        .broadcast_mul(&c)?;
+    let one = Tensor::ones((r, n, 1), y.dtype(), dev)?;
+    Ok(Tensor::cat(&[&one, y, &quad], 2)?)
+}
+
+/// [`taylor`] of one head's `y` into `o`.
+fn taylor_row(y: &[f32], o: &mut [f32]) {
+    let p = y.len();
+    o[0] = 1.0;
+    o[1..=p].copy_from_slice(y);
+    for (o, (i, j, c)) in o[1 + p..].iter_mut().zip(pairs(p)) {
+        *o = y[i] * y[j] * c as f32;
     }
 }
 
@@ -149,6 +242,22 @@ pub fn naive_hedgehog(x: &[f64], w: &[f64]) -> Vec<f64> {
         e.into_iter().map(move |a| a / s)
     };
     softmax(1.0).chain(softmax(-1.0)).collect()
+}
+
+/// The definition in f64 for one head's row `x` (d values) and its projection `w` (d × p):
+/// [1, y, y_i y_j (i < j), y_i²/√2] with y = x W, the quadratic terms in row order.
+pub fn naive_taylor(x: &[f64], w: &[f64]) -> Vec<f64> {
+    let p = w.len() / x.len();
+    let y: Vec<f64> = (0..p)
+        .map(|j| x.iter().enumerate().map(|(i, xi)| xi * w[i * p + j]).sum())
+        .collect();
+    let mut out = vec![1.0];
+    out.extend(&y);
+    for i in 0..p {
+        out.push(y[i] * y[i] / 2f64.sqrt());
+        out.extend((i + 1..p).map(|j| y[i] * y[j]));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -206,5 +315,61 @@ mod tests {
             .to_scalar::<f64>()
             .unwrap();
         assert!(diff < 1e-12);
+    }
+
+    /// The taylor map, tensor form and slice form, against its definition, and its point:
+    /// φ(a)·φ(b) = 1 + u + u²/2 with u = (aW)·(bW).
+    #[test]
+    fn taylor_matches_its_definition_and_its_dot_products_are_exps_polynomial() {
+        let dev = Device::Cpu;
+        let (n, d, p) = (3, 4, 5);
+        let f = taylor_features(p);
+        assert_eq!((f, taylor_features(16)), (21, 153));
+        assert_eq!(
+            [21, 153, 154, 1].map(taylor_projection),
+            [Some(5), Some(16), None, None]
+        );
+        let w = Tensor::randn(0f64, 1.0, (n, d, p), &dev).unwrap();
+        let x = Tensor::randn(0f64, 1.0, (2, 5, n * d), &dev).unwrap();
+        let map = FeatureMap::Taylor {
+            q: w.clone(),
+            k: w.clone(),
+        };
+        let xs: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let ws: Vec<f64> = w.flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f64> = xs
+            .chunks(d)
+            .enumerate()
+            .flat_map(|(i, xh)| naive_taylor(xh, &ws[i % n * d * p..][..d * p]))
+            .collect();
+        for exec in [Exec::Train, Exec::Infer] {
+            let got = map.apply(&x, Role::Key, exec).unwrap();
+            assert_eq!(got.dims(), &[2, 5, n * f]);
+            let got: Vec<f64> = got.flatten_all().unwrap().to_vec1().unwrap();
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-12, "{exec:?}: {a} vs {b}");
+            }
+        }
+        let map32 = FeatureMap::Taylor {
+            q: w.to_dtype(DType::F32).unwrap(),
+            k: w.to_dtype(DType::F32).unwrap(),
+        };
+        let xs32: Vec<f32> = xs.iter().map(|&a| a as f32).collect();
+        let rows = map32.apply_rows(&xs32, 10, Role::Query).unwrap();
+        assert_eq!(rows.len(), want.len());
+        for (a, b) in rows.iter().zip(&want) {
+            assert!(
+                (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
+                "rows: {a} vs {b}"
+            );
+        }
+        // Two heads' rows a and b of the same head's map.
+        let (a, b) = (&want[..f], &want[n * f..][..f]);
+        let u: f64 = a[1..=p].iter().zip(&b[1..=p]).map(|(x, y)| x * y).sum();
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        assert!(
+            (dot - (1.0 + u + u * u / 2.0)).abs() < 1e-9,
+            "{dot} vs u = {u}"
+        );
     }
 }

@@ -24,12 +24,14 @@ pub(crate) struct ConvertArgs {
     #[arg(long, default_value = "lightning")]
     pub(crate) decay: supra::config::Decay,
     /// Initial relu φ: random (PyTorch's Linear init, the paper's) or identity (W = I, b = 0).
-    /// Hedgehog's maps always start as the identity.
+    /// Hedgehog's maps always start as the identity, taylor's as random projections.
     #[arg(long, value_parser = ["random", "identity"])]
     pub(crate) phi_init: Option<String>,
-    /// Feature map of the linear branches: relu (SUPRA's ReLU(Wx + b), RoPE after it) or
+    /// Feature map of the linear branches: relu (SUPRA's ReLU(Wx + b), RoPE after it),
     /// hedgehog ([softmax(xW), softmax(−xW)] per head on the RoPE'd q and k, W = I at first;
-    /// feature dim 2 × head dim).
+    /// feature dim 2 × head dim) or taylor (Based's [1, y, y⊗y/√2] of a per-head projection
+    /// y = xW of the RoPE'd q and k, W random at first; feature dim 1 + p + p(p+1)/2, default
+    /// 153 for p = 16).
     #[arg(long, default_value = "relu")]
     pub(crate) feature_map: supra::config::FeatureKind,
     /// Give every converted layer exact softmax attention over its last W tokens beside the
@@ -84,6 +86,10 @@ pub(crate) fn convert(a: &ConvertArgs) -> Result<()> {
             bail!("--phi-init random: hedgehog's maps start as the identity")
         }
         (FeatureKind::Hedgehog, _) => PhiInit::Identity,
+        (FeatureKind::Taylor, Some("identity")) => {
+            bail!("--phi-init identity: the taylor map's projections start random")
+        }
+        (FeatureKind::Taylor, _) => PhiInit::Random,
         (FeatureKind::Relu, init) => init.unwrap_or("random").parse()?,
     };
     let opts = ConvertOptions {

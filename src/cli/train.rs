@@ -98,6 +98,11 @@ pub(crate) struct TrainArgs {
     /// tokens that need the long context [default: 0, every token the same].
     #[arg(long, value_name = "SHARE")]
     pub(crate) gap_weight: Option<f64>,
+    /// Window models: the mix θ (each head's linear share α = sigmoid(θ)) learns K times the
+    /// learning rate of every other parameter. At the presets' rates Adam moves θ about one
+    /// learning rate per update, so a short run leaves α where it started [default: 1].
+    #[arg(long, value_name = "K")]
+    pub(crate) mix_lr_scale: Option<f64>,
     /// Number of updates (instead of --tokens).
     #[arg(long)]
     pub(crate) steps: Option<u64>,
@@ -186,6 +191,7 @@ impl TrainArgs {
             ce_weight: self.ce_weight,
             min_window: self.min_window,
             gap_weight: self.gap_weight,
+            mix_lr_scale: self.mix_lr_scale,
             freeze: match &self.freeze {
                 Some(s) => supra::model::params::ParamGroup::parse_list(s)?,
                 None => Vec::new(),
@@ -278,7 +284,7 @@ pub(crate) struct LinearizeArgs {
     pub(crate) window: usize,
     /// Feature map of the linear branch (see `supra convert --help`; relu and hedgehog tie on
     /// text/valid after 262,144 tokens of transfer+distill, docs/results/quality.md, and relu
-    /// trains in less time).
+    /// trains in less time; taylor's state carried less at window 128 and trains slower).
     #[arg(long, default_value = "relu")]
     pub(crate) feature_map: supra::config::FeatureKind,
     /// Training text [default: DATA_DIR/text/train].
@@ -347,7 +353,9 @@ pub(crate) fn linearize(a: &LinearizeArgs) -> Result<()> {
         feature_map: a.feature_map,
         phi_init: match a.feature_map {
             supra::config::FeatureKind::Hedgehog => supra::config::PhiInit::Identity,
-            supra::config::FeatureKind::Relu => supra::config::PhiInit::Random,
+            supra::config::FeatureKind::Relu | supra::config::FeatureKind::Taylor => {
+                supra::config::PhiInit::Random
+            }
         },
         window: (a.window > 0).then_some(supra::config::WindowConfig {
             window: a.window,

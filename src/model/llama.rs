@@ -153,7 +153,9 @@ impl Llama {
         };
         let head_rope = rope(config.head_dim)?;
         let feature_rope = match &config.supra {
-            Some(sc) if sc.feature_dim != config.head_dim => rope(sc.feature_dim)?,
+            Some(sc) if !sc.feature_map.per_head() && sc.feature_dim != config.head_dim => {
+                rope(sc.feature_dim)?
+            }
             _ => head_rope.clone(),
         };
         let feature_map = |p: &str| -> Result<FeatureMap> {
@@ -172,6 +174,10 @@ impl Llama {
                     },
                 },
                 FeatureKind::Hedgehog => FeatureMap::Hedgehog {
+                    q: get(&format!("{a}.phi_q.weight"))?,
+                    k: get(&format!("{a}.phi_k.weight"))?,
+                },
+                FeatureKind::Taylor => FeatureMap::Taylor {
                     q: get(&format!("{a}.phi_q.weight"))?,
                     k: get(&format!("{a}.phi_k.weight"))?,
                 },
@@ -214,9 +220,10 @@ impl Llama {
                     feature_dim: sc.feature_dim,
                     gammas: decays(&p)?,
                     chunk_size: sc.chunk_size,
-                    rope: match sc.feature_map {
-                        FeatureKind::Relu => feature_rope.clone(),
-                        FeatureKind::Hedgehog => head_rope.clone(),
+                    rope: if sc.feature_map.per_head() {
+                        head_rope.clone()
+                    } else {
+                        feature_rope.clone()
                     },
                 }),
                 (

@@ -2,6 +2,7 @@
 //! it is for. Freezing (`--freeze`), the optimizer's weight decay and LoRA's targets all read
 //! it; nothing decides a parameter's role from its name elsewhere.
 
+use crate::attention::feature_map::taylor_projection;
 use crate::config::{AttentionKind, FeatureKind, ModelConfig};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -143,6 +144,11 @@ pub fn table(cfg: &ModelConfig) -> Vec<Param> {
                 FeatureKind::Hedgehog => add(
                     format!("{p}.self_attn.{role}.weight"),
                     vec![heads, d, d],
+                    Phi,
+                ),
+                FeatureKind::Taylor => add(
+                    format!("{p}.self_attn.{role}.weight"),
+                    vec![heads, d, taylor_projection(sc.feature_dim).unwrap_or(0)],
                     Phi,
                 ),
             };

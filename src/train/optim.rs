@@ -42,6 +42,8 @@ pub struct Param {
     decay: bool,
     /// Whether the current phase trains this parameter (see [`AdamW::set_active`]).
     active: bool,
+    /// Its learning rate as a multiple of the update's (see [`AdamW::set_lr_scale`]).
+    lr_scale: f64,
     /// Updates this parameter has received (its bias correction).
     t: u64,
     /// This update's gradient so far.
@@ -131,6 +133,7 @@ impl AdamW {
                     group: entry.group,
                     decay: entry.weight_decay,
                     active: true,
+                    lr_scale: 1.0,
                     t: 0,
                     pending: Pending::None,
                     grad: vec![0.0; n],
@@ -147,6 +150,14 @@ impl AdamW {
     pub fn set_active(&mut self, train: impl Fn(ParamGroup) -> bool) {
         for p in &mut self.params {
             p.active = train(p.group);
+        }
+    }
+
+    /// Each parameter's learning rate (and so its weight decay) as `scale(name)` times the
+    /// update's: a parameter that a schedule made for the others would barely move.
+    pub fn set_lr_scale(&mut self, scale: impl Fn(&str) -> f64) {
+        for p in &mut self.params {
+            p.lr_scale = scale(&p.name);
         }
     }
 
@@ -206,6 +217,7 @@ impl AdamW {
     pub fn step(&mut self, lr: f64, grad_scale: f64) -> Result<()> {
         let c = self.cfg;
         for p in self.params.iter_mut().filter(|p| p.active) {
+            let lr = lr * p.lr_scale;
             p.t += 1;
             let bc1 = 1.0 - c.beta1.powi(p.t as i32);
             let bc2 = 1.0 - c.beta2.powi(p.t as i32);
@@ -406,6 +418,25 @@ mod tests {
         let bias: Vec<f32> = b.as_tensor().to_vec1().unwrap();
         assert!((bias[0] - (0.1 - 4.0 * 0.01)).abs() < 1e-5, "{bias:?}");
         assert_eq!(opt.grad_norm().unwrap(), 0.0);
+
+        // Its own learning rate: with the bias's rate 5 times the update's, the same constant
+        // gradient moves it 5 times as far; the other parameter keeps the update's rate.
+        opt.set_lr_scale(|name| if name == "l.bias" { 5.0 } else { 1.0 });
+        let before: Vec<f32> = w.as_tensor().to_vec1().unwrap();
+        let loss =
+            (w.as_tensor().sum_all().unwrap() * 0.0 + b.as_tensor().sum_all().unwrap()).unwrap();
+        opt.accumulate(&loss.backward().unwrap(), 1.0).unwrap();
+        opt.step(lr, 1.0).unwrap();
+        let moved: Vec<f32> = b.as_tensor().to_vec1().unwrap();
+        assert!(
+            (moved[0] - (bias[0] - 5.0 * 0.01)).abs() < 1e-5,
+            "{moved:?}"
+        );
+        let after: Vec<f32> = w.as_tensor().to_vec1().unwrap();
+        for (a, b) in after.iter().zip(&before) {
+            // Zero gradient: the moment's remainder and decay at the update's own rate.
+            assert!((a - b).abs() < 0.02, "{after:?} vs {before:?}");
+        }
     }
 
     /// An update of one pass (its gradient read in place) and one of the same gradient in

@@ -230,6 +230,7 @@ pub struct Overrides {
     pub ce_weight: Option<f64>,
     pub min_window: Option<usize>,
     pub gap_weight: Option<f64>,
+    pub mix_lr_scale: Option<f64>,
     pub freeze: Vec<ParamGroup>,
 }
 
@@ -392,6 +393,7 @@ impl Preset {
             ce_weight,
             min_window: o.min_window,
             gap_weight: o.gap_weight.unwrap_or(0.0),
+            mix_lr_scale: o.mix_lr_scale.unwrap_or(1.0),
         })
     }
 }

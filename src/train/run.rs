@@ -89,6 +89,11 @@ pub struct TrainConfig {
     /// 0: every token weighs the same).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub gap_weight: f64,
+    /// Window layers: the mix θ's learning rate as a multiple of every other parameter's.
+    /// At the presets' rates Adam moves θ about one learning rate per update, so a short run
+    /// leaves the linear branch's share where it started.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub mix_lr_scale: f64,
 }
 
 fn one() -> f64 {
@@ -374,6 +379,15 @@ fn check_settings(cfg: &TrainConfig, model: &LoadedModel) -> Result<()> {
             bail!("--min-window {min} must be between 1 and the model's window, {w}");
         }
     }
+    if !(cfg.mix_lr_scale.is_finite() && cfg.mix_lr_scale > 0.0) {
+        bail!(
+            "--mix-lr-scale {} must be a positive number",
+            cfg.mix_lr_scale
+        );
+    }
+    if cfg.mix_lr_scale != 1.0 && model_window(model).is_none() {
+        bail!("--mix-lr-scale applies to models with window layers; this one has none");
+    }
     if cfg.gap_weight != 0.0 && !cfg.recipe.distills() {
         bail!(
             "--gap-weight: the {} recipe does not distil (distill and transfer+distill do)",
@@ -587,7 +601,7 @@ impl<'a> Trainer<'a> {
                 .collect();
             Llama::for_training(&model.config, &view)
         };
-        let opt = AdamW::new(
+        let mut opt = AdamW::new(
             vars,
             AdamWConfig {
                 beta1: cfg.beta1,
@@ -596,6 +610,10 @@ impl<'a> Trainer<'a> {
                 weight_decay: cfg.weight_decay,
             },
         );
+        opt.set_lr_scale(|name| match name.ends_with(".window_mix") {
+            true => cfg.mix_lr_scale,
+            false => 1.0,
+        });
         let offset = if cfg.recipe.has_transfer_phase() {
             cfg.transfer_steps.min(cfg.steps)
         } else {

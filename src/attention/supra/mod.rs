@@ -435,6 +435,7 @@ impl SupraAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::FeatureKind;
     use crate::model::linear::Linear;
     use crate::testing::{check_grad, flat_f64 as flat, rel_err};
     use candle_core::{Device, Var};
@@ -722,67 +723,84 @@ mod tests {
         (flat(&Tensor::cat(&outs, 1).unwrap()), state)
     }
 
-    /// `layer` with hedgehog maps (per-head matrices from `w`) in place of its relu φ: d' = 2d,
-    /// RoPE before φ.
-    fn with_hedgehog(
+    /// `layer` with per-head maps of `kind` (matrices from `w`: hedgehog's d × d, taylor's
+    /// d × 3) in place of its relu φ, RoPE before φ.
+    fn with_per_head(
         mut layer: SupraAttention,
+        kind: FeatureKind,
         w: &mut dyn FnMut(&[usize]) -> Tensor,
     ) -> SupraAttention {
         let p = &layer.proj;
         let (h, hkv, d) = (p.n_heads, p.n_kv_heads, p.head_dim);
-        layer.phi = FeatureMap::Hedgehog {
-            q: w(&[h, d, d]),
-            k: w(&[hkv, d, d]),
+        (layer.phi, layer.feature_dim) = match kind {
+            FeatureKind::Hedgehog => (
+                FeatureMap::Hedgehog {
+                    q: w(&[h, d, d]),
+                    k: w(&[hkv, d, d]),
+                },
+                2 * d,
+            ),
+            FeatureKind::Taylor => (
+                FeatureMap::Taylor {
+                    q: w(&[h, d, 3]),
+                    k: w(&[hkv, d, 3]),
+                },
+                crate::attention::feature_map::taylor_features(3),
+            ),
+            FeatureKind::Relu => unreachable!("relu is random_layer's own map"),
         };
-        layer.feature_dim = 2 * d;
         layer.rope = Rope::new(d, 10_000.0, 512, &Device::Cpu).unwrap();
         layer
     }
 
-    /// A SUPRA layer with hedgehog φ: its training form in one chunk and in chunks, prefill,
-    /// and prefill continued token by token agree; φ's matrices get finite differences'
-    /// gradients.
+    /// A SUPRA layer with each per-head φ (hedgehog, taylor): its training form in one chunk
+    /// and in chunks, prefill, and prefill continued token by token agree; φ's matrices get
+    /// finite differences' gradients.
     #[test]
-    fn hedgehog_layer_forms_agree_and_its_gradients_are_right() {
+    fn per_head_layer_forms_agree_and_their_gradients_are_right() {
         let dev = Device::Cpu;
-        let mut randn = |s: &[usize]| Tensor::randn(0f32, 0.5, s, &dev).unwrap();
-        let mut layer = with_hedgehog(
-            random_layer((9, 3, 8, 8, 32), DType::F32, &mut |t| t),
-            &mut randn,
-        );
-        let t = 70;
-        let x = Tensor::randn(0f32, 1.0, (2, t, 32), &dev).unwrap();
-        layer.chunk_size = usize::MAX;
-        let want = flat(&layer.forward(&x, 0, None, Exec::Train).unwrap());
-        for c in [16, 64] {
-            layer.chunk_size = c;
-            for exec in [Exec::Train, Exec::Infer] {
-                let e = rel_err(&flat(&layer.forward(&x, 0, None, exec).unwrap()), &want);
-                assert!(e <= 1e-5, "C={c} {exec:?}: {e}");
+        for kind in [FeatureKind::Hedgehog, FeatureKind::Taylor] {
+            let mut randn = |s: &[usize]| Tensor::randn(0f32, 0.5, s, &dev).unwrap();
+            let mut layer = with_per_head(
+                random_layer((9, 3, 8, 8, 32), DType::F32, &mut |t| t),
+                kind,
+                &mut randn,
+            );
+            let t = 70;
+            let x = Tensor::randn(0f32, 1.0, (2, t, 32), &dev).unwrap();
+            layer.chunk_size = usize::MAX;
+            let want = flat(&layer.forward(&x, 0, None, Exec::Train).unwrap());
+            for c in [16, 64] {
+                layer.chunk_size = c;
+                for exec in [Exec::Train, Exec::Infer] {
+                    let e = rel_err(&flat(&layer.forward(&x, 0, None, exec).unwrap()), &want);
+                    assert!(e <= 1e-5, "{kind:?} C={c} {exec:?}: {e}");
+                }
             }
-        }
-        let (cont, _) = prefill_then_steps(&layer, &x.narrow(0, 0, 1).unwrap(), 40);
-        let e = rel_err(&cont, &want[..want.len() / 2]);
-        assert!(e <= 1e-5, "prefill + steps: {e}");
+            let (cont, _) = prefill_then_steps(&layer, &x.narrow(0, 0, 1).unwrap(), 40);
+            let e = rel_err(&cont, &want[..want.len() / 2]);
+            assert!(e <= 1e-5, "{kind:?} prefill + steps: {e}");
 
-        let mut vars = Vec::new();
-        let mut var = |s: &[usize]| {
-            let v = Var::from_tensor(&Tensor::randn(0f64, 0.5, s, &dev).unwrap()).unwrap();
-            vars.push(v.clone());
-            v.as_tensor().clone()
-        };
-        let layer = with_hedgehog(
-            random_layer((4, 2, 4, 6, 8), DType::F64, &mut |t| t),
-            &mut var,
-        );
-        let x = Tensor::randn(0f64, 1.0, (1, 9, 8), &dev).unwrap();
-        let r = Tensor::randn(0f64, 1.0, (1, 9, 8), &dev).unwrap();
-        let loss = || {
-            let y = layer.forward(&x, 0, None, Exec::Train).unwrap();
-            (y * &r).unwrap().sum_all().unwrap()
-        };
-        check_grad(&vars[0], loss, "hedgehog q");
-        check_grad(&vars[1], loss, "hedgehog k");
+            let mut vars = Vec::new();
+            let mut var = |s: &[usize]| {
+                let v = Var::from_tensor(&Tensor::randn(0f64, 0.5, s, &dev).unwrap()).unwrap();
+                vars.push(v.clone());
+                v.as_tensor().clone()
+            };
+            let layer = with_per_head(
+                random_layer((4, 2, 4, 6, 8), DType::F64, &mut |t| t),
+                kind,
+                &mut var,
+            );
+            let x = Tensor::randn(0f64, 1.0, (1, 9, 8), &dev).unwrap();
+            let r = Tensor::randn(0f64, 1.0, (1, 9, 8), &dev).unwrap();
+            let loss = || {
+                let y = layer.forward(&x, 0, None, Exec::Train).unwrap();
+                (y * &r).unwrap().sum_all().unwrap()
+            };
+            check_grad(&vars[0], loss, &format!("{kind:?} q"));
+            check_grad(&vars[1], loss, &format!("{kind:?} k"));
+        }
     }
 
     /// Learned decays: θ = logit(γ) runs exactly as the fixed γ in every form, and θ gets the

@@ -249,6 +249,13 @@ fn random_layer(
             },
             2 * d,
         ),
+        FeatureKind::Taylor => (
+            FeatureMap::Taylor {
+                q: w(&[h, d, 3], 0.3),
+                k: w(&[hkv, d, 3], 0.3),
+            },
+            crate::attention::feature_map::taylor_features(3),
+        ),
     };
     let mix_logit = w(&[h], 1.0);
     // Learned decays: the training form reads θ, the slice forms sigmoid(θ).
@@ -283,10 +290,14 @@ fn random_layer(
 fn layer_forms_agree_and_states_round_trip() {
     use crate::config::FeatureKind;
     let dev = Device::Cpu;
-    let cases = [FeatureKind::Relu, FeatureKind::Hedgehog]
-        .into_iter()
-        .flat_map(|k| [Mix::Shared, Mix::Gated].map(|m| (k, m)))
-        .flat_map(|(k, m)| [SPAN, CACHE].map(|s| (k, m, s)));
+    let cases = [
+        FeatureKind::Relu,
+        FeatureKind::Hedgehog,
+        FeatureKind::Taylor,
+    ]
+    .into_iter()
+    .flat_map(|k| [Mix::Shared, Mix::Gated].map(|m| (k, m)))
+    .flat_map(|(k, m)| [SPAN, CACHE].map(|s| (k, m, s)));
     for (kind, mix, span) in cases {
         for (h, hkv) in [(9, 3), (4, 4)] {
             let mut layer = random_layer((h, hkv, 8, 24), kind, mix, DType::F32, &mut |t| t);
@@ -411,12 +422,16 @@ fn state_size_is_constant_in_the_context() {
 }
 
 /// Finite differences in f64 for every new parameter: φ (relu weight and bias, queries' and
-/// keys' own under GQA; hedgehog's per-head matrices), the mix θ and the decay θ, through both
+/// keys' own under GQA; hedgehog's and taylor's per-head matrices), the mix θ and the decay θ, through both
 /// mixes.
 #[test]
 fn gradients_match_finite_differences_for_every_new_parameter() {
     use crate::config::FeatureKind;
-    for kind in [FeatureKind::Relu, FeatureKind::Hedgehog] {
+    for kind in [
+        FeatureKind::Relu,
+        FeatureKind::Hedgehog,
+        FeatureKind::Taylor,
+    ] {
         for mix in [Mix::Shared, Mix::Gated] {
             let mut vars = Vec::new();
             let layer = random_layer((4, 2, 4, 8), kind, mix, DType::F64, &mut |t| {
@@ -430,7 +445,7 @@ fn gradients_match_finite_differences_for_every_new_parameter() {
                 let y = layer.forward(&x, 0, None, Exec::Train).unwrap();
                 (y * &r).unwrap().sum_all().unwrap()
             };
-            // q, k, v, o, then φ's (relu: q weight, q bias, k weight, k bias; hedgehog: q, k),
+            // q, k, v, o, then φ's (relu: q weight, q bias, k weight, k bias; per-head maps: q, k),
             // then the mix θ, then the decay θ.
             let label = format!("{kind:?} {mix:?}");
             for (i, v) in vars.iter().enumerate().skip(4) {
