@@ -126,6 +126,9 @@ declare -A ROWS=(
   # Based itself: a sliding window beside Taylor features with no decay (the relu state without
   # decay kept 0.9 % at 1k-2k and broke past the training windows).
   [d131-taylor-w128-none-s2048]="transfer+distill --feature-map taylor --window 128 --decay none"
+  # The mix θ moves about one learning rate per update, so every row's α ended where it
+  # started: θ learning 300 times the rate (up to 0.3 per transfer update, 0.09 distilling).
+  [d131-relu-w128-mixlr300-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning"
 )
 # Flags beyond the recipe's. The pure linear cell's ablation (one change each against
 # td-relu): every parameter trained instead of LoRA 16 + φ; the transfer target raw instead of
@@ -165,6 +168,7 @@ declare -A TRAIN_FLAGS=(
   [d131-relu-w128-gap05-s2048]="--tokens 131072 --seq-len 2048 --gap-weight 0.5"
   [d131-taylor-w128-s2048]="--tokens 131072 --seq-len 2048"
   [d131-taylor-w128-none-s2048]="--tokens 131072 --seq-len 2048"
+  [d131-relu-w128-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300"
 )
 # Continuations: a trained row's final model trained further (distillation from the original
 # teacher, given with --teacher), to separate what longer training windows do for the long
