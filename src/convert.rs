@@ -145,8 +145,8 @@ fn phi_weights(
 
 /// The taylor map's starting share in the shared mix. Its scores 1 + u + u²/2 are at least
 /// 1/2 for every token, so the untrained branch's weight grows with the context about as
-/// relu's does, and more where the teacher's logits are large; chosen on `text/valid` as for the
-/// others (docs/results/quality.md, "A state built for recall").
+/// relu's does, and more where the teacher's logits are large; chosen on `text/valid` by the
+/// others' rule (docs/results/window.md, "Where the linear branch starts").
 const TAYLOR_SHARED_SHARE: f64 = 1e-4;
 
 /// A taylor layer's projections: the keys' (H_kv, d, p) and each query head the same as its
