@@ -110,6 +110,44 @@ fn run(
     train(model, cfg, &inputs).unwrap()
 }
 
+/// The tiny relu window cell trained with `cfg` into `dir/name`.
+fn window_run(
+    dir: &Path,
+    name: &str,
+    cfg: &TrainConfig,
+    (data, cache): (&[PathBuf], &Path),
+    resume: bool,
+    stop_after: Option<u64>,
+) -> PathBuf {
+    let out = dir.join(name);
+    let model = tiny_cell(dir, Cell::WindowRelu);
+    run(model, cfg, data, &out, cache, resume, stop_after);
+    out
+}
+
+/// [`window_run`] straight (`dir/straight`) and stopped after `stop` updates then resumed
+/// (`dir/split`): the two runs' directories, their losses checked equal.
+fn straight_and_resumed(
+    dir: &Path,
+    cfg: &TrainConfig,
+    files: (&[PathBuf], &Path),
+    stop: u64,
+) -> (PathBuf, PathBuf) {
+    let straight = window_run(dir, "straight", cfg, files, false, None);
+    window_run(dir, "split", cfg, files, false, Some(stop));
+    let split = window_run(dir, "split", cfg, files, true, None);
+    for ((s, x), (_, y)) in losses(&straight).iter().zip(&losses(&split)) {
+        assert!((x - y).abs() <= 1e-6, "step {s}: {x} vs {y}");
+    }
+    (straight, split)
+}
+
+/// The settings a run's last checkpoint recorded (its run.json).
+fn recorded_run(out: &Path) -> serde_json::Value {
+    let last = supra::train::checkpoint::list(out).unwrap().pop().unwrap();
+    serde_json::from_str(&std::fs::read_to_string(last.join("run.json")).unwrap()).unwrap()
+}
+
 /// The error (with its causes) of a fresh run that must be refused.
 fn refusal(
     model: LoadedModel,
@@ -1274,15 +1312,7 @@ fn drawn_windows_train_shorter_and_validate_at_the_model_window() {
     };
     let mut cfg = config(Recipe::TransferDistill);
     (cfg.steps, cfg.transfer_steps, cfg.min_window) = (12, 6, Some(2));
-    let go = |name: &str, cfg: &TrainConfig, resume, stop| {
-        let out = dir.path().join(name);
-        let model = tiny_cell(dir.path(), Cell::WindowRelu);
-        run(model, cfg, &data, &out, &cache, resume, stop);
-        out
-    };
-    let straight = go("straight", &cfg, false, None);
-    go("split", &cfg, false, Some(5));
-    let split = go("split", &cfg, true, None);
+    let (straight, split) = straight_and_resumed(dir.path(), &cfg, (&data, &cache), 5);
     let drawn = windows(&straight);
     assert_eq!(drawn, windows(&split));
     assert!(drawn.iter().all(|w| (2..=8).contains(w)), "{drawn:?}");
@@ -1290,9 +1320,6 @@ fn drawn_windows_train_shorter_and_validate_at_the_model_window() {
     distinct.sort();
     distinct.dedup();
     assert!(distinct.len() >= 3, "{drawn:?}");
-    for ((s, x), (_, y)) in losses(&straight).iter().zip(&losses(&split)) {
-        assert!((x - y).abs() <= 1e-6, "step {s}: {x} vs {y}");
-    }
     assert_eq!(
         supra::io::load(&straight.join("final"))
             .unwrap()
@@ -1309,9 +1336,11 @@ fn drawn_windows_train_shorter_and_validate_at_the_model_window() {
     // (so not the full window's), the validation at the model's (so the full window's).
     let mut still = config(Recipe::Distill);
     (still.steps, still.eval_every, still.lr, still.min_lr) = (1, 1, 0.0, 0.0);
-    let full = go("full", &still, false, None);
+    let go =
+        |name, cfg: &TrainConfig| window_run(dir.path(), name, cfg, (&data, &cache), false, None);
+    let full = go("full", &still);
     still.min_window = Some(2);
-    let short = go("short", &still, false, None);
+    let short = go("short", &still);
     assert_ne!(
         windows(&short)[0],
         8,
@@ -1379,40 +1408,19 @@ fn gap_weights_follow_the_window_and_weigh_updates_only() {
 
     let mut cfg = config(Recipe::TransferDistill);
     (cfg.steps, cfg.transfer_steps, cfg.gap_weight) = (12, 6, 0.5);
-    let go = |name: &str, cfg: &TrainConfig, resume, stop| {
-        let out = dir.path().join(name);
-        run(
-            tiny_cell(dir.path(), Cell::WindowRelu),
-            cfg,
-            &data,
-            &out,
-            &cache,
-            resume,
-            stop,
-        );
-        out
-    };
-    let straight = go("straight", &cfg, false, None);
-    go("split", &cfg, false, Some(8));
-    let split = go("split", &cfg, true, None);
-    for ((s, x), (_, y)) in losses(&straight).iter().zip(&losses(&split)) {
-        assert!((x - y).abs() <= 1e-6, "step {s}: {x} vs {y}");
-    }
-    let last = supra::train::checkpoint::list(&straight)
-        .unwrap()
-        .pop()
-        .unwrap();
-    let recorded: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(last.join("run.json")).unwrap()).unwrap();
+    let (straight, _) = straight_and_resumed(dir.path(), &cfg, (&data, &cache), 8);
+    let recorded = recorded_run(&straight);
     assert_eq!(recorded["gap_weight"].as_f64(), Some(0.5), "{recorded}");
 
     // With no learning: the update's loss is weighted (so not the even one), the validation
     // loss even (so the same).
     let mut still = config(Recipe::Distill);
     (still.steps, still.eval_every, still.lr, still.min_lr) = (1, 1, 0.0, 0.0);
-    let even = go("even", &still, false, None);
+    let go =
+        |name, cfg: &TrainConfig| window_run(dir.path(), name, cfg, (&data, &cache), false, None);
+    let even = go("even", &still);
     still.gap_weight = 0.9;
-    let weighted = go("weighted", &still, false, None);
+    let weighted = go("weighted", &still);
     assert_ne!(metric(&weighted, "loss")[0], metric(&even, "loss")[0]);
     assert_eq!(
         metric(&weighted, "val_loss")[0],
@@ -1457,39 +1465,23 @@ fn the_mix_learns_at_its_own_rate() {
     let start = theta(&tiny_cell(dir.path(), Cell::WindowRelu));
     let mut cfg = config(Recipe::Distill);
     cfg.steps = 6;
-    let go = |name: &str, cfg: &TrainConfig, resume, stop| {
-        let out = dir.path().join(name);
-        run(
-            tiny_cell(dir.path(), Cell::WindowRelu),
-            cfg,
-            &data,
-            &out,
-            &cache,
-            resume,
-            stop,
-        );
-        out
-    };
     let moved = |out: &Path| -> f32 {
         let end = theta(&supra::io::load(&out.join("final")).unwrap());
         end.iter().zip(&start).map(|(a, b)| (a - b).abs()).sum()
     };
-    let plain = moved(&go("plain", &cfg, false, None));
+    let plain = moved(&window_run(
+        dir.path(),
+        "plain",
+        &cfg,
+        (&data, &cache),
+        false,
+        None,
+    ));
     cfg.mix_lr_scale = 100.0;
-    let straight = go("straight", &cfg, false, None);
+    let (straight, _) = straight_and_resumed(dir.path(), &cfg, (&data, &cache), 4);
     let fast = moved(&straight);
     assert!(fast > 20.0 * plain && plain > 0.0, "{fast} vs {plain}");
-    go("split", &cfg, false, Some(4));
-    let split = go("split", &cfg, true, None);
-    for ((s, x), (_, y)) in losses(&straight).iter().zip(&losses(&split)) {
-        assert!((x - y).abs() <= 1e-6, "step {s}: {x} vs {y}");
-    }
-    let last = supra::train::checkpoint::list(&straight)
-        .unwrap()
-        .pop()
-        .unwrap();
-    let recorded: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(last.join("run.json")).unwrap()).unwrap();
+    let recorded = recorded_run(&straight);
     assert_eq!(recorded["mix_lr_scale"].as_f64(), Some(100.0), "{recorded}");
 
     let err = |model, cfg: &TrainConfig, name: &str| {

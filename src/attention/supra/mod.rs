@@ -668,6 +668,21 @@ mod tests {
     /// The layer (φ, GQA, RoPE, GroupNorm) in its training form (one chunk: the parallel form;
     /// and chunks of 16) and its inference form, with GQA as in SmolLM2 and without; and an
     /// inference prefill continued one step at a time at the right RoPE positions.
+    /// The training form in chunks of 16 and 64 and inference prefill against the training
+    /// form in one chunk, on `x`; returns that one-chunk output.
+    fn chunked_forms_agree(layer: &mut SupraAttention, x: &Tensor, label: &str) -> Vec<f64> {
+        layer.chunk_size = usize::MAX;
+        let want = flat(&layer.forward(x, 0, None, Exec::Train).unwrap());
+        for c in [16, 64] {
+            layer.chunk_size = c;
+            for exec in [Exec::Train, Exec::Infer] {
+                let e = rel_err(&flat(&layer.forward(x, 0, None, exec).unwrap()), &want);
+                assert!(e <= 1e-5, "{label} C={c} {exec:?}: {e}");
+            }
+        }
+        want
+    }
+
     #[test]
     fn layer_forms_agree_with_and_without_gqa() {
         let dev = Device::Cpu;
@@ -675,16 +690,7 @@ mod tests {
             let mut layer = random_layer((h, hkv, 8, 8, 32), DType::F32, &mut |t| t);
             for t in [1, 7, 64, 65, 300] {
                 let x = Tensor::randn(0f32, 1.0, (2, t, 32), &dev).unwrap();
-                layer.chunk_size = usize::MAX;
-                let want = flat(&layer.forward(&x, 0, None, Exec::Train).unwrap());
-                for c in [16, 64] {
-                    layer.chunk_size = c;
-                    for exec in [Exec::Train, Exec::Infer] {
-                        let got = flat(&layer.forward(&x, 0, None, exec).unwrap());
-                        let e = rel_err(&got, &want);
-                        assert!(e <= 1e-5, "H={h}/{hkv} T={t} C={c} {exec:?}: {e}");
-                    }
-                }
+                let want = chunked_forms_agree(&mut layer, &x, &format!("H={h}/{hkv} T={t}"));
                 if t < 8 {
                     continue;
                 }
@@ -768,15 +774,7 @@ mod tests {
             );
             let t = 70;
             let x = Tensor::randn(0f32, 1.0, (2, t, 32), &dev).unwrap();
-            layer.chunk_size = usize::MAX;
-            let want = flat(&layer.forward(&x, 0, None, Exec::Train).unwrap());
-            for c in [16, 64] {
-                layer.chunk_size = c;
-                for exec in [Exec::Train, Exec::Infer] {
-                    let e = rel_err(&flat(&layer.forward(&x, 0, None, exec).unwrap()), &want);
-                    assert!(e <= 1e-5, "{kind:?} C={c} {exec:?}: {e}");
-                }
-            }
+            let want = chunked_forms_agree(&mut layer, &x, &format!("{kind:?}"));
             let (cont, _) = prefill_then_steps(&layer, &x.narrow(0, 0, 1).unwrap(), 40);
             let e = rel_err(&cont, &want[..want.len() / 2]);
             assert!(e <= 1e-5, "{kind:?} prefill + steps: {e}");
