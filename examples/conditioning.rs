@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use supra::attention::Exec;
-use supra::config::{FeatureKind, Mix, SinkPositions, WindowConfig};
+use supra::config::{FeatureKind, LinearRule, Mix, SinkPositions, WindowConfig};
 use supra::convert::{convert, ConvertOptions};
 use supra::io::LoadedModel;
 use supra::model::llama::{Form, Llama};
@@ -96,6 +96,7 @@ fn main() -> Result<()> {
             mix: Mix::Shared,
             // As docs/results/window.md measured it, before cache positions.
             sink_positions: SinkPositions::Absolute,
+            rule: LinearRule::Add,
         }),
         feature_map,
         mix_share: Some(0.1),

@@ -159,6 +159,44 @@ impl std::str::FromStr for Mix {
     }
 }
 
+/// How a window layer's linear state takes in a key that leaves the window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinearRule {
+    /// S ← γS + φ(k) vᵀ (SUPRA's, linear attention's).
+    #[default]
+    Add,
+    /// The delta rule: first replace a learned share β of what S holds under the unit key,
+    /// so a recalled value is the last one written ([`crate::attention::delta`]). Needs the
+    /// gated mix: its output has no normaliser of its own to share.
+    Delta,
+}
+
+impl LinearRule {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Add => "add",
+            Self::Delta => "delta",
+        }
+    }
+
+    fn is_add(&self) -> bool {
+        *self == Self::Add
+    }
+}
+
+impl std::str::FromStr for LinearRule {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "add" => Ok(Self::Add),
+            "delta" => Ok(Self::Delta),
+            other => bail!("unknown linear rule '{other}' (known: add, delta)"),
+        }
+    }
+}
+
 /// Where a window layer's queries see the attention sinks, for RoPE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -205,6 +243,9 @@ pub struct WindowConfig {
     /// Absent in configs written before the option: the positions those models had.
     #[serde(default)]
     pub sink_positions: SinkPositions,
+    /// Absent for the additive rule (every model before the option).
+    #[serde(default, skip_serializing_if = "LinearRule::is_add")]
+    pub rule: LinearRule,
 }
 
 /// How φ's parameters start.
@@ -524,6 +565,11 @@ impl ModelConfig {
                 }
                 if s.window.is_some_and(|w| w.window == 0) {
                     bail!("supra.window.window must be at least 1 (the token itself)");
+                }
+                if s.window
+                    .is_some_and(|w| w.rule == LinearRule::Delta && w.mix != Mix::Gated)
+                {
+                    bail!("supra.window: the delta rule needs the gated mix (\"mix\": \"gated\")");
                 }
                 // Window states are sized by these, and nothing in the file backs them.
                 if let Some(w) = s.window.filter(|w| w.window > 1 << 20 || w.sinks > 1 << 20) {

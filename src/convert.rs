@@ -1,8 +1,11 @@
 //! Teacher → linear model: keep every pretrained weight, switch the chosen layers to SUPRA
 //! attention (or window + linear attention) and add their φ parameters (and mix).
 
+use crate::attention::delta::INITIAL_BETA;
 use crate::attention::feature_map::{taylor_features, taylor_projection};
-use crate::config::{AttentionKind, Decay, FeatureKind, Mix, PhiInit, SupraConfig, WindowConfig};
+use crate::config::{
+    AttentionKind, Decay, FeatureKind, LinearRule, Mix, PhiInit, SupraConfig, WindowConfig,
+};
 use crate::io::LoadedModel;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -288,6 +291,21 @@ pub fn convert(teacher: &LoadedModel, opts: &ConvertOptions) -> Result<LoadedMod
         if let (AttentionKind::Window, Some(theta)) = (out_cfg.layer_kinds[i], mix_theta) {
             let theta = Tensor::full(theta as f32, cfg.num_attention_heads, &Device::Cpu)?;
             weights.insert(format!("{p}.window_mix"), theta);
+            if opts.window.is_some_and(|w| w.rule == LinearRule::Delta) {
+                // w = 0: every key starts at the same write strength, sigmoid(b).
+                let b0 = (INITIAL_BETA / (1.0 - INITIAL_BETA)).ln() as f32;
+                let h = cfg.num_attention_heads;
+                let mut params = vec![0f32; h * (f + 1)];
+                params
+                    .iter_mut()
+                    .skip(f)
+                    .step_by(f + 1)
+                    .for_each(|b| *b = b0);
+                weights.insert(
+                    format!("{p}.window_beta"),
+                    Tensor::from_vec(params, (h, f + 1), &Device::Cpu)?,
+                );
+            }
         }
     }
     crate::model::weights::check_weights(&out_cfg, &weights, "converted model", str::to_string)?;

@@ -1172,27 +1172,35 @@ enum Cell {
     WindowRelu,
     WindowHedgehog,
     WindowTaylor,
+    /// relu, the gated mix and the delta rule.
+    WindowDelta,
 }
 
 fn tiny_cell(dir: &Path, cell: Cell) -> LoadedModel {
-    use supra::config::{FeatureKind, Mix, SinkPositions, WindowConfig};
+    use supra::config::{FeatureKind, LinearRule, Mix, SinkPositions, WindowConfig};
     let p = dir.join("teacher.gguf");
     write_tiny_gguf(&p, 21).unwrap();
     let teacher = supra::io::load(&p).unwrap();
     let feature_map = match cell {
-        Cell::SupraRelu | Cell::WindowRelu => FeatureKind::Relu,
+        Cell::SupraRelu | Cell::WindowRelu | Cell::WindowDelta => FeatureKind::Relu,
         Cell::SupraHedgehog | Cell::WindowHedgehog => FeatureKind::Hedgehog,
         Cell::SupraTaylor | Cell::WindowTaylor => FeatureKind::Taylor,
     };
+    let delta = matches!(cell, Cell::WindowDelta);
     let window = matches!(
         cell,
-        Cell::WindowRelu | Cell::WindowHedgehog | Cell::WindowTaylor
+        Cell::WindowRelu | Cell::WindowHedgehog | Cell::WindowTaylor | Cell::WindowDelta
     )
     .then_some(WindowConfig {
         window: 8,
         sinks: 2,
-        mix: Mix::Shared,
+        mix: if delta { Mix::Gated } else { Mix::Shared },
         sink_positions: SinkPositions::Cache,
+        rule: if delta {
+            LinearRule::Delta
+        } else {
+            LinearRule::Add
+        },
     });
     convert(
         &teacher,
@@ -1219,6 +1227,7 @@ fn every_recipe_trains_every_cell() {
         Cell::WindowRelu,
         Cell::WindowHedgehog,
         Cell::WindowTaylor,
+        Cell::WindowDelta,
     ] {
         for recipe in Recipe::ALL {
             let mut cfg = config(recipe);

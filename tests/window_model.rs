@@ -6,7 +6,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::testing::{logits, max_diff, stepwise_logits, write_tiny_gguf};
 use supra::attention::window::Branches;
-use supra::config::{AttentionKind, FeatureKind, Mix, SinkPositions, WindowConfig};
+use supra::config::{AttentionKind, FeatureKind, LinearRule, Mix, SinkPositions, WindowConfig};
 use supra::convert::{convert, ConvertOptions};
 use supra::io::LoadedModel;
 use supra::model::llama::{Form, Llama};
@@ -30,6 +30,7 @@ fn window_opts(window: usize, feature_map: FeatureKind, mix: Mix) -> ConvertOpti
             sinks: 2,
             mix,
             sink_positions: SinkPositions::Cache,
+            rule: LinearRule::Add,
         }),
         feature_map,
         mix_share: AUDIBLE,
@@ -49,13 +50,14 @@ fn ids(n: usize) -> Vec<u32> {
 fn window_models_convert_reload_and_agree_in_every_form() {
     let dir = tempfile::tempdir().unwrap();
     let (teacher_path, _) = tiny_teacher(dir.path());
-    for (fm, mix, decay) in [
-        ("relu", "shared", "fixed"),
-        ("relu", "gated", "learnable"),
-        ("hedgehog", "shared", "learnable"),
-        ("hedgehog", "gated", "none"),
+    for (fm, mix, decay, rule) in [
+        ("relu", "shared", "fixed", "add"),
+        ("relu", "gated", "learnable", "add"),
+        ("hedgehog", "shared", "learnable", "add"),
+        ("hedgehog", "gated", "none", "add"),
+        ("relu", "gated", "fixed", "delta"),
     ] {
-        let out = dir.path().join(format!("{fm}-{mix}-{decay}"));
+        let out = dir.path().join(format!("{fm}-{mix}-{decay}-{rule}"));
         let flags = [
             "--window",
             "8",
@@ -67,6 +69,8 @@ fn window_models_convert_reload_and_agree_in_every_form() {
             mix,
             "--mix-share",
             "0.1",
+            "--linear-rule",
+            rule,
         ];
         let more = ["--supra-layers", "1", "--decay", decay];
         let m = common::cli_convert(&teacher_path, &out, &[&flags[..], &more[..]].concat());
@@ -75,7 +79,8 @@ fn window_models_convert_reload_and_agree_in_every_form() {
         assert!(
             info.contains("window ×1, supra at layers 1")
                 && info.contains("8 tokens + 2 sinks (at cache positions)")
-                && info.contains(&format!("φ {fm}")),
+                && info.contains(&format!("φ {fm}"))
+                && info.contains(&format!("{mix} mix, {rule} rule")),
             "{info}"
         );
         assert_eq!(
@@ -85,6 +90,14 @@ fn window_models_convert_reload_and_agree_in_every_form() {
         let sc = m.config.supra.as_ref().unwrap();
         assert_eq!(sc.feature_map, fm.parse::<FeatureKind>().unwrap());
         assert_eq!(sc.window.unwrap().mix, mix.parse::<Mix>().unwrap());
+        assert_eq!(sc.window.unwrap().rule, rule.parse::<LinearRule>().unwrap());
+        assert_eq!(
+            m.weights
+                .keys()
+                .filter(|n| n.ends_with("window_beta"))
+                .count(),
+            usize::from(rule == "delta")
+        );
         assert_eq!(sc.decay, decay.parse().unwrap());
         assert_eq!(
             m.weights
@@ -93,7 +106,7 @@ fn window_models_convert_reload_and_agree_in_every_form() {
                 .count(),
             if decay == "learnable" { 2 } else { 0 }
         );
-        let label = format!("{fm} {mix} {decay}");
+        let label = format!("{fm} {mix} {decay} {rule}");
 
         let ids = ids(40);
         let mut model = Llama::new(&m.config, &m.weights).unwrap();
@@ -128,7 +141,7 @@ fn window_models_convert_reload_and_agree_in_every_form() {
         }
 
         // Exported and reloaded: the same model.
-        let exported = dir.path().join(format!("{fm}-{mix}-{decay}-export"));
+        let exported = dir.path().join(format!("{fm}-{mix}-{decay}-{rule}-export"));
         let run = common::supra_path("export", &out, &["--out", exported.to_str().unwrap()]);
         assert!(
             run.status.success(),
@@ -253,6 +266,8 @@ fn branch_controls_and_convert_errors_are_clear() {
         (vec!["--mix-share", "0.1"], "--window"),
         (vec!["--window", "8", "--mix-share", "1"], "(0, 1)"),
         (vec!["--window", "8", "--mix-share", "NaN"], "(0, 1)"),
+        (vec!["--window", "8", "--linear-rule", "delta"], "gated mix"),
+        (vec!["--linear-rule", "delta"], "--window"),
         (
             vec!["--feature-map", "hedgehog", "--feature-dim", "8"],
             "hedgehog",
@@ -297,17 +312,20 @@ fn branch_controls_and_convert_errors_are_clear() {
 }
 
 /// Attention transfer and cross-entropy training reach every new parameter of a window
-/// layer: φ (each feature map), the mix and learned decays.
+/// layer: φ (each feature map), the mix, learned decays and the delta rule's β.
 #[test]
 fn training_reaches_phi_the_mix_and_the_decays() {
     let dir = tempfile::tempdir().unwrap();
     let (_, teacher) = tiny_teacher(dir.path());
-    for fm in [
-        FeatureKind::Relu,
-        FeatureKind::Hedgehog,
-        FeatureKind::Taylor,
+    for (fm, rule) in [
+        (FeatureKind::Relu, LinearRule::Add),
+        (FeatureKind::Hedgehog, LinearRule::Add),
+        (FeatureKind::Taylor, LinearRule::Add),
+        (FeatureKind::Relu, LinearRule::Delta),
     ] {
-        let mut opts = window_opts(4, fm, Mix::Shared);
+        let delta = rule == LinearRule::Delta;
+        let mut opts = window_opts(4, fm, if delta { Mix::Gated } else { Mix::Shared });
+        opts.window.as_mut().unwrap().rule = rule;
         opts.decay = supra::config::Decay::Learnable;
         let m = convert(&teacher, &opts).unwrap();
         let (vars, llama) = common::testing::training_model(&m);
@@ -321,13 +339,23 @@ fn training_reaches_phi_the_mix_and_the_decays() {
         let ce = common::testing::next_token_loss(&llama, &ids(24));
         for (what, loss) in [("transfer", transfer), ("cross-entropy", ce)] {
             let grads = loss.backward().unwrap();
-            for (name, var) in vars.iter().filter(|(n, _)| {
-                n.contains("phi_") || n.contains("window_mix") || n.contains("decay_logit")
-            }) {
+            let new = ["phi_", "window_mix", "decay_logit", "window_beta"];
+            let reached = vars
+                .iter()
+                .filter(|(n, _)| new.iter().any(|p| n.contains(p)));
+            assert_eq!(
+                reached
+                    .clone()
+                    .filter(|(n, _)| n.contains("window_beta"))
+                    .count(),
+                if delta { 2 } else { 0 },
+                "{fm:?} {rule:?}"
+            );
+            for (name, var) in reached {
                 let g = common::testing::grad_l1(&grads, var);
                 assert!(
                     g.is_some_and(|g| g > 0.0 && g.is_finite()),
-                    "{fm:?} {what}: {name} gets {g:?}"
+                    "{fm:?} {rule:?} {what}: {name} gets {g:?}"
                 );
             }
         }
@@ -407,6 +435,10 @@ fn bad_window_configs_are_clear_errors() {
     common::assert_clean_error(&o, &["config.json", "cosine"]);
     let o = edit(&|v| v["supra"]["window"]["sink_positions"] = "middle".into());
     common::assert_clean_error(&o, &["config.json", "middle"]);
+    let o = edit(&|v| v["supra"]["window"]["rule"] = "multiply".into());
+    common::assert_clean_error(&o, &["config.json", "multiply"]);
+    let o = edit(&|v| v["supra"]["window"]["rule"] = "delta".into());
+    common::assert_clean_error(&o, &["config.json", "gated mix"]);
     // A config from before the option loads with the positions its model had.
     let o = edit(&|v| {
         v["supra"]["window"]

@@ -17,7 +17,10 @@ DESIGN.md and the cells' module docs, in the same names as model.safetensors:
            φ (on the RoPE'd q, k) with decay γ^(n−w−m); one shared normaliser
            (A + α B) / (a + α b + ε), α = sigmoid(θ), or gated (1 − g) A/a + g GroupNorm(B);
            with `sink_positions` "cache" query n scores the sinks RoPE'd at min(n, s + w − 1),
-           as if they sat just before the window (StreamingLLM's cache), not at its own n
+           as if they sat just before the window (StreamingLLM's cache), not at its own n;
+           with `rule` "delta" (gated only) B is a delta-rule state's answer instead: before
+           query n, key m = n − w enters Z ← γZ + k̂ uᵀ, u = β(v − γ Zᵀ k̂), k̂ = φk/‖φk‖,
+           β = sigmoid(w_h·k̂ + b_h) (window_beta, per head [w_h | b_h]), and B = Zᵀ φq
 
 Two forms of each cell, one function: a block of T tokens read against the state left by the
 tokens before it. Training reads a sequence in blocks of `chunk_size` (the chunked form: exact
@@ -36,6 +39,7 @@ from transformers.utils import ModelOutput
 
 GROUP_NORM_EPS = 1e-5
 MIX_EPS = 1e-12
+KEY_EPS = 1e-12
 KINDS = ("softmax", "supra", "window")
 
 
@@ -88,6 +92,10 @@ class SupraConfig(PretrainedConfig):
             raise ValueError("window layers without supra.window (window, sinks, mix)")
         if window and window.get("sink_positions", "absolute") not in ("absolute", "cache"):
             raise ValueError(f"supra.window.sink_positions {window['sink_positions']!r}: absolute or cache")
+        if window and window.get("rule", "add") not in ("add", "delta"):
+            raise ValueError(f"supra.window.rule {window['rule']!r}: add or delta")
+        if window and window.get("rule", "add") == "delta" and window.get("mix") != "gated":
+            raise ValueError("supra.window: the delta rule needs the gated mix")
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @classmethod
@@ -285,6 +293,9 @@ class Attention(nn.Module):
             # Configs from before the option had the sinks at their own positions.
             self.sink_positions = w.get("sink_positions", "absolute")
             self.window_mix = nn.Parameter(torch.zeros(self.H))
+            self.rule = w.get("rule", "add")
+            if self.rule == "delta":
+                self.window_beta = nn.Parameter(torch.zeros(self.H, self.f + 1))
 
     def gammas(self, like):
         """γ per head, in `like`'s dtype: powers of an f32 γ make a split sequence and a whole
@@ -403,20 +414,23 @@ class Attention(nn.Module):
         scale = 1 / math.sqrt(self.f)
         Wl = (fq @ FK.transpose(-1, -2)) * scale * torch.where(linear, g ** expo, torch.zeros((), device=v.device))
         B, b = Wl @ V, Wl.sum(-1, keepdim=True)
-        if st.S is not None:  # query n reads S with γ^(n − p + 1)
+        if self.rule == "delta":
+            B = self.delta_steps(fq, FK, V, kpos, pos, st)
+        elif st.S is not None:  # query n reads S with γ^(n − p + 1)
             r = g ** (pos - p + 1).float()[:, None]
             B = B + (fq * r) @ st.S * scale
             b = b + (fq * r) @ st.z[..., None] * scale
         # The state after the block: keys m with p − 1 − w < m ≤ p + t − 1 − w enter S.
         last = p + t - 1
-        enter = ((kpos >= s) & (kpos + w <= last) & (kpos + w > p - 1)).float()
-        wk = (g ** (last - w - kpos).clamp(min=0).float()[:, None]) * enter[:, None]  # (H, M, 1)
-        S_new = (FK * wk).transpose(-1, -2) @ V
-        z_new = (FK * wk).sum(2)
-        if st.S is not None:
-            S_new = S_new + st.S * g ** t
-            z_new = z_new + st.z * g[..., 0] ** t
-        st.S, st.z = S_new, z_new
+        if self.rule == "add":
+            enter = ((kpos >= s) & (kpos + w <= last) & (kpos + w > p - 1)).float()
+            wk = (g ** (last - w - kpos).clamp(min=0).float()[:, None]) * enter[:, None]  # (H, M, 1)
+            S_new = (FK * wk).transpose(-1, -2) @ V
+            z_new = (FK * wk).sum(2)
+            if st.S is not None:
+                S_new = S_new + st.S * g ** t
+                z_new = z_new + st.z * g[..., 0] ** t
+            st.S, st.z = S_new, z_new
         # What the next block still reads outside S: the sinks and every key m > last − w.
         keep = (kpos < s) | (kpos + w > last)
         st.k, st.v, st.fk, st.positions = k[:, :, keep], v[:, :, keep], fk[:, :, keep], kpos[keep]
@@ -425,6 +439,28 @@ class Attention(nn.Module):
             return (A + mix * B) / (a + mix * b + MIX_EPS)
         window = torch.where(a > 0, A / a.clamp(min=1e-30), torch.zeros((), device=A.device))
         return (1 - mix) * window + mix * group_norm(B)
+
+    def delta_steps(self, fq, FK, V, kpos, pos, st):
+        """The delta rule's B for the block's queries, token by token (st.S holds Z, (B, H, d',
+        d)): before query n the state decays and takes in key n − w when it is past the sinks."""
+        g = self.gammas(V)[None, :, None]  # (1, H, 1)
+        Z = st.S if st.S is not None else fq.new_zeros(fq.shape[0], self.H, self.f, self.d)
+        w, b = self.window_beta[:, :-1].to(fq.dtype), self.window_beta[:, -1].to(fq.dtype)
+        out = []
+        for i, n in enumerate(pos.tolist()):
+            Z = Z * g[..., None]
+            m = n - self.window
+            if m >= self.sinks:
+                j = int((kpos == m).nonzero())
+                key = FK[:, :, j]
+                key = key / (key.pow(2).sum(-1, keepdim=True) + KEY_EPS).sqrt()  # (B, H, d')
+                beta = torch.sigmoid((key * w).sum(-1) + b)[..., None]  # (B, H, 1)
+                # Z_{n−1} is Z / γ here: u = β(v − γ Z_{n−1}ᵀ k̂) = β(v − (Zᵀ k̂)).
+                u = beta * (V[:, :, j] - torch.einsum("bhf,bhfd->bhd", key, Z))
+                Z = Z + key[..., None] * u[..., None, :]
+            out.append(torch.einsum("bhf,bhfd->bhd", fq[:, :, i], Z))
+        st.S = Z
+        return torch.stack(out, 2)
 
 
 class MLP(nn.Module):

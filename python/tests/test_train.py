@@ -102,13 +102,20 @@ def test_resume_continues_exactly(tiny, tmp_path):
     ["--window", "3", "--sinks", "2", "--sink-positions", "absolute", "--mix-share", "0.5"],
     ["--feature-map", "taylor", "--feature-dim", "10", "--decay", "learnable"],
     ["--window", "4", "--sinks", "1", "--feature-map", "taylor", "--mix-share", "0.01"],
+    ["--window", "3", "--sinks", "1", "--mix", "gated", "--linear-rule", "delta", "--mix-share", "0.5"],
 ])
 def test_every_cell_variant_equals_supra(tiny, tmp_path, flags):
     """The cells and options beyond the default model's tests (Hedgehog, Taylor, the gated mix, learned
-    and no decay, no sinks, d' ≠ d, sinks at their absolute positions) on the tiny model: f64
-    log-probs equal supra's, chunked (blocks of 4, crossing the window) and recurrent."""
+    and no decay, no sinks, d' ≠ d, sinks at their absolute positions, the delta rule) on the tiny
+    model: f64 log-probs equal supra's, chunked (blocks of 4, crossing the window) and recurrent."""
     out = tmp_path / "model"
     supra("convert", tiny / "teacher", "--out", out, "--chunk-size", "4", *flags)
+    if "delta" in flags:  # β's weights start at 0: random ones, so that β reads the keys
+        path = str(out / "model.safetensors")
+        weights = load_file(path)
+        gen = torch.Generator().manual_seed(0)
+        save_file({k: torch.randn(v.shape, generator=gen) if k.endswith("window_beta") else v
+                   for k, v in weights.items()}, path)
     model = SupraForCausalLM.from_pretrained(out).double().eval()
     ref = score(out, PROMPTS[0]["text"], f64=True)
     want = torch.tensor(ref["logprobs"], dtype=torch.float64)

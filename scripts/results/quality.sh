@@ -129,6 +129,11 @@ declare -A ROWS=(
   # The mix θ moves about one learning rate per update, so every row's α ended where it
   # started: θ learning 300 times the rate (up to 0.3 per transfer update, 0.09 distilling).
   [d131-relu-w128-mixlr300-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning"
+  # A state that overwrites: the delta rule (DeltaNet; β = sigmoid(w·k̂ + b) read from the unit
+  # key) in the gated mix, whose gate learns at 300 times the rate so that it can open; beside it
+  # the same with the additive state, its control.
+  [d131-relu-w128-delta-mixlr300-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning --mix gated --linear-rule delta"
+  [d131-relu-w128-gated-mixlr300-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning --mix gated"
 )
 # Flags beyond the recipe's. The pure linear cell's ablation (one change each against
 # td-relu): every parameter trained instead of LoRA 16 + φ; the transfer target raw instead of
@@ -169,6 +174,8 @@ declare -A TRAIN_FLAGS=(
   [d131-taylor-w128-s2048]="--tokens 131072 --seq-len 2048"
   [d131-taylor-w128-none-s2048]="--tokens 131072 --seq-len 2048"
   [d131-relu-w128-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300"
+  [d131-relu-w128-delta-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300"
+  [d131-relu-w128-gated-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300"
 )
 # Continuations: a trained row's final model trained further (distillation from the original
 # teacher, given with --teacher), to separate what longer training windows do for the long

@@ -5,6 +5,7 @@
 //!
 //! A new kind is one more module and one more variant here; the decoder does not change.
 
+pub mod delta;
 pub mod feature_map;
 pub mod signed_softmax;
 pub mod softmax;
@@ -241,9 +242,9 @@ impl Cell {
             Cell::Softmax(a) => 2 * a.proj.n_kv_heads * len * a.proj.head_dim,
             Cell::Supra(a) => a.proj.n_heads * a.feature_dim * a.proj.head_dim,
             Cell::Window(a) => {
-                let (span, p) = (a.span(), &a.proj);
-                (span.sinks + span.window) * p.n_kv_heads * (2 * p.head_dim + a.feature_dim)
-                    + p.n_heads * a.feature_dim * (p.head_dim + 1)
+                let sd = a.state_dims();
+                (sd.span.sinks + sd.span.window) * sd.kv_heads * (2 * sd.head_dim + sd.feature_dim)
+                    + sd.heads * sd.feature_dim * sd.linear_width()
             }
         }
     }
@@ -320,7 +321,7 @@ impl Cell {
                     need("v", &[1, hkv, kept, d])?,
                 );
                 let features = need("features", &[1, hkv, kept, f])?;
-                let linear = need("linear", &[1, h, f, d + 1])?;
+                let linear = need("linear", &[1, h, f, sd.linear_width()])?;
                 Ok(CellState::Window(Some(WindowState::from_kept_rows(
                     sd,
                     pos,
@@ -405,7 +406,7 @@ impl CellState {
     /// The tensors by name (under `prefix`), for saving: `k` and `v` (1, kv heads, pos, head
     /// dim) of a KV cache, `state` (1, heads, d', d_v) of a SUPRA layer; of a window layer `k`,
     /// `v` and `features` of its kept tokens (1, kv heads, kept, ·) and `linear` (1, heads, d',
-    /// d_v + 1), S with z as its last column.
+    /// d_v + 1), S with z as its last column (the delta rule's: (1, heads, d', d_v), S alone).
     pub fn named_tensors(&self, prefix: &str) -> Result<Vec<(String, Tensor)>> {
         Ok(match self {
             CellState::Kv(c) => match (c.k()?, c.v()?) {
@@ -428,7 +429,7 @@ impl CellState {
                 };
                 let linear = Tensor::from_vec(
                     s.linear.clone(),
-                    (1, sd.heads, sd.feature_dim, sd.head_dim + 1),
+                    (1, sd.heads, sd.feature_dim, sd.linear_width()),
                     &candle_core::Device::Cpu,
                 )?;
                 vec![

@@ -51,6 +51,11 @@ pub(crate) struct ConvertArgs {
     /// normalised on its own, the linear one GroupNorm'd, blended by a learned per-head gate).
     #[arg(long, default_value = "shared", requires = "window")]
     pub(crate) mix: supra::config::Mix,
+    /// With --window: how the linear state takes in a key leaving the window: add (linear
+    /// attention's sum) or delta (the delta rule: replace a learned share β of what the state
+    /// holds under the key first, so it recalls the last value written; needs --mix gated).
+    #[arg(long, default_value = "add", requires = "window")]
+    pub(crate) linear_rule: supra::config::LinearRule,
     /// With --window: the linear branch's starting share in each head (α or the gate,
     /// sigmoid(θ); learned in training) [default: 0.001 for relu, 0.5 for hedgehog with the
     /// shared mix; 0.001 gated: an untrained hybrid then reads as its window alone].
@@ -104,6 +109,7 @@ pub(crate) fn convert(a: &ConvertArgs) -> Result<()> {
             sinks: a.sinks,
             mix: a.mix,
             sink_positions: a.sink_positions,
+            rule: a.linear_rule,
         }),
         supra_layers: a.supra_layers.clone(),
         mix_share: a.mix_share,

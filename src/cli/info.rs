@@ -39,11 +39,12 @@ pub(crate) fn info(m: &ModelArg) -> Result<()> {
         );
         if let Some(w) = &sc.window {
             println!(
-                "window              {} tokens + {} sinks (at {} positions), {} mix",
+                "window              {} tokens + {} sinks (at {} positions), {} mix, {} rule",
                 w.window,
                 w.sinks,
                 w.sink_positions.name(),
-                w.mix.name()
+                w.mix.name(),
+                w.rule.name()
             );
         }
     }

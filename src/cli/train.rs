@@ -362,6 +362,7 @@ pub(crate) fn linearize(a: &LinearizeArgs) -> Result<()> {
             sinks: 4,
             mix: supra::config::Mix::Shared,
             sink_positions: supra::config::SinkPositions::Cache,
+            rule: supra::config::LinearRule::Add,
         }),
         ..Default::default()
     };

@@ -7,7 +7,7 @@ use crate::attention::supra::HeadDecays;
 use crate::attention::supra::SupraAttention;
 use crate::attention::window::{Branches, Span, WindowAttention};
 use crate::attention::{Cell, CellState, Exec, Projections};
-use crate::config::{AttentionKind, Decay, FeatureKind, ModelConfig, SupraConfig};
+use crate::config::{AttentionKind, Decay, FeatureKind, LinearRule, ModelConfig, SupraConfig};
 use crate::model::linear::{Linear, GEMV_MAX_ROWS};
 use crate::model::mlp::Mlp;
 use crate::model::norm::RmsNorm;
@@ -240,6 +240,10 @@ impl Llama {
                     mix: w.mix,
                     feature_dim: sc.feature_dim,
                     gammas: decays(&p)?,
+                    delta: match w.rule {
+                        LinearRule::Add => None,
+                        LinearRule::Delta => Some(get(&format!("{p}.self_attn.window_beta"))?),
+                    },
                     chunk_size: sc.chunk_size,
                     span: Span {
                         window: w.window,
@@ -687,6 +691,7 @@ mod tests {
                     sinks: 1,
                     mix: Mix::Shared,
                     sink_positions: SinkPositions::Cache,
+                    rule: crate::config::LinearRule::Add,
                 }),
                 supra_layers: vec![0],
                 mix_share: Some(0.3),

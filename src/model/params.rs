@@ -3,7 +3,7 @@
 //! it; nothing decides a parameter's role from its name elsewhere.
 
 use crate::attention::feature_map::taylor_projection;
-use crate::config::{AttentionKind, FeatureKind, ModelConfig};
+use crate::config::{AttentionKind, FeatureKind, LinearRule, ModelConfig};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -163,6 +163,11 @@ pub fn table(cfg: &ModelConfig) -> Vec<Param> {
             if cfg.layer_kinds[i] == AttentionKind::Window {
                 // Per head: θ of the linear branch's share, α = sigmoid(θ).
                 add(format!("{p}.self_attn.window_mix"), vec![hq], Phi);
+                if sc.window.is_some_and(|w| w.rule == LinearRule::Delta) {
+                    // Per head: the delta rule's write strength, β = sigmoid(w·k̂ + b), [w | b].
+                    let f = sc.feature_dim + 1;
+                    add(format!("{p}.self_attn.window_beta"), vec![hq, f], Phi);
+                }
             }
         }
         if let Some(l) = &cfg.lora {

@@ -7,7 +7,7 @@ use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 
 /// γ_h^e for every head h and exponent e in `exps`, shape (1, H, len(exps), 1).
-fn decay_powers(
+pub(crate) fn decay_powers(
     decays: &HeadDecays,
     exps: impl Iterator<Item = f64> + Clone,
     dtype: DType,
@@ -40,7 +40,12 @@ fn log_sigmoid(theta: &Tensor) -> Result<Tensor> {
 }
 
 /// D[h, t, i] = γ_h^(t−i) for i ≤ t, else 0; shape (1, H, T, T).
-fn decay_mask(decays: &HeadDecays, t: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+pub(crate) fn decay_mask(
+    decays: &HeadDecays,
+    t: usize,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Tensor> {
     match decays {
         HeadDecays::Fixed(gammas) => {
             let mut vals = Vec::with_capacity(gammas.len() * t * t);

@@ -6,11 +6,11 @@
 //! parallel form.
 
 use super::{fused, Span, EPS};
-use crate::attention::repeat_kv;
 use crate::attention::supra::{group_norm::group_norm, training_sums, HeadDecays};
+use crate::attention::{delta, repeat_kv};
 use crate::config::Mix;
 use crate::model::rope::Rotation;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 
 /// Rows n of `x` (B, H, T, c) moved to n + w, the sinks' rows dropped: row n of the result is
@@ -28,11 +28,12 @@ fn shifted(x: &Tensor, span: Span) -> Result<Tensor> {
 
 /// q (B, H, T, d), k and v (B, H_kv, T, d) RoPE'd as the teacher's, `sinks` the turn of q
 /// into the queries that score the sinks (none: q scores them); φq (B, H, T, d') and φk
-/// (B, H_kv, T, d'); `weights` (1, H, 1, 1) the mix (α or g). Returns y (B, H, T, d).
+/// (B, H_kv, T, d'); `weights` (1, H, 1, 1) the mix (α or g), with the delta rule's
+/// parameters (H, d' + 1) where the state follows it (gated mix only). Returns y (B, H, T, d).
 pub fn chunked(
     ((q, k, v), sinks): ((&Tensor, &Tensor, &Tensor), Option<&Rotation>),
     (fq, fk): (&Tensor, &Tensor),
-    weights: &Tensor,
+    (weights, delta): (&Tensor, Option<&Tensor>),
     decays: &HeadDecays,
     span: Span,
     mix: Mix,
@@ -40,13 +41,24 @@ pub fn chunked(
 ) -> Result<Tensor> {
     let (b, hkv, t, d) = k.dims4()?;
     // The linear branch: B and, for the shared normaliser, b as one more value column of ones.
-    let lin = match mix {
-        Mix::Shared => {
+    let lin = match (mix, delta) {
+        (Mix::Gated, Some(params)) => delta::chunk::chunked(
+            fq,
+            &shifted(fk, span)?,
+            &shifted(v, span)?,
+            params,
+            decays,
+            chunk,
+        )?,
+        (Mix::Shared, Some(_)) => bail!("the delta rule needs the gated mix"),
+        (Mix::Shared, None) => {
             let ones = Tensor::ones((b, hkv, t, 1), v.dtype(), v.device())?;
             let v1 = Tensor::cat(&[v, &ones], 3)?;
             training_sums(fq, &shifted(fk, span)?, &shifted(&v1, span)?, decays, chunk)?
         }
-        Mix::Gated => training_sums(fq, &shifted(fk, span)?, &shifted(v, span)?, decays, chunk)?,
+        (Mix::Gated, None) => {
+            training_sums(fq, &shifted(fk, span)?, &shifted(v, span)?, decays, chunk)?
+        }
     };
     let ex = exact_sums(((q, k, v), sinks), span, chunk)?;
     let (big_a, a) = (ex.narrow(3, 0, d)?, ex.narrow(3, d, 1)?);

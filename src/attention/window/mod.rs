@@ -23,6 +23,10 @@
 //! has left the window, S = Σ γ^(n−w−m) φ(k_m) v_mᵀ/√d' and z = Σ γ^(n−w−m) φ(k_m)/√d' (the
 //! scale as SUPRA's state has it; α absorbs it).
 //!
+//! With the delta rule ([`LinearRule::Delta`], gated mix only) the state takes in each key
+//! leaving the window by [`crate::attention::delta`]'s overwrite instead of the sum, β read
+//! from the key's features, which the state keeps anyway; S is then d' × d (no z).
+//!
 //! The state is s + w keys, values and key features per key/value head and S, z per head:
 //! constant in the context. Forms side by side: [`naive`] (f64 definition), [`chunk`]
 //! (training; its exact part as one op with its own backward in [`fused`]), [`scan`] (prefill
@@ -37,7 +41,7 @@ use crate::attention::feature_map::{FeatureMap, Role};
 use crate::attention::softmax::SoftmaxAttention;
 use crate::attention::supra::{Dims, HeadDecays};
 use crate::attention::{split_heads, Exec, Projections};
-use crate::config::{Mix, SinkPositions};
+use crate::config::{LinearRule, Mix, SinkPositions};
 use crate::model::rope::{Rope, Rotation};
 use crate::model::spin;
 use anyhow::{bail, ensure, Result};
@@ -137,6 +141,9 @@ pub struct WindowAttention {
     pub mix: Mix,
     pub feature_dim: usize,
     pub gammas: HeadDecays,
+    /// The delta rule's write strengths' parameters (H, d' + 1) ([`crate::attention::delta`]);
+    /// `None`: the additive rule.
+    pub delta: Option<Tensor>,
     pub chunk_size: usize,
     pub span: Span,
     /// The teacher's RoPE, over the head dimension.
@@ -164,6 +171,14 @@ impl WindowAttention {
             head_dim: self.proj.head_dim,
             feature_dim: self.feature_dim,
             span: self.span(),
+            rule: self.rule(),
+        }
+    }
+
+    pub fn rule(&self) -> LinearRule {
+        match self.delta {
+            Some(_) => LinearRule::Delta,
+            None => LinearRule::Add,
         }
     }
 
@@ -227,10 +242,13 @@ impl WindowAttention {
                 chunk::chunked(
                     ((&q, &k, &v), self.sinks_turn(0, t)?.as_ref()),
                     (&fq, &fk),
-                    &self
-                        .mix_weights()?
-                        .to_dtype(q.dtype())?
-                        .reshape((1, h, 1, 1))?,
+                    (
+                        &self
+                            .mix_weights()?
+                            .to_dtype(q.dtype())?
+                            .reshape((1, h, 1, 1))?,
+                        self.delta.as_ref(),
+                    ),
                     &self.gammas,
                     self.span(),
                     self.mix,
@@ -320,6 +338,11 @@ impl WindowAttention {
             value_dim: self.proj.head_dim,
         };
         let qs = self.sink_queries(q, (batch, len), offset)?;
+        let delta = self
+            .delta
+            .as_ref()
+            .map(|p| p.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+            .transpose()?;
         let inputs = scan::Inputs {
             q,
             qs: qs.as_deref(),
@@ -327,6 +350,7 @@ impl WindowAttention {
             v,
             fq,
             fk,
+            delta: delta.as_deref(),
         };
         Ok(scan::prefill(
             &inputs,

@@ -11,6 +11,9 @@
 //! shared: y = (A + α B) / (a + α b + ε)
 //! gated:  y = (1 − g) A/a + g GroupNorm(B)      (A/a = 0 when E(n) is empty)
 //! ```
+//!
+//! With the delta rule (gated only), B is the delta state's answer to φq_n after it took in the
+//! keys of L(n) in order, key m at step m + w ([`crate::attention::delta::naive`]).
 
 use super::{Span, EPS};
 use crate::attention::supra::naive::group_norm;
@@ -30,12 +33,34 @@ pub struct Inputs<'a> {
     pub fk: &'a [f64],
     pub gammas: &'a [f64],
     pub weights: &'a [f64],
+    /// The delta rule's parameters (H, d' + 1); `None`: the additive rule.
+    pub delta: Option<&'a [f64]>,
 }
 
 /// Returns y (B, H, T, d). `d.feature_dim` is d', `d.value_dim` the head dim d.
 pub fn naive(x: &Inputs, span: Span, mix: Mix, d: Dims) -> Vec<f64> {
     let (t, f, dv) = (d.len, d.feature_dim, d.value_dim);
     let mut out = vec![0.0; d.batch * d.heads * t * dv];
+    assert!(
+        x.delta.is_none() || mix == Mix::Gated,
+        "the delta rule mixes gated"
+    );
+    // The delta rule's B for every token at once: step n takes in key n − w when it is past
+    // the sinks (no key otherwise).
+    let delta = x.delta.map(|params| {
+        let shift = |x: &[f64], c: usize| -> Vec<f64> {
+            let mut s = vec![0.0; x.len()];
+            for bk in 0..d.batch * d.kv_heads {
+                for n in span.sinks + span.window..t {
+                    let m = n - span.window;
+                    s[(bk * t + n) * c..][..c].copy_from_slice(&x[(bk * t + m) * c..][..c]);
+                }
+            }
+            s
+        };
+        let (fk, v) = (shift(x.fk, f), shift(x.v, dv));
+        crate::attention::delta::naive::naive(x.fq, &fk, &v, params, x.gammas, d)
+    });
     for b in 0..d.batch {
         for h in 0..d.heads {
             let bh = b * d.heads + h;
@@ -65,7 +90,10 @@ pub fn naive(x: &Inputs, span: Span, mix: Mix, d: Dims) -> Vec<f64> {
                 }
                 let fq = row(x.fq, bh, n, f);
                 let (mut big_b, mut lin_b) = (vec![0.0; dv], 0.0);
-                for m in (0..=n).filter(|&m| span.linear(n, m)) {
+                if let Some(delta) = &delta {
+                    big_b.copy_from_slice(&delta[(bh * t + n) * dv..][..dv]);
+                }
+                for m in (0..=n).filter(|&m| delta.is_none() && span.linear(n, m)) {
                     let w = x.gammas[h].powi((n - span.window - m) as i32)
                         * dot(&fq, &row(x.fk, kv, m, f))
                         / (f as f64).sqrt();

@@ -6,9 +6,10 @@
 //! more value column of ones.
 
 use super::{Span, EPS};
+use crate::attention::delta::scan::scan as delta_scan;
 use crate::attention::softmax::exp_shifted;
 use crate::attention::supra::{group_norm::normalize_rows, scan::scan as linear_scan, Dims};
-use crate::config::Mix;
+use crate::config::{LinearRule, Mix};
 use crate::model::gemm::{gemm, Strided};
 use rayon::prelude::*;
 
@@ -28,7 +29,8 @@ pub struct WindowState {
     pub keys: Vec<f32>,
     pub values: Vec<f32>,
     pub features: Vec<f32>,
-    /// S and z side by side, (B, H, d', d + 1): z is the last column.
+    /// S and z side by side, (B, H, d', d + 1): z is the last column; the delta rule's S alone
+    /// (B, H, d', d) ([`StateDims::linear_width`]).
     pub linear: Vec<f32>,
 }
 
@@ -40,9 +42,19 @@ pub struct StateDims {
     pub head_dim: usize,
     pub feature_dim: usize,
     pub span: Span,
+    pub rule: LinearRule,
 }
 
 impl StateDims {
+    /// Columns of S per feature: d and z for the additive rule, d for the delta rule (its
+    /// output has no normaliser).
+    pub fn linear_width(&self) -> usize {
+        match self.rule {
+            LinearRule::Add => self.head_dim + 1,
+            LinearRule::Delta => self.head_dim,
+        }
+    }
+
     fn slots(&self) -> usize {
         self.span.sinks + self.span.window
     }
@@ -68,7 +80,7 @@ impl WindowState {
             keys: vec![0.0; kv * slots * dims.head_dim],
             values: vec![0.0; kv * slots * dims.head_dim],
             features: vec![0.0; kv * slots * dims.feature_dim],
-            linear: vec![0.0; batch * dims.heads * dims.feature_dim * (dims.head_dim + 1)],
+            linear: vec![0.0; batch * dims.heads * dims.feature_dim * dims.linear_width()],
         }
     }
 
@@ -136,6 +148,8 @@ pub struct Inputs<'a> {
     pub v: &'a [f32],
     pub fq: &'a [f32],
     pub fk: &'a [f32],
+    /// The delta rule's parameters (H, d' + 1); `None`: the additive rule.
+    pub delta: Option<&'a [f32]>,
 }
 
 /// Rows of position m, from the state (m before this call) or from this call's inputs.
@@ -183,7 +197,9 @@ pub fn prefill(
             && x.k.len() == nb * nkv * t * dv
             && x.v.len() == nb * nkv * t * dv
             && x.fq.len() == nb * nh * t * f
-            && x.fk.len() == nb * nkv * t * f,
+            && x.fk.len() == nb * nkv * t * f
+            && (x.delta.is_some() == (sd.rule == LinearRule::Delta))
+            && (x.delta.is_none() || mix == Mix::Gated),
         "window prefill: operands do not match {d:?}"
     );
     let p = state.len;
@@ -204,9 +220,11 @@ pub fn prefill(
     // The linear part: token p + i reads the keys up to p + i − w, so the state takes in the
     // key at p + i − w (if it is past the sinks) just before it.
     let mut lin = Vec::new();
+    // The additive rule carries z as one more value column of ones.
+    let lw = sd.linear_width();
     if weights.iter().any(|&w| w != 0.0) {
         let mut ks = vec![0f32; nb * nkv * t * f];
-        let mut vs = vec![0f32; nb * nkv * t * (dv + 1)];
+        let mut vs = vec![0f32; nb * nkv * t * lw];
         for i in 0..t {
             let Some(m) = (p + i)
                 .checked_sub(span.window)
@@ -216,16 +234,18 @@ pub fn prefill(
             };
             for bk in 0..nb * nkv {
                 ks[(bk * t + i) * f..][..f].copy_from_slice(features.get(bk, m));
-                let row = &mut vs[(bk * t + i) * (dv + 1)..][..dv + 1];
+                let row = &mut vs[(bk * t + i) * lw..][..lw];
                 row[..dv].copy_from_slice(values.get(bk, m));
-                row[dv] = 1.0;
+                if lw > dv {
+                    row[dv] = 1.0;
+                }
             }
         }
-        let dims = Dims {
-            value_dim: dv + 1,
-            ..d
+        let dims = Dims { value_dim: lw, ..d };
+        lin = match x.delta {
+            Some(params) => delta_scan(x.fq, &ks, &vs, params, &mut state.linear, gammas, dims),
+            None => linear_scan(x.fq, &ks, &vs, &mut state.linear, gammas, chunk, dims),
         };
-        lin = linear_scan(x.fq, &ks, &vs, &mut state.linear, gammas, chunk, dims);
     }
 
     // The exact part and the combination, per (sequence, kv head, block of queries).
@@ -319,8 +339,7 @@ pub fn prefill(
             let h = g * group + r / tq;
             let i = i0 + r % tq;
             let (w, a) = (weights[h], sums[r]);
-            let lin_row =
-                (!lin.is_empty()).then(|| &lin[((b * nh + h) * t + i) * (dv + 1)..][..dv + 1]);
+            let lin_row = (!lin.is_empty()).then(|| &lin[((b * nh + h) * t + i) * lw..][..lw]);
             match (mix, lin_row) {
                 (Mix::Shared, None) => {
                     let den = a + EPS as f32;

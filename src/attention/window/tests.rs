@@ -1,6 +1,6 @@
 use super::*;
 use crate::attention::Cell;
-use crate::config::{Decay, SinkPositions};
+use crate::config::{Decay, LinearRule, SinkPositions};
 use crate::model::linear::Linear;
 use crate::testing::{check_grad, flat_f64 as flat, rel_err};
 use candle_core::{Device, Var};
@@ -72,6 +72,14 @@ fn settings(h: usize) -> Vec<(Vec<f64>, Span, &'static str)> {
     ]
 }
 
+/// The ways a layer combines its branches: both mixes with the additive state, the gated mix
+/// with the delta rule's.
+const LINEARS: [(Mix, LinearRule); 3] = [
+    (Mix::Shared, LinearRule::Add),
+    (Mix::Gated, LinearRule::Add),
+    (Mix::Gated, LinearRule::Delta),
+];
+
 /// [`SPAN`] with the sinks at their cache positions: the forms read q̃ for them.
 const CACHE: Span = Span {
     sink_positions: SinkPositions::Cache,
@@ -104,7 +112,10 @@ fn forms_agree_with_the_definition() {
                 .unwrap();
             let qs = turn.apply(&q).unwrap();
             let qsf = flat(&qs);
-            for mix in [Mix::Shared, Mix::Gated] {
+            let params = randn(&[h, 7], 1.0);
+            let pf = flat(&params);
+            for (mix, rule) in LINEARS {
+                let delta = (rule == LinearRule::Delta).then_some(&params);
                 for (weights, span, what) in settings(h) {
                     let cache = span.sink_positions == SinkPositions::Cache;
                     let x = naive::Inputs {
@@ -116,16 +127,17 @@ fn forms_agree_with_the_definition() {
                         fk: &fkf,
                         gammas: &gammas,
                         weights: &weights,
+                        delta: delta.map(|_| &pf[..]),
                     };
                     let want = naive::naive(&x, span, mix, d);
-                    let label = format!("H={h}/{hkv} T={t} {mix:?} {what}");
+                    let label = format!("H={h}/{hkv} T={t} {mix:?} {rule:?} {what}");
                     let wt = Tensor::from_vec(weights.clone(), (1, h, 1, 1), &Device::Cpu).unwrap();
                     let decays = HeadDecays::Fixed(gammas.clone());
                     for c in [5, 16, usize::MAX] {
                         let got = chunk::chunked(
                             ((&q, &k, &v), cache.then_some(&turn)),
                             (&fq, &fk),
-                            &wt,
+                            (&wt, delta),
                             &decays,
                             span,
                             mix,
@@ -136,6 +148,7 @@ fn forms_agree_with_the_definition() {
                         assert!(e < 1e-10, "{label} training C={c}: {e}");
                     }
                     let w32: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
+                    let p32: Vec<f32> = pf.iter().map(|&w| w as f32).collect();
                     // Prefill in pieces: all at once, and a third, then a piece, then steps.
                     let cuts: Vec<Vec<usize>> = vec![
                         vec![0, t],
@@ -151,6 +164,7 @@ fn forms_agree_with_the_definition() {
                             head_dim: 8,
                             feature_dim: 6,
                             span,
+                            rule,
                         };
                         let mut state = WindowState::empty(2, sd);
                         let mut pieces: Vec<Vec<f32>> = Vec::new();
@@ -167,6 +181,7 @@ fn forms_agree_with_the_definition() {
                                 v: &pv,
                                 fq: &pfq,
                                 fk: &pfk,
+                                delta: delta.map(|_| &p32[..]),
                             };
                             let dp = Dims { len: n, ..d };
                             pieces.push(scan::prefill(&xs, &mut state, &gammas, &w32, mix, 4, dp));
@@ -219,7 +234,7 @@ fn every_token_is_read_once() {
 fn random_layer(
     (h, hkv, d, hidden): (usize, usize, usize, usize),
     kind: crate::config::FeatureKind,
-    mix: Mix,
+    (mix, rule): (Mix, LinearRule),
     dtype: DType,
     var: &mut dyn FnMut(Tensor) -> Tensor,
 ) -> WindowAttention {
@@ -258,6 +273,7 @@ fn random_layer(
         ),
     };
     let mix_logit = w(&[h], 1.0);
+    let delta = (rule == LinearRule::Delta).then(|| w(&[h, f + 1], 0.5));
     // Learned decays: the training form reads θ, the slice forms sigmoid(θ).
     let theta = crate::attention::supra::decay_logits(&Decay::Lightning.gammas(h).unwrap());
     let theta = var(Tensor::new(theta, &dev).unwrap().to_dtype(dtype).unwrap());
@@ -276,6 +292,7 @@ fn random_layer(
         mix,
         feature_dim: f,
         gammas: HeadDecays::Learned(theta),
+        delta,
         chunk_size: 5,
         span: SPAN,
         rope: crate::model::rope::Rope::new(d, 10_000.0, 512, &dev).unwrap(),
@@ -296,7 +313,7 @@ fn layer_forms_agree_and_states_round_trip() {
         FeatureKind::Taylor,
     ]
     .into_iter()
-    .flat_map(|k| [Mix::Shared, Mix::Gated].map(|m| (k, m)))
+    .flat_map(|k| LINEARS.map(|m| (k, m)))
     .flat_map(|(k, m)| [SPAN, CACHE].map(|s| (k, m, s)));
     for (kind, mix, span) in cases {
         for (h, hkv) in [(9, 3), (4, 4)] {
@@ -363,7 +380,7 @@ fn cache_positions_are_streaming_llms_cache() {
         let mut layer = random_layer(
             (4, 2, 8, 16),
             FeatureKind::Relu,
-            Mix::Shared,
+            (Mix::Shared, LinearRule::Add),
             DType::F32,
             &mut |t| t,
         );
@@ -402,7 +419,7 @@ fn state_size_is_constant_in_the_context() {
     let layer = random_layer(
         (4, 2, 8, 16),
         crate::config::FeatureKind::Relu,
-        Mix::Shared,
+        (Mix::Shared, LinearRule::Add),
         DType::F32,
         &mut |t| t,
     );
@@ -432,7 +449,7 @@ fn gradients_match_finite_differences_for_every_new_parameter() {
         FeatureKind::Hedgehog,
         FeatureKind::Taylor,
     ] {
-        for mix in [Mix::Shared, Mix::Gated] {
+        for mix in LINEARS {
             let mut vars = Vec::new();
             let layer = random_layer((4, 2, 4, 8), kind, mix, DType::F64, &mut |t| {
                 let v = Var::from_tensor(&t).unwrap();
@@ -446,7 +463,7 @@ fn gradients_match_finite_differences_for_every_new_parameter() {
                 (y * &r).unwrap().sum_all().unwrap()
             };
             // q, k, v, o, then φ's (relu: q weight, q bias, k weight, k bias; per-head maps: q, k),
-            // then the mix θ, then the decay θ.
+            // then the mix θ, the delta rule's parameters where it has them, then the decay θ.
             let label = format!("{kind:?} {mix:?}");
             for (i, v) in vars.iter().enumerate().skip(4) {
                 check_grad(v, loss, &format!("{label} parameter {i}"));
