@@ -216,6 +216,12 @@ pub fn convert(teacher: &LoadedModel, opts: &ConvertOptions) -> Result<LoadedMod
     if opts.window.is_some_and(|w| w.window == 0) {
         bail!("--window must be at least 1 (the token itself)");
     }
+    if opts
+        .window
+        .is_some_and(|w| w.rule == LinearRule::Delta && w.mix != Mix::Gated)
+    {
+        bail!("--linear-rule delta needs --mix gated: the delta rule's state has no normaliser to share with the window");
+    }
     let d = cfg.head_dim;
     let f = match (opts.feature_map, opts.feature_dim) {
         (FeatureKind::Relu, f) => f.unwrap_or(d),

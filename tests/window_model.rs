@@ -266,7 +266,10 @@ fn branch_controls_and_convert_errors_are_clear() {
         (vec!["--mix-share", "0.1"], "--window"),
         (vec!["--window", "8", "--mix-share", "1"], "(0, 1)"),
         (vec!["--window", "8", "--mix-share", "NaN"], "(0, 1)"),
-        (vec!["--window", "8", "--linear-rule", "delta"], "gated mix"),
+        (
+            vec!["--window", "8", "--linear-rule", "delta"],
+            "needs --mix gated",
+        ),
         (vec!["--linear-rule", "delta"], "--window"),
         (
             vec!["--feature-map", "hedgehog", "--feature-dim", "8"],
