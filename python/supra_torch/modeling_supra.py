@@ -400,8 +400,6 @@ class Attention(nn.Module):
         K, V, FK = self.repeat(k), self.repeat(v), self.repeat(fk)
         n, m = pos[:, None], kpos[None, :]
         exact = (m <= n) & ((m < s) | (m + w > n))
-        # Keys not yet in S: S holds those m ≤ p − 1 − w (what query p − 1 reads linearly).
-        linear = (m >= s) & (m + w <= n) & (m + w > p - 1)
         Kt = K.transpose(-1, -2)
         logits = torch.where(m < s, qs @ Kt, q @ Kt) / math.sqrt(self.d)
         logits = logits.masked_fill(~exact, float("-inf"))
@@ -410,16 +408,19 @@ class Attention(nn.Module):
         e = (logits - c).exp()
         A, a = e @ V, e.sum(-1, keepdim=True)
         g = self.gammas(v)[:, None, None]
-        expo = (n - w - m).clamp(min=0).float()
-        scale = 1 / math.sqrt(self.f)
-        Wl = (fq @ FK.transpose(-1, -2)) * scale * torch.where(linear, g ** expo, torch.zeros((), device=v.device))
-        B, b = Wl @ V, Wl.sum(-1, keepdim=True)
         if self.rule == "delta":
             B = self.delta_steps(fq, FK, V, kpos, pos, st)
-        elif st.S is not None:  # query n reads S with γ^(n − p + 1)
-            r = g ** (pos - p + 1).float()[:, None]
-            B = B + (fq * r) @ st.S * scale
-            b = b + (fq * r) @ st.z[..., None] * scale
+        else:
+            # Keys not yet in S: S holds those m ≤ p − 1 − w (what query p − 1 reads linearly).
+            linear = (m >= s) & (m + w <= n) & (m + w > p - 1)
+            expo = (n - w - m).clamp(min=0).float()
+            scale = 1 / math.sqrt(self.f)
+            Wl = (fq @ FK.transpose(-1, -2)) * scale * torch.where(linear, g ** expo, torch.zeros((), device=v.device))
+            B, b = Wl @ V, Wl.sum(-1, keepdim=True)
+            if st.S is not None:  # query n reads S with γ^(n − p + 1)
+                r = g ** (pos - p + 1).float()[:, None]
+                B = B + (fq * r) @ st.S * scale
+                b = b + (fq * r) @ st.z[..., None] * scale
         # The state after the block: keys m with p − 1 − w < m ≤ p + t − 1 − w enter S.
         last = p + t - 1
         if self.rule == "add":
