@@ -134,6 +134,9 @@ declare -A ROWS=(
   # the same with the additive state, its control.
   [d131-relu-w128-delta-mixlr300-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning --mix gated --linear-rule delta"
   [d131-relu-w128-gated-mixlr300-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning --mix gated"
+  # The freed mix at window 256 (one change against d131-relu-w256-lightning-s2048), before
+  # the long run with it: does its gain at w128 carry over?
+  [d131-relu-w256-mixlr300-s2048]="transfer+distill --feature-map relu --window 256 --decay lightning"
 )
 # Flags beyond the recipe's. The pure linear cell's ablation (one change each against
 # td-relu): every parameter trained instead of LoRA 16 + φ; the transfer target raw instead of
@@ -176,6 +179,7 @@ declare -A TRAIN_FLAGS=(
   [d131-relu-w128-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300"
   [d131-relu-w128-delta-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300"
   [d131-relu-w128-gated-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300"
+  [d131-relu-w256-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300"
 )
 # Continuations: a trained row's final model trained further (distillation from the original
 # teacher, given with --teacher), to separate what longer training windows do for the long
