@@ -136,6 +136,11 @@ pub enum Mix {
     /// Each branch normalised on its own (the window's softmax; the linear branch GroupNorm'd,
     /// as SUPRA does) and blended by a learned per-head gate (as Liger does).
     Gated,
+    /// Gated as [`Mix::Gated`], but the linear branch is the delta rule's answer to the unit
+    /// query φq/‖φq‖ as it is: a key matched exactly recalls its value, at the window's own
+    /// scale, where GroupNorm would lift a state with nothing to say to unit variance. Only
+    /// with the delta rule (the additive state's answer to a unit query is a sum, not a value).
+    Value,
 }
 
 impl Mix {
@@ -143,6 +148,21 @@ impl Mix {
         match self {
             Self::Shared => "shared",
             Self::Gated => "gated",
+            Self::Value => "value",
+        }
+    }
+
+    /// Why this mix cannot go with `rule`, if it cannot: the delta rule's state has no
+    /// normaliser to share with the window, and the value mix reads its answer as a value.
+    pub fn refuses(self, rule: LinearRule) -> Option<&'static str> {
+        match (self, rule) {
+            (Self::Shared, LinearRule::Delta) => {
+                Some("the delta rule needs the gated or value mix: its state has no normaliser to share with the window")
+            }
+            (Self::Value, LinearRule::Add) => {
+                Some("the value mix needs the delta rule: the additive state's answer is a sum, not a value")
+            }
+            _ => None,
         }
     }
 }
@@ -154,7 +174,8 @@ impl std::str::FromStr for Mix {
         match s {
             "shared" => Ok(Self::Shared),
             "gated" => Ok(Self::Gated),
-            other => bail!("unknown mix '{other}' (known: shared, gated)"),
+            "value" => Ok(Self::Value),
+            other => bail!("unknown mix '{other}' (known: shared, gated, value)"),
         }
     }
 }
@@ -168,7 +189,7 @@ pub enum LinearRule {
     Add,
     /// The delta rule: first replace a learned share β of what S holds under the unit key,
     /// so a recalled value is the last one written ([`crate::attention::delta`]). Needs the
-    /// gated mix: its output has no normaliser of its own to share.
+    /// gated or value mix: its output has no normaliser of its own to share.
     Delta,
 }
 
@@ -566,10 +587,8 @@ impl ModelConfig {
                 if s.window.is_some_and(|w| w.window == 0) {
                     bail!("supra.window.window must be at least 1 (the token itself)");
                 }
-                if s.window
-                    .is_some_and(|w| w.rule == LinearRule::Delta && w.mix != Mix::Gated)
-                {
-                    bail!("supra.window: the delta rule needs the gated mix (\"mix\": \"gated\")");
+                if let Some(why) = s.window.and_then(|w| w.mix.refuses(w.rule)) {
+                    bail!("supra.window (mix, rule): {why}");
                 }
                 // Window states are sized by these, and nothing in the file backs them.
                 if let Some(w) = s.window.filter(|w| w.window > 1 << 20 || w.sinks > 1 << 20) {

@@ -46,10 +46,9 @@ pub fn initial_share(feature_map: FeatureKind, mix: Mix) -> f64 {
     match (feature_map, mix) {
         (FeatureKind::Relu, Mix::Shared) => 1e-3,
         (FeatureKind::Hedgehog, Mix::Shared) => 0.5,
-        (FeatureKind::Relu, Mix::Gated) => 1e-3,
-        (FeatureKind::Hedgehog, Mix::Gated) => 1e-3,
+        (FeatureKind::Relu | FeatureKind::Hedgehog, Mix::Gated | Mix::Value) => 1e-3,
         (FeatureKind::Taylor, Mix::Shared) => TAYLOR_SHARED_SHARE,
-        (FeatureKind::Taylor, Mix::Gated) => 1e-3,
+        (FeatureKind::Taylor, Mix::Gated | Mix::Value) => 1e-3,
     }
 }
 
@@ -216,11 +215,14 @@ pub fn convert(teacher: &LoadedModel, opts: &ConvertOptions) -> Result<LoadedMod
     if opts.window.is_some_and(|w| w.window == 0) {
         bail!("--window must be at least 1 (the token itself)");
     }
-    if opts
-        .window
-        .is_some_and(|w| w.rule == LinearRule::Delta && w.mix != Mix::Gated)
-    {
-        bail!("--linear-rule delta needs --mix gated: the delta rule's state has no normaliser to share with the window");
+    if let Some(w) = opts.window {
+        if let Some(why) = w.mix.refuses(w.rule) {
+            bail!(
+                "--mix {} with --linear-rule {}: {why}",
+                w.mix.name(),
+                w.rule.name()
+            );
+        }
     }
     let d = cfg.head_dim;
     let f = match (opts.feature_map, opts.feature_dim) {

@@ -86,6 +86,7 @@ fn config(recipe: Recipe) -> TrainConfig {
         min_window: None,
         gap_weight: 0.0,
         mix_lr_scale: 1.0,
+        beta_lr_scale: 1.0,
     }
 }
 
@@ -1163,6 +1164,70 @@ fn a_given_teacher_is_the_one_distilled_from() {
     assert!(e.contains("does not distil"), "{e}");
 }
 
+/// `--beta-lr-scale K`: the delta rule's write strength β learns K times every other
+/// parameter's rate (recorded in run.json, resumed exactly), and is refused where the model
+/// has no delta rule.
+#[test]
+fn the_write_strength_learns_at_its_own_rate() {
+    let (dir, data, cache) = workspace();
+    let beta = |m: &LoadedModel| -> Vec<f32> {
+        m.weights["model.layers.1.self_attn.window_beta"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let start = beta(&tiny_cell(dir.path(), Cell::WindowDelta));
+    let mut cfg = config(Recipe::Distill);
+    cfg.steps = 6;
+    let train_into = |name: &str, cfg: &TrainConfig, resume, stop| -> PathBuf {
+        let out = dir.path().join(name);
+        let model = tiny_cell(dir.path(), Cell::WindowDelta);
+        run(model, cfg, &data, &out, &cache, resume, stop);
+        out
+    };
+    let moved = |out: &Path| -> f32 {
+        let end = beta(&supra::io::load(&out.join("final")).unwrap());
+        end.iter().zip(&start).map(|(a, b)| (a - b).abs()).sum()
+    };
+    let plain = moved(&train_into("plain", &cfg, false, None));
+    cfg.beta_lr_scale = 100.0;
+    let fast = train_into("fast", &cfg, false, None);
+    train_into("split", &cfg, false, Some(4));
+    let split = train_into("split", &cfg, true, None);
+    for ((s, x), (_, y)) in losses(&fast).iter().zip(&losses(&split)) {
+        assert!((x - y).abs() <= 1e-6, "step {s}: {x} vs {y}");
+    }
+    let (fast_moved, plain) = (moved(&fast), plain);
+    assert!(
+        fast_moved > 20.0 * plain && plain > 0.0,
+        "{fast_moved} vs {plain}"
+    );
+    let recorded = recorded_run(&fast);
+    assert_eq!(
+        recorded["beta_lr_scale"].as_f64(),
+        Some(100.0),
+        "{recorded}"
+    );
+
+    let err = |model, cfg: &TrainConfig, name: &str| {
+        refusal(model, cfg, &data, &dir.path().join(name), &cache)
+    };
+    let e = err(tiny_cell(dir.path(), Cell::WindowRelu), &cfg, "additive");
+    assert!(
+        e.contains("--beta-lr-scale applies to window layers with the delta rule"),
+        "{e}"
+    );
+    for k in [0.0, -1.0, f64::INFINITY] {
+        cfg.beta_lr_scale = k;
+        let e = err(tiny_cell(dir.path(), Cell::WindowDelta), &cfg, "bad");
+        assert!(
+            e.contains(&format!("--beta-lr-scale {k} must be a positive number")),
+            "{e}"
+        );
+    }
+}
+
 /// The cells a recipe can train, on the tiny model (layer 0 stays softmax).
 #[derive(Debug, Clone, Copy)]
 enum Cell {
@@ -1174,6 +1239,8 @@ enum Cell {
     WindowTaylor,
     /// relu, the gated mix and the delta rule.
     WindowDelta,
+    /// relu, the value mix and the delta rule.
+    WindowValue,
 }
 
 fn tiny_cell(dir: &Path, cell: Cell) -> LoadedModel {
@@ -1182,19 +1249,29 @@ fn tiny_cell(dir: &Path, cell: Cell) -> LoadedModel {
     write_tiny_gguf(&p, 21).unwrap();
     let teacher = supra::io::load(&p).unwrap();
     let feature_map = match cell {
-        Cell::SupraRelu | Cell::WindowRelu | Cell::WindowDelta => FeatureKind::Relu,
+        Cell::SupraRelu | Cell::WindowRelu | Cell::WindowDelta | Cell::WindowValue => {
+            FeatureKind::Relu
+        }
         Cell::SupraHedgehog | Cell::WindowHedgehog => FeatureKind::Hedgehog,
         Cell::SupraTaylor | Cell::WindowTaylor => FeatureKind::Taylor,
     };
-    let delta = matches!(cell, Cell::WindowDelta);
+    let delta = matches!(cell, Cell::WindowDelta | Cell::WindowValue);
     let window = matches!(
         cell,
-        Cell::WindowRelu | Cell::WindowHedgehog | Cell::WindowTaylor | Cell::WindowDelta
+        Cell::WindowRelu
+            | Cell::WindowHedgehog
+            | Cell::WindowTaylor
+            | Cell::WindowDelta
+            | Cell::WindowValue
     )
     .then_some(WindowConfig {
         window: 8,
         sinks: 2,
-        mix: if delta { Mix::Gated } else { Mix::Shared },
+        mix: match cell {
+            Cell::WindowDelta => Mix::Gated,
+            Cell::WindowValue => Mix::Value,
+            _ => Mix::Shared,
+        },
         sink_positions: SinkPositions::Cache,
         rule: if delta {
             LinearRule::Delta
@@ -1228,6 +1305,7 @@ fn every_recipe_trains_every_cell() {
         Cell::WindowHedgehog,
         Cell::WindowTaylor,
         Cell::WindowDelta,
+        Cell::WindowValue,
     ] {
         for recipe in Recipe::ALL {
             let mut cfg = config(recipe);

@@ -56,6 +56,7 @@ fn window_models_convert_reload_and_agree_in_every_form() {
         ("hedgehog", "shared", "learnable", "add"),
         ("hedgehog", "gated", "none", "add"),
         ("relu", "gated", "fixed", "delta"),
+        ("hedgehog", "value", "learnable", "delta"),
     ] {
         let out = dir.path().join(format!("{fm}-{mix}-{decay}-{rule}"));
         let flags = [
@@ -268,7 +269,11 @@ fn branch_controls_and_convert_errors_are_clear() {
         (vec!["--window", "8", "--mix-share", "NaN"], "(0, 1)"),
         (
             vec!["--window", "8", "--linear-rule", "delta"],
-            "needs --mix gated",
+            "--mix shared with --linear-rule delta: the delta rule needs the gated or value mix",
+        ),
+        (
+            vec!["--window", "8", "--mix", "value"],
+            "--mix value with --linear-rule add: the value mix needs the delta rule",
         ),
         (vec!["--linear-rule", "delta"], "--window"),
         (
@@ -325,9 +330,16 @@ fn training_reaches_phi_the_mix_and_the_decays() {
         (FeatureKind::Hedgehog, LinearRule::Add),
         (FeatureKind::Taylor, LinearRule::Add),
         (FeatureKind::Relu, LinearRule::Delta),
+        (FeatureKind::Taylor, LinearRule::Delta),
     ] {
         let delta = rule == LinearRule::Delta;
-        let mut opts = window_opts(4, fm, if delta { Mix::Gated } else { Mix::Shared });
+        // The delta rule with each of its mixes.
+        let mix = match (delta, fm) {
+            (false, _) => Mix::Shared,
+            (true, FeatureKind::Relu) => Mix::Gated,
+            (true, _) => Mix::Value,
+        };
+        let mut opts = window_opts(4, fm, mix);
         opts.window.as_mut().unwrap().rule = rule;
         opts.decay = supra::config::Decay::Learnable;
         let m = convert(&teacher, &opts).unwrap();
@@ -441,7 +453,23 @@ fn bad_window_configs_are_clear_errors() {
     let o = edit(&|v| v["supra"]["window"]["rule"] = "multiply".into());
     common::assert_clean_error(&o, &["config.json", "multiply"]);
     let o = edit(&|v| v["supra"]["window"]["rule"] = "delta".into());
-    common::assert_clean_error(&o, &["config.json", "gated mix"]);
+    common::assert_clean_error(
+        &o,
+        &[
+            "config.json",
+            "supra.window",
+            "needs the gated or value mix",
+        ],
+    );
+    let o = edit(&|v| v["supra"]["window"]["mix"] = "value".into());
+    common::assert_clean_error(
+        &o,
+        &[
+            "config.json",
+            "supra.window",
+            "the value mix needs the delta rule",
+        ],
+    );
     // A config from before the option loads with the positions its model had.
     let o = edit(&|v| {
         v["supra"]["window"]

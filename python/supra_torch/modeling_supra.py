@@ -18,9 +18,10 @@ DESIGN.md and the cells' module docs, in the same names as model.safetensors:
            (A + α B) / (a + α b + ε), α = sigmoid(θ), or gated (1 − g) A/a + g GroupNorm(B);
            with `sink_positions` "cache" query n scores the sinks RoPE'd at min(n, s + w − 1),
            as if they sat just before the window (StreamingLLM's cache), not at its own n;
-           with `rule` "delta" (gated only) B is a delta-rule state's answer instead: before
-           query n, key m = n − w enters Z ← γZ + k̂ uᵀ, u = β(v − γ Zᵀ k̂), k̂ = φk/‖φk‖,
-           β = sigmoid(w_h·k̂ + b_h) (window_beta, per head [w_h | b_h]), and B = Zᵀ φq
+           with `rule` "delta" (gated or value mix) B is a delta-rule state's answer instead:
+           before query n, key m = n − w enters Z ← γZ + k̂ uᵀ, u = β(v − γ Zᵀ k̂),
+           k̂ = φk/‖φk‖, β = sigmoid(w_h·k̂ + b_h) (window_beta, per head [w_h | b_h]), and
+           B = Zᵀ φq; mix "value": (1 − g) A/a + g Zᵀ q̂ with q̂ = φq/‖φq‖, not GroupNorm'd
 
 Two forms of each cell, one function: a block of T tokens read against the state left by the
 tokens before it. Training reads a sequence in blocks of `chunk_size` (the chunked form: exact
@@ -94,8 +95,12 @@ class SupraConfig(PretrainedConfig):
             raise ValueError(f"supra.window.sink_positions {window['sink_positions']!r}: absolute or cache")
         if window and window.get("rule", "add") not in ("add", "delta"):
             raise ValueError(f"supra.window.rule {window['rule']!r}: add or delta")
-        if window and window.get("rule", "add") == "delta" and window.get("mix") != "gated":
-            raise ValueError("supra.window: the delta rule needs the gated mix")
+        if window and window.get("mix", "shared") not in ("shared", "gated", "value"):
+            raise ValueError(f"supra.window.mix {window['mix']!r}: shared, gated or value")
+        if window and window.get("rule", "add") == "delta" and window.get("mix") not in ("gated", "value"):
+            raise ValueError("supra.window: the delta rule needs the gated or value mix")
+        if window and window.get("mix") == "value" and window.get("rule", "add") != "delta":
+            raise ValueError("supra.window: the value mix needs the delta rule")
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @classmethod
@@ -409,6 +414,8 @@ class Attention(nn.Module):
         A, a = e @ V, e.sum(-1, keepdim=True)
         g = self.gammas(v)[:, None, None]
         if self.rule == "delta":
+            if self.mix == "value":  # unit queries: a key matched exactly answers its value
+                fq = fq / (fq.pow(2).sum(-1, keepdim=True) + KEY_EPS).sqrt()
             B = self.delta_steps(fq, FK, V, kpos, pos, st)
         else:
             # Keys not yet in S: S holds those m ≤ p − 1 − w (what query p − 1 reads linearly).
@@ -439,7 +446,7 @@ class Attention(nn.Module):
         if self.mix == "shared":
             return (A + mix * B) / (a + mix * b + MIX_EPS)
         window = torch.where(a > 0, A / a.clamp(min=1e-30), torch.zeros((), device=A.device))
-        return (1 - mix) * window + mix * group_norm(B)
+        return (1 - mix) * window + mix * (B if self.mix == "value" else group_norm(B))
 
     def delta_steps(self, fq, FK, V, kpos, pos, st):
         """The delta rule's B for the block's queries, token by token (st.S holds Z, (B, H, d',

@@ -103,10 +103,12 @@ def test_resume_continues_exactly(tiny, tmp_path):
     ["--feature-map", "taylor", "--feature-dim", "10", "--decay", "learnable"],
     ["--window", "4", "--sinks", "1", "--feature-map", "taylor", "--mix-share", "0.01"],
     ["--window", "3", "--sinks", "1", "--mix", "gated", "--linear-rule", "delta", "--mix-share", "0.5"],
+    ["--window", "3", "--sinks", "1", "--mix", "value", "--linear-rule", "delta", "--mix-share", "0.5"],
 ])
 def test_every_cell_variant_equals_supra(tiny, tmp_path, flags):
     """The cells and options beyond the default model's tests (Hedgehog, Taylor, the gated mix, learned
-    and no decay, no sinks, d' ≠ d, sinks at their absolute positions, the delta rule) on the tiny
+    and no decay, no sinks, d' ≠ d, sinks at their absolute positions, the delta rule in the gated and
+    the value mix) on the tiny
     model: f64 log-probs equal supra's, chunked (blocks of 4, crossing the window) and recurrent."""
     out = tmp_path / "model"
     supra("convert", tiny / "teacher", "--out", out, "--chunk-size", "4", *flags)

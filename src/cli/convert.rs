@@ -47,18 +47,21 @@ pub(crate) struct ConvertArgs {
     /// (at positions 0..S; past the teacher's context the window path breaks).
     #[arg(long, default_value = "cache", requires = "window")]
     pub(crate) sink_positions: supra::config::SinkPositions,
-    /// With --window: shared (one normaliser over both branches, LoLCATs) or gated (each
-    /// normalised on its own, the linear one GroupNorm'd, blended by a learned per-head gate).
+    /// With --window: shared (one normaliser over both branches, LoLCATs), gated (each
+    /// normalised on its own, the linear one GroupNorm'd, blended by a learned per-head gate)
+    /// or value (gated, the linear branch the delta rule's answer to a unit query as it is, at
+    /// the values' scale; needs --linear-rule delta).
     #[arg(long, default_value = "shared", requires = "window")]
     pub(crate) mix: supra::config::Mix,
     /// With --window: how the linear state takes in a key leaving the window: add (linear
     /// attention's sum) or delta (the delta rule: replace a learned share β of what the state
-    /// holds under the key first, so it recalls the last value written; needs --mix gated).
+    /// holds under the key first, so it recalls the last value written; needs --mix gated or
+    /// value).
     #[arg(long, default_value = "add", requires = "window")]
     pub(crate) linear_rule: supra::config::LinearRule,
     /// With --window: the linear branch's starting share in each head (α or the gate,
     /// sigmoid(θ); learned in training) [default: 0.001 for relu, 0.5 for hedgehog with the
-    /// shared mix; 0.001 gated: an untrained hybrid then reads as its window alone].
+    /// shared mix; 0.001 gated or value: an untrained hybrid then reads as its window alone].
     #[arg(long, requires = "window")]
     pub(crate) mix_share: Option<f64>,
     /// Layers that keep softmax attention, e.g. 0,15 (a hybrid).

@@ -103,6 +103,11 @@ pub(crate) struct TrainArgs {
     /// learning rate per update, so a short run leaves α where it started [default: 1].
     #[arg(long, value_name = "K")]
     pub(crate) mix_lr_scale: Option<f64>,
+    /// Window models with the delta rule: the write strength β's parameters (β =
+    /// sigmoid(w·k̂ + b) per head) learn K times the learning rate of every other parameter;
+    /// at the presets' rates β stays near its start, 0.5, in a short run [default: 1].
+    #[arg(long, value_name = "K")]
+    pub(crate) beta_lr_scale: Option<f64>,
     /// Number of updates (instead of --tokens).
     #[arg(long)]
     pub(crate) steps: Option<u64>,
@@ -192,6 +197,7 @@ impl TrainArgs {
             min_window: self.min_window,
             gap_weight: self.gap_weight,
             mix_lr_scale: self.mix_lr_scale,
+            beta_lr_scale: self.beta_lr_scale,
             freeze: match &self.freeze {
                 Some(s) => supra::model::params::ParamGroup::parse_list(s)?,
                 None => Vec::new(),

@@ -231,6 +231,7 @@ pub struct Overrides {
     pub min_window: Option<usize>,
     pub gap_weight: Option<f64>,
     pub mix_lr_scale: Option<f64>,
+    pub beta_lr_scale: Option<f64>,
     pub freeze: Vec<ParamGroup>,
 }
 
@@ -394,6 +395,7 @@ impl Preset {
             min_window: o.min_window,
             gap_weight: o.gap_weight.unwrap_or(0.0),
             mix_lr_scale: o.mix_lr_scale.unwrap_or(1.0),
+            beta_lr_scale: o.beta_lr_scale.unwrap_or(1.0),
         })
     }
 }

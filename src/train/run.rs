@@ -9,6 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::config::{AttentionKind, LinearRule};
 use crate::io::LoadedModel;
 use crate::model::llama::Llama;
 use crate::model::params::{self, Param, ParamGroup};
@@ -94,6 +95,11 @@ pub struct TrainConfig {
     /// leaves the linear branch's share where it started.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub mix_lr_scale: f64,
+    /// Window layers with the delta rule: the write strength β's parameters' learning rate
+    /// as a multiple of every other parameter's (as `mix_lr_scale`: at the presets' rates a
+    /// short run leaves β at its start).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub beta_lr_scale: f64,
 }
 
 fn one() -> f64 {
@@ -388,6 +394,22 @@ fn check_settings(cfg: &TrainConfig, model: &LoadedModel) -> Result<()> {
     if cfg.mix_lr_scale != 1.0 && model_window(model).is_none() {
         bail!("--mix-lr-scale applies to models with window layers; this one has none");
     }
+    if !(cfg.beta_lr_scale.is_finite() && cfg.beta_lr_scale > 0.0) {
+        bail!(
+            "--beta-lr-scale {} must be a positive number",
+            cfg.beta_lr_scale
+        );
+    }
+    let delta = model.config.layer_kinds.contains(&AttentionKind::Window)
+        && model
+            .config
+            .supra
+            .as_ref()
+            .and_then(|s| s.window)
+            .is_some_and(|w| w.rule == LinearRule::Delta);
+    if cfg.beta_lr_scale != 1.0 && !delta {
+        bail!("--beta-lr-scale applies to window layers with the delta rule; this model has none");
+    }
     if cfg.gap_weight != 0.0 && !cfg.recipe.distills() {
         bail!(
             "--gap-weight: the {} recipe does not distil (distill and transfer+distill do)",
@@ -610,9 +632,14 @@ impl<'a> Trainer<'a> {
                 weight_decay: cfg.weight_decay,
             },
         );
-        opt.set_lr_scale(|name| match name.ends_with(".window_mix") {
-            true => cfg.mix_lr_scale,
-            false => 1.0,
+        opt.set_lr_scale(|name| {
+            if name.ends_with(".window_mix") {
+                cfg.mix_lr_scale
+            } else if name.ends_with(".window_beta") {
+                cfg.beta_lr_scale
+            } else {
+                1.0
+            }
         });
         let offset = if cfg.recipe.has_transfer_phase() {
             cfg.transfer_steps.min(cfg.steps)

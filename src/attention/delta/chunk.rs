@@ -22,8 +22,9 @@ use anyhow::{ensure, Result};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
-/// k̂ = k / sqrt(‖k‖² + ε) over the last dimension.
-pub fn unit_keys(k: &Tensor) -> Result<Tensor> {
+/// x / sqrt(‖x‖² + ε) over the last dimension ([`super::make_unit`], differentiable): the
+/// unit keys, and the value mix's queries.
+pub fn unit_rows(k: &Tensor) -> Result<Tensor> {
     let norm = (k.sqr()?.sum_keepdim(D::Minus1)? + KEY_EPS)?.sqrt()?;
     Ok(k.broadcast_div(&norm)?)
 }
@@ -63,7 +64,7 @@ pub fn chunked(
         decays.heads()?
     );
     let (dtype, dev) = (q.dtype(), q.device());
-    let unit = repeat_kv(&unit_keys(k)?, h)?;
+    let unit = repeat_kv(&unit_rows(k)?, h)?;
     let beta = betas(&unit, params)?;
     let v = repeat_kv(v, h)?;
     let mut z = Tensor::zeros((b, h, f, dv), dtype, dev)?;

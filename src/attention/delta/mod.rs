@@ -17,7 +17,8 @@
 //!
 //! β reads the key itself, so a window layer can take it from the key features it keeps anyway
 //! and its state gains nothing per token. The output is not normalised here: a window layer's
-//! gated mix GroupNorms it, as it does the additive branch.
+//! gated mix GroupNorms it, as it does the additive branch; its value mix asks with unit
+//! queries instead ([`make_unit`]), so a key matched exactly answers with its value.
 //!
 //! Forms side by side: [`naive`] (the recurrence in f64), [`chunk`] (training: the WY form per
 //! chunk, differentiable), [`scan`] (the recurrence on f32 slices, prefill and step).
@@ -26,8 +27,21 @@ pub mod chunk;
 pub mod naive;
 pub mod scan;
 
+use candle_core::WithDType;
+
 /// ε under ‖φk‖² of the unit key.
 pub const KEY_EPS: f64 = 1e-12;
+
+/// Rows of `width` made unit in place, x / sqrt(‖x‖² + ε) (summed in f64): the rule's keys,
+/// and the value mix's queries.
+pub fn make_unit<T: WithDType>(rows: &mut [T], width: usize) {
+    for row in rows.chunks_exact_mut(width) {
+        let sq: f64 = row.iter().map(|x| x.to_f64() * x.to_f64()).sum();
+        let norm = (sq + KEY_EPS).sqrt();
+        row.iter_mut()
+            .for_each(|x| *x = T::from_f64(x.to_f64() / norm));
+    }
+}
 
 /// The write strength's starting value, sigmoid(b_h) with w_h = 0: half of what the state held
 /// under a key is replaced.

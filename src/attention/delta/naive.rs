@@ -1,6 +1,6 @@
 //! The definition, literally, in f64: the reference the other forms are tested against.
 
-use super::KEY_EPS;
+use super::make_unit;
 use crate::attention::supra::Dims;
 
 /// q (B, H, T, d'), k (B, H_kv, T, d') the key features (not yet unit), v (B, H_kv, T, d_v);
@@ -16,9 +16,8 @@ pub fn naive(q: &[f64], k: &[f64], v: &[f64], params: &[f64], gammas: &[f64], d:
             // Z as f rows of d_v.
             let mut z = vec![0.0; f * dv];
             for n in 0..t {
-                let key = &k[(bg * t + n) * f..][..f];
-                let norm = (key.iter().map(|x| x * x).sum::<f64>() + KEY_EPS).sqrt();
-                let unit: Vec<f64> = key.iter().map(|x| x / norm).collect();
+                let mut unit = k[(bg * t + n) * f..][..f].to_vec();
+                make_unit(&mut unit, f);
                 let logit = unit.iter().zip(w).map(|(a, b)| a * b).sum::<f64>() + bias;
                 let beta = 1.0 / (1.0 + (-logit).exp());
                 let value = &v[(bg * t + n) * dv..][..dv];

@@ -3,7 +3,7 @@
 //! it; each token costs three d' × d_v passes over the state (read, write, answer), where the
 //! additive state's costs two.
 
-use super::KEY_EPS;
+use super::make_unit;
 use crate::attention::kv_head;
 use crate::attention::supra::Dims;
 use rayon::prelude::*;
@@ -38,9 +38,8 @@ pub fn scan(
         let g = gammas[h] as f32;
         let (mut unit, mut u) = (vec![0f32; f], vec![0f32; dv]);
         for n in 0..t {
-            let key = &k[(bg * t + n) * f..][..f];
-            let norm = (key.iter().map(|x| x * x).sum::<f32>() + KEY_EPS as f32).sqrt();
-            unit.iter_mut().zip(key).for_each(|(u, x)| *u = x / norm);
+            unit.copy_from_slice(&k[(bg * t + n) * f..][..f]);
+            make_unit(&mut unit, f);
             let logit = unit.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() + bias;
             let beta = 1.0 / (1.0 + (-logit).exp());
             // u = β (v − γ Zᵀ k̂).

@@ -8,7 +8,7 @@
 use super::{fused, Span, EPS};
 use crate::attention::supra::{group_norm::group_norm, training_sums, HeadDecays};
 use crate::attention::{delta, repeat_kv};
-use crate::config::Mix;
+use crate::config::{LinearRule, Mix};
 use crate::model::rope::Rotation;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
@@ -29,7 +29,8 @@ fn shifted(x: &Tensor, span: Span) -> Result<Tensor> {
 /// q (B, H, T, d), k and v (B, H_kv, T, d) RoPE'd as the teacher's, `sinks` the turn of q
 /// into the queries that score the sinks (none: q scores them); φq (B, H, T, d') and φk
 /// (B, H_kv, T, d'); `weights` (1, H, 1, 1) the mix (α or g), with the delta rule's
-/// parameters (H, d' + 1) where the state follows it (gated mix only). Returns y (B, H, T, d).
+/// parameters (H, d' + 1) where the state follows it (gated or value mix only). Returns y
+/// (B, H, T, d).
 pub fn chunked(
     ((q, k, v), sinks): ((&Tensor, &Tensor, &Tensor), Option<&Rotation>),
     (fq, fk): (&Tensor, &Tensor),
@@ -40,25 +41,30 @@ pub fn chunked(
     chunk: usize,
 ) -> Result<Tensor> {
     let (b, hkv, t, d) = k.dims4()?;
+    let rule = match delta {
+        Some(_) => LinearRule::Delta,
+        None => LinearRule::Add,
+    };
+    if let Some(why) = mix.refuses(rule) {
+        bail!("window layer: {why}");
+    }
     // The linear branch: B and, for the shared normaliser, b as one more value column of ones.
-    let lin = match (mix, delta) {
-        (Mix::Gated, Some(params)) => delta::chunk::chunked(
-            fq,
-            &shifted(fk, span)?,
-            &shifted(v, span)?,
-            params,
-            decays,
-            chunk,
-        )?,
-        (Mix::Shared, Some(_)) => bail!("the delta rule needs the gated mix"),
-        (Mix::Shared, None) => {
+    let (fk_out, v_out) = (&shifted(fk, span)?, &shifted(v, span)?);
+    let lin = match delta {
+        Some(params) => {
+            // The value mix asks with unit queries: a key matched exactly answers its value.
+            let fq = match mix {
+                Mix::Value => delta::chunk::unit_rows(fq)?,
+                _ => fq.clone(),
+            };
+            delta::chunk::chunked(&fq, fk_out, v_out, params, decays, chunk)?
+        }
+        None if mix == Mix::Shared => {
             let ones = Tensor::ones((b, hkv, t, 1), v.dtype(), v.device())?;
-            let v1 = Tensor::cat(&[v, &ones], 3)?;
-            training_sums(fq, &shifted(fk, span)?, &shifted(&v1, span)?, decays, chunk)?
+            let v1 = Tensor::cat(&[v_out, &ones], 3)?;
+            training_sums(fq, fk_out, &v1, decays, chunk)?
         }
-        (Mix::Gated, None) => {
-            training_sums(fq, &shifted(fk, span)?, &shifted(v, span)?, decays, chunk)?
-        }
+        None => training_sums(fq, fk_out, v_out, decays, chunk)?,
     };
     let ex = exact_sums(((q, k, v), sinks), span, chunk)?;
     let (big_a, a) = (ex.narrow(3, 0, d)?, ex.narrow(3, d, 1)?);
@@ -69,12 +75,16 @@ pub fn chunked(
             let den = ((a + lb.broadcast_mul(weights)?)? + EPS)?;
             num.broadcast_div(&den)?
         }
-        Mix::Gated => {
+        Mix::Gated | Mix::Value => {
             // a ≥ 1 wherever a key is allowed (its largest term is exp(0)); the tiny addend
             // only turns rows with none into 0 rather than 0/0.
             let win = big_a.broadcast_div(&(a + 1e-30)?)?;
             let keep = weights.affine(-1.0, 1.0)?;
-            (win.broadcast_mul(&keep)? + group_norm(&lin)?.broadcast_mul(weights)?)?
+            let lin = match mix {
+                Mix::Value => lin,
+                _ => group_norm(&lin)?,
+            };
+            (win.broadcast_mul(&keep)? + lin.broadcast_mul(weights)?)?
         }
     })
 }

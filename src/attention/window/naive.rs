@@ -10,15 +10,18 @@
 //! B = Σ_{L} γ^(n−w−m) (φq_n·φk_m/√d') v_m     b = Σ_{L} γ^(n−w−m) φq_n·φk_m/√d'
 //! shared: y = (A + α B) / (a + α b + ε)
 //! gated:  y = (1 − g) A/a + g GroupNorm(B)      (A/a = 0 when E(n) is empty)
+//! value:  y = (1 − g) A/a + g B
 //! ```
 //!
-//! With the delta rule (gated only), B is the delta state's answer to φq_n after it took in the
-//! keys of L(n) in order, key m at step m + w ([`crate::attention::delta::naive`]).
+//! With the delta rule (gated or value mix), B is the delta state's answer to φq_n (the value
+//! mix: to the unit φq_n/‖φq_n‖) after it took in the keys of L(n) in order, key m at step
+//! m + w ([`crate::attention::delta::naive`]).
 
 use super::{Span, EPS};
+use crate::attention::delta::{self, make_unit};
 use crate::attention::supra::naive::group_norm;
 use crate::attention::supra::{group_norm::EPS as GN_EPS, Dims};
-use crate::config::Mix;
+use crate::config::{LinearRule, Mix};
 
 /// One call's inputs: q (B, H, T, d), k and v (B, H_kv, T, d) RoPE'd as the teacher's;
 /// q̃ (B, H, T, d), the queries the sinks' logits read (q RoPE'd at
@@ -41,10 +44,11 @@ pub struct Inputs<'a> {
 pub fn naive(x: &Inputs, span: Span, mix: Mix, d: Dims) -> Vec<f64> {
     let (t, f, dv) = (d.len, d.feature_dim, d.value_dim);
     let mut out = vec![0.0; d.batch * d.heads * t * dv];
-    assert!(
-        x.delta.is_none() || mix == Mix::Gated,
-        "the delta rule mixes gated"
-    );
+    let rule = match x.delta {
+        Some(_) => LinearRule::Delta,
+        None => LinearRule::Add,
+    };
+    assert!(mix.refuses(rule).is_none(), "{mix:?} mix, {rule:?} rule");
     // The delta rule's B for every token at once: step n takes in key n − w when it is past
     // the sinks (no key otherwise).
     let delta = x.delta.map(|params| {
@@ -59,7 +63,11 @@ pub fn naive(x: &Inputs, span: Span, mix: Mix, d: Dims) -> Vec<f64> {
             s
         };
         let (fk, v) = (shift(x.fk, f), shift(x.v, dv));
-        crate::attention::delta::naive::naive(x.fq, &fk, &v, params, x.gammas, d)
+        let mut fq = x.fq.to_vec();
+        if mix == Mix::Value {
+            make_unit(&mut fq, f);
+        }
+        delta::naive::naive(&fq, &fk, &v, params, x.gammas, d)
     });
     for b in 0..d.batch {
         for h in 0..d.heads {
@@ -111,8 +119,11 @@ pub fn naive(x: &Inputs, span: Span, mix: Mix, d: Dims) -> Vec<f64> {
                             *y = (p + wgt * q) / den;
                         }
                     }
-                    Mix::Gated => {
-                        let norm = group_norm(&big_b, dv, GN_EPS);
+                    Mix::Gated | Mix::Value => {
+                        let norm = match mix {
+                            Mix::Value => big_b,
+                            _ => group_norm(&big_b, dv, GN_EPS),
+                        };
                         for ((y, p), q) in y.iter_mut().zip(&big_a).zip(&norm) {
                             let win = if a > 0.0 { p / a } else { 0.0 };
                             *y = (1.0 - wgt) * win + wgt * q;

@@ -6,7 +6,7 @@
 //! more value column of ones.
 
 use super::{Span, EPS};
-use crate::attention::delta::scan::scan as delta_scan;
+use crate::attention::delta::{make_unit, scan::scan as delta_scan};
 use crate::attention::softmax::exp_shifted;
 use crate::attention::supra::{group_norm::normalize_rows, scan::scan as linear_scan, Dims};
 use crate::config::{LinearRule, Mix};
@@ -199,7 +199,7 @@ pub fn prefill(
             && x.fq.len() == nb * nh * t * f
             && x.fk.len() == nb * nkv * t * f
             && (x.delta.is_some() == (sd.rule == LinearRule::Delta))
-            && (x.delta.is_none() || mix == Mix::Gated),
+            && mix.refuses(sd.rule).is_none(),
         "window prefill: operands do not match {d:?}"
     );
     let p = state.len;
@@ -243,7 +243,19 @@ pub fn prefill(
         }
         let dims = Dims { value_dim: lw, ..d };
         lin = match x.delta {
-            Some(params) => delta_scan(x.fq, &ks, &vs, params, &mut state.linear, gammas, dims),
+            Some(params) => {
+                // The value mix asks with unit queries: a key matched exactly answers its value.
+                let mut unit;
+                let fq = match mix {
+                    Mix::Value => {
+                        unit = x.fq.to_vec();
+                        make_unit(&mut unit, f);
+                        &unit[..]
+                    }
+                    _ => x.fq,
+                };
+                delta_scan(fq, &ks, &vs, params, &mut state.linear, gammas, dims)
+            }
             None => linear_scan(x.fq, &ks, &vs, &mut state.linear, gammas, chunk, dims),
         };
     }
@@ -345,7 +357,7 @@ pub fn prefill(
                     let den = a + EPS as f32;
                     y.iter_mut().for_each(|y| *y /= den);
                 }
-                (Mix::Gated, None) => {
+                (Mix::Gated | Mix::Value, None) => {
                     let den = a + 1e-30;
                     y.iter_mut().for_each(|y| *y = (1.0 - w) * *y / den);
                 }
@@ -355,9 +367,11 @@ pub fn prefill(
                         .zip(&l[..dv])
                         .for_each(|(y, q)| *y = (*y + w * q) / den);
                 }
-                (Mix::Gated, Some(l)) => {
+                (Mix::Gated | Mix::Value, Some(l)) => {
                     let mut norm = l[..dv].to_vec();
-                    normalize_rows(&mut norm, dv);
+                    if mix == Mix::Gated {
+                        normalize_rows(&mut norm, dv);
+                    }
                     let den = a + 1e-30;
                     y.iter_mut()
                         .zip(&norm)

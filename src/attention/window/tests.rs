@@ -72,12 +72,13 @@ fn settings(h: usize) -> Vec<(Vec<f64>, Span, &'static str)> {
     ]
 }
 
-/// The ways a layer combines its branches: both mixes with the additive state, the gated mix
-/// with the delta rule's.
-const LINEARS: [(Mix, LinearRule); 3] = [
+/// The ways a layer combines its branches: both mixes with the additive state, the gated and
+/// the value mix with the delta rule's.
+const LINEARS: [(Mix, LinearRule); 4] = [
     (Mix::Shared, LinearRule::Add),
     (Mix::Gated, LinearRule::Add),
     (Mix::Gated, LinearRule::Delta),
+    (Mix::Value, LinearRule::Delta),
 ];
 
 /// [`SPAN`] with the sinks at their cache positions: the forms read q̃ for them.
@@ -205,6 +206,64 @@ fn forms_agree_with_the_definition() {
                 }
             }
         }
+    }
+}
+
+/// The value mix's point: a key that left the window, asked for with its own direction at
+/// any scale, answers with the last value written under it, as it is (one-hot key features of
+/// random size, β → 1, no decay, the gate fully open). The gated mix GroupNorms the same
+/// answer, so it cannot.
+#[test]
+fn the_value_mix_recalls_a_value_as_it_was_written() {
+    let (f, t, span) = (6, 14, Span::absolute(2, 0));
+    let d = Dims {
+        batch: 1,
+        heads: 1,
+        kv_heads: 1,
+        len: t,
+        feature_dim: f,
+        value_dim: 8,
+    };
+    let [q, k, v, _, _] = inputs(d);
+    // Values far from zero mean and unit variance, which GroupNorm would bring them to.
+    let v = v.affine(3.0, 2.0).unwrap();
+    // Key m has feature m mod f; the last query reads keys 0..=11, so feature j last held 6 + j.
+    let one_hot = |scale: &dyn Fn(usize) -> f64, feature: &dyn Fn(usize) -> usize| {
+        let rows: Vec<f64> = (0..t)
+            .flat_map(|n| (0..f).map(move |i| if i == feature(n) { scale(n) } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(rows, (1, 1, t, f), &Device::Cpu).unwrap()
+    };
+    let fk = one_hot(&|n| 0.5 + n as f64, &|n| n % f);
+    let params = Tensor::from_vec(
+        [vec![0.0; f], vec![40.0]].concat(),
+        (1, f + 1),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (gate, decays) = (
+        Tensor::ones((1, 1, 1, 1), DType::F64, &Device::Cpu).unwrap(),
+        HeadDecays::Fixed(vec![1.0]),
+    );
+    let vf = flat(&v);
+    for j in 0..f {
+        let fq = one_hot(&|_| 3.7, &|_| j);
+        let y = |mix| {
+            let y = chunk::chunked(
+                ((&q, &k, &v), None),
+                (&fq, &fk),
+                (&gate, Some(&params)),
+                &decays,
+                span,
+                mix,
+                4,
+            )
+            .unwrap();
+            flat(&y)[(t - 1) * 8..].to_vec()
+        };
+        let want = &vf[(6 + j) * 8..][..8];
+        assert!(rel_err(&y(Mix::Value), want) < 1e-9, "feature {j}");
+        assert!(rel_err(&y(Mix::Gated), want) > 0.1, "feature {j}, gated");
     }
 }
 
