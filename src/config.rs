@@ -201,6 +201,14 @@ impl LinearRule {
         }
     }
 
+    /// The rule a layer follows from its delta parameters (present: the delta rule).
+    pub fn of<T>(delta_params: Option<T>) -> Self {
+        match delta_params {
+            Some(_) => Self::Delta,
+            None => Self::Add,
+        }
+    }
+
     fn is_add(&self) -> bool {
         *self == Self::Add
     }

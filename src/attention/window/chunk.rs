@@ -41,11 +41,7 @@ pub fn chunked(
     chunk: usize,
 ) -> Result<Tensor> {
     let (b, hkv, t, d) = k.dims4()?;
-    let rule = match delta {
-        Some(_) => LinearRule::Delta,
-        None => LinearRule::Add,
-    };
-    if let Some(why) = mix.refuses(rule) {
+    if let Some(why) = mix.refuses(LinearRule::of(delta)) {
         bail!("window layer: {why}");
     }
     // The linear branch: B and, for the shared normaliser, b as one more value column of ones.

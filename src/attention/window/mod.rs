@@ -176,10 +176,7 @@ impl WindowAttention {
     }
 
     pub fn rule(&self) -> LinearRule {
-        match self.delta {
-            Some(_) => LinearRule::Delta,
-            None => LinearRule::Add,
-        }
+        LinearRule::of(self.delta.as_ref())
     }
 
     /// The span the branches setting runs: the layer's, or none for the linear branch alone.

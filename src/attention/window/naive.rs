@@ -44,10 +44,7 @@ pub struct Inputs<'a> {
 pub fn naive(x: &Inputs, span: Span, mix: Mix, d: Dims) -> Vec<f64> {
     let (t, f, dv) = (d.len, d.feature_dim, d.value_dim);
     let mut out = vec![0.0; d.batch * d.heads * t * dv];
-    let rule = match x.delta {
-        Some(_) => LinearRule::Delta,
-        None => LinearRule::Add,
-    };
+    let rule = LinearRule::of(x.delta);
     assert!(mix.refuses(rule).is_none(), "{mix:?} mix, {rule:?} rule");
     // The delta rule's B for every token at once: step n takes in key n − w when it is past
     // the sinks (no key otherwise).
