@@ -135,7 +135,8 @@ declare -A ROWS=(
   [d131-relu-w128-delta-mixlr300-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning --mix gated --linear-rule delta"
   [d131-relu-w128-gated-mixlr300-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning --mix gated"
   [d131-relu-w128-value-mixlr300-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning --mix value --linear-rule delta"
-  [d131-relu-w128-value-beta300-mixlr300-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning --mix value --linear-rule delta"
+  [d131-relu-w128-delta-beta300-mixlr300-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning --mix gated --linear-rule delta"
+  [d131-relu-w128-delta-beta300-nodecay-mixlr300-s2048]="transfer+distill --feature-map relu --window 128 --decay none --mix gated --linear-rule delta"
   # The freed mix at window 256 (one change against d131-relu-w256-lightning-s2048), before
   # the long run with it: does its gain at w128 carry over?
   [d131-relu-w256-mixlr300-s2048]="transfer+distill --feature-map relu --window 256 --decay lightning"
@@ -182,7 +183,8 @@ declare -A TRAIN_FLAGS=(
   [d131-relu-w128-delta-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300"
   [d131-relu-w128-gated-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300"
   [d131-relu-w128-value-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300"
-  [d131-relu-w128-value-beta300-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300 --beta-lr-scale 300"
+  [d131-relu-w128-delta-beta300-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300 --beta-lr-scale 300"
+  [d131-relu-w128-delta-beta300-nodecay-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300 --beta-lr-scale 300"
   [d131-relu-w256-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300"
 )
 # Continuations: a trained row's final model trained further (distillation from the original
