@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::config::{AttentionKind, LinearRule};
+use crate::config::{AttentionKind, LinearRule, WindowConfig};
 use crate::io::LoadedModel;
 use crate::model::llama::Llama;
 use crate::model::params::{self, Param, ParamGroup};
@@ -378,36 +378,26 @@ fn check_settings(cfg: &TrainConfig, model: &LoadedModel) -> Result<()> {
         );
     }
     if let Some(min) = cfg.min_window {
-        let Some(w) = model_window(model) else {
+        let Some(w) = model_window(model).map(|w| w.window) else {
             bail!("--min-window applies to models with window layers; this one has none");
         };
         if min == 0 || min > w {
             bail!("--min-window {min} must be between 1 and the model's window, {w}");
         }
     }
-    if !(cfg.mix_lr_scale.is_finite() && cfg.mix_lr_scale > 0.0) {
-        bail!(
-            "--mix-lr-scale {} must be a positive number",
-            cfg.mix_lr_scale
-        );
+    for (flag, k) in [
+        ("--mix-lr-scale", cfg.mix_lr_scale),
+        ("--beta-lr-scale", cfg.beta_lr_scale),
+    ] {
+        if !(k.is_finite() && k > 0.0) {
+            bail!("{flag} {k} must be a positive number");
+        }
     }
-    if cfg.mix_lr_scale != 1.0 && model_window(model).is_none() {
+    let window = model_window(model);
+    if cfg.mix_lr_scale != 1.0 && window.is_none() {
         bail!("--mix-lr-scale applies to models with window layers; this one has none");
     }
-    if !(cfg.beta_lr_scale.is_finite() && cfg.beta_lr_scale > 0.0) {
-        bail!(
-            "--beta-lr-scale {} must be a positive number",
-            cfg.beta_lr_scale
-        );
-    }
-    let delta = model.config.layer_kinds.contains(&AttentionKind::Window)
-        && model
-            .config
-            .supra
-            .as_ref()
-            .and_then(|s| s.window)
-            .is_some_and(|w| w.rule == LinearRule::Delta);
-    if cfg.beta_lr_scale != 1.0 && !delta {
+    if cfg.beta_lr_scale != 1.0 && window.is_none_or(|w| w.rule != LinearRule::Delta) {
         bail!("--beta-lr-scale applies to window layers with the delta rule; this model has none");
     }
     if cfg.gap_weight != 0.0 && !cfg.recipe.distills() {
@@ -419,12 +409,12 @@ fn check_settings(cfg: &TrainConfig, model: &LoadedModel) -> Result<()> {
     Ok(())
 }
 
-/// The window of the model's window layers, if it has any.
-fn model_window(model: &LoadedModel) -> Option<usize> {
+/// The settings of the model's window layers, if it has any.
+fn model_window(model: &LoadedModel) -> Option<WindowConfig> {
     let c = &model.config;
     c.layer_kinds
-        .contains(&crate::config::AttentionKind::Window)
-        .then(|| c.supra.as_ref()?.window.map(|w| w.window))
+        .contains(&AttentionKind::Window)
+        .then(|| c.supra.as_ref()?.window)
         .flatten()
 }
 
@@ -674,7 +664,7 @@ impl<'a> Trainer<'a> {
                 total_steps: cfg.steps - offset,
             },
             offset,
-            full_window: model_window(model),
+            full_window: model_window(model).map(|w| w.window),
         })
     }
 
