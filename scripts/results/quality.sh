@@ -83,6 +83,9 @@ declare -A ROWS=(
   # The bounded-state long run after the window and decay rows: window 256, lightning decay,
   # 2,048-token training windows throughout.
   [long-td-relu-w256-s2048]="transfer+distill --feature-map relu --window 256"
+  # The bounded-state long run's second candidate: the window-128 recipe whose state carried
+  # the most at 131,072 tokens (d131-relu-w128-delta-beta300-nodecay-mixlr300-s2048).
+  [long-td-relu-w128-delta-nodecay-s2048]="transfer+distill --feature-map relu --window 128 --decay none --mix gated --linear-rule delta"
   # The pure linear long run's 1,048,576 tokens continued by as many again (2.79× at 262,144
   # tokens, 1.92× at 1,048,576, its validation KL still falling at the end).
   [long-td-relu-all-more1M]="distill --feature-map relu"
@@ -137,6 +140,10 @@ declare -A ROWS=(
   [d131-relu-w128-value-mixlr300-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning --mix value --linear-rule delta"
   [d131-relu-w128-delta-beta300-mixlr300-s2048]="transfer+distill --feature-map relu --window 128 --decay lightning --mix gated --linear-rule delta"
   [d131-relu-w128-delta-beta300-nodecay-mixlr300-s2048]="transfer+distill --feature-map relu --window 128 --decay none --mix gated --linear-rule delta"
+  # The no-decay delta row's recipe at window 256 (one change: the window), and at window 128
+  # with its gate started ten times wider (one change: --mix-share 0.01).
+  [d131-relu-w256-delta-beta300-nodecay-mixlr300-s2048]="transfer+distill --feature-map relu --window 256 --decay none --mix gated --linear-rule delta"
+  [d131-relu-w128-delta-beta300-nodecay-share01-mixlr300-s2048]="transfer+distill --feature-map relu --window 128 --decay none --mix gated --linear-rule delta --mix-share 0.01"
   # The freed mix at window 256 (one change against d131-relu-w256-lightning-s2048), before
   # the long run with it: does its gain at w128 carry over?
   [d131-relu-w256-mixlr300-s2048]="transfer+distill --feature-map relu --window 256 --decay lightning"
@@ -159,6 +166,7 @@ declare -A TRAIN_FLAGS=(
   [long-td-relu]="--tokens 1048576 --transfer-tokens 131072"
   [long-td-relu-all]="--tokens 1048576 --transfer-tokens 131072 --train all"
   [long-td-relu-w256-s2048]="--tokens 1048576 --transfer-tokens 131072 --seq-len 2048"
+  [long-td-relu-w128-delta-nodecay-s2048]="--tokens 1048576 --transfer-tokens 131072 --seq-len 2048 --mix-lr-scale 300 --beta-lr-scale 300"
   [long-td-relu-all-more1M]="--tokens 1048576 --train all"
   [long-td-relu-w64-more512]="--tokens 131072 --seq-len 512"
   [long-td-relu-w64-more2048]="--tokens 131072 --seq-len 2048"
@@ -185,6 +193,8 @@ declare -A TRAIN_FLAGS=(
   [d131-relu-w128-value-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300"
   [d131-relu-w128-delta-beta300-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300 --beta-lr-scale 300"
   [d131-relu-w128-delta-beta300-nodecay-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300 --beta-lr-scale 300"
+  [d131-relu-w256-delta-beta300-nodecay-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300 --beta-lr-scale 300"
+  [d131-relu-w128-delta-beta300-nodecay-share01-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300 --beta-lr-scale 300"
   [d131-relu-w256-mixlr300-s2048]="--tokens 131072 --seq-len 2048 --mix-lr-scale 300"
 )
 # Continuations: a trained row's final model trained further (distillation from the original
