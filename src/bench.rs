@@ -159,13 +159,64 @@ pub fn attention(
         rope: crate::model::rope::Rope::new(d, 100_000.0, seq, &dev)?,
     };
     let x = Tensor::randn(0f32, 1.0, (1, seq, hidden), &dev)?;
-    let r = Tensor::randn(0f32, 1.0, (1, seq, hidden), &dev)?;
+    time_forward_backward(repeats, || {
+        layer.forward(&x, 0, None, crate::attention::Exec::Train)
+    })
+}
+
+/// Forward and backward of the delta rule's training form with SmolLM2-135M's shapes (9 query
+/// and 3 key/value heads, d' = d_v = 64, chunks of 64, the lightning decays) on `seq` tokens,
+/// composed from candle ops or `fused`; median of `repeats` runs.
+pub fn delta_rule(seq: usize, fused: bool, repeats: usize) -> Result<AttentionBench> {
+    use crate::attention::delta;
+    use crate::attention::supra::{Decay, HeadDecays};
+    use candle_core::{Device, Tensor, Var};
+    let dev = Device::Cpu;
+    let (h, hkv, d) = (9, 3, 64);
+    let var = |shape: &[usize]| -> Result<Var> {
+        Ok(Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?)?)
+    };
+    let (q, v, params) = (
+        var(&[1, h, seq, d])?,
+        var(&[1, hkv, seq, d])?,
+        var(&[h, d + 1])?,
+    );
+    // Key features as a ReLU map gives them.
+    let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, hkv, seq, d), &dev)?.relu()?)?;
+    let gammas = Decay::Lightning.gammas(h)?;
+    let decays = HeadDecays::Fixed(gammas.clone());
+    let (q, k, v, p) = (
+        q.as_tensor(),
+        k.as_tensor(),
+        v.as_tensor(),
+        params.as_tensor(),
+    );
+    time_forward_backward(repeats, || {
+        Ok(if fused {
+            delta::fused::chunked(q, k, v, p, &gammas, 64)?
+        } else {
+            delta::chunk::chunked(q, k, v, p, &decays, 64)?
+        })
+    })
+}
+
+/// Median times of `forward` (the loss Σ out ⊙ r, r fixed) and of its backward, and the peak
+/// RSS over all the runs.
+fn time_forward_backward(
+    repeats: usize,
+    forward: impl Fn() -> Result<candle_core::Tensor>,
+) -> Result<AttentionBench> {
     reset_peak_rss();
-    let mut fwd = Vec::new();
-    let mut bwd = Vec::new();
+    let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+    let mut r = None;
     for _ in 0..repeats {
         let t0 = std::time::Instant::now();
-        let loss = (layer.forward(&x, 0, None, crate::attention::Exec::Train)? * &r)?.sum_all()?;
+        let out = forward()?;
+        let r = match &r {
+            Some(r) => r,
+            None => r.insert(out.randn_like(0.0, 1.0)?),
+        };
+        let loss = (out * r)?.sum_all()?;
         let _ = loss.to_scalar::<f32>()?;
         fwd.push(t0.elapsed());
         let t1 = std::time::Instant::now();

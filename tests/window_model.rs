@@ -486,6 +486,40 @@ fn bad_window_configs_are_clear_errors() {
     );
 }
 
+/// `supra bench attention --rule delta`: one row for each of the delta rule's training forms;
+/// an unknown rule and zero repeats are refused.
+#[test]
+fn bench_attention_times_both_delta_forms() {
+    let out = common::supra(&[
+        "bench",
+        "attention",
+        "--rule",
+        "delta",
+        "--seq",
+        "128",
+        "--repeats",
+        "1",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for form in ["| delta, fused | 128 |", "| delta, composed | 128 |"] {
+        assert!(text.contains(form), "{form} missing from:\n{text}");
+    }
+    let bad = common::supra(&["bench", "attention", "--rule", "mult"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("known: add, delta"),
+        "{err}"
+    );
+    let none = common::supra(&["bench", "attention", "--rule", "delta", "--repeats", "0"]);
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert!(!none.status.success() && err.contains("--repeats"), "{err}");
+}
+
 /// `supra bench infer` on a window hybrid: one row per context, each decode rate paired with
 /// the first context's at the same moment, and the state the same size at every context.
 #[test]

@@ -15,7 +15,8 @@ use super::parse_tokens;
 #[derive(Subcommand)]
 pub(crate) enum BenchCommand {
     /// One SUPRA layer (SmolLM2-135M shapes) forward + backward: parallel vs chunked form,
-    /// time and peak memory.
+    /// time and peak memory; or, with --rule delta, the delta rule's training form composed
+    /// from candle ops vs its fused op.
     Attention {
         /// Sequence length.
         #[arg(long, default_value_t = 2048)]
@@ -23,6 +24,10 @@ pub(crate) enum BenchCommand {
         /// Runs per form; the median is reported.
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// add: the SUPRA layer (its additive state); delta: the delta rule's chunked form
+        /// alone (9 query, 3 key/value heads, d' = d_v = 64, chunks of 64).
+        #[arg(long, default_value = "add")]
+        rule: supra::config::LinearRule,
     },
     /// Training throughput of each recipe on a converted model: tokens/s, the split between
     /// forward, backward and optimizer, and achieved GFLOP/s against this machine's matmul peak.
@@ -291,7 +296,7 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
             csv,
             png,
         ),
-        BenchCommand::Attention { seq, repeats } => attention(seq, repeats),
+        BenchCommand::Attention { seq, repeats, rule } => attention(seq, repeats, rule),
     }
 }
 
@@ -566,23 +571,37 @@ fn train(
     Ok(())
 }
 
-fn attention(seq: usize, repeats: usize) -> Result<()> {
-    println!("| form | T | forward (s) | backward (s) | peak RSS (MiB) |");
-    println!("|---|---:|---:|---:|---:|");
+fn attention(seq: usize, repeats: usize, rule: supra::config::LinearRule) -> Result<()> {
     if repeats == 0 {
         bail!("--repeats must be at least 1");
     }
-    // Chunked first: memory the parallel form frees may stay resident.
-    for form in [Form::Chunked, Form::Parallel] {
-        let b = supra::bench::attention(seq, form, repeats)?;
+    println!("| form | T | forward (s) | backward (s) | peak RSS (MiB) |");
+    println!("|---|---:|---:|---:|---:|");
+    let row = |form: &str, b: supra::bench::AttentionBench| {
         let rss = b.peak_rss.map_or("n/a".to_string(), |x| {
             format!("{:.0}", supra::bench::mib(x))
         });
         println!(
-            "| {form:?} | {seq} | {:.3} | {:.3} | {rss} |",
+            "| {form} | {seq} | {:.3} | {:.3} | {rss} |",
             b.forward.as_secs_f64(),
             b.backward.as_secs_f64()
         );
+    };
+    match rule {
+        // Chunked first: memory the parallel form frees may stay resident.
+        supra::config::LinearRule::Add => {
+            for form in [Form::Chunked, Form::Parallel] {
+                row(
+                    &format!("{form:?}"),
+                    supra::bench::attention(seq, form, repeats)?,
+                );
+            }
+        }
+        supra::config::LinearRule::Delta => {
+            for (name, fused) in [("delta, fused", true), ("delta, composed", false)] {
+                row(name, supra::bench::delta_rule(seq, fused, repeats)?);
+            }
+        }
     }
     Ok(())
 }

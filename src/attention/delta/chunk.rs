@@ -104,7 +104,7 @@ struct UnitLowerInverse;
 
 /// Forward substitution for one C × C matrix: row i of Y is e_i − Σ_(j<i) A_ij Y_j, and Y_j is
 /// zero past column j.
-fn invert<T: WithDType>(a: &[T], y: &mut [T], c: usize) {
+pub(super) fn invert<T: WithDType>(a: &[T], y: &mut [T], c: usize) {
     for i in 0..c {
         let (done, row) = y.split_at_mut(i * c);
         let row = &mut row[..c];

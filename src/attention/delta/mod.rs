@@ -21,13 +21,38 @@
 //! queries instead ([`make_unit`]), so a key matched exactly answers with its value.
 //!
 //! Forms side by side: [`naive`] (the recurrence in f64), [`chunk`] (training: the WY form per
-//! chunk, differentiable), [`scan`] (the recurrence on f32 slices, prefill and step).
+//! chunk, composed from candle ops, differentiable), [`fused`] (the same on slices as one op,
+//! what training runs where the decays are fixed), [`scan`] (the recurrence on f32 slices,
+//! prefill and step).
 
 pub mod chunk;
+pub mod fused;
 pub mod naive;
 pub mod scan;
 
-use candle_core::WithDType;
+use crate::attention::supra::HeadDecays;
+use candle_core::{DType, Tensor, WithDType};
+
+/// The training form, arguments as [`chunk::chunked`]: the fused op ([`fused`]) where it
+/// applies (fixed decays, f32 or f64, more than one chunk), else the composed form; with one
+/// chunk that is the parallel form, kept composed as the reference the others are held to.
+pub fn training(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    params: &Tensor,
+    decays: &HeadDecays,
+    chunk: usize,
+) -> anyhow::Result<Tensor> {
+    match decays {
+        HeadDecays::Fixed(g)
+            if chunk < q.dim(2)? && matches!(q.dtype(), DType::F32 | DType::F64) =>
+        {
+            fused::chunked(q, k, v, params, g, chunk)
+        }
+        _ => chunk::chunked(q, k, v, params, decays, chunk),
+    }
+}
 
 /// ε under ‖φk‖² of the unit key.
 pub const KEY_EPS: f64 = 1e-12;

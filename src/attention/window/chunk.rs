@@ -53,7 +53,7 @@ pub fn chunked(
                 Mix::Value => delta::chunk::unit_rows(fq)?,
                 _ => fq.clone(),
             };
-            delta::chunk::chunked(&fq, fk_out, v_out, params, decays, chunk)?
+            delta::training(&fq, fk_out, v_out, params, decays, chunk)?
         }
         None if mix == Mix::Shared => {
             let ones = Tensor::ones((b, hkv, t, 1), v.dtype(), v.device())?;
