@@ -33,7 +33,7 @@
 //! parallel part.
 
 use super::chunk::{betas, invert, unit_rows};
-use crate::attention::supra::fused::{op3_grads, slice};
+use crate::attention::supra::fused::{op3_grads, slice, sum_groups};
 use crate::attention::supra::Dims;
 use crate::attention::{kv_head, repeat_kv};
 use crate::model::gemm::{gemm, Strided};
@@ -539,22 +539,9 @@ fn backward<T: WithDType>(
                 }
                 dbeta[i] += sum;
             }
-            gemm(
-                dk,
-                (l, f, l),
-                Strided::rows(&b.dt, l),
-                Strided::rows(c.k, f),
-                Some(one),
-                one,
-            );
-            gemm(
-                dk,
-                (l, f, l),
-                Strided::transposed_rows(&b.dt, l),
-                Strided::rows(c.k, f),
-                Some(one),
-                one,
-            );
+            for dg in [Strided::rows(&b.dt, l), Strided::transposed_rows(&b.dt, l)] {
+                gemm(dk, (l, f, l), dg, Strided::rows(c.k, f), Some(one), one);
+            }
             // Through V_b = β ⊙ V and K_b = (β r) ⊙ K̂.
             for i in 0..l {
                 let beta = c.beta(i);
@@ -609,22 +596,7 @@ fn backward<T: WithDType>(
             }
         }
     });
-    // Each kv head's gradient: the sum over its query heads, in head order.
-    let group = d.heads / d.kv_heads;
-    let sum_groups = |per_head: &[T], width: usize| -> Vec<T> {
-        let mut out = vec![T::zero(); d.batch * d.kv_heads * t * width];
-        out.par_chunks_mut(t * width)
-            .enumerate()
-            .for_each(|(bkv, o)| {
-                let first = (bkv / d.kv_heads) * d.heads + (bkv % d.kv_heads) * group;
-                for h in first..first + group {
-                    let src = &per_head[h * t * width..][..t * width];
-                    o.iter_mut().zip(src).for_each(|(a, &b)| *a += b);
-                }
-            });
-        out
-    };
-    [dqb, sum_groups(&dk_h, f), sum_groups(&dv_h, dv)]
+    [dqb, sum_groups(&dk_h, f, d), sum_groups(&dv_h, dv, d)]
 }
 
 /// The backward's scratch, reused chunk to chunk.

@@ -362,22 +362,24 @@ pub fn backward<T: WithDType>(
             }
         }
     });
-    // Each kv head's gradient: the sum over its query heads, in head order.
-    let group = d.heads / d.kv_heads;
-    let sum_groups = |per_head: &[T], width: usize| -> Vec<T> {
-        let mut out = vec![T::zero(); d.batch * d.kv_heads * t * width];
-        out.par_chunks_mut(t * width)
-            .enumerate()
-            .for_each(|(bkv, o)| {
-                let first = (bkv / d.kv_heads) * d.heads + (bkv % d.kv_heads) * group;
-                for h in first..first + group {
-                    let src = &per_head[h * t * width..][..t * width];
-                    o.iter_mut().zip(src).for_each(|(a, &b)| *a += b);
-                }
-            });
-        out
-    };
-    [dq, sum_groups(&dk_h, dk), sum_groups(&dv_h, dv)]
+    [dq, sum_groups(&dk_h, dk, d), sum_groups(&dv_h, dv, d)]
+}
+
+/// Each kv head's gradient from per-query-head ones (B, H, T, `width`): the sum over its
+/// query heads, in head order.
+pub(crate) fn sum_groups<T: WithDType>(per_head: &[T], width: usize, d: Dims) -> Vec<T> {
+    let (t, group) = (d.len, d.heads / d.kv_heads);
+    let mut out = vec![T::zero(); d.batch * d.kv_heads * t * width];
+    out.par_chunks_mut(t * width)
+        .enumerate()
+        .for_each(|(bkv, o)| {
+            let first = (bkv / d.kv_heads) * d.heads + (bkv % d.kv_heads) * group;
+            for h in first..first + group {
+                let src = &per_head[h * t * width..][..t * width];
+                o.iter_mut().zip(src).for_each(|(a, &b)| *a += b);
+            }
+        });
+    out
 }
 
 #[cfg(test)]
