@@ -307,6 +307,8 @@ fn forward<T: WithDType>(
     d: Dims,
 ) -> Vec<T> {
     let (t, f, dv) = (d.len, d.feature_dim, d.value_dim);
+    // A chunk longer than the sequence is the sequence: γ's powers go no further.
+    let chunk = chunk.min(t.max(1));
     let pows = powers::<T>(gammas, chunk);
     let mut out = vec![T::zero(); d.batch * d.heads * t * dv];
     out.par_chunks_mut(t * dv).enumerate().for_each(|(bh, o)| {
@@ -330,6 +332,8 @@ fn backward<T: WithDType>(
     d: Dims,
 ) -> [Vec<T>; 3] {
     let (t, f, dv) = (d.len, d.feature_dim, d.value_dim);
+    // A chunk longer than the sequence is the sequence: γ's powers go no further.
+    let chunk = chunk.min(t.max(1));
     let pows = powers::<T>(gammas, chunk);
     let heads = d.batch * d.heads;
     let mut dqb = vec![T::zero(); heads * t * (f + 1)];
@@ -722,7 +726,7 @@ mod tests {
             );
             let r = randn_in(dtype, 0.0, 1.0, &[2, 6, 13, 3]);
             for gammas in [Decay::Lightning.gammas(6).unwrap(), vec![1.0; 6]] {
-                for chunk_size in [4, 64] {
+                for chunk_size in [4, 64, usize::MAX] {
                     let ours = chunked(&q, &k, &v, &p, &gammas, chunk_size).unwrap();
                     let fixed = HeadDecays::Fixed(gammas.clone());
                     let want = chunk::chunked(&q, &k, &v, &p, &fixed, chunk_size).unwrap();
