@@ -29,9 +29,17 @@ pub fn unit_rows(k: &Tensor) -> Result<Tensor> {
     Ok(k.broadcast_div(&norm)?)
 }
 
+/// Both training forms' start: the unit keys at their kv heads (B, H_kv, T, d') and β (B, H,
+/// T, 1) at the `heads` query heads.
+pub fn unit_keys_and_betas(k: &Tensor, params: &Tensor, heads: usize) -> Result<(Tensor, Tensor)> {
+    let unit = unit_rows(k)?;
+    let beta = betas(&repeat_kv(&unit, heads)?, params)?;
+    Ok((unit, beta))
+}
+
 /// β (B, H, T, 1) = sigmoid(w_h·k̂ + b_h) for unit keys at the query heads (B, H, T, d') and
 /// `params` (H, d' + 1).
-pub fn betas(unit: &Tensor, params: &Tensor) -> Result<Tensor> {
+fn betas(unit: &Tensor, params: &Tensor) -> Result<Tensor> {
     let (_, h, _, f) = unit.dims4()?;
     let params = params.to_dtype(unit.dtype())?;
     let w = params.narrow(1, 0, f)?.reshape((1, h, 1, f))?;
@@ -64,8 +72,8 @@ pub fn chunked(
         decays.heads()?
     );
     let (dtype, dev) = (q.dtype(), q.device());
-    let unit = repeat_kv(&unit_rows(k)?, h)?;
-    let beta = betas(&unit, params)?;
+    let (unit, beta) = unit_keys_and_betas(k, params, h)?;
+    let unit = repeat_kv(&unit, h)?;
     let v = repeat_kv(v, h)?;
     let mut z = Tensor::zeros((b, h, f, dv), dtype, dev)?;
     let mut outs = Vec::with_capacity(t.div_ceil(chunk));

@@ -32,10 +32,10 @@
 //! A key/value head's gradient is the sum over its query heads, added in head order after the
 //! parallel part.
 
-use super::chunk::{betas, invert, unit_rows};
+use super::chunk::{invert, unit_keys_and_betas};
+use crate::attention::kv_head;
 use crate::attention::supra::fused::{op3_grads, slice, sum_groups};
 use crate::attention::supra::Dims;
-use crate::attention::{kv_head, repeat_kv};
 use crate::model::gemm::{gemm, Strided};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
@@ -52,9 +52,7 @@ pub fn chunked(
     gammas: &[f64],
     chunk: usize,
 ) -> anyhow::Result<Tensor> {
-    let h = q.dim(1)?;
-    let unit = unit_rows(k)?;
-    let beta = betas(&repeat_kv(&unit, h)?, params)?;
+    let (unit, beta) = unit_keys_and_betas(k, params, q.dim(1)?)?;
     let qb = Tensor::cat(&[q, &beta], 3)?;
     let op = DeltaChunks {
         gammas: gammas.to_vec(),
@@ -365,7 +363,6 @@ fn backward<T: WithDType>(
             p.solve(&c, &after[..f * dv]);
             pieces.push(p);
         }
-        let add = |dst: &mut [T], src: &[T]| dst.iter_mut().zip(src).for_each(|(a, &b)| *a += b);
         // dZ after the chunk: none after the last (nothing reads the final state).
         let mut dz: Option<Vec<T>> = None;
         let mut b = Grads::default();
@@ -376,7 +373,8 @@ fn backward<T: WithDType>(
             let d_oc = &d_o[(bh * t + c0) * dv..][..l * dv];
             let dqb = &mut dqb[c0 * (f + 1)..][..l * (f + 1)];
             let (dk, dvc) = (&mut dkh[c0 * f..][..l * f], &mut dvh[c0 * dv..][..l * dv]);
-            let mut dbeta = vec![zero; l];
+            b.dbeta.clear();
+            b.dbeta.resize(l, zero);
             b.dq.clear();
             b.dq.resize(l * f, zero);
             // dU = Sᵀ dO + (f ⊙ K̂) dZ₁; dK̂ gets f ⊙ (U dZ₁ᵀ).
@@ -541,7 +539,7 @@ fn backward<T: WithDType>(
                         zero
                     };
                 }
-                dbeta[i] += sum;
+                b.dbeta[i] += sum;
             }
             for dg in [Strided::rows(&b.dt, l), Strided::transposed_rows(&b.dt, l)] {
                 gemm(dk, (l, f, l), dg, Strided::rows(c.k, f), Some(one), one);
@@ -561,12 +559,12 @@ fn backward<T: WithDType>(
                     *a += beta * pw[i + 1] * g;
                     along += g * x;
                 }
-                dbeta[i] += sum + pw[i + 1] * along;
+                b.dbeta[i] += sum + pw[i + 1] * along;
             }
             for i in 0..l {
                 let row = &mut dqb[i * (f + 1)..][..f + 1];
                 row[..f].copy_from_slice(&b.dq[i * f..][..f]);
-                row[f] = dbeta[i];
+                row[f] = b.dbeta[i];
             }
             // The state before the chunk: dZ₀ = γ^L dZ₁ + (r ⊙ Q)ᵀ dO − Wᵀ dU (none before
             // the first).
@@ -591,10 +589,9 @@ fn backward<T: WithDType>(
                     T::zero() - one,
                 );
                 if let Some(dz) = &dz {
-                    add(
-                        &mut next,
-                        &dz.iter().map(|&x| x * pw[l]).collect::<Vec<_>>(),
-                    );
+                    for (a, &x) in next.iter_mut().zip(dz) {
+                        *a += pw[l] * x;
+                    }
                 }
                 dz = Some(next);
             }
@@ -612,6 +609,7 @@ struct Grads<T> {
     dt: Vec<T>,
     dvb: Vec<T>,
     dkb: Vec<T>,
+    dbeta: Vec<T>,
     tmp: Vec<T>,
 }
 
@@ -626,6 +624,7 @@ impl<T> Default for Grads<T> {
             dt: e(),
             dvb: e(),
             dkb: e(),
+            dbeta: e(),
             tmp: e(),
         }
     }
