@@ -29,12 +29,17 @@ pub fn unit_rows(k: &Tensor) -> Result<Tensor> {
     Ok(k.broadcast_div(&norm)?)
 }
 
-/// Both training forms' start: the unit keys at their kv heads (B, H_kv, T, d') and β (B, H,
-/// T, 1) at the `heads` query heads.
-pub fn unit_keys_and_betas(k: &Tensor, params: &Tensor, heads: usize) -> Result<(Tensor, Tensor)> {
+/// Both training forms' start: the unit keys at their kv heads (B, H_kv, T, d'), the same
+/// repeated to the `heads` query heads (B, H, T, d'), and β (B, H, T, 1) at the query heads.
+pub fn unit_keys_and_betas(
+    k: &Tensor,
+    params: &Tensor,
+    heads: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let unit = unit_rows(k)?;
-    let beta = betas(&repeat_kv(&unit, heads)?, params)?;
-    Ok((unit, beta))
+    let repeated = repeat_kv(&unit, heads)?;
+    let beta = betas(&repeated, params)?;
+    Ok((unit, repeated, beta))
 }
 
 /// β (B, H, T, 1) = sigmoid(w_h·k̂ + b_h) for unit keys at the query heads (B, H, T, d') and
@@ -72,8 +77,7 @@ pub fn chunked(
         decays.heads()?
     );
     let (dtype, dev) = (q.dtype(), q.device());
-    let (unit, beta) = unit_keys_and_betas(k, params, h)?;
-    let unit = repeat_kv(&unit, h)?;
+    let (_, unit, beta) = unit_keys_and_betas(k, params, h)?;
     let v = repeat_kv(v, h)?;
     let mut z = Tensor::zeros((b, h, f, dv), dtype, dev)?;
     let mut outs = Vec::with_capacity(t.div_ceil(chunk));

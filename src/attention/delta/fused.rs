@@ -52,7 +52,7 @@ pub fn chunked(
     gammas: &[f64],
     chunk: usize,
 ) -> anyhow::Result<Tensor> {
-    let (unit, beta) = unit_keys_and_betas(k, params, q.dim(1)?)?;
+    let (unit, _, beta) = unit_keys_and_betas(k, params, q.dim(1)?)?;
     let qb = Tensor::cat(&[q, &beta], 3)?;
     let op = DeltaChunks {
         gammas: gammas.to_vec(),
@@ -96,12 +96,15 @@ impl DeltaChunks {
     }
 }
 
-/// γ^e for e in 0..=chunk, per query head.
-fn powers<T: WithDType>(gammas: &[f64], chunk: usize) -> Vec<Vec<T>> {
-    gammas
+/// The chunk both passes use and γ^e for e in 0..=chunk, per query head. A chunk longer than
+/// the sequence is the sequence: γ's powers go no further.
+fn chunk_and_powers<T: WithDType>(gammas: &[f64], chunk: usize, t: usize) -> (usize, Vec<Vec<T>>) {
+    let chunk = chunk.min(t.max(1));
+    let pows = gammas
         .iter()
         .map(|g| (0..=chunk).map(|e| T::from_f64(g.powi(e as i32))).collect())
-        .collect()
+        .collect();
+    (chunk, pows)
 }
 
 /// One chunk of one (sequence, query head): its rows read in place.
@@ -305,9 +308,7 @@ fn forward<T: WithDType>(
     d: Dims,
 ) -> Vec<T> {
     let (t, f, dv) = (d.len, d.feature_dim, d.value_dim);
-    // A chunk longer than the sequence is the sequence: γ's powers go no further.
-    let chunk = chunk.min(t.max(1));
-    let pows = powers::<T>(gammas, chunk);
+    let (chunk, pows) = chunk_and_powers::<T>(gammas, chunk, t);
     let mut out = vec![T::zero(); d.batch * d.heads * t * dv];
     out.par_chunks_mut(t * dv).enumerate().for_each(|(bh, o)| {
         let pw = &pows[bh % d.heads];
@@ -330,9 +331,7 @@ fn backward<T: WithDType>(
     d: Dims,
 ) -> [Vec<T>; 3] {
     let (t, f, dv) = (d.len, d.feature_dim, d.value_dim);
-    // A chunk longer than the sequence is the sequence: γ's powers go no further.
-    let chunk = chunk.min(t.max(1));
-    let pows = powers::<T>(gammas, chunk);
+    let (chunk, pows) = chunk_and_powers::<T>(gammas, chunk, t);
     let heads = d.batch * d.heads;
     let mut dqb = vec![T::zero(); heads * t * (f + 1)];
     // Keys' and values' gradients per query head, summed into their kv heads below.
