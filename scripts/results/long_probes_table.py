@@ -3,12 +3,15 @@
 
 The teacher's come from docs/results/eval/{position,passkey,needle}.json (scripts/results/
 probes.sh), each row's from runs/quality/ROW/long-{position,passkey,needle}.json
-(`scripts/results/quality.sh longprobes ROW`), the same settings and prompts. Prints markdown:
-perplexity by position in spans of the 32k-token windows (each span's perplexity is the
-geometric mean of its 1k buckets, which hold equally many tokens), then passkey and needle
-accuracy by length, over the five depths.
+(`scripts/results/quality.sh longprobes ROW`), the same settings and prompts; a ROW with a
+slash is the prefix of reports copied into the docs (docs/results/eval/long_w256cache reads
+long_w256cache_{position,passkey,needle}.json). ROW:window reads the position probe with the
+linear branch off (long-position-window.json, PREFIX_position_window.json) and has no passkey
+or needle column. Prints markdown: perplexity by position in spans of the 32k-token windows
+(each span's perplexity is the geometric mean of its 1k buckets, which hold equally many
+tokens), then passkey and needle accuracy by length, over the five depths.
 
-    python3 scripts/results/long_probes_table.py ROW...
+    python3 scripts/results/long_probes_table.py ROW[:window]...
 """
 import json
 import math
@@ -56,10 +59,21 @@ def by_length(result):
     return acc
 
 
+def report(row, probe):
+    """A row's report of `probe` (position, position_window, passkey or needle)."""
+    if "/" in row:
+        return ROOT / f"{row}_{probe}.json"
+    return RUNS / row / f"long-{probe.replace('_', '-')}.json"
+
+
 def main(rows):
     names = ["teacher"] + rows
     pos = [spans(load(TEACHER / "position.json", "teacher"))]
-    pos += [spans(load(RUNS / r / "long-position.json")) for r in rows]
+    for r in rows:
+        row, _, branch = r.partition(":")
+        if branch not in ("", "window"):
+            sys.exit(f"{r}: the only branch suffix is :window")
+        pos.append(spans(load(report(row, "position_window" if branch else "position"))))
     print("Perplexity by position (4 windows of 32k tokens of text/longctx, whole history):\n")
     print("| positions | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
@@ -69,12 +83,13 @@ def main(rows):
             v = p[i]
             cells.append("—" if v is None else f"{v:,.2f}")
         print(f"| {lo}k-{hi}k | " + " | ".join(cells) + " |")
+    both = [r for r in rows if ":" not in r]
     for probe in ["passkey", "needle"]:
         accs = [by_length(load(TEACHER / f"{probe}.json", "teacher"))]
-        accs += [by_length(load(RUNS / r / f"long-{probe}.json")) for r in rows]
+        accs += [by_length(load(report(r, probe))) for r in both]
         print(f"\n{probe} (found of 5 depths, one trial each):\n")
-        print("| length | " + " | ".join(names) + " |")
-        print("|---:|" + "---:|" * len(names))
+        print("| length | " + " | ".join(["teacher"] + both) + " |")
+        print("|---:|" + "---:|" * (1 + len(both)))
         for length in sorted(accs[0]):
             cells = []
             for a in accs:
