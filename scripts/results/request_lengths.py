@@ -5,7 +5,8 @@ A request is read as its context and continuation tokenized together (as `supra 
 minus the last token, which predicts nothing. A window of W tokens beside S sinks sees every
 token of a request no longer than W + S, so its linear state is read only by the longer ones.
 Prints, per task, the requests, their median and longest length, and how many are longer than
-W + S. Needs the `tokenizers` package (scripts/test's virtual environment has it).
+W + S. The requests' text mirrors src/eval/tasks.rs (change both together). Needs the
+`tokenizers` package (scripts/test's virtual environment has it).
 
     python3 scripts/results/request_lengths.py TOKENIZER_JSON WINDOW_PLUS_SINKS [DATA_DIR]
 """
